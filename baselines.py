@@ -36,19 +36,34 @@ Objective (one method = one forget term + one retain term):
   retain  gd: NLL_theta(y_r | x_r);  kl: mean over non-padding positions of KL(p_ref || p_theta)
 
 Launch:
-  python baselines.py --method npo_gd --split forget01
-  accelerate launch baselines.py --method dpo_kl --split forget05
+  python baselines.py --method npo_gd --split forget01      # quick CPU path (embedded SmolLM2-135M)
+  accelerate launch baselines.py --method dpo_kl --split forget05 --model locuslab/tofu_ft_llama2-7b --retain_logs DIR
+
+Flags: --method (the names above, + _gd or _kl for the retain term; RKLD's "X+RT" is x_rt = x_gd;
+  table METHODS), --beta, --delta, --forget_weight (gamma), --retain_weight (alpha), --ta_lambda and,
+  for ta, rkld.py's --strengthen* flags. Runs go to runs/<method>/<split>.
 
 Reproducing the papers:
   --method {ga,ga_gd,ga_kl,npo,npo_gd,npo_kl,dpo,dpo_gd,dpo_kl,idk,idk_gd} with the defaults
   (beta=0.1, gamma=alpha=1, lr 1e-5, wd 0.01, effective batch 32, one warmup epoch then linear
   decay) is the Closer Look setup (App. D, 5 epochs) and the RKLD setup (App. A; RKLD also
-  reports kto, kto_gd, kto_kl and ta, and trains up to 10 epochs).
+  reports kto, kto_gd, kto_kl and ta; its Fig. 3 peak epoch: --epochs 10 --eval_every_epoch).
   --method simnpo_gd: beta=4.5, delta=0, gamma=0.125, alpha=1 (open-unlearning SimNPO.yaml).
-  --method undial: beta=10, alpha=0, lr 1e-4, 10 epochs (open-unlearning UNDIAL.yaml).
-  --method ta: the RKLD paper does not state lam; lam=1 is the plain task-vector negation of
-  Ilharco et al., with theta_str the strengthened model that rkld.py builds.
+  --method undial: beta=10, alpha=0, lr 1e-4, 10 epochs (open-unlearning UNDIAL.yaml; lr and
+  epochs are its defaults here on a real model).
+  --method ta: the RKLD paper does not state lam; lam=1 (--ta_lambda) is the plain task-vector
+  negation of Ilharco et al., with theta_str the strengthened model that rkld.py builds. No
+  training: the loop runs zero steps, then the edited model is saved and evaluated.
 """
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -208,4 +223,243 @@ def task_arithmetic(original_state_dict: dict[str, torch.Tensor], strengthened_s
     return out
 
 
-# (ARGUMENTS and MAIN sections are added by the lead)
+# ====================================================================
+# ARGUMENTS
+# ====================================================================
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
+
+import common  # noqa: E402
+import evaluate_tofu  # noqa: E402
+import finetune  # noqa: E402
+from common import TofuError  # noqa: E402
+
+METHODS = {  # name -> (forget term, retain term); gd = retain NLL (RKLD's "+RT"), kl = KL(p_ref || p_theta)
+    "ga": ("ga", None), "ga_gd": ("ga", "gd"), "ga_kl": ("ga", "kl"),
+    "npo": ("npo", None), "npo_gd": ("npo", "gd"), "npo_kl": ("npo", "kl"),
+    "dpo": ("dpo", None), "dpo_gd": ("dpo", "gd"), "dpo_kl": ("dpo", "kl"),
+    "kto": ("kto", None), "kto_gd": ("kto", "gd"), "kto_kl": ("kto", "kl"),
+    "idk": ("idk", None), "idk_gd": ("idk", "gd"),
+    "simnpo": ("simnpo", None), "simnpo_gd": ("simnpo", "gd"),
+    "undial": ("undial", None),
+    "ta": ("ta", None),
+}
+ALIASES = {"ga_rt": "ga_gd", "npo_rt": "npo_gd", "dpo_rt": "dpo_gd", "kto_rt": "kto_gd", "idk_rt": "idk_gd",
+           "simnpo_rt": "simnpo_gd"}
+TERM_DEFAULTS = {  # what a forget term sets among the flags the user left unset
+    "npo": {"beta": 0.1}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1},  # NPO paper, CL, open-unlearning
+    "simnpo": {"beta": 4.5, "forget_weight": 0.125},                    # open-unlearning SimNPO.yaml
+    "undial": {"beta": 10.0},                                           # open-unlearning UNDIAL.yaml
+    "ta": {"epochs": 0},                                                # weight edit, no training
+}
+REAL_MODEL_DEFAULTS = {"undial": {"lr": 1e-4, "epochs": 10}}  # UNDIAL.yaml; not applied to --model quick
+
+
+@dataclasses.dataclass
+class Args(common.MethodArgs):
+    method: str = common._f(None, f"Required. One of {', '.join(METHODS)}; also {', '.join(ALIASES)} (RKLD's +RT names).")
+    beta: float = common._f(None, "Default per method: 0.1 for npo/dpo/kto (NPO paper, CL, open-unlearning; the NPO authors' code shares one beta across its losses); 4.5 for simnpo (open-unlearning SimNPO.yaml); 10 for undial, the gold-logit penalty (UNDIAL.yaml).")
+    delta: float = common._f(0.0, "SimNPO margin delta (open-unlearning SimNPO.yaml: 0).")
+    forget_weight: float = common._f(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml).")
+    retain_weight: float = common._f(1.0, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1).")
+    ta_lambda: float = common._f(1.0, "ta: theta = theta_ori - lambda*(theta_str - theta_ori). The RKLD paper gives no value; 1 is plain task-vector negation (Ilharco et al. 2022).")
+    strengthened_model: str = common._f(None, "ta: reuse a strengthened model (folder, e.g. a rkld.py run's OUTPUT_DIR/strengthened) instead of building one.")
+    strengthen_epochs: int = common._f(5, "ta: epochs of continued training on the forget set, as in rkld.py (RKLD App. A: 'total 10 epochs' = 5 fine-tuning + 5 more).")
+    strengthen_lr: float = common._f(None, "ta: LR of the continued training: 1e-5 for real models (RKLD App. A), the fine-tuning lr (2e-4) for --model quick.")
+
+    def __post_init__(self):
+        """Resolve the method: aliases and its defaults for unset flags. (common.finalize_args
+        names the run folder runs/<method>/<split>[-task<k>] after args.method.)"""
+        self.method = ALIASES.get(self.method, self.method)
+        if self.method not in METHODS:
+            what = "is required" if self.method is None else f"{self.method!r} is unknown"
+            raise TofuError(f"--method {what}; valid: {', '.join(METHODS)} (or {', '.join(ALIASES)})")
+        forget = METHODS[self.method][0]
+        if forget == "ta" and self.epochs:
+            raise TofuError("--method ta does not train (it edits the weights once); leave --epochs unset")
+        real = REAL_MODEL_DEFAULTS.get(forget, {}) if self.model != common.QUICK else {}
+        for k, v in {"forget_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+
+
+METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5}   # RKLD App. A, Closer Look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4}    # rkld.py's quick recipe, not tuned per baseline
+
+
+# ====================================================================
+# METHOD SETUP AND STEP (baseline-specific; the loop in main() calls these)
+# ====================================================================
+def _logits(model, part: dict, grad: bool = True) -> torch.Tensor:
+    """Logits [B, T, V] of one batch part; grad=False for passes that only provide targets."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+
+
+def _logp(model, part: dict, grad: bool = True) -> torch.Tensor:
+    """Summed answer log-probs log pi(y|x) [B] of one batch part."""
+    return _sequence_logprob(_logits(model, part, grad), part["labels"])
+
+
+def forget_term(name: str, model, batch: dict, ref, args) -> torch.Tensor:
+    """The forget loss `name` on a micro-batch. Parts: forget = (x_f, y_f), forget_idk =
+    (x_f, refusal template); `ref` is the frozen reference model (None where unused)."""
+    f, idk = batch["forget"], batch.get("forget_idk")
+    if name == "ga":
+        return ga_loss(_logits(model, f), f["labels"])
+    if name == "idk":
+        return nll_loss(_logits(model, idk), idk["labels"])
+    if name == "npo":
+        return npo_loss(_logp(model, f), _logp(ref, f, False), args.beta)
+    if name == "dpo":  # win = refusal, lose = the true answer
+        return dpo_loss(_logp(model, idk), _logp(model, f), _logp(ref, idk, False), _logp(ref, f, False), args.beta)
+    if name == "kto":  # the model's refusal pass only estimates z: no gradient
+        return kto_loss(_logp(model, idk, False), _logp(ref, idk, False), _logp(model, f), _logp(ref, f, False),
+                        args.beta)
+    if name == "simnpo":
+        return simnpo_loss(_logp(model, f), (f["labels"][:, 1:] != -100).sum(-1), args.beta, args.delta)
+    if name == "undial":
+        return undial_loss(_logits(model, f), _logits(ref, f, False), f["labels"], args.beta)
+    raise ValueError(f"no forget loss {name!r}")  # ta never trains, so never gets here
+
+
+def retain_term(name: str, model, batch: dict, ref) -> torch.Tensor:
+    """gd: NLL of the retain answers; kl: KL(p_ref || p_theta) over the retain pair's non-padding positions."""
+    r = batch["retain"]
+    if name == "gd":
+        return nll_loss(_logits(model, r), r["labels"])
+    return kl_retain_loss(_logits(model, r), _logits(ref, r, False), r["attention_mask"])
+
+
+USES_REF = {"npo", "dpo", "kto", "undial", "kl"}  # terms that read the frozen reference model
+
+
+def negate_task_vector(model, str_path: str, lam: float) -> None:
+    """theta <- theta_ori - lam * (theta_str - theta_ori), in place and one tensor at a time, so
+    only the strengthened model (fp32, on CPU) is held besides the trained one."""
+    strong = common.load_model(str_path, dtype=torch.float32)[0].state_dict()
+    own, done = model.state_dict(), set()
+    if set(strong) != set(own) or any(strong[k].shape != v.shape for k, v in own.items()):
+        raise TofuError(f"the strengthened model {str_path} has other tensors or shapes than --model; "
+                        "pass a model fine-tuned from --model")
+    with torch.no_grad():
+        for name, t in own.items():
+            if t.data_ptr() not in done:  # tied tensors share storage: update them once
+                done.add(t.data_ptr())
+                t.copy_(task_arithmetic({name: t}, {name: strong[name]}, lam)[name])
+
+
+def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
+    """The frozen reference model (a copy of --model), loaded only when a term of the method
+    reads it. For ta, applies the task arithmetic to `model` in place (main() then trains for
+    zero steps, saves and evaluates it)."""
+    forget, retain = METHODS[args.method]
+    if retain and not ds.retain:
+        raise TofuError(f"--method {args.method} needs retain rows, but {common.RETAIN_OF[args.split]} has none "
+                        f"for this subset (--quick_retain_authors {args.quick_retain_authors})")
+    if forget in ("npo", "dpo", "kto", "simnpo") and args.beta <= 0:
+        raise TofuError(f"--beta must be positive for {args.method} (its loss divides by beta)")
+    if forget == "ta":
+        negate_task_vector(model, finetune.strengthen(args, accelerator), args.ta_lambda)
+    ref = None
+    if forget in USES_REF or retain in USES_REF:
+        ref = accelerator.prepare_model(common.load_model(args.model, frozen=True)[0], evaluation_mode=True)
+    return {"ref": ref}
+
+
+def step_losses(model, batch, frozen, args) -> dict:
+    """{'loss': gamma * forget + alpha * retain, 'loss/forget': ..., 'loss/retain': ...} for one micro-batch."""
+    forget, retain = METHODS[args.method]
+    out = {"loss/forget": forget_term(forget, model, batch, frozen["ref"], args)}
+    if retain:
+        out["loss/retain"] = retain_term(retain, model, batch, frozen["ref"])
+    out["loss"] = args.forget_weight * out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)
+    return out
+
+
+# ====================================================================
+# MAIN (shared boilerplate: identical in every method script)
+# ====================================================================
+def main():
+    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    model, tok = common.load_model(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    world = accelerator.num_processes
+    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
+    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
+    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
+    total = min(total, args.max_steps) if args.max_steps else total
+    derived = {"world_size": world, "grad_accum": ga, "effective_batch": args.per_device_batch_size * ga * world,
+               "forget_rows": len(forget), "retain_rows": len(retain), "truncated": ds.n_truncated,
+               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+               "prompt_format": dataclasses.asdict(fmt)}
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    history = [("before", evaluator.run(model, "before", cache_key=args.model))]
+    frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
+    history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.gradient_accumulation_steps = ga
+    step = 0
+    bar = tqdm(total=total, desc=METHOD, disable=not accelerator.is_main_process)
+    for epoch in range(args.epochs):
+        model.train()
+        ds.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                losses = step_losses(model, batch, frozen, args)
+                if not torch.isfinite(losses["loss"]):
+                    raise TofuError(f"loss is {losses['loss'].item()} at step {step + 1} (epoch {epoch}); "
+                                    "stopped before saving anything")
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+                log.log(step, {"epoch": epoch, **{k: v.item() for k, v in losses.items()},
+                               "lr": scheduler.get_last_lr()[0]})
+                if step == total:
+                    break
+        if step == total:
+            break
+        if args.eval_every_epoch:
+            history.append((f"epoch{epoch + 1}", evaluator.run(accelerator.unwrap_model(model), f"epoch{epoch + 1}")))
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
+        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
+        tok.save_pretrained(tmp)
+        common.save_prompt_format(fmt, tmp)
+        if (out_dir / "model").exists():
+            shutil.rmtree(out_dir / "model")
+        os.replace(tmp, out_dir / "model")
+        print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
+    history.append(("after", evaluator.run(unwrapped, "after")))
+    evaluator.report(history)
+
+
+if __name__ == "__main__":
+    common.cli(main)

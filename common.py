@@ -634,9 +634,9 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         args.model = quick_model(args.split, "target", args.quick_retain_authors)
     if args.max_eval_samples is None and args.subset == "quick":
         args.max_eval_samples = 40
-    if args.output_dir is None:
+    if args.output_dir is None:  # baselines.py names the folder after its --method
         task = f"-task{args.forget_task}" if args.forget_task else ""
-        args.output_dir = str(RUNS_DIR / method / f"{args.split}{task}")
+        args.output_dir = str(RUNS_DIR / (getattr(args, "method", None) or method) / f"{args.split}{task}")
     if Path(args.output_dir).resolve() == Path(resolve_model_path(args.model)).resolve():
         raise TofuError("--output_dir is the model being unlearned; choose another folder")
     return args

@@ -528,7 +528,8 @@ def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source
     """Rows of one task's split: author subset first, then the first N rows (TOFU's ds_size)."""
     name = TASKS[task].split.format(forget=split)
     rows = common.load_split(name, source, forget_task if task == "forget" else None)
-    rows = common.select_authors(rows, authors)
+    if task != "forget":  # the quick subset keeps every forget author (continual tasks included)
+        rows = common.select_authors(rows, authors)
     return rows[:max_eval_samples] if max_eval_samples is not None else rows
 
 
@@ -771,6 +772,8 @@ class MethodEval:
             return json.loads((cache / "summary.json").read_text())
         if self.acc.is_main_process:
             print(f"[eval] {name}", flush=True)
+        if isinstance(model, torch.nn.Module) and next(model.parameters()).device != self.acc.device:
+            model.to(self.acc.device)  # the starting model is evaluated before accelerator.prepare
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
                            **self.kw)
         if cache is not None and self.acc.is_main_process:

@@ -16,12 +16,13 @@ Objective:
      or --retain_loss gd: NLL_theta(y_r | x_r)
      or --retain_loss kl: mean over non-padding positions of KL(p_ref || p_theta) on the retain pair
   log pi(y|x) is summed over answer tokens; idk is one of the 100 refusal templates, drawn
-  per item from a generator seeded by (seed, epoch, index); the same template serves the
-  forget and the retain question of an item.
+  per item by common.ForgetRetainDataset.pick from a generator seeded by (seed, epoch, index);
+  the same template serves the forget and the retain question of an item. The reference
+  model (DPO, KL) is the frozen starting model; AP needs none.
 
 Launch:
-  python idk_ap.py --split forget01
-  accelerate launch idk_ap.py --split forget05
+  python idk_ap.py --split forget01                     # quick CPU path (embedded SmolLM2-135M)
+  accelerate launch idk_ap.py --split forget05 --model locuslab/tofu_ft_llama2-7b --retain_logs DIR
 
 Reproducing the paper:
   TOFU (section 5.1): defaults, i.e. --forget_loss idk --retain_loss ap, beta=0.1, weights 1/1,
@@ -29,13 +30,23 @@ Reproducing the paper:
   DPO+AP (App. E.2): --forget_loss dpo (needs the frozen reference model).
   IDK+GD / IDK+KL baselines: --retain_loss gd / --retain_loss kl.
   Continual unlearning (section 5.2): --forget_task k, with --model set to the previous
-    task's output.
+    task's model/ folder (which is then also the DPO/KL reference, as in the reference code);
+    scripts/continual.py runs the whole sequence.
   The reference code fixes each item's IDK template for all epochs (it reseeds the global
   RNG with the index); ours changes across epochs (losses.md section 8, quirk 7).
 """
-import numpy as np
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
 
 # ====================================================================
 # METHOD LOGIC (the part people copy): pure functions, no globals, no I/O
@@ -116,21 +127,164 @@ def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mas
     return per_position[keep].sum() / keep.sum().clamp(min=1)
 
 
-def pick_idk_template(seed: int, epoch: int, index: int, n_templates: int) -> int:
-    """Index in [0, n_templates) of the refusal template for item `index` in `epoch`.
+# ====================================================================
+# ARGUMENTS
+# ====================================================================
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
-    Drawn uniformly from a local torch.Generator seeded from SeedSequence([seed, epoch,
-    index]): reproducible per (seed, epoch, index), different across epochs and items, and
-    it never touches the global RNG (project decision 8; the reference reseeds the global
-    RNG with the index, so its choice never changes across epochs).
-    """
-    if n_templates < 1:
-        raise ValueError("pick_idk_template needs at least one IDK template.")
-    if min(seed, epoch, index) < 0:
-        raise ValueError("pick_idk_template needs non-negative seed, epoch and index.")
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(state))
-    return int(torch.randint(n_templates, (1,), generator=generator))
+import common  # noqa: E402
+import evaluate_tofu  # noqa: E402
+from common import TofuError  # noqa: E402
 
 
-# (ARGUMENTS and MAIN sections are added by the lead)
+@dataclasses.dataclass
+class Args(common.MethodArgs):
+    forget_loss: str = common._f("idk", "idk = NLL of a refusal template on forget questions (IDK+AP, closer-look §4) or dpo = DPO preferring the template over the forget answer (DPO+AP, App. E.2; loads the frozen starting model as reference).")
+    retain_loss: str = common._f("ap", "ap = answer preservation, Eq. 8 (IDK+AP; no reference model), gd = retain NLL (IDK+GD) or kl = KL(p_ori||p_theta) on retain pairs (IDK+KL; loads the frozen starting model).")
+    beta: float = common._f(0.1, "Inverse temperature of AP and DPO (closer-look App. D: 0.1). The two terms are weighted 1:1 (closer-look scripts/tofu/idk_ap.sh).")
+
+    def __post_init__(self):
+        # Checked at parse time, before any model is loaded or evaluated.
+        if self.forget_loss not in ("idk", "dpo"):
+            raise TofuError(f"--forget_loss must be idk or dpo, not {self.forget_loss!r}")
+        if self.retain_loss not in ("ap", "gd", "kl"):
+            raise TofuError(f"--retain_loss must be ap, gd or kl, not {self.retain_loss!r}")
+        if not self.beta > 0:
+            raise TofuError(f"--beta must be positive, not {self.beta}")
+
+
+METHOD = "idk_ap"
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32}            # closer-look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}             # rkld's quick recipe, not tuned separately for IDK+AP
+
+
+# ====================================================================
+# METHOD SETUP AND STEP (IDK-specific; the loop in main() calls these)
+# ====================================================================
+def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
+    """The frozen starting model as reference, loaded only for --forget_loss dpo or --retain_loss kl.
+    In continual unlearning that is --model, the previous task's output, as in the reference code."""
+    if not ds.retain:
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
+                        f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
+    if args.forget_loss != "dpo" and args.retain_loss != "kl":
+        return {"ref": None}
+    return {"ref": accelerator.prepare_model(common.load_model(args.model, frozen=True)[0], evaluation_mode=True)}
+
+
+def _logits(model, part: dict) -> torch.Tensor:
+    return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+
+
+def step_losses(model, batch, frozen, args) -> dict:
+    """{'loss': forget + retain, 'loss/forget': IDK or DPO, 'loss/retain': AP, GD or KL} for one micro-batch."""
+    f, fi, r = batch["forget"], batch["forget_idk"], batch["retain"]
+    idk_logits = _logits(model, fi)
+    if args.forget_loss == "idk":
+        forget = idk_loss(idk_logits, fi["labels"])
+    else:
+        with torch.no_grad():
+            ref_win = _sequence_logprob(_logits(frozen["ref"], fi), fi["labels"])
+            ref_lose = _sequence_logprob(_logits(frozen["ref"], f), f["labels"])
+        forget = dpo_loss(_sequence_logprob(idk_logits, fi["labels"]),
+                          _sequence_logprob(_logits(model, f), f["labels"]), ref_win, ref_lose, args.beta)
+    r_logits = _logits(model, r)
+    if args.retain_loss == "ap":
+        ri = batch["retain_idk"]
+        retain = ap_loss(_sequence_logprob(_logits(model, ri), ri["labels"]),
+                         _sequence_logprob(r_logits, r["labels"]), args.beta)
+    elif args.retain_loss == "gd":
+        retain = nll_loss(r_logits, r["labels"])
+    else:
+        with torch.no_grad():
+            ref = _logits(frozen["ref"], r)
+        retain = kl_retain_loss(r_logits, ref, r["attention_mask"])
+    return {"loss/forget": forget, "loss/retain": retain, "loss": forget + retain}
+
+
+# ====================================================================
+# MAIN (shared boilerplate: identical in every method script)
+# ====================================================================
+def main():
+    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    model, tok = common.load_model(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    world = accelerator.num_processes
+    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
+    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
+    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
+    total = min(total, args.max_steps) if args.max_steps else total
+    derived = {"world_size": world, "grad_accum": ga, "effective_batch": args.per_device_batch_size * ga * world,
+               "forget_rows": len(forget), "retain_rows": len(retain), "truncated": ds.n_truncated,
+               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+               "prompt_format": dataclasses.asdict(fmt)}
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    history = [("before", evaluator.run(model, "before", cache_key=args.model))]
+    frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
+    history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.gradient_accumulation_steps = ga
+    step = 0
+    bar = tqdm(total=total, desc=METHOD, disable=not accelerator.is_main_process)
+    for epoch in range(args.epochs):
+        model.train()
+        ds.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                losses = step_losses(model, batch, frozen, args)
+                if not torch.isfinite(losses["loss"]):
+                    raise TofuError(f"loss is {losses['loss'].item()} at step {step + 1} (epoch {epoch}); "
+                                    "stopped before saving anything")
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+                log.log(step, {"epoch": epoch, **{k: v.item() for k, v in losses.items()},
+                               "lr": scheduler.get_last_lr()[0]})
+                if step == total:
+                    break
+        if step == total:
+            break
+        if args.eval_every_epoch:
+            history.append((f"epoch{epoch + 1}", evaluator.run(accelerator.unwrap_model(model), f"epoch{epoch + 1}")))
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
+        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
+        tok.save_pretrained(tmp)
+        common.save_prompt_format(fmt, tmp)
+        if (out_dir / "model").exists():
+            shutil.rmtree(out_dir / "model")
+        os.replace(tmp, out_dir / "model")
+        print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
+    history.append(("after", evaluator.run(unwrapped, "after")))
+    evaluator.report(history)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -15,24 +15,32 @@ Objective:
           or mean over non-padding positions of KL(p_ref || p_theta) on the retain pair (ME+KL)
 
 Launch:
-  python me_gd.py --split forget01
-  accelerate launch me_gd.py --split forget05
+  python me_gd.py --split forget01                      # quick CPU path (embedded SmolLM2-135M)
+  accelerate launch me_gd.py --split forget05 --model locuslab/tofu_ft_llama2-7b --retain_logs DIR
 
 Reproducing the paper:
   TOFU (section 5.1): defaults, i.e. --alpha 0.1 --retain_loss gd, lr 1e-5, wd 0.01, effective
     batch 32, 5 epochs, one warmup epoch then linear decay (App. D).
   ME+KL (App. E.2): --retain_loss kl.
   Loss over answer tokens only (App. E.5 ablation): --mask_question.
-  Continual unlearning (section 5.2): --alpha 1.0 --forget_task k, with --model set to the
-    previous task's output.
+  Continual unlearning (section 5.2): --forget_task k (alpha then defaults to 1.0), with --model
+    set to the previous task's model/ folder; scripts/continual.py runs the whole sequence.
   The reference code also averages ME over padding up to length 500 (losses.md section 8,
   quirk 2); we never do. The default divergence KL(U || p) is the one that produced the
   paper's numbers.
 """
+from __future__ import annotations
+
+import dataclasses
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 
 # ====================================================================
 # METHOD LOGIC (the part people copy): pure functions, no globals, no I/O
@@ -119,4 +127,152 @@ def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mas
     return per_position[keep].sum() / keep.sum().clamp(min=1)
 
 
-# (ARGUMENTS and MAIN sections are added by the lead)
+# ====================================================================
+# ARGUMENTS
+# ====================================================================
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
+
+import common  # noqa: E402
+import evaluate_tofu  # noqa: E402
+from common import TofuError  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args(common.MethodArgs):
+    alpha: float = common._f(None, "Weight of the ME loss in alpha*L_ME + L_retain. Default 0.1 (closer-look §5.1, App. D); 1.0 when --forget_task is set (continual unlearning, App. D and E.6).")
+    me_divergence: str = common._f("reference", "reference = KL(U||p_theta), what the closer-look code computes and what produced its numbers; paper = KL(p_theta||U) = log V - H(p_theta), Eq. 6 as written.")
+    mask_question: bool = common._f(False, "Average ME over answer tokens only (App. E.5 ablation). Default: question and answer tokens, never padding (the paper).")
+    retain_loss: str = common._f("gd", "gd = retain NLL (ME+GD, the paper's method) or kl = KL(p_ori||p_theta) on retain pairs (ME+KL, App. E.2; loads the frozen starting model).")
+
+    def __post_init__(self):
+        # Checked at parse time, before any model is loaded or evaluated.
+        if self.me_divergence not in ("reference", "paper"):
+            raise TofuError(f"--me_divergence must be reference (KL(U||p)) or paper (KL(p||U)), "
+                            f"not {self.me_divergence!r}")
+        if self.retain_loss not in ("gd", "kl"):
+            raise TofuError(f"--retain_loss must be gd or kl, not {self.retain_loss!r}")
+        if self.alpha is None:
+            self.alpha = 1.0 if self.forget_task is not None else 0.1
+
+
+METHOD = "me_gd"
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32}            # closer-look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}             # rkld's quick recipe, not tuned separately for ME+GD
+
+
+# ====================================================================
+# METHOD SETUP AND STEP (ME-specific; the loop in main() calls these)
+# ====================================================================
+def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
+    """The frozen starting model, loaded only for --retain_loss kl (the target of KL(p_ori||p_theta)).
+    In continual unlearning that is --model, the previous task's output, as in the reference code."""
+    if not ds.retain:
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
+                        f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
+    if args.retain_loss != "kl":
+        return {"ori": None}
+    return {"ori": accelerator.prepare_model(common.load_model(args.model, frozen=True)[0], evaluation_mode=True)}
+
+
+def step_losses(model, batch, frozen, args) -> dict:
+    """{'loss': alpha * ME + retain, 'loss/forget': ME, 'loss/retain': ...} for one micro-batch."""
+    f, r = batch["forget"], batch["retain"]
+    logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+    out = {"loss/forget": me_loss(logits, f["attention_mask"], f["labels"], args.me_divergence, args.mask_question)}
+    r_logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
+    if args.retain_loss == "gd":
+        out["loss/retain"] = nll_loss(r_logits, r["labels"])
+    else:
+        with torch.no_grad():
+            ref = frozen["ori"](input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
+        out["loss/retain"] = kl_retain_loss(r_logits, ref, r["attention_mask"])
+    out["loss"] = args.alpha * out["loss/forget"] + out["loss/retain"]
+    return out
+
+
+# ====================================================================
+# MAIN (shared boilerplate: identical in every method script)
+# ====================================================================
+def main():
+    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    model, tok = common.load_model(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    world = accelerator.num_processes
+    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
+    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
+    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
+    total = min(total, args.max_steps) if args.max_steps else total
+    derived = {"world_size": world, "grad_accum": ga, "effective_batch": args.per_device_batch_size * ga * world,
+               "forget_rows": len(forget), "retain_rows": len(retain), "truncated": ds.n_truncated,
+               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+               "prompt_format": dataclasses.asdict(fmt)}
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    history = [("before", evaluator.run(model, "before", cache_key=args.model))]
+    frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
+    history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.gradient_accumulation_steps = ga
+    step = 0
+    bar = tqdm(total=total, desc=METHOD, disable=not accelerator.is_main_process)
+    for epoch in range(args.epochs):
+        model.train()
+        ds.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                losses = step_losses(model, batch, frozen, args)
+                if not torch.isfinite(losses["loss"]):
+                    raise TofuError(f"loss is {losses['loss'].item()} at step {step + 1} (epoch {epoch}); "
+                                    "stopped before saving anything")
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+                log.log(step, {"epoch": epoch, **{k: v.item() for k, v in losses.items()},
+                               "lr": scheduler.get_last_lr()[0]})
+                if step == total:
+                    break
+        if step == total:
+            break
+        if args.eval_every_epoch:
+            history.append((f"epoch{epoch + 1}", evaluator.run(accelerator.unwrap_model(model), f"epoch{epoch + 1}")))
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
+        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
+        tok.save_pretrained(tmp)
+        common.save_prompt_format(fmt, tmp)
+        if (out_dir / "model").exists():
+            shutil.rmtree(out_dir / "model")
+        os.replace(tmp, out_dir / "model")
+        print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
+    history.append(("after", evaluator.run(unwrapped, "after")))
+    evaluator.report(history)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -131,6 +131,12 @@ class Args(common.MethodArgs):
     precompute_teacher: bool = common._f(False, "Compute teacher log-probs over the forget set once (kept on CPU); only the student stays resident while distilling.")
     eval_teacher: bool = common._f(False, "Also evaluate the unlearning teacher itself (logit arithmetic at inference), as in RKLD Fig. 3.")
 
+    def __post_init__(self):  # checked at parse time, before any model is loaded
+        if self.divergence not in ("rkl", "fkl"):
+            raise TofuError(f"--divergence must be rkl or fkl, not {self.divergence!r}")
+        if self.retain_loss not in ("none", "rt", "kl"):
+            raise TofuError(f"--retain_loss must be none, rt or kl, not {self.retain_loss!r}")
+
 
 METHOD = "rkld"
 PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5}            # RKLD App. A
@@ -159,8 +165,6 @@ def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
     """Frozen models, prepared apart from the trained one: the original model (teacher and KL
     retain term) and the strengthened model; with --precompute_teacher, the teacher's
     log-probs over the forget set instead, after which only what the retain term needs stays."""
-    if args.divergence not in ("rkl", "fkl") or args.retain_loss not in ("none", "rt", "kl"):
-        raise TofuError("--divergence must be rkl or fkl, --retain_loss none, rt or kl")
     if args.retain_loss != "none" and not ds.retain:
         raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")

@@ -1,5 +1,6 @@
-"""Hand-computed checks of the pure functions in idk_ap.py (IDK, AP, DPO, template choice),
-and a guard that the loss helpers duplicated across method files stay identical.
+"""Hand-computed checks of the pure functions in idk_ap.py (IDK, AP, DPO), of the IDK
+template choice it relies on (common.ForgetRetainDataset.pick), and a guard that the loss
+helpers duplicated across method files stay identical.
 
 Expected values are written out with `math` on plain floats, never by calling the code
 under test.
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import baselines
+import common
 import idk_ap
 import me_gd
 import rkld
@@ -96,28 +98,45 @@ def test_kl_retain_direction():
 
 
 # ---------------------------------------------------------------- IDK template choice
+# idk_ap.py takes its templates from common.ForgetRetainDataset, which draws them with
+# common.item_generator(seed, epoch, index); these tests pin that mechanism down.
 
 
-def test_idk_template_is_reproducible_and_local():
+def _dataset(tiny_model_dir, seed):
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
+    return common.ForgetRetainDataset(forget, retain, tok, fmt, seed=seed, idk=common.load_idk()), tok, fmt
+
+
+def test_idk_template_is_reproducible_per_seed_epoch_index_and_local(tiny_model_dir):
+    a, _, _ = _dataset(tiny_model_dir, 42)
+    b, _, _ = _dataset(tiny_model_dir, 42)
     state = torch.random.get_rng_state()
-    first = [idk_ap.pick_idk_template(42, e, i, 100) for e in range(3) for i in range(20)]
+    first = {}
+    for e in range(3):
+        a.set_epoch(e)
+        first[e] = [a.pick(i)[1] for i in range(40)]
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
-    torch.manual_seed(123)  # and the global RNG has no influence
-    assert [idk_ap.pick_idk_template(42, e, i, 100) for e in range(3) for i in range(20)] == first
-    assert all(0 <= x < 100 for x in first)
+    torch.manual_seed(123)  # and has no influence
+    for e in (2, 0, 1):  # any order of (epoch, index) gives the same choice
+        b.set_epoch(e)
+        assert [b.pick(i)[1] for i in reversed(range(40))] == first[e][::-1]
+    assert len(set(first[0])) >= 20 and first[0] != first[1] != first[2]
+    c, _, _ = _dataset(tiny_model_dir, 43)
+    assert [c.pick(i)[1] for i in range(40)] != first[0]
 
 
-def test_idk_template_varies_across_epochs_items_and_seeds():
-    by_epoch = {idk_ap.pick_idk_template(0, e, 7, 100) for e in range(20)}
-    by_index = {idk_ap.pick_idk_template(0, 0, i, 100) for i in range(50)}
-    assert len(by_epoch) >= 10 and len(by_index) >= 25
-    seeds = [[idk_ap.pick_idk_template(s, 0, i, 100) for i in range(10)] for s in (0, 1)]
-    assert seeds[0] != seeds[1]
-    assert idk_ap.pick_idk_template(5, 3, 2, 1) == 0
-    with pytest.raises(ValueError):
-        idk_ap.pick_idk_template(0, 0, 0, 0)
-    with pytest.raises(ValueError):
-        idk_ap.pick_idk_template(0, -1, 0, 10)
+def test_item_uses_the_picked_template_for_forget_and_retain(tiny_model_dir):
+    ds, tok, fmt = _dataset(tiny_model_dir, 0)
+    ds.set_epoch(1)
+    for i in (0, 7, 39):
+        r, k = ds.pick(i)
+        item = ds[i]
+        template = common.load_idk()[k]
+        want_f = common.encode_qa(tok, fmt, ds.forget[i]["question"], template)["input_ids"]
+        want_r = common.encode_qa(tok, fmt, ds.retain[r]["question"], template)["input_ids"]
+        assert item["forget_idk"]["input_ids"] == want_f and item["retain_idk"]["input_ids"] == want_r
 
 
 # ---------------------------------------------------------------- deliberate duplication

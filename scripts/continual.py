@@ -1,0 +1,88 @@
+"""Continual unlearning (closer-look, arXiv 2410.08109, §5.2): unlearn tasks 1..N of a split
+one launch at a time, each starting from the previous task's unlearned model, then write a
+table of MU and FE after every task.
+
+  python scripts/continual.py --method me_gd --split forget01 --tasks 10
+  python scripts/continual.py --method idk_ap --split forget10 --tasks 9 \\
+      --model locuslab/tofu_ft_llama2-7b --launcher "accelerate launch" -- --max_eval_samples 300
+
+Task k runs `METHOD.py --forget_task k --model <task k-1>/model`, writing to
+<out>/task<k>/ (default out: runs/continual/<method>/<split>). Flags after `--` go to every
+launch. On the quick path (--model quick) later tasks also get --subset quick and the
+script's QUICK recipe, which a model folder would not select by itself. A task whose
+folder already holds model/ and eval/after/summary.json is skipped, so a stopped sequence
+resumes. The table (continual.md in <out>) has one row per task, plus task 0 = the
+starting model; its columns come from each eval/<before|after>/summary.json. For
+baselines.py, pass its method after `--` and a separate --out per baseline.
+"""
+import argparse
+import importlib
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+COLUMNS = [("MU", "model_utility"), ("MU-18", "mu18"), ("FE", "fe"), ("FQ", "forget_quality")]
+
+
+def task_command(method: str, split: str, k: int, model: str, out: Path, launcher: str, extra: list[str]) -> list[str]:
+    cmd = [*shlex.split(launcher), str(REPO / f"{method}.py"), "--split", split, "--forget_task", str(k),
+           "--output_dir", str(out / f"task{k}")]
+    if k == 1:
+        return cmd + ["--model", model, *extra]
+    cmd += ["--model", str(out / f"task{k - 1}" / "model")]
+    if model == "quick":  # keep task 1's data subset and recipe (extra flags still override them)
+        recipe = importlib.import_module(method).QUICK
+        cmd += ["--subset", "quick", *[x for k_, v in recipe.items() for x in (f"--{k_}", str(v))]]
+    return cmd + extra
+
+
+def launch(cmd: list[str]) -> int:
+    return subprocess.run(cmd, cwd=REPO).returncode
+
+
+def write_table(out: Path, tasks: int) -> str:
+    rows = [(0, out / "task1" / "eval" / "before")] + [(k, out / f"task{k}" / "eval" / "after")
+                                                       for k in range(1, tasks + 1)]
+    lines = ["| task | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for k, d in rows:
+        s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        cells = [f"{s[key]:.4f}" if isinstance(s.get(key), (int, float)) else "n/a" for _, key in COLUMNS]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    tmp = out / ".continual.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "continual.md")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=["me_gd", "idk_ap", "rkld", "baselines"])
+    p.add_argument("--split", default="forget01", choices=["forget01", "forget05", "forget10"])
+    p.add_argument("--tasks", type=int, default=None, help="N: unlearn tasks 1..N (paper: 10, or 9 for forget10)")
+    p.add_argument("--model", default="quick", help="the starting model of task 1 (as the method scripts take it)")
+    p.add_argument("--out", default=None, help="folder of the per-task runs and the table")
+    p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)}", help='e.g. "accelerate launch"')
+    args, extra = p.parse_known_args(argv)
+    extra = [x for x in extra if x != "--"]
+    tasks = args.tasks or (9 if args.split == "forget10" else 10)
+    out = Path(args.out or REPO / "runs" / "continual" / args.method / args.split)
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(1, tasks + 1):
+        done = out / f"task{k}"
+        if (done / "model" / "config.json").exists() and (done / "eval" / "after" / "summary.json").exists():
+            print(f"[continual] task {k}: done already, skipped", flush=True)
+            continue
+        cmd = task_command(args.method, args.split, k, args.model, out, args.launcher, extra)
+        print(f"[continual] task {k}/{tasks}: {shlex.join(cmd)}", flush=True)
+        if launch(cmd) != 0:
+            raise SystemExit(f"error: task {k} failed; fix it and rerun this command to resume from task {k}")
+    print(write_table(out, tasks))
+
+
+if __name__ == "__main__":
+    main()
