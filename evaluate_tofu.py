@@ -533,56 +533,67 @@ def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source
     return rows[:max_eval_samples] if max_eval_samples is not None else rows
 
 
-def _evaluate_shard(model, tokenizer, fmt, task, rows, device, opts, bar) -> list[dict]:
-    """Per-sample TOFU records (and extras: TE, CS, ES, leakage) for this process's rows."""
-    t = TASKS[task]
-    eos = tokenizer.eos_token_id
-    texts = {}  # (row, answer text) -> sequence slot; RA/WF's base answer is `answer`, scored once
-    for r in rows:
-        for a in [r["answer"], r[t.base_key], *r["perturbed_answer"]]:
-            texts.setdefault((r["question"], a), len(texts))
-    seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in texts]
-    scores = score(model, seqs, tokenizer.pad_token_id, eos, opts["batch_size"], device, bar)
-
-    def nll(r, a):  # (avg, sum, count) NLL of one answer
-        s = scores[texts[(r["question"], a)]]
+def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], device, opts, bar) -> dict[str, list]:
+    """Per-sample TOFU records (plus TE, CS, ES, leakage) for this process's rows of every task.
+    All tasks' sequences are scored in one length-sorted pool and all prompts generated in one
+    pool: a decoding step is bound by reading the weights, so on CPU it costs little more at
+    batch 32 than at batch 2, and small evaluations would otherwise run many near-empty batches."""
+    answers = {t: [[r["answer"], r[TASKS[t].base_key], *r["perturbed_answer"]] for r in rows]
+               for t, rows in shards.items()}
+    slot = {}  # (question, answer) -> pool index; RA/WF's base answer is `answer`, scored once
+    for t, rows in shards.items():
+        for r, ans in zip(rows, answers[t]):
+            for a in ans:
+                slot.setdefault((r["question"], a), len(slot))
+    seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
+    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar)
+    gens = {}
+    if opts["generation"]:
+        questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
+        prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+        ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
+                              opts["max_new_tokens"], opts["batch_size"], device, bar)
+        gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
+                for q, p, g in zip(questions, prompts, ids)}
+    def nll(q, a):  # (per-token, summed, count) NLL of one answer
+        s = scores[slot[q, a]]
         return -s["logp"] / max(s["count"], 1), -s["logp"], s["count"]
 
-    recs = []
-    for r in rows:
-        gt, para, perts = nll(r, r["answer"]), nll(r, r[t.base_key]), [nll(r, a) for a in r["perturbed_answer"]]
-        hits = scores[texts[(r["question"], r["answer"])]]["hits"]
-        rec = {"index": r["index"], "avg_gt_loss": gt[0], "gt_loss": gt[1], "num_token_gt": gt[2],
-               "average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
-               "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])), "paraphrased_loss": para[1],
-               "perturb_loss": [p[1] for p in perts], "num_token_paraphrased": para[2],
-               "num_token_perturb": [p[2] for p in perts], "leak": hits,
-               "truncated": any(seqs[texts[(r["question"], a)]]["truncated"]
-                                for a in [r["answer"], r[t.base_key], *r["perturbed_answer"]])}
-        if t.options:  # -log p/(p + sum q): TOFU's standalone-run extra for RA/WF (§2)
-            rec["normalized_gt_loss"] = gt[0] + math.log1p(sum(math.exp(gt[0] - p[0]) for p in perts))
-        recs.append(rec)
-    if not opts["generation"] or not rows:
-        return recs
-    prompts = [common.encode_prompt(tokenizer, fmt, r["question"]) for r in rows]
-    gens = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                           opts["max_new_tokens"], opts["batch_size"], device, bar)
+    out = {}
+    for t, rows in shards.items():
+        recs = []
+        for r, ans in zip(rows, answers[t]):
+            gt, para, *perts = [nll(r["question"], a) for a in ans]
+            rec = {"index": r["index"], "avg_gt_loss": gt[0], "gt_loss": gt[1], "num_token_gt": gt[2],
+                   "average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
+                   "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])), "paraphrased_loss": para[1],
+                   "perturb_loss": [p[1] for p in perts], "num_token_paraphrased": para[2],
+                   "num_token_perturb": [p[2] for p in perts], "leak": scores[slot[r["question"], ans[0]]]["hits"],
+                   "truncated": any(seqs[slot[r["question"], a]]["truncated"] for a in ans)}
+            if TASKS[t].options:  # -log p/(p + sum q): TOFU's standalone-run extra for RA/WF (§2)
+                rec["normalized_gt_loss"] = gt[0] + math.log1p(sum(math.exp(gt[0] - p[0]) for p in perts))
+            recs.append(rec)
+        if gens and rows:
+            _generation_metrics(t, rows, recs, gens, tokenizer, opts)
+        out[t] = recs
+    return out
+
+
+def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
+    """generated_text, ROUGE, TE, and CS/ES where their models are available, into `recs`."""
     refs = [r.get("original_answer") or r["answer"] for r in rows]  # CS/ES reference (§10)
-    gen_texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
-    for rec, r, p, g in zip(recs, rows, prompts, gen_texts):
-        rec["generated_text"] = [tokenizer.decode(p, skip_special_tokens=True), g, r["answer"]]
+    texts = [gens[r["question"]][1] for r in rows]
+    for rec, r, g in zip(recs, rows, texts):
+        rec["generated_text"] = [gens[r["question"]][0], g, r["answer"]]
         rec["rouge1_recall"], rec["rougeL_recall"] = rouge_recall(g, r["answer"])
         rec["te"] = token_entropy(tokenizer.tokenize(g))
     encoder, classifier = opts["cs"][0], opts["nli"][0]
     if encoder is not None:
-        cos = F.cosine_similarity(encoder(gen_texts), encoder(refs)).clamp(min=0).tolist()
-        for rec, c in zip(recs, cos):
+        for rec, c in zip(recs, F.cosine_similarity(encoder(texts), encoder(refs)).clamp(min=0).tolist()):
             rec["cs"] = c
     if classifier is not None:
-        es = entailment(task, gen_texts, refs, [rec["rougeL_recall"] for rec in recs], classifier)
-        for rec, e in zip(recs, es):
+        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier)):
             rec["es"] = e
-    return recs
 
 
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
@@ -621,13 +632,15 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
-    for task in [t for t in TASKS if t in tasks]:
-        rows = task_rows(task, split, authors, max_eval_samples, source, forget_task)
-        if not rows:
+    rows = {t: task_rows(t, split, authors, max_eval_samples, source, forget_task) for t in TASKS if t in tasks}
+    for task, r in rows.items():
+        if not r:
             raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
-        if verbose and is_main:
-            print(f"[eval] {task}: {len(rows)} rows", flush=True)
-        recs = _evaluate_shard(model, tokenizer, fmt, task, rows[rank::world], device, opts, verbose and is_main)
+    if verbose and is_main:
+        print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
+    shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
+                                  verbose and is_main)
+    for task, recs in shard_recs.items():
         if world > 1:
             from accelerate.utils import gather_object
             recs = gather_object(recs)

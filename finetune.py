@@ -55,6 +55,7 @@ class Args:
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed (TOFU finetune: 42)."})
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
+    report_rows: int = dataclasses.field(default=40, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
 
 EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}
@@ -199,10 +200,11 @@ def main():
         built.append((role, out, res["rows"], res["train_s"]))
         del res
     summary = []
-    for role, out, rows, train_s in built:  # report once every model is safely on disk
+    for role, out, rows, train_s in built if args.report_rows else []:  # once every model is on disk
         model, tok = common.load_model(str(out), frozen=True)
         fmt = common.prompt_format(tok, str(out))
-        for group, n, rouge in learned_answers(model, tok, fmt, rows, args.split, accelerator):
+        for group, n, rouge in learned_answers(model.to(accelerator.device), tok, fmt, rows, args.split, accelerator,
+                                               args.report_rows):
             summary.append((role, out.name, group, n, rouge, f"{train_s / 60:.1f} min"))
     if accelerator.is_main_process and summary:
         print("\nHow well each model learned its answers (ROUGE-L recall of greedy answers to training questions;"

@@ -209,3 +209,6 @@ def test_embedded_preset_loads_and_scores():
     with torch.no_grad():
         _, mean, n = common.sequence_logprob(model(input_ids=b["input_ids"]).logits, b["labels"])
     assert int(n) == 8 and -2.0 < float(mean) < 0.0   # an instruct model knows this answer
+    # encode_qa raises if a prompt's tokens are not a prefix of its full sequence: check all 4,000 rows
+    lengths = [len(common.encode_qa(tok, fmt, r["question"], r["answer"])["input_ids"]) for r in common.load_split("full")]
+    assert 60 < sum(lengths) / len(lengths) < 72      # ~66 tokens with the empty system message
