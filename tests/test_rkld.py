@@ -153,3 +153,15 @@ def test_bad_inputs(monkeypatch, tmp_path, tiny_model_dir, strengthened):
     with pytest.raises(common.TofuError, match="loss is nan at step 1"):
         run_rkld(monkeypatch, *base, "--strengthened_model", strengthened / "strengthened")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_eval_every_epoch_and_teacher_rows(monkeypatch, tmp_path, tiny_model_dir, strengthened):
+    """Two epochs of two steps: an evaluation after epoch 1, of the teacher, and before/after."""
+    run_rkld(monkeypatch, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick",
+             "--epochs", 2, "--batch_size", 20, "--per_device_batch_size", 20, "--eval_every_epoch",
+             "--eval_teacher", "--strengthened_model", strengthened / "strengthened", "--max_eval_samples", 2,
+             "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none", "--output_dir", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["after", "before", "epoch1", "teacher"]
+    import json
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    assert json.loads((tmp_path / "eval" / "epoch1" / "summary.json").read_text())["n_forget"] == 2
