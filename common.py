@@ -170,7 +170,10 @@ def load_idk() -> list[str]:
     return lines
 
 
-def quick_authors(split: str, n_retain: int = 4) -> set[int]:
+QUICK_RETAIN_AUTHORS = 2  # retain authors on the quick path: the budget that fits the README run in 30 CPU minutes
+
+
+def quick_authors(split: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> set[int]:
     """The CPU quick subset: every author of the forget split plus authors 0..n_retain-1.
 
     Authors 0..19 open `full`, `retain*` and `retain_perturbed`, so the retain authors kept
@@ -440,7 +443,7 @@ def _smollm2_dir(name: str) -> Path:
 QUICK = "quick"
 
 
-def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = 4, root=None) -> Path:
+def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = QUICK_RETAIN_AUTHORS, root=None) -> Path:
     """Where finetune.py writes a model: <root>/<model>_<subset>_<data>. The quick subset
     depends on the forget split, so its folder name carries the split."""
     tag = Path(model).name if Path(model).exists() else model.replace("/", "--")
@@ -448,7 +451,7 @@ def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int 
     return Path(root or RUNS_DIR / "models") / f"{tag}_{sub}_{data}"
 
 
-def quick_model(split: str, role: str, n_retain: int = 4) -> str:
+def quick_model(split: str, role: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> str:
     """The quick target (role='target') or retain model that `python finetune.py --split
     SPLIT` builds from the embedded SmolLM2-135M; a clear error if it is not built yet."""
     data = "full" if role == "target" else RETAIN_OF[split]
@@ -590,7 +593,7 @@ class MethodArgs:
     retain_model: str = _f("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
     retain_logs: str = _f(None, "Folder of TOFU-format logs of the retain model (eval_log_forget.json), e.g. the official ones; replaces --retain_model.")
     subset: str = _f("auto", "'quick' (CPU subset: forget-split authors + retain authors 0..quick_retain_authors-1), 'all', or 'auto' (quick when --model quick).")
-    quick_retain_authors: int = _f(4, "Retain authors in the quick subset (must match finetune.py).")
+    quick_retain_authors: int = _f(QUICK_RETAIN_AUTHORS, "Retain authors in the quick subset (must match finetune.py).")
     lr: float = _f(None, "Learning rate. Default: the paper's 1e-5 (AdamW) for real models; the method's quick recipe for --model quick.")
     epochs: int = _f(None, "Epochs over the forget set. Default: the paper's; the quick recipe for --model quick.")
     batch_size: int = _f(None, "Effective batch (per device x accumulation x processes). Default 32 (all three reference codebases).")

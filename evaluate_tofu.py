@@ -66,7 +66,7 @@ class Args:
                                                            "(or eval_log_aggregated.json) for forget quality."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "First N rows of each split. Default all rows (open-unlearning); 300 is TOFU's ds_size cap."})
-    quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
+    quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-1 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
                                                                     "(closer-look §5.2)."})
