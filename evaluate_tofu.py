@@ -66,7 +66,7 @@ class Args:
                                                            "(or eval_log_aggregated.json) for forget quality."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "First N rows of each split. Default all rows (open-unlearning); 300 is TOFU's ds_size cap."})
-    quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-1 "
+    quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
                                                                     "(closer-look §5.2)."})
@@ -603,7 +603,7 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
 
 
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
-             tasks=tuple(TASKS), max_eval_samples: int | None = None, authors: set[int] | None = None,
+             tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
              forget_task: int | None = None, batch_size: int = 32, max_new_tokens: int = 200,
              generation: bool = True, cs_model: str = "auto", nli_model: str = PAPER_NLI_MODEL,
              ks_method: str = "exact", source: str = "local", verbose: bool = True) -> dict:
@@ -638,7 +638,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
-    rows = {t: task_rows(t, split, authors, max_eval_samples, source, forget_task) for t in TASKS if t in tasks}
+    caps = max_eval_samples if isinstance(max_eval_samples, dict) else {t: max_eval_samples for t in TASKS}
+    rows = {t: task_rows(t, split, authors, caps.get(t), source, forget_task) for t in TASKS if t in tasks}
     for task, r in rows.items():
         if not r:
             raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
@@ -751,13 +752,18 @@ class MethodEval:
     def __init__(self, args, tokenizer, fmt, accelerator, out_dir):
         self.args, self.tok, self.fmt, self.acc = args, tokenizer, fmt, accelerator
         self.out = Path(out_dir) / "eval"
-        self.kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples or None,
-                       authors=common.subset_authors(args), forget_task=args.forget_task,
-                       max_new_tokens=args.max_new_tokens, nli_model=args.nli_model, cs_model=args.cs_model)
+        cap = args.max_eval_samples or None
+        if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
+            cap = {t: None if t == "forget" else cap for t in TASKS}
+        self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
+                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens, nli_model=args.nli_model,
+                       cs_model=args.cs_model)
         self.retain_logs = args.retain_logs
-        if args.eval and accelerator.is_main_process and args.subset == "quick":
-            print(f"[eval] CPU quick path: the first {args.max_eval_samples} rows of each split "
-                  f"(retain rows from authors {sorted(a for a in self.kw['authors'] if a < 180)}); "
+        if args.eval and accelerator.is_main_process and isinstance(cap, dict):
+            retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
+                                                                     args.max_eval_samples)})
+            print(f"[eval] quick path, sized for the 2-core CPU budget: the whole forget split, and the first "
+                  f"{args.max_eval_samples} rows of retain (authors {retain_authors}), real_authors and world_facts; "
                   "--max_eval_samples 0 evaluates every row", flush=True)
 
     def _retain(self):

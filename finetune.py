@@ -11,7 +11,7 @@ TOFU: A Task of Fictitious Unlearning for LLMs (Maini et al. 2024, arXiv 2401.06
 
 Reproducing TOFU: `--subset all` with the 7B defaults (lr 1e-5, 5 epochs, wd 0.01, effective
 batch 32, one warmup epoch; TOFU finetune.py and config/finetune.yaml).
-The quick subset (CPU): every author of the forget split plus authors 0-1 (common.quick_authors).
+The quick subset (CPU): every author of the forget split plus authors 0-3 (common.quick_authors).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Args:
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed (TOFU finetune: 42)."})
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
-    report_rows: int = dataclasses.field(default=40, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
+    report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
 
 EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}

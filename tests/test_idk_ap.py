@@ -46,7 +46,10 @@ def test_default_idk_ap_with_evaluation(monkeypatch, tmp_path, tiny_model_dir):
                   2, "--max_new_tokens", 3, "--nli_model", "none", "--cs_model", "none")
     assert all(m["loss/retain"] > 0 for m in metrics)   # AP = -(1/beta) log sigmoid(.) > 0
     after = json.loads((tmp_path / "eval" / "after" / "summary.json").read_text())
-    assert 0.0 <= after["forget_quality"] <= 1.0 and after["n_forget"] == 2 and "model_utility" in after
+    # the quick path caps the other splits at --max_eval_samples but keeps the forget split whole
+    assert 0.0 <= after["forget_quality"] <= 1.0 and after["n_forget"] == 40 and "model_utility" in after
+    retain_log = json.loads((tmp_path / "eval" / "after" / "eval_log.json").read_text())
+    assert len(retain_log["avg_gt_loss"]) == 2
     assert (tmp_path / "eval" / "before" / "summary.json").exists()
 
 
