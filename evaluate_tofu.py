@@ -72,8 +72,11 @@ class Args:
                                                                     "(closer-look §5.2)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (common.prompt_format)."})
     system_prompt: str = field(default="", metadata={"help": "System message for chat templates."})
-    batch_size: int = field(default=32, metadata={"help": "Sequences per forward and prompts per generate call "
-                                                          "(open-unlearning evaluates in batches of 32)."})
+    batch_size: int = field(default=32, metadata={"help": "Sequences per scoring forward (open-unlearning "
+                                                          "evaluates in batches of 32)."})
+    gen_batch_size: int = field(default=128, metadata={
+        "help": "Prompts per generate call. A decoding step costs little more for more prompts, so large "
+                "calls are faster (2-core CPU: one call of 64 took 0.70x the time of two of 32)."})
     max_new_tokens: int = field(default=200, metadata={
         "help": "Greedy generation stops at EOS or after this many new tokens. The TOFU code caps the total "
                 "length (prompt included) at 200 instead; open-unlearning uses max_new_tokens=200."})
@@ -558,7 +561,7 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
         questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
         prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              opts["max_new_tokens"], opts["batch_size"], device, bar)
+                              opts["max_new_tokens"], opts["gen_batch_size"], device, bar)
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer
@@ -604,7 +607,7 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
 
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
              tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
-             forget_task: int | None = None, batch_size: int = 32, max_new_tokens: int = 200,
+             forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128, max_new_tokens: int = 200,
              generation: bool = True, cs_model: str = "auto", nli_model: str = PAPER_NLI_MODEL,
              ks_method: str = "exact", source: str = "local", verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
@@ -634,7 +637,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "generation": generation,
+    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "max_new_tokens": max_new_tokens,
+            "generation": generation,
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
@@ -725,7 +729,7 @@ def print_summary(s: dict, logs: dict | None = None):
 # What the method scripts call: before/after/per-epoch evaluation and the summary table
 # ---------------------------------------------------------------------------
 def generate_answers(model, tokenizer, fmt, questions: list[str], accelerator=None, max_new_tokens: int = 200,
-                     batch_size: int = 32) -> list[str]:
+                     batch_size: int = 128) -> list[str]:
     """Greedy answers (EOS-stopped, decoded) to free-form questions, e.g. training questions."""
     prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
     ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer), max_new_tokens,
@@ -870,7 +874,8 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     authors = common.quick_authors(args.split) if args.quick else None
     common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
-                     forget_task=args.forget_task, batch_size=args.batch_size, ks_method=args.ks_method,
+                     forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
+                     ks_method=args.ks_method,
                      source=args.source, verbose=accelerator.is_main_process)
 
     def load(name):
