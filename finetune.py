@@ -108,7 +108,7 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator: A
         print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
               f"{total} steps of batch {derived['effective_batch']}, lr {args.lr}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.gradient_accumulation_steps = ga

@@ -236,7 +236,7 @@ def main():
     frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
     history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.gradient_accumulation_steps = ga
