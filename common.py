@@ -443,7 +443,8 @@ def _smollm2_dir(name: str) -> Path:
 QUICK = "quick"
 
 
-def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = QUICK_RETAIN_AUTHORS, root=None) -> Path:
+def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = QUICK_RETAIN_AUTHORS,
+                  root=None) -> Path:
     """Where finetune.py writes a model: <root>/<model>_<subset>_<data>. The quick subset
     depends on the forget split, so its folder name carries the split."""
     tag = Path(model).name if Path(model).exists() else model.replace("/", "--")

@@ -607,9 +607,10 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
 
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
              tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
-             forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128, max_new_tokens: int = 200,
-             generation: bool = True, cs_model: str = "auto", nli_model: str = PAPER_NLI_MODEL,
-             ks_method: str = "exact", source: str = "local", verbose: bool = True) -> dict:
+             forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128,
+             max_new_tokens: int = 200, generation: bool = True, cs_model: str = "auto",
+             nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
+             verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -875,8 +876,7 @@ def main():
     authors = common.quick_authors(args.split) if args.quick else None
     common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
-                     ks_method=args.ks_method,
-                     source=args.source, verbose=accelerator.is_main_process)
+                     ks_method=args.ks_method, source=args.source, verbose=accelerator.is_main_process)
 
     def load(name):
         model, tok = common.load_model(name, frozen=True)

@@ -43,7 +43,7 @@ class Args:
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
     subset: str = dataclasses.field(default="auto", metadata={"help": "Authors to train on: 'quick' (forget-split authors + authors 0..quick_retain_authors-1), 'all' (the TOFU benchmark), or 'auto' (quick for the embedded preset, all otherwise)."})
     quick_retain_authors: int = dataclasses.field(default=common.QUICK_RETAIN_AUTHORS, metadata={"help": "Retain authors kept by the quick subset (authors 0..N-1, 20 questions each)."})
-    lr: float = dataclasses.field(default=None, metadata={"help": "Learning rate. Default: 1e-5 (TOFU, Llama-2-7B); 2e-4 for the embedded preset (measured here: ~0.95 ROUGE-L recall on trained answers after 4 epochs)."})
+    lr: float = dataclasses.field(default=None, metadata={"help": "Learning rate. Default: 1e-5 (TOFU, Llama-2-7B); 2e-4 for the embedded preset (measured here: ROUGE-L recall 0.93 on forget-author and 0.86 on retain-author training answers after 4 epochs)."})
     epochs: int = dataclasses.field(default=None, metadata={"help": "Epochs. Default: 5 (TOFU); 4 for the embedded preset."})
     batch_size: int = dataclasses.field(default=None, metadata={"help": "Effective batch size (per device x grad accumulation x processes). Default: 32 (TOFU); 8 for the embedded preset."})
     per_device_batch_size: int = dataclasses.field(default=8, metadata={"help": "Micro-batch per process; gradient accumulation makes up the rest of batch_size."})

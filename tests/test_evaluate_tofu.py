@@ -273,6 +273,7 @@ def test_greedy_loop_matches_cached_generate(tiny):
     cached = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
     loop = E.greedy_generate(_NoGenerate(model), prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
     assert cached == loop and all(len(g) == 6 for g in cached)
+    assert len({len(p) for p in prompts}) > 1  # so the shared call below really left-pads
     one_by_one = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 1, "cpu", False)
     assert one_by_one == cached  # left padding in a shared call changes nothing
 
