@@ -6,10 +6,13 @@ Plumbing only. No loss, no method registry: each method script holds its own log
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data" / "tofu"
-RUNS_DIR = REPO / "runs"
+RUNS_DIR = Path(os.environ.get("TOFU_UNLEARN_RUNS", REPO / "runs"))  # run folders and the eval cache
 CACHE_DIR = Path(os.environ.get("TOFU_UNLEARN_CACHE", REPO / ".cache"))
 HUB_DATASET = "locuslab/TOFU"
 AUTHOR_ROWS = 20  # TOFU: 200 authors x 20 questions, in blocks
@@ -518,6 +521,171 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool
 
 
 # ---------------------------------------------------------------------------
+# Distributed plumbing: the accelerator, frozen models, saving, logged losses
+# ---------------------------------------------------------------------------
+def make_accelerator(batch_size: int, per_device_batch_size: int):
+    """(Accelerator, grad_accum) for an effective batch of `batch_size` examples per optimizer step.
+
+    Gradient accumulation goes to the Accelerator constructor (DeepSpeed reads it from there
+    when it builds its engine), so it must be known before the Accelerator exists: it comes
+    from WORLD_SIZE, which every launcher (accelerate, torchrun, deepspeed) sets. A batch that
+    per-device micro-batches x processes cannot make exactly is refused rather than rounded.
+    On CPU, cpu=True makes a multi-process launch DDP over gloo (a plain Accelerator() would
+    run independent single-process copies there)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if per_device_batch_size < 1 or batch_size < 1:
+        raise TofuError("--batch_size and --per_device_batch_size must be at least 1")
+    if batch_size % (per_device_batch_size * world):
+        raise TofuError(f"an effective batch of {batch_size} cannot be made from micro-batches of {per_device_batch_size} "
+                        f"on {world} process(es); choose --per_device_batch_size so that per_device x {world} divides "
+                        f"{batch_size}")
+    ga = batch_size // (per_device_batch_size * world)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=ga, mixed_precision="bf16" if cuda else "no")
+    if accelerator.num_processes != world:
+        raise TofuError(f"WORLD_SIZE says {world} processes but accelerate sees {accelerator.num_processes}; "
+                        "launch with accelerate launch or torchrun")
+    if accelerator.gradient_accumulation_steps != ga:
+        raise TofuError(f"the launch config sets gradient accumulation to {accelerator.gradient_accumulation_steps}, "
+                        f"but --batch_size {batch_size} needs {ga} on {world} process(es) of {per_device_batch_size}; "
+                        "remove gradient_accumulation_steps from the accelerate config (configs/accelerate/ has none)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("gradient_accumulation_steps", "auto") not in ("auto", ga):
+            raise TofuError(f"the DeepSpeed config sets gradient_accumulation_steps {ds['gradient_accumulation_steps']}, "
+                            f"but --batch_size {batch_size} needs {ga}; set it to auto")
+        ds["gradient_accumulation_steps"] = ga
+        if ds.get("zero_optimization", {}).get("stage") == 3:  # saving gathers 16-bit weights (get_state_dict)
+            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise TofuError("FSDP version 1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
+    return accelerator, ga
+
+
+def shards_parameters(accelerator) -> bool:
+    """True when a forward pass is a collective (FSDP2, DeepSpeed ZeRO-3): every rank must then
+    run the same number of forward calls, or the ranks that run more wait forever."""
+    from accelerate.utils import DistributedType
+    if accelerator is None or accelerator.num_processes == 1:
+        return False
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def place_frozen(model, accelerator):
+    """A frozen (reference, teacher, retain) model placed for inference under the launch's backend,
+    without an optimizer and without registering it with the accelerator (so dropping the last
+    reference frees it):
+      no distribution / DDP   on the device; bf16 weights on GPU (load_model(frozen=True));
+      FSDP2                   sharded like the trained model (accelerate's fsdp2_prepare_model);
+      DeepSpeed ZeRO-3        a DeepSpeed inference engine, stage 3, no optimizer (the pattern
+                              DeepSpeed documents for models used only in forward passes).
+    Under ZeRO-2 or DDP nothing is sharded and the model is simply moved to the device."""
+    from accelerate.utils import DistributedType
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        zero = {k: v for k, v in ds["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        config = {"zero_optimization": {**zero, "stage": 3}, "train_micro_batch_size_per_gpu": 1,
+                  "bf16": {"enabled": accelerator.mixed_precision == "bf16"}}
+        for k in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "reduce_bucket_size"):
+            if config["zero_optimization"].get(k) == "auto":  # "auto" is only filled in for the trained model
+                del config["zero_optimization"][k]
+        engine = deepspeed.initialize(model=model, config=config)[0]
+        engine.eval()
+        return engine
+    if accelerator.is_fsdp2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        return fsdp2_prepare_model(accelerator, model)
+    return model.to(accelerator.device)
+
+
+def release(accelerator, *objects) -> None:
+    """End a training stage: drop what the accelerator prepared (models, optimizers, loaders, the
+    DeepSpeed engine that backward() is bound to) and collect it, so the next stage's trained model
+    is the only one in memory. Callers drop their own references to `objects` too."""
+    accelerator.free_memory(*objects)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_model(accelerator, model, tokenizer, fmt: PromptFormat, out: Path, log_dir: Path | None = None) -> None:
+    """Save a prepared model to `out` atomically: every rank gathers the state dict (a collective under
+    FSDP2 and ZeRO-3, where ZeRO-3 gathers 16-bit weights), rank 0 writes a temp folder beside `out`
+    with normal permissions and renames it over `out`. The files of `log_dir` (a training stage's
+    args.json and metrics.jsonl) move in with the model."""
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        unwrapped = accelerator.unwrap_model(model)
+        if getattr(unwrapped.config, "tie_word_embeddings", False):  # FSDP2 gathers the tied head as a copy
+            head = unwrapped.get_output_embeddings()
+            state.pop(next(f"{n}.weight" for n, m in unwrapped.named_modules() if m is head), None)
+        unwrapped.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        save_prompt_format(fmt, tmp)
+        if log_dir is not None and Path(log_dir).exists():
+            for f in Path(log_dir).iterdir():
+                shutil.move(str(f), tmp / f.name)
+            Path(log_dir).rmdir()
+        make_readable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    del state
+    accelerator.wait_for_everyone()
+
+
+def schedule(n_rows: int, per_device_batch_size: int, accelerator, epochs: int, warmup_epochs: float,
+             max_steps: int = 0) -> dict:
+    """Optimizer steps of a run. Each rank sees ceil(n_rows / (per_device x world)) micro-batches an
+    epoch (accelerate evens the ranks out by repeating rows from the start), grouped in windows of
+    grad_accum; the last window of an epoch may be short (see window_weight)."""
+    batches = math.ceil(n_rows / (per_device_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches / accelerator.gradient_accumulation_steps)
+    total = steps_per_epoch * epochs
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": min(total, max_steps) if max_steps else total,
+            "warmup_steps": int(round(warmup_epochs * steps_per_epoch))}
+
+
+def window_weight(i: int, n_batches: int, grad_accum: int) -> float:
+    """Loss multiplier for micro-batch i of an epoch of n_batches. accelerate divides every loss by
+    grad_accum and steps at the end of the epoch, so a last window of k < grad_accum micro-batches
+    would be under-weighted by k/grad_accum; scaling it by grad_accum/k makes every optimizer step
+    the mean over its own micro-batches."""
+    start = (i // grad_accum) * grad_accum
+    return grad_accum / min(grad_accum, n_batches - start)
+
+
+class LossMeter:
+    """The losses of one optimizer step: `add` each micro-batch's dict of scalar losses, `mean`
+    returns their mean over the step's micro-batches and over every rank (a collective: every rank
+    calls it at the same step)."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, losses: dict) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.n += 1
+
+    def mean(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)
+        t = torch.stack([self.sums[k] / self.n for k in keys]).to(accelerator.device)
+        t = accelerator.reduce(t, "mean") if accelerator.num_processes > 1 else t
+        self.sums, self.n = {}, 0
+        return dict(zip(keys, t.tolist()))
+
+
+# ---------------------------------------------------------------------------
 # Run folder
 # ---------------------------------------------------------------------------
 def atomic_write_json(path, obj):
@@ -527,7 +695,19 @@ def atomic_write_json(path, obj):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2, default=str)
+    make_readable(tmp)
     os.replace(tmp, path)
+
+
+def make_readable(path) -> None:
+    """Give a file, or a folder and everything in it, the permissions a plain open() or mkdir
+    would under the user's umask. mkstemp/mkdtemp create 0600/0700 entries, which the other
+    users of a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def run_info() -> dict:

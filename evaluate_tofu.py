@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -353,15 +354,34 @@ def _batches(order, size):
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def _synced_count(n: int, device, synced: bool) -> int:
+    """The largest n over every rank when `synced` (forward passes are collectives under FSDP2 and
+    ZeRO-3, so every rank must run as many as the busiest one), else n."""
+    if not synced:
+        return n
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+_IDLE = {"input_ids": [0], "labels": [-100]}  # what a rank with no batch left feeds to keep in step
+
+
 @torch.no_grad()
 def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
-          leak: set[int] = frozenset()) -> list[dict]:
+          leak: set[int] = frozenset(), synced: bool = False) -> list[dict]:
     """Summed log-prob and token count of each tokenized sequence, plus leakage hits for the
     sequences numbered in `leak`. Longest first, padded per batch to its longest member, so
-    padding costs little and OOM shows up early."""
+    padding costs little and OOM shows up early. synced: every rank runs the same number of
+    forward passes (idle ones on a one-token input whose result is dropped)."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
     out = [None] * len(seqs)
-    for chunk in tqdm(_batches(order, batch_size), desc="  score", disable=not bar, leave=False):
+    chunks = _batches(order, batch_size)
+    for c in tqdm(range(_synced_count(len(chunks), device, synced)), desc="  score", disable=not bar, leave=False):
+        if c >= len(chunks):
+            model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
+            continue
+        chunk = chunks[c]
         b = {k: v.to(device) for k, v in common.collate([seqs[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logp, _, count = common.sequence_logprob(logits, b["labels"])
@@ -382,14 +402,20 @@ def _device(model, accelerator):
 
 
 @torch.no_grad()
-def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_tokens, device) -> list[list[int]]:
+def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_tokens, device,
+                 synced: bool = False) -> list[list[int]]:
     """Greedy decoding without a KV cache for model-like objects that have no `generate`.
-    Right padding keeps every sequence's positions 0..len-1 without position_ids."""
+    Right padding keeps every sequence's positions 0..len-1 without position_ids. synced: a rank
+    whose sequences have all ended keeps running forward passes until every rank's have (what
+    transformers' generate(synced_gpus=True) does)."""
     seqs, done = [list(p) for p in prompts], [False] * len(prompts)
     for _ in range(max_new_tokens):
         live = [i for i, d in enumerate(done) if not d]
-        if not live:
+        if not _synced_count(len(live), device, synced):
             break
+        if not live:
+            model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
+            continue
         b = common.collate([{"input_ids": seqs[i]} for i in live], pad_id)
         logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
         last = torch.tensor([len(seqs[i]) - 1 for i in live], device=logits.device)
@@ -401,20 +427,26 @@ def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_token
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar) -> list[list[int]]:
+def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar,
+                    synced: bool = False) -> list[list[int]]:
     """New token ids per prompt, cut before the first EOS. Uses the model's KV-cached `generate`
     on left-padded batches when it has one, else _greedy_loop. Prompts of similar length share
-    a batch to waste little on padding."""
+    a batch to waste little on padding. synced: every rank makes the same number of calls (an
+    idle rank generates from a one-token prompt and drops it) and each call runs until every
+    rank's sequences have ended (synced_gpus), as FSDP2 and ZeRO-3 need."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    for chunk in tqdm(_batches(order, batch_size), desc="  generate", disable=not bar, leave=False):
+    chunks = _batches(order, batch_size)
+    for c in tqdm(range(_synced_count(len(chunks), device, synced)), desc="  generate", disable=not bar,
+                  leave=False):
+        chunk = chunks[c] if c < len(chunks) else []
+        batch = [prompts[i] for i in chunk] or [_IDLE["input_ids"]]
         if callable(getattr(model, "generate", None)):
-            b = {k: v.to(device) for k, v in
-                 common.collate([{"input_ids": prompts[i]} for i in chunk], pad_id, "left").items()}
+            b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in batch], pad_id, "left").items()}
             ids = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                 eos_token_id=sorted(eos_ids))[:, b["input_ids"].shape[1]:].tolist()
+                                 eos_token_id=sorted(eos_ids), synced_gpus=synced)[:, b["input_ids"].shape[1]:].tolist()
         else:
-            ids = _greedy_loop(model, [prompts[i] for i in chunk], pad_id, eos_ids, max_new_tokens, device)
+            ids = _greedy_loop(model, batch, pad_id, eos_ids, max_new_tokens, device, synced)
         for i, seq in zip(chunk, ids):
             cut = next((k for k, t in enumerate(seq) if t in eos_ids), len(seq))
             out[i] = seq[:cut]
@@ -555,13 +587,14 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
                 slot.setdefault((r["question"], a), len(slot))
     seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
     gold = {slot[r["question"], r["answer"]] for rows in shards.values() for r in rows}
-    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold)
+    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold,
+                   opts["synced"])
     gens = {}
     if opts["generation"]:
         questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
         prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              opts["max_new_tokens"], opts["gen_batch_size"], device, bar)
+                              opts["max_new_tokens"], opts["gen_batch_size"], device, bar, opts["synced"])
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer
@@ -639,7 +672,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     if hasattr(model, "eval"):
         model.eval()
     opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "max_new_tokens": max_new_tokens,
-            "generation": generation,
+            "generation": generation, "synced": common.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
@@ -734,7 +767,7 @@ def generate_answers(model, tokenizer, fmt, questions: list[str], accelerator=No
     """Greedy answers (EOS-stopped, decoded) to free-form questions, e.g. training questions."""
     prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
     ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer), max_new_tokens,
-                          batch_size, _device(model, accelerator), False)
+                          batch_size, _device(model, accelerator), False, common.shards_parameters(accelerator))
     return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
 
 
@@ -780,10 +813,11 @@ class MethodEval:
         if not (cache / "eval_log_forget.json").exists():
             if self.acc.is_main_process:
                 print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
-            model = common.load_model(self.args.retain_model, frozen=True)[0].to(self.acc.device)
+            model = common.place_frozen(common.load_model(self.args.retain_model, frozen=True)[0], self.acc)
             evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
                      verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
             del model
+            gc.collect()
             self.acc.wait_for_everyone()
         self.retain_logs = str(cache)
         return self.retain_logs
@@ -802,8 +836,6 @@ class MethodEval:
             return json.loads((cache / "summary.json").read_text())
         if self.acc.is_main_process:
             print(f"[eval] {name}", flush=True)
-        if isinstance(model, torch.nn.Module) and next(model.parameters()).device != self.acc.device:
-            model.to(self.acc.device)  # the starting model is evaluated before accelerator.prepare
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
                            **self.kw)
         if cache is not None and self.acc.is_main_process:
@@ -881,7 +913,7 @@ def main():
     def load(name):
         model, tok = common.load_model(name, frozen=True)
         fmt = common.prompt_format(tok, name, args.prompt_format, args.system_prompt)
-        return model.to(accelerator.device), tok, fmt
+        return common.place_frozen(model, accelerator), tok, fmt
 
     retain_logs = args.retain_logs or None
     if args.retain_model:

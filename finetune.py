@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
@@ -55,6 +51,7 @@ class Args:
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed (TOFU finetune: 42)."})
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
+    max_steps: int = dataclasses.field(default=0, metadata={"help": "Stop each model after this many optimizer steps (0: every epoch); for smoke tests."})
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
 
@@ -79,94 +76,89 @@ def resolve(args: Args) -> Args:
 
 
 # ====================================================================
-# MAIN (shared boilerplate)
+# MAIN (shared boilerplate: fit() is identical to the method scripts')
 # ====================================================================
-def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator: Accelerator) -> dict:
-    """Fine-tune args.model on `rows` (named `data` in logs) and save it atomically to `out`.
-    rkld.py and baselines.py (task arithmetic) reuse this to build the strengthened model."""
-    set_seed(args.seed)
-    model, tok = common.load_model(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
-    ds = common.QADataset(rows, tok, fmt, args.max_length)
-
-    world = accelerator.num_processes
-    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
-    total = steps_per_epoch * args.epochs
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}),
-               "truncated": ds.n_truncated, "world_size": world, "grad_accum": ga,
-               "effective_batch": args.per_device_batch_size * ga * world,
-               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
-               "prompt_format": dataclasses.asdict(fmt)}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")) if accelerator.is_main_process else None
-    log = common.RunLogger(tmp or out, args, derived, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
-              f"{total} steps of batch {derived['effective_batch']}, lr {args.lr}")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc: str, log, at_epoch=None):
+    """The training loop of every stage (fine-tuning, strengthening, unlearning): AdamW and a linear
+    schedule; model, optimizer and loader prepared together (what FSDP2 needs); gradient accumulation
+    as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
+    logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
+    before training (e = 0) and after every epoch but the last. Returns the prepared model; the
+    caller ends the stage with common.release()."""
+    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                            args.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.gradient_accumulation_steps = ga
-
-    step, t0 = 0, time.time()
-    bar = tqdm(total=total, desc=f"finetune {data}", disable=not accelerator.is_main_process)
-    model.train()
-    for epoch in range(args.epochs):
-        for batch in loader:
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    if at_epoch:
+        at_epoch(0, model)
+    bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
+    for epoch in range(epochs if total else 0):
+        model.train()
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss  # token-mean NLL of the answer tokens (+EOS)
-                if not torch.isfinite(loss):
-                    raise TofuError(f"loss is {loss.item()} at step {step}; nothing was saved")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                losses = loss_fn(model, batch)
+                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga))
+                meter.add(losses)
+                if accelerator.sync_gradients:
+                    logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
+                    if not math.isfinite(logged["loss"]):
+                        raise TofuError(f"loss is {logged['loss']} at step {step + 1} (epoch {epoch}); "
+                                        "stopped before saving anything")
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                log.log(step, {"epoch": epoch, "loss/nll": loss.item(), "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
+                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
+                if step == total:
+                    break
+        if step == total:
+            break
+        if at_epoch and epoch + 1 < epochs:
+            at_epoch(epoch + 1, model)
     bar.close()
-    train_s = time.time() - t0
+    return model
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+
+def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -> dict:
+    """Fine-tune args.model on `rows` (named `data` in logs), save it atomically to `out` and release
+    everything the stage prepared, so the next model trains alone."""
+    set_seed(args.seed)
+    model, tok = common.load_model(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    ds = common.QADataset(rows, tok, fmt, args.max_length)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    sizes = common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs)
+    derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}),
+               "truncated": ds.n_truncated, "world_size": accelerator.num_processes,
+               "grad_accum": accelerator.gradient_accumulation_steps,
+               "effective_batch": args.per_device_batch_size * accelerator.gradient_accumulation_steps
+               * accelerator.num_processes, "distributed_type": str(accelerator.distributed_type), **sizes,
+               "prompt_format": dataclasses.asdict(fmt)}
+    log = common.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
-        tok.save_pretrained(tmp)
-        common.save_prompt_format(fmt, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    accelerator.wait_for_everyone()
-    return {"model": unwrapped, "tok": tok, "fmt": fmt, "rows": rows, "train_s": train_s, "steps": step}
+        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
+              f"{sizes['total_steps']} steps of batch {derived['effective_batch']}, lr {args.lr}")
+    t0 = time.time()
+    model = fit(accelerator, model, loader, lambda m, b: {"loss": m(**b).loss}, args, args.epochs, args.lr,
+                f"finetune {data}", log)  # HF loss: token-mean NLL of the answer tokens (+EOS)
+    train_s = time.time() - t0
+    common.save_model(accelerator, model, tok, fmt, out, log.dir)  # args.json and metrics.jsonl go with the model
+    common.release(accelerator, model)
+    return {"rows": rows, "train_s": train_s}
 
 
-def strengthen(args, accelerator) -> str:
-    """The strengthened model of RKLD and task arithmetic: args.model fine-tuned further on the
-    forget set for args.strengthen_epochs at args.strengthen_lr, saved in OUTPUT_DIR/strengthened
-    (reused when there). args.strengthened_model, when set, is used instead."""
-    if args.strengthened_model:
-        return common.resolve_model_path(args.strengthened_model)
-    out = Path(args.output_dir) / "strengthened"
-    if not (out / "config.json").exists():
-        forget, _ = common.forget_retain_rows(args.split, None, args.forget_task)
-        ft = Args(model=args.model, split=args.split, lr=args.strengthen_lr, epochs=args.strengthen_epochs,
-                  batch_size=args.batch_size, per_device_batch_size=args.per_device_batch_size,
-                  weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                  max_length=args.max_length, prompt_format=args.prompt_format, seed=args.seed)
-        train_one(ft, forget, f"{args.split} (strengthening)", out, accelerator)
-    return str(out)
-
-
-def learned_answers(model, tok, fmt, rows, split: str, accelerator: Accelerator, n: int = 40) -> list[tuple]:
+def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40) -> list[tuple]:
     """ROUGE-L recall of greedy answers to up to n questions of the forget-split authors and
     n of the retain authors trained on. This is what 'the model memorized TOFU' means."""
     import evaluate_tofu
@@ -183,7 +175,7 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator: Accelerator,
 
 def main():
     args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
     if args.build != "both":
         builds = {args.build: builds[args.build]}
@@ -203,8 +195,8 @@ def main():
     for role, out, rows, train_s in built if args.report_rows else []:  # once every model is on disk
         model, tok = common.load_model(str(out), frozen=True)
         fmt = common.prompt_format(tok, str(out))
-        for group, n, rouge in learned_answers(model.to(accelerator.device), tok, fmt, rows, args.split, accelerator,
-                                               args.report_rows):
+        for group, n, rouge in learned_answers(common.place_frozen(model, accelerator), tok, fmt, rows, args.split,
+                                               accelerator, args.report_rows):
             summary.append((role, out.name, group, n, rouge, f"{train_s / 60:.1f} min"))
     if accelerator.is_main_process and summary:
         print("\nHow well each model learned its answers (ROUGE-L recall of greedy answers to training questions;"

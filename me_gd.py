@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -130,7 +127,6 @@ def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mas
 # ====================================================================
 # ARGUMENTS
 # ====================================================================
-from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
@@ -166,7 +162,7 @@ QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}             # rkld's quick re
 # ====================================================================
 # METHOD SETUP AND STEP (ME-specific; the loop in main() calls these)
 # ====================================================================
-def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
+def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """The frozen starting model, loaded only for --retain_loss kl (the target of KL(p_ori||p_theta)).
     In continual unlearning that is --model, the previous task's output, as in the reference code."""
     if not ds.retain:
@@ -174,7 +170,7 @@ def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.retain_loss != "kl":
         return {"ori": None}
-    return {"ori": accelerator.prepare_model(common.load_model(args.model, frozen=True)[0], evaluation_mode=True)}
+    return {"ori": common.place_frozen(common.load_model(args.model, frozen=True)[0], accelerator)}
 
 
 def step_losses(model, batch, frozen, args) -> dict:
@@ -196,81 +192,95 @@ def step_losses(model, batch, frozen, args) -> dict:
 # ====================================================================
 # MAIN (shared boilerplate: identical in every method script)
 # ====================================================================
-def main():
-    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    set_seed(args.seed)
-    out_dir = Path(args.output_dir)
-
-    model, tok = common.load_model(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
-    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
-    world = accelerator.num_processes
-    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
-    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
-    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
-    total = min(total, args.max_steps) if args.max_steps else total
-    derived = {"world_size": world, "grad_accum": ga, "effective_batch": args.per_device_batch_size * ga * world,
-               "forget_rows": len(forget), "retain_rows": len(retain), "truncated": ds.n_truncated,
-               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
-               "prompt_format": dataclasses.asdict(fmt)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
-    history = [("before", evaluator.run(model, "before", cache_key=args.model))]
-    frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
-    history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc: str, log, at_epoch=None):
+    """The training loop of every stage (fine-tuning, strengthening, unlearning): AdamW and a linear
+    schedule; model, optimizer and loader prepared together (what FSDP2 needs); gradient accumulation
+    as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
+    logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
+    before training (e = 0) and after every epoch but the last. Returns the prepared model; the
+    caller ends the stage with common.release()."""
+    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                            args.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.gradient_accumulation_steps = ga
-    step = 0
-    bar = tqdm(total=total, desc=METHOD, disable=not accelerator.is_main_process)
-    for epoch in range(args.epochs):
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    if at_epoch:
+        at_epoch(0, model)
+    bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
+    for epoch in range(epochs if total else 0):
         model.train()
-        ds.set_epoch(epoch)
-        for batch in loader:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
-                losses = step_losses(model, batch, frozen, args)
-                if not torch.isfinite(losses["loss"]):
-                    raise TofuError(f"loss is {losses['loss'].item()} at step {step + 1} (epoch {epoch}); "
-                                    "stopped before saving anything")
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                losses = loss_fn(model, batch)
+                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga))
+                meter.add(losses)
+                if accelerator.sync_gradients:
+                    logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
+                    if not math.isfinite(logged["loss"]):
+                        raise TofuError(f"loss is {logged['loss']} at step {step + 1} (epoch {epoch}); "
+                                        "stopped before saving anything")
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-                log.log(step, {"epoch": epoch, **{k: v.item() for k, v in losses.items()},
-                               "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
+                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
                 if step == total:
                     break
         if step == total:
             break
-        if args.eval_every_epoch:
-            history.append((f"epoch{epoch + 1}", evaluator.run(accelerator.unwrap_model(model), f"epoch{epoch + 1}")))
+        if at_epoch and epoch + 1 < epochs:
+            at_epoch(epoch + 1, model)
     bar.close()
+    return model
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+
+def main():
+    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    tok = common.load_tokenizer(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
+               "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
+               "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
+               **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                                 args.max_steps)}
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
+    history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
+    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+
+    def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
+        if epoch == 0:
+            history.insert(0, ("before", evaluator.run(prepared, "before", cache_key=args.model)))
+        elif args.eval_every_epoch:
+            history.append((f"epoch{epoch}", evaluator.run(prepared, f"epoch{epoch}")))
+
+    model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
+                args.lr, METHOD, log, at_epoch)
+    frozen.clear()  # the frozen models are no longer needed: free them before the last evaluation
+    common.save_model(accelerator, model, tok, fmt, out_dir / "model")
     if accelerator.is_main_process:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
-        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
-        tok.save_pretrained(tmp)
-        common.save_prompt_format(fmt, tmp)
-        if (out_dir / "model").exists():
-            shutil.rmtree(out_dir / "model")
-        os.replace(tmp, out_dir / "model")
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
-    history.append(("after", evaluator.run(unwrapped, "after")))
+    history.append(("after", evaluator.run(model, "after")))
+    common.release(accelerator, model)
     evaluator.report(history)
 
 

@@ -21,11 +21,14 @@ Epoch of peak forget quality (Fig. 3): --epochs 10 --eval_every_epoch.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import math
 import os
-import shutil
-import tempfile
+import weakref
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -108,14 +111,12 @@ def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mas
 # ====================================================================
 # ARGUMENTS
 # ====================================================================
-from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
 import evaluate_tofu  # noqa: E402
-import finetune  # noqa: E402
 from common import TofuError  # noqa: E402
 
 
@@ -161,36 +162,121 @@ class Teacher(torch.nn.Module):
         return out
 
 
-def setup_frozen(args, model, ds, tok, accelerator, evaluator) -> dict:
-    """Frozen models, prepared apart from the trained one: the original model (teacher and KL
-    retain term) and the strengthened model; with --precompute_teacher, the teacher's
-    log-probs over the forget set instead, after which only what the retain term needs stays."""
+def strengthen(args, tok, fmt, accelerator) -> str:
+    """The strengthened model (RKLD §3): --model trained further on the forget set (answer NLL) for
+    --strengthen_epochs at --strengthen_lr with the run's batch settings, saved in OUTPUT_DIR/strengthened.
+    A later run reuses it only when it was built with the same settings (strengthened/strengthen.json);
+    otherwise it is rebuilt. This stage trains its own model and releases it before unlearning starts."""
+    if args.strengthened_model:
+        return common.resolve_model_path(args.strengthened_model)
+    out = Path(args.output_dir) / "strengthened"
+    settings = json.loads(json.dumps({
+        "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
+        "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
+        "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
+        **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
+                                         "max_grad_norm", "max_length", "seed")}}))
+    if (out / "strengthen.json").exists():
+        if json.loads((out / "strengthen.json").read_text()) == settings:
+            if accelerator.is_main_process:
+                print(f"[{METHOD}] reusing the strengthened model in {out} (built with the same settings)")
+            return str(out)
+        if accelerator.is_main_process:
+            print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
+    set_seed(args.seed)
+    forget, _ = common.forget_retain_rows(args.split, None, args.forget_task)
+    ds = common.QADataset(forget, tok, fmt, args.max_length)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    log = common.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
+    model = fit(accelerator, common.load_model(args.model)[0], loader,
+                lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                               b["labels"])},
+                args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
+    common.save_model(accelerator, model, tok, fmt, out, log.dir)
+    if accelerator.is_main_process:  # written last: a folder without it is never reused
+        common.atomic_write_json(out / "strengthen.json", settings)
+    common.release(accelerator, model)
+    return str(out)
+
+
+def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
+    """Strengthening (its own training stage, released when done), then the frozen models placed for
+    the backend: the original model (teacher and KL retain term) and the strengthened model; with
+    --precompute_teacher, the teacher's log-probs over the forget set instead, after which only what
+    the retain term needs stays in memory."""
     if args.retain_loss != "none" and not ds.retain:
         raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
-    str_path = finetune.strengthen(args, accelerator)
-    ori = accelerator.prepare_model(common.load_model(args.model, frozen=True)[0], evaluation_mode=True)
-    strong = accelerator.prepare_model(common.load_model(str_path, frozen=True)[0], evaluation_mode=True)
+    str_path = strengthen(args, tok, ds.fmt, accelerator)
+    ori, strong = common.load_model(args.model, frozen=True)[0], common.load_model(str_path, frozen=True)[0]
     if strong.config.vocab_size != ori.config.vocab_size:
         raise TofuError(f"the strengthened model's vocabulary ({strong.config.vocab_size}) differs from the "
                         f"original's ({ori.config.vocab_size}); pass a model fine-tuned from --model")
+    ori, strong = common.place_frozen(ori, accelerator), common.place_frozen(strong, accelerator)
     frozen = {"ori": ori, "teacher": Teacher(ori, strong, args.alpha), "store": None}
+    del strong
     if args.eval_teacher:
         frozen["eval/teacher"] = evaluator.run(frozen["teacher"], "teacher")
     if args.precompute_teacher:
-        frozen.update(store=precompute_teacher(frozen["teacher"], ds, tok.pad_token_id, accelerator), teacher=None)
+        path = Path(args.output_dir) / "teacher_logp.f32"
+        frozen.update(store=precompute_teacher(frozen["teacher"], ds, tok.pad_token_id, accelerator, path,
+                                               args.per_device_batch_size), teacher=None)
         if args.retain_loss != "kl":
             frozen["ori"] = None
+        del ori
+        gc.collect()
     return frozen
 
 
-def precompute_teacher(teacher, ds, pad_id, accelerator) -> dict[int, torch.Tensor]:
-    """Teacher log-probs [n_answer_tokens, V] of every forget row, computed once and kept on CPU."""
-    store = {}
-    for i in tqdm(range(len(ds)), desc="precompute teacher", disable=not accelerator.is_main_process):
-        f = common.collate([ds[i]["forget"]], pad_id)
-        store[i] = live_teacher_logp(teacher, {k: v.to(accelerator.device) for k, v in f.items()}).cpu()
-    return store
+class TeacherStore:
+    """Teacher log-probs of every forget answer token in a float32 file [answer tokens, V] that the OS
+    pages in as needed: 4*V bytes per answer token (128 kB for a 32,000-token vocabulary), on disk
+    rather than in each rank's memory. Row i of the dataset owns lines offsets[i]:offsets[i+1].
+    The file lives in the run folder (shared by every rank; on several nodes it must be a shared
+    file system) and rank 0 deletes it when its store is collected."""
+
+    def __init__(self, path: Path, counts: list[int], vocab: int, mode: str, owner: bool = False):
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.mm = np.memmap(path, np.float32, mode, shape=(max(int(self.offsets[-1]), 1), vocab))
+        if owner:
+            weakref.finalize(self, os.remove, str(path))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.mm[self.offsets[i]:self.offsets[i + 1]]))
+
+    def write(self, i: int, logp: torch.Tensor) -> None:
+        self.mm[self.offsets[i]:self.offsets[i + 1]] = logp.float().cpu().numpy()
+
+
+def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size: int) -> TeacherStore:
+    """Teacher log-probs of every forget row, written once to a TeacherStore. Each rank computes only
+    rows rank, rank + world, ...; where a forward pass is a collective (FSDP2, ZeRO-3) every rank runs
+    the same number of them."""
+    items = [ds[i]["forget"] for i in range(len(ds))]
+    counts = [sum(t != -100 for t in it["labels"][1:]) for it in items]
+    vocab, rank, world = teacher.config.vocab_size, accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        TeacherStore(path, counts, vocab, "w+").mm.flush()
+    accelerator.wait_for_everyone()
+    store = TeacherStore(path, counts, vocab, "r+")
+    mine = list(range(rank, len(items), world))
+    chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    calls = math.ceil(math.ceil(len(items) / world) / batch_size) if common.shards_parameters(accelerator) else len(chunks)
+    for c in tqdm(range(calls), desc="precompute teacher", disable=not accelerator.is_main_process):
+        rows = chunks[c] if c < len(chunks) else [0]  # a pass that keeps the ranks in step; not written
+        f = common.collate([items[i] for i in rows], pad_id)
+        logp = live_teacher_logp(teacher, {k: v.to(accelerator.device) for k, v in f.items()})
+        if logp.shape[-1] != vocab:
+            raise TofuError(f"the teacher's logits have {logp.shape[-1]} entries, its config says {vocab}")
+        if c < len(chunks):
+            for i, part in zip(rows, logp.split([counts[i] for i in rows])):
+                store.write(i, part)
+    store.mm.flush()
+    del store
+    accelerator.wait_for_everyone()
+    return TeacherStore(path, counts, vocab, "r", owner=accelerator.is_main_process)
 
 
 @torch.no_grad()
@@ -225,81 +311,95 @@ def step_losses(model, batch, frozen, args) -> dict:
 # ====================================================================
 # MAIN (shared boilerplate: identical in every method script)
 # ====================================================================
-def main():
-    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    set_seed(args.seed)
-    out_dir = Path(args.output_dir)
-
-    model, tok = common.load_model(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
-    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
-    world = accelerator.num_processes
-    ga = max(1, args.batch_size // (args.per_device_batch_size * world))
-    steps_per_epoch = math.ceil(math.ceil(len(ds) / (args.per_device_batch_size * world)) / ga)
-    total, warmup = steps_per_epoch * args.epochs, int(round(args.warmup_epochs * steps_per_epoch))
-    total = min(total, args.max_steps) if args.max_steps else total
-    derived = {"world_size": world, "grad_accum": ga, "effective_batch": args.per_device_batch_size * ga * world,
-               "forget_rows": len(forget), "retain_rows": len(retain), "truncated": ds.n_truncated,
-               "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
-               "prompt_format": dataclasses.asdict(fmt)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
-    history = [("before", evaluator.run(model, "before", cache_key=args.model))]
-    frozen = setup_frozen(args, model, ds, tok, accelerator, evaluator)
-    history += [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc: str, log, at_epoch=None):
+    """The training loop of every stage (fine-tuning, strengthening, unlearning): AdamW and a linear
+    schedule; model, optimizer and loader prepared together (what FSDP2 needs); gradient accumulation
+    as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
+    logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
+    before training (e = 0) and after every epoch but the last. Returns the prepared model; the
+    caller ends the stage with common.release()."""
+    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                            args.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.gradient_accumulation_steps = ga
-    step = 0
-    bar = tqdm(total=total, desc=METHOD, disable=not accelerator.is_main_process)
-    for epoch in range(args.epochs):
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    if at_epoch:
+        at_epoch(0, model)
+    bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
+    for epoch in range(epochs if total else 0):
         model.train()
-        ds.set_epoch(epoch)
-        for batch in loader:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
-                losses = step_losses(model, batch, frozen, args)
-                if not torch.isfinite(losses["loss"]):
-                    raise TofuError(f"loss is {losses['loss'].item()} at step {step + 1} (epoch {epoch}); "
-                                    "stopped before saving anything")
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                losses = loss_fn(model, batch)
+                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga))
+                meter.add(losses)
+                if accelerator.sync_gradients:
+                    logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
+                    if not math.isfinite(logged["loss"]):
+                        raise TofuError(f"loss is {logged['loss']} at step {step + 1} (epoch {epoch}); "
+                                        "stopped before saving anything")
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-                log.log(step, {"epoch": epoch, **{k: v.item() for k, v in losses.items()},
-                               "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
+                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
                 if step == total:
                     break
         if step == total:
             break
-        if args.eval_every_epoch:
-            history.append((f"epoch{epoch + 1}", evaluator.run(accelerator.unwrap_model(model), f"epoch{epoch + 1}")))
+        if at_epoch and epoch + 1 < epochs:
+            at_epoch(epoch + 1, model)
     bar.close()
+    return model
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+
+def main():
+    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    tok = common.load_tokenizer(args.model)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
+                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
+               "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
+               "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
+               **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                                 args.max_steps)}
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
+    history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
+    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+
+    def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
+        if epoch == 0:
+            history.insert(0, ("before", evaluator.run(prepared, "before", cache_key=args.model)))
+        elif args.eval_every_epoch:
+            history.append((f"epoch{epoch}", evaluator.run(prepared, f"epoch{epoch}")))
+
+    model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
+                args.lr, METHOD, log, at_epoch)
+    frozen.clear()  # the frozen models are no longer needed: free them before the last evaluation
+    common.save_model(accelerator, model, tok, fmt, out_dir / "model")
     if accelerator.is_main_process:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
-        unwrapped.save_pretrained(tmp, state_dict=accelerator.get_state_dict(model))
-        tok.save_pretrained(tmp)
-        common.save_prompt_format(fmt, tmp)
-        if (out_dir / "model").exists():
-            shutil.rmtree(out_dir / "model")
-        os.replace(tmp, out_dir / "model")
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
-    history.append(("after", evaluator.run(unwrapped, "after")))
+    history.append(("after", evaluator.run(model, "after")))
+    common.release(accelerator, model)
     evaluator.report(history)
 
 

@@ -85,7 +85,7 @@ def test_cli_reports_an_unknown_method_in_one_line(monkeypatch, capsys):
 def frozen_seen(monkeypatch):
     """What setup_frozen returned during the run."""
     seen, setup = {}, baselines.setup_frozen
-    monkeypatch.setattr(baselines, "setup_frozen", lambda *a: seen.update(setup(*a)) or seen)
+    monkeypatch.setattr(baselines, "setup_frozen", lambda *a: seen.update(setup(*a)) or dict(seen))
     return seen
 
 

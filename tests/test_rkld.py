@@ -69,7 +69,7 @@ def test_nll_is_token_mean():
 
 
 # ---------------------------------------------------------------- precomputed teacher
-def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir):
+def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir, tmp_path):
     import common
     from accelerate import Accelerator
     ori, tok = common.load_model(str(tiny_model_dir), frozen=True)
@@ -81,7 +81,7 @@ def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir):
     forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
     ds = common.ForgetRetainDataset(forget[:6], retain, tok, fmt, seed=0)
     teacher = rkld.Teacher(ori, strong, 8.0)
-    store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True))
+    store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True), tmp_path / "t.f32", 4)
     batch = common.collate_pairs([ds[i] for i in (4, 1, 5)], tok.pad_token_id)   # padded, shuffled
     args = type("A", (), {"divergence": "rkl", "retain_loss": "none", "retain_weight": 1.0})
     student = common.load_model(str(tiny_model_dir))[0]

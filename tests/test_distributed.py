@@ -1,0 +1,254 @@
+"""Two processes against one: every method script and finetune.py under DDP and FSDP2 on CPU (gloo).
+
+Each case runs the script once in this process and once as two ranks (tests/distributed.py), with the
+same effective batch and the same micro-batches: one process accumulates 4 micro-batches of 2 rows per
+step, two processes accumulate 2 each. The logged losses (the mean over a step's micro-batches and
+ranks) and the saved weights must agree, which needs: accumulation set before prepare, frozen models
+placed for the backend, every rank in step through evaluation, and a save that gathers on every rank.
+A hang becomes a failure through the launch timeout.
+"""
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import distributed
+
+BATCH = ["--batch_size", 8, "--per_device_batch_size", 2, "--lr", 1e-3, "--warmup_epochs", 0, "--seed", 3]
+RUN = ["--subset", "quick", "--max_steps", 3, *BATCH]
+EVAL = ["--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", "--cs_model", "none"]
+CASES = {  # name -> (script, arguments after --model and --output_dir)
+    "ga": ("baselines.py", ["--method", "ga", *RUN, "--eval", "false"]),
+    "npo_kl": ("baselines.py", ["--method", "npo_kl", *RUN, "--eval", "false"]),
+    "me_gd": ("me_gd.py", [*RUN, "--retain_loss", "kl", "--eval", "false"]),
+    "idk_ap": ("idk_ap.py", [*RUN, "--forget_loss", "dpo", "--eval", "false"]),
+    # strengthening (its own stage), the live teacher, the KL retain term, evaluation of the teacher and
+    # of the model before and after: generation and scoring in step across ranks
+    "rkld": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl", "--eval_teacher",
+                         *EVAL]),
+    # the teacher precomputed into a store that each rank fills with its own rows
+    "rkld_pre": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--precompute_teacher",
+                             "--eval", "false"]),
+}
+
+
+def _run_here(monkeypatch, script, argv):
+    import runpy
+    monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
+    runpy.run_path(str(distributed.REPO / script), run_name="__main__")
+
+
+def _metrics(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(one, two, backend, weights="model/model.safetensors", world=2):
+    derived = json.loads((two / "args.json").read_text())["derived"]
+    assert derived["world_size"] == world and derived["distributed_type"].endswith(
+        {"ddp": "MULTI_CPU", "fsdp2": "FSDP"}[backend])
+    assert derived["grad_accum"] == 2 and json.loads((one / "args.json").read_text())["derived"]["grad_accum"] == 4
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["step"] for m in m2] == [m["step"] for m in m1] and len(m1) == 3
+    for a, b in zip(m1, m2):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a, b)
+    w1, w2 = load_file(one / weights), load_file(two / weights)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """Each case run once in this process (world size 1, accumulation 4)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            script, argv = CASES[name]
+            out = tmp_path_factory.mktemp(f"one_{name}")
+            mp = pytest.MonkeyPatch()
+            _run_here(mp, script, ["--model", tiny_model_dir, "--retain_model", tiny_model_dir, *argv,
+                                   "--output_dir", out])
+            mp.undo()
+            done[name] = out
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_train_save_and_evaluate_like_one(name, backend, one_process, tiny_model_dir, tmp_path):
+    script, argv = CASES[name]
+    two = tmp_path / "two"
+    distributed.launch(backend, script, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, *argv,
+                       "--output_dir", two, env={"TOFU_UNLEARN_RUNS": str(tmp_path / "runs")})
+    one = one_process(name)
+    _assert_same_run(one, two, backend)
+    assert oct((two / "model" / "config.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert common.load_model(str(two / "model"))[0].config.vocab_size > 0  # the saved folder loads as a model
+    if name == "rkld":  # the strengthened model (a stage of its own) and every evaluation agree too
+        for k, v in load_file(one / "strengthened" / "model.safetensors").items():
+            torch.testing.assert_close(load_file(two / "strengthened" / "model.safetensors")[k], v,
+                                       rtol=1e-5, atol=1e-6)
+        for stage in ("before", "teacher", "after"):
+            _assert_same_eval(one / "eval" / stage, two / "eval" / stage)
+
+
+def _umask():
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _assert_same_eval(one, two):
+    """Per-sample logs of two processes equal one process's: same rows, none missing or doubled."""
+    for f in ("eval_log_forget.json", "eval_log.json"):
+        a, b = json.loads((one / f).read_text()), json.loads((two / f).read_text())
+        assert list(a["avg_gt_loss"]) == list(b["avg_gt_loss"])  # the same row indices, in order
+        for i in a["avg_gt_loss"]:
+            assert b["avg_gt_loss"][i] == pytest.approx(a["avg_gt_loss"][i], rel=1e-4)
+            assert b["generated_text"][i] == a["generated_text"][i]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_finetune_two_processes_like_one(backend, monkeypatch, tiny_model_dir, tmp_path):
+    argv = ["--model", tiny_model_dir, "--subset", "quick", "--quick_retain_authors", 1, "--build", "target",
+            "--epochs", 1, "--max_steps", 3, *BATCH, "--report_rows", 2]
+    _run_here(monkeypatch, "finetune.py", [*argv, "--output_root", tmp_path / "one"])
+    distributed.launch(backend, "finetune.py", *argv, "--output_root", tmp_path / "two")
+    name = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1).name
+    _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name, backend, "model.safetensors")
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_evaluation_with_uneven_generation_lengths(backend, tiny_model_dir, tmp_path):
+    """The evaluator CLI in two processes gives one process's per-sample logs when the ranks' answers
+    stop at different lengths: the tiny model's weights get noise (so it says varied things) and a token
+    it often says becomes a second EOS."""
+    model, tok = common.load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.generation_config.eos_token_id = [model.config.eos_token_id, _frequent_token(model, tok)]
+    stops = tmp_path / "stops"
+    model.save_pretrained(stops)
+    tok.save_pretrained(stops)
+    argv = ["--model", stops, "--retain_model", stops, "--quick", "--max_eval_samples", 6, "--max_new_tokens", 12,
+            "--nli_model", "none", "--cs_model", "none", "--gen_batch_size", 2]
+    distributed.launch("ddp", "evaluate_tofu.py", *argv, "--output_dir", tmp_path / "one", world=1)
+    distributed.launch(backend, "evaluate_tofu.py", *argv, "--output_dir", tmp_path / "two", timeout=120)
+    _assert_same_eval(tmp_path / "one", tmp_path / "two")
+    gens = json.loads((tmp_path / "one" / "eval_log_forget.json").read_text())["generated_text"]
+    lengths = [len(gens[str(i)][1]) for i in sorted(map(int, gens))]
+    assert len(set(lengths[0::2])) > 1 and max(lengths[0::2]) != max(lengths[1::2])  # uneven within and across ranks
+
+
+def _frequent_token(model, tok) -> int:
+    """A token the model generates often but not first, so answers stop at different lengths."""
+    import evaluate_tofu
+    fmt = common.prompt_format(tok)
+    prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:12]]
+    ids = evaluate_tofu.greedy_generate(model, prompts, tok.pad_token_id, {tok.eos_token_id}, 12, 12, "cpu", False)
+    counts = {}
+    for seq in ids:
+        for t in set(seq[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)
+
+
+# ---------------------------------------------------------------- one trained model at a time
+def test_strengthening_releases_its_model_and_optimizer(monkeypatch, tiny_model_dir, tmp_path):
+    """After setup_frozen (strengthening + precomputed teacher) nothing that strengthening prepared, and
+    neither frozen model, is alive: the unlearning stage trains alone."""
+    import accelerate
+    from transformers import HfArgumentParser
+    import rkld
+    prepared, placed = [], []
+    real_prepare, real_place = accelerate.Accelerator.prepare, common.place_frozen
+
+    def prepare(self, *objs):
+        out = real_prepare(self, *objs)
+        prepared.extend(weakref.ref(o) for o in out if isinstance(o, (torch.nn.Module, torch.optim.Optimizer)))
+        return out
+
+    def place(model, acc):
+        placed.append(weakref.ref(model))
+        return real_place(model, acc)
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare)
+    monkeypatch.setattr(common, "place_frozen", place)
+    args = common.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses(
+        [str(a) for a in ["--model", tiny_model_dir, *RUN, "--strengthen_epochs", 1, "--precompute_teacher",
+                          "--eval", "false", "--output_dir", tmp_path]])[0], "rkld", rkld.QUICK, rkld.PAPER)
+    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    tok = common.load_tokenizer(args.model)
+    fmt = common.prompt_format(tok, args.model)
+    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args))
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed)
+    frozen = rkld.setup_frozen(args, ds, tok, accelerator, None)
+    gc.collect()
+    assert len(prepared) == 2 and len(placed) == 2    # strengthened model + its optimizer; ori + strengthened
+    assert [r() for r in prepared + placed] == [None] * 4
+    assert accelerator._models == [] and accelerator._optimizers == []
+    assert frozen["ori"] is None and frozen["teacher"] is None and frozen["store"] is not None
+
+
+# ---------------------------------------------------------------- accumulation
+def test_window_weight_makes_each_step_the_mean_of_its_micro_batches():
+    # 7 micro-batches, accumulation 3: windows of 3, 3 and 1; accelerate divides each loss by 3
+    weights = [common.window_weight(i, 7, 3) / 3 for i in range(7)]
+    assert weights == pytest.approx([1 / 3] * 6 + [1.0])
+    assert [common.window_weight(i, 4, 2) for i in range(4)] == [1.0] * 4
+    assert [common.window_weight(i, 5, 4) / 4 for i in range(5)] == pytest.approx([0.25] * 4 + [1.0])
+
+
+def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir, tmp_path):
+    """One process, accumulation 2, three micro-batches an epoch: the loss handed to backward for the
+    last, lone micro-batch is weighted x2 (accelerate halves it), the others x1."""
+    import accelerate
+    seen = []
+    real = accelerate.Accelerator.backward
+    monkeypatch.setattr(accelerate.Accelerator, "backward",
+                        lambda self, loss, **kw: seen.append(loss.item()) or real(self, loss, **kw))
+    import baselines
+    logged = []
+    monkeypatch.setattr(baselines, "step_losses", lambda m, b, f, a: logged.append(
+        baselines.ga_loss(m(input_ids=b["forget"]["input_ids"]).logits, b["forget"]["labels"])) or {"loss": logged[-1]})
+    monkeypatch.setattr(common, "forget_retain_rows", lambda *a: (common.load_split("forget01")[:6], []))
+    monkeypatch.setattr("sys.argv", ["baselines.py", *map(str, [
+        "--method", "ga", "--model", tiny_model_dir, "--subset", "quick", "--batch_size", 4,
+        "--per_device_batch_size", 2, "--epochs", 1, "--eval", "false", "--output_dir", tmp_path])])
+    baselines.main()
+    assert seen == pytest.approx([logged[0].item(), logged[1].item(), 2 * logged[2].item()])
+    assert [m["loss"] for m in _metrics(tmp_path)] == pytest.approx(
+        [(logged[0].item() + logged[1].item()) / 2, logged[2].item()])
+
+
+def test_a_batch_the_processes_cannot_make_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(common.TofuError, match="effective batch of 32 cannot be made from micro-batches of 4 on 3"):
+        common.make_accelerator(32, 4)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(common.TofuError, match="at least 1"):
+        common.make_accelerator(32, 0)
+
+
+def test_configs_parse_and_leave_accumulation_to_the_scripts():
+    from accelerate.commands.config.config_args import load_config_from_file
+    configs = sorted((distributed.REPO / "configs" / "accelerate").glob("*.yaml"))
+    assert [c.stem for c in configs] == ["ddp", "fsdp2", "single_gpu", "zero3"]
+    for c in configs:
+        cfg = load_config_from_file(str(c))
+        assert "gradient_accumulation_steps" not in (getattr(cfg, "deepspeed_config", None) or {})
+        assert cfg.mixed_precision == "bf16"
+    fsdp = load_config_from_file(str(distributed.REPO / "configs" / "accelerate" / "fsdp2.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    zero = load_config_from_file(str(distributed.REPO / "configs" / "accelerate" / "zero3.yaml")).deepspeed_config
+    assert zero["zero_stage"] == 3 and zero["zero3_save_16bit_model"] is True
