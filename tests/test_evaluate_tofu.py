@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import evaluate_tofu as E
@@ -276,6 +277,50 @@ def test_greedy_loop_matches_cached_generate(tiny):
     assert len({len(p) for p in prompts}) > 1  # so the shared call below really left-pads
     one_by_one = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 1, "cpu", False)
     assert one_by_one == cached  # left padding in a shared call changes nothing
+
+
+def test_total_length_budgets_follow_tofu_batches_of_30():
+    # batches of 3: prompts padded to 9, then to 4; max_length 12 leaves 3 and 8 new tokens
+    assert E.total_length_budgets([5, 9, 3, 4, 4], 12, batch=3) == [3, 3, 3, 8, 8]
+    assert E.total_length_budgets([5, 9, 3, 4, 4], 8, batch=3) == [0, 0, 0, 4, 4]  # a full prompt adds nothing
+    assert E.total_length_budgets([10] * 30 + [2, 3], 20) == [10] * 30 + [17, 17]  # TOFU batches 30 rows
+
+
+@pytest.fixture
+def never_stops(tiny):
+    """The tiny model with its logits pushed to one word token: generation never hits EOS."""
+    model, tok, _ = tiny
+    word = tok.convert_tokens_to_ids("Ġthe")
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: out + 1e4 * F.one_hot(
+        torch.tensor(word), out.shape[-1]).to(out.dtype))
+    yield word
+    hook.remove()
+
+
+def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
+    """Default: TOFU's max_length in total, the prompt counted at the padded length of its batch of
+    30 rows in dataset order; --max_new_tokens: that many new tokens whatever the prompt."""
+    model, tok, fmt = tiny
+    lens = [len(common.encode_prompt(tok, fmt, r["question"])) for r in common.load_split("forget01")]
+    max_length = max(lens) + 3
+    expected = [max_length - max(lens[i - i % 30:i - i % 30 + 30]) for i in range(len(lens))]
+    assert len(set(expected)) == 2 and any(e != max_length - n for e, n in zip(expected, lens))
+
+    def generated(m, **kw):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        E.evaluate(m, tok, fmt, "forget01", out, tasks=("forget",), cs_model="none", nli_model="none",
+                   verbose=False, **kw)
+        return [g[1] for g in json.loads((out / "eval_log_forget.json").read_text())["generated_text"].values()]
+
+    tofu = [tok.decode([never_stops] * n) for n in expected]
+    # our generation batches (16 length-sorted prompts, or 7 in the plain loop) are not TOFU's
+    assert generated(model, gen_max_length=max_length, gen_batch_size=16) == tofu
+    assert generated(_NoGenerate(model), gen_max_length=max_length, gen_batch_size=7) == tofu
+    assert generated(model, max_new_tokens=5, gen_max_length=max_length) == [tok.decode([never_stops] * 5)] * 40
+    assert E.Args().max_new_tokens is None and E.Args().gen_max_length == 200  # TOFU is the default
+    assert common.MethodArgs().max_new_tokens is None and common.MethodArgs().gen_max_length == 200
+    with pytest.raises(common.TofuError, match="at least 1"):
+        E.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
 
 
 def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
