@@ -213,8 +213,10 @@ class PromptFormat:
     kind="chat": the tokenizer's chat template with `system_prompt` (None: the template's
       default; "": an explicit empty system message, 16 fewer tokens on SmolLM2).
     kind="llama2": TOFU's tags "[INST] q [/INST]" + answer (locuslab/tofu config).
-    kind="phi": "Question: q\\nAnswer:" + " " + answer. The space goes with the answer so
-      the prompt's tokens stay a prefix of the full sequence's tokens.
+    kind="phi": TOFU's tags "Question: q\\n" + "Answer: " + answer (T:config/model_config.yaml
+      l.9-16): "Answer: " is answer text, so it is scored (with the answer and EOS) and the
+      model generates it. open-unlearning instead puts "Answer: " in the prompt (masked, and
+      given to the generator).
     """
     kind: str
     system_prompt: str | None = ""
@@ -223,14 +225,14 @@ class PromptFormat:
         if self.kind == "llama2":
             return f"[INST] {question} [/INST]"
         if self.kind == "phi":
-            return f"Question: {question}\nAnswer:"
+            return f"Question: {question}\n"
         msgs = [{"role": "user", "content": question}]
         if self.system_prompt is not None:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def answer_text(self, answer: str) -> str:
-        return " " + answer if self.kind == "phi" else answer
+        return "Answer: " + answer if self.kind == "phi" else answer
 
     @property
     def add_special_tokens(self) -> bool:
