@@ -170,14 +170,22 @@ def token_entropy(tokens: list[str]) -> float:
     return float(-(p * np.log2(p)).sum() / math.log2(n))
 
 
-def entailment(task: str, generations, references, rouge_l, classify) -> list[int]:
-    """Per-sample ES (1 = entailment). Direction: forget, generation => reference (does the output
-    leak the answer?); retain/RA/WF, reference => generation (is the output supported?). The
-    reference is `answer` on TOFU splits, `original_answer` on RA/WF. A pair whose ROUGE-L recall
-    is below 0.1 is 'not entailment' without asking the classifier (closer-look App., §10).
-    `classify(premises, hypotheses)` returns one label string per pair."""
+ES_SETTINGS = ("tofu", "real_world")
+
+
+def entailment(task: str, generations, references, rouge_l, classify, setting: str = "tofu") -> list[int]:
+    """Per-sample ES (1 = entailment). Direction, setting="tofu": forget, generation => reference
+    (does the output leak the answer?); retain/RA/WF, reference => generation (is the output
+    supported?). setting="real_world" (Closer-Look's real-world benchmark, its tofu=False):
+    generation => reference on every set, forget and neighbour alike (CL:metrics/metrics.py:
+    365-396). The reference is `answer` on TOFU splits, `original_answer` on RA/WF. A pair whose
+    ROUGE-L recall is below 0.1 is 'not entailment' without asking the classifier, in both
+    settings (closer-look App., §10). `classify(premises, hypotheses)` returns one label per pair."""
+    if setting not in ES_SETTINGS:
+        raise common.TofuError(f"unknown entailment setting '{setting}'; valid: {', '.join(ES_SETTINGS)}")
+    gen_first = task == "forget" or setting == "real_world"
     keep = [i for i, r in enumerate(rouge_l) if r >= 0.1]
-    pairs = [(generations[i], references[i]) if task == "forget" else (references[i], generations[i]) for i in keep]
+    pairs = [(generations[i], references[i]) if gen_first else (references[i], generations[i]) for i in keep]
     labels = classify([p for p, _ in pairs], [h for _, h in pairs]) if pairs else []
     out = [0] * len(generations)
     for i, lab in zip(keep, labels):

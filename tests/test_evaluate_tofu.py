@@ -121,6 +121,28 @@ def test_entailment_direction_and_rouge_rule():
     assert E.entailment("retain", ["a"] * 3, ["b"] * 3, [0.05, 0.1, 0.5], always) == [0, 1, 1]
 
 
+def test_entailment_real_world_setting():
+    """Closer-Look's real-world benchmark asks generation => answer on the forget AND the
+    neighbour set (its tofu=False); the ROUGE rule still applies."""
+    calls = []
+
+    def substring_nli(premises, hypotheses):
+        calls.extend(zip(premises, hypotheses))
+        return ["entailment" if h.lower() in p.lower() else "neutral" for p, h in zip(premises, hypotheses)]
+
+    gen, ref = ["Paris"], ["The capital is Paris."]
+    for task in ("forget", "neighbor", "retain"):
+        calls.clear()
+        assert E.entailment(task, gen, ref, [1.0], substring_nli, setting="real_world") == [0]
+        assert calls == [("Paris", "The capital is Paris.")]
+    # the TOFU setting asks the reverse on non-forget sets, so the same pair is entailed there
+    assert E.entailment("retain", gen, ref, [1.0], substring_nli) == [1]
+    # ROUGE-L below 0.1: not entailment, though the classifier would say so
+    assert E.entailment("neighbor", ["It is Paris."], ["Paris"], [0.05], substring_nli, setting="real_world") == [0]
+    with pytest.raises(common.TofuError, match="unknown entailment setting"):
+        E.entailment("retain", gen, ref, [1.0], substring_nli, setting="realworld")
+
+
 def test_leak_hits_top1_top5():
     eos = 5
     logits = torch.zeros(2, 4, 6)
