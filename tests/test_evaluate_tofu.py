@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -398,6 +399,50 @@ def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     assert all(v == 0 for v in extra["retain"]["es"].values()) and s["mu18"] == 0.0
     out = E.NLIClassifier(str(nli_dir), "cpu")(["The author is male.", "x"], ["He is a man.", "y"])
     assert len(out) == 2 and set(out) <= set(labels.values())
+
+
+def _word_subset_nli(calls):
+    """A deterministic NLI stand-in: entailment iff every word of the hypothesis is in the premise."""
+    def words(text):
+        return set(re.findall(r"\w+", text.lower()))
+
+    def classify(premises, hypotheses):
+        calls.extend(zip(premises, hypotheses))
+        return ["entailment" if words(h) <= words(p) else "neutral" for p, h in zip(premises, hypotheses)]
+    return classify
+
+
+def test_entailment_direction_inside_evaluate(tiny, tmp_path, monkeypatch):
+    """ES through evaluate() with generations that pass the ROUGE rule: per split, row 0's
+    generation is entailed only in the right direction and row 1's only in the wrong one."""
+    model, tok, fmt = tiny
+    rows = {t: E.task_rows(t, "forget01", max_eval_samples=2) for t in E.TASKS}
+    half = lambda a: " ".join(a.split()[: len(a.split()) // 2])  # noqa: E731
+    texts = {}
+    for t, (r0, r1) in rows.items():
+        assert "indeed" not in (r0["answer"] + r1["answer"]).lower()
+        if t == "forget":  # generation => answer: a superset is entailed, a part is not
+            texts[r0["question"]], texts[r1["question"]] = "Indeed, " + r0["answer"], half(r1["answer"])
+        elif t == "retain":  # answer => generation: a part is entailed, a superset is not
+            texts[r0["question"]], texts[r1["question"]] = half(r0["answer"]), "Indeed, " + r1["answer"]
+        else:  # original_answer => generation; the short answer is part of the original one
+            texts[r0["question"]], texts[r1["question"]] = r0["answer"], "Indeed, " + r1["answer"]
+    by_prompt = {tuple(common.encode_prompt(tok, fmt, q)): tok(g, add_special_tokens=False)["input_ids"]
+                 for q, g in texts.items()}
+    monkeypatch.setattr(E, "greedy_generate", lambda m, prompts, *a, **kw: [by_prompt[tuple(p)] for p in prompts])
+    calls = []
+    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli(calls), "word-subset NLI"))
+    s = E.evaluate(model, tok, fmt, "forget01", tmp_path, max_eval_samples=2, cs_model="none", verbose=False)
+    extra = json.loads((tmp_path / "eval_extra.json").read_text())
+    for t in E.TASKS:
+        rouge = json.loads((tmp_path / E.TASKS[t].log_file).read_text())["rougeL_recall"]
+        assert min(rouge.values()) >= 0.1  # the rule does not decide any pair
+        assert extra[t]["es"] == {"0": 1, "1": 0}, t
+        assert s[f"{t}_es"] == 0.5 and s["nli_model"] == "word-subset NLI"
+    # forget: generation => answer; retain: answer => generation; RA/WF: original_answer => generation
+    expected = [(texts[r["question"]], r["answer"]) if t == "forget" else
+                (r.get("original_answer") or r["answer"], texts[r["question"]]) for t in E.TASKS for r in rows[t]]
+    assert sorted(calls) == sorted(expected)
 
 
 def test_task_rows_quick_subset():
