@@ -216,8 +216,10 @@ class PromptFormat:
     kind="chat": the tokenizer's chat template with `system_prompt` (None: the template's
       default; "": an explicit empty system message, 16 fewer tokens on SmolLM2).
     kind="llama2": TOFU's tags "[INST] q [/INST]" + answer (locuslab/tofu config).
-    kind="phi": "Question: q\\nAnswer:" + " " + answer. The space goes with the answer so
-      the prompt's tokens stay a prefix of the full sequence's tokens.
+    kind="phi": TOFU's tags "Question: q\\n" + "Answer: " + answer (T:config/model_config.yaml
+      l.9-16): "Answer: " is answer text, so it is scored (with the answer and EOS) and the
+      model generates it. open-unlearning instead puts "Answer: " in the prompt (masked, and
+      given to the generator).
     """
     kind: str
     system_prompt: str | None = ""
@@ -226,14 +228,14 @@ class PromptFormat:
         if self.kind == "llama2":
             return f"[INST] {question} [/INST]"
         if self.kind == "phi":
-            return f"Question: {question}\nAnswer:"
+            return f"Question: {question}\n"
         msgs = [{"role": "user", "content": question}]
         if self.system_prompt is not None:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def answer_text(self, answer: str) -> str:
-        return " " + answer if self.kind == "phi" else answer
+        return "Answer: " + answer if self.kind == "phi" else answer
 
     @property
     def add_special_tokens(self) -> bool:
@@ -788,9 +790,10 @@ class MethodArgs:
     output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
     eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")
     eval_every_epoch: bool = _f(False, "Also evaluate after every epoch (to find the epoch of peak forget quality).")
-    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 reproduces the legacy TOFU cap.")
+    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 applies TOFU's ds_size cap (retain and forget10: the first 300 of 400 rows, the rows of its published logs); Closer-Look's 300 forget10 rows are another set.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run every epoch); for smoke tests.")
-    max_new_tokens: int = _f(200, "Greedy generation length cap (TOFU: 200).")
+    gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
+    max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 

