@@ -304,8 +304,9 @@ class Args(common.MethodArgs):
 
 
 METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5, "pad_to": 500}   # RKLD App. A, Closer Look App. D
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "pad_to": 0}    # rkld.py's quick recipe, not tuned per baseline
+# pad_to: CL/TOFU pad every sequence to max_length 500; the quick path pads per batch (0)
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5, "pad_to": 500}  # RKLD App. A, CL App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "pad_to": 0}  # rkld.py's, not tuned per baseline
 
 
 # ====================================================================

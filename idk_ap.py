@@ -175,8 +175,9 @@ class Args(common.MethodArgs):
 
 
 METHOD = "idk_ap"
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "pad_to": 500}            # closer-look App. D
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "pad_to": 0}             # rkld's quick recipe, not tuned separately for IDK+AP
+# pad_to: closer-look pads every sequence to max_length 500; the quick path pads per batch (0)
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "pad_to": 500}  # closer-look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "pad_to": 0}  # rkld's quick recipe, not tuned for IDK+AP
 
 
 # ====================================================================
