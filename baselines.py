@@ -33,7 +33,9 @@ Objective (one method = one forget term + one retain term):
   simnpo  L_forget = -(2/beta) * mean log sigmoid(beta * (S_theta(y_f|x_f) / |y_f| - delta))
   undial  L_forget = mean over answer tokens t of CE(softmax(l_ref,t - beta * onehot(y_t)), p_theta,t)
   ta      theta = theta_ori - lam * (theta_str - theta_ori)      (no training)
-  retain  gd: NLL_theta(y_r | x_r);  kl: mean over non-padding positions of KL(p_ref || p_theta)
+  retain  gd: NLL_theta(y_r | x_r);  kl: mean over all B x T positions of the padded retain batch,
+          padding included, of KL(p_ref || p_theta), as in CL/TOFU/open-unlearning (--pad_to 500 pads
+          like CL and TOFU); --loss_reduction tokens: non-padding positions only
 
 Launch:
   python baselines.py --method npo_gd --split forget01      # quick CPU path (embedded SmolLM2-135M)
@@ -97,23 +99,32 @@ def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll_loss(logits, labels)
 
 
-def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL = mean over non-padding positions t of KL(p_ref,t || p_theta,t)
+def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
+                   reduction: str = "reference") -> torch.Tensor:
+    """Retain KL = mean over positions t of KL(p_ref,t || p_theta,t)
     = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)).
 
     Direction: the frozen reference model is the target distribution p, the trained model
     is q (forward KL from the reference, as in CL/TOFU/open-unlearning `kl_div(log p_theta,
-    log p_ref, log_target=True)`). Averages over every position whose input token is real
-    (attention_mask == 1), question tokens included; logits are not shifted because both
-    models are compared at the same positions. The references also average over padding
-    positions (dividing by B*T); we exclude padding (project decision 5).
-    ref_logits are detached. Token mean over the micro-batch.
+    log p_ref, log_target=True)`). Logits are not shifted: both models are compared at the
+    same positions. ref_logits are detached.
+    Positions (project decisions 4 and 5):
+      reduction "reference" (default): all B x T positions of the batch, question and padding
+          included, divided by B * T (the references' `batchmean` on logits flattened to
+          [B*T, V]; they pad every batch to T = 500 in CL and TOFU, see the --pad_to flag).
+          attention_mask is not used.
+      reduction "tokens": only positions whose input token is real (attention_mask == 1),
+          question tokens included; a token mean over the micro-batch.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     logp_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
     per_position = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-    keep = attention_mask.bool()
-    return per_position[keep].sum() / keep.sum().clamp(min=1)
+    if reduction == "reference":
+        return per_position.mean()
+    if reduction == "tokens":
+        keep = attention_mask.bool()
+        return per_position[keep].sum() / keep.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; use 'reference' (B x T, padding included) or 'tokens'.")
 
 
 def npo_loss(logp_theta: torch.Tensor, logp_ref: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
@@ -260,6 +271,8 @@ class Args(common.MethodArgs):
     delta: float = common._f(0.0, "SimNPO margin delta (open-unlearning SimNPO.yaml: 0).")
     forget_weight: float = common._f(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml).")
     retain_weight: float = common._f(1.0, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1).")
+    loss_reduction: str = common._f("reference", "How the retain KL (the *_kl methods) averages over positions. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
+    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for the *_kl methods) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
     ta_lambda: float = common._f(1.0, "ta: theta = theta_ori - lambda*(theta_str - theta_ori). The RKLD paper gives no value; 1 is plain task-vector negation (Ilharco et al. 2022).")
     strengthened_model: str = common._f(None, "ta: reuse a strengthened model (folder, e.g. a rkld.py run's OUTPUT_DIR/strengthened) instead of building one.")
     strengthen_epochs: int = common._f(5, "ta: epochs of continued training on the forget set, as in rkld.py (RKLD App. A: 'total 10 epochs' = 5 fine-tuning + 5 more).")
@@ -272,6 +285,11 @@ class Args(common.MethodArgs):
         if self.method not in METHODS:
             what = "is required" if self.method is None else f"{self.method!r} is unknown"
             raise TofuError(f"--method {what}; valid: {', '.join(METHODS)} (or {', '.join(ALIASES)})")
+        if self.loss_reduction not in ("reference", "tokens"):
+            raise TofuError(f"--loss_reduction must be reference (B x T, padding included) or tokens, "
+                            f"not {self.loss_reduction!r}")
+        if self.pad_to is not None and self.pad_to < 0:
+            raise TofuError(f"--pad_to must be 0 (pad to the longest) or a length, not {self.pad_to}")
         forget = METHODS[self.method][0]
         if forget == "ta" and self.epochs:
             raise TofuError("--method ta does not train (it edits the weights once); leave --epochs unset")
@@ -282,8 +300,9 @@ class Args(common.MethodArgs):
 
 
 METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5}   # RKLD App. A, Closer Look App. D
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4}    # rkld.py's quick recipe, not tuned per baseline
+# pad_to: CL/TOFU pad every sequence to max_length 500; the quick path pads per batch (0)
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5, "pad_to": 500}  # RKLD App. A, CL App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "pad_to": 0}  # rkld.py's, not tuned per baseline
 
 
 # ====================================================================
@@ -322,12 +341,13 @@ def forget_term(name: str, model, batch: dict, ref, args) -> torch.Tensor:
     raise ValueError(f"no forget loss {name!r}")  # ta never trains, so never gets here
 
 
-def retain_term(name: str, model, batch: dict, ref) -> torch.Tensor:
-    """gd: NLL of the retain answers; kl: KL(p_ref || p_theta) over the retain pair's non-padding positions."""
+def retain_term(name: str, model, batch: dict, ref, reduction: str = "reference") -> torch.Tensor:
+    """gd: NLL of the retain answers; kl: KL(p_ref || p_theta) on the retain pair, averaged per `reduction`
+    (kl_retain_loss: reference = all B x T positions, padding included; tokens = non-padding positions)."""
     r = batch["retain"]
     if name == "gd":
         return nll_loss(_logits(model, r), r["labels"])
-    return kl_retain_loss(_logits(model, r), _logits(ref, r, False), r["attention_mask"])
+    return kl_retain_loss(_logits(model, r), _logits(ref, r, False), r["attention_mask"], reduction)
 
 
 USES_REF = {"npo", "dpo", "kto", "undial", "kl"}  # terms that read the frozen reference model
@@ -413,7 +433,7 @@ def step_losses(model, batch, frozen, args) -> dict:
     forget, retain = METHODS[args.method]
     out = {"loss/forget": forget_term(forget, model, batch, frozen["ref"], args)}
     if retain:
-        out["loss/retain"] = retain_term(retain, model, batch, frozen["ref"])
+        out["loss/retain"] = retain_term(retain, model, batch, frozen["ref"], args.loss_reduction)
     out["loss"] = args.forget_weight * out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)
     return out
 

@@ -14,7 +14,9 @@ Objective:
                                             - [log pi_ref(idk|x_f) - log pi_ref(y_f|x_f)]))
   L_retain = L_AP = -(1/beta) * mean log sigmoid(-beta * (log pi_theta(idk|x_r) - log pi_theta(y_r|x_r)))
      or --retain_loss gd: NLL_theta(y_r | x_r)
-     or --retain_loss kl: mean over non-padding positions of KL(p_ref || p_theta) on the retain pair
+     or --retain_loss kl: KL(p_ref || p_theta) on the retain pair, averaged over all B x T positions
+        of the batch padded to --pad_to (500), padding included, as in the reference code;
+        --loss_reduction tokens: non-padding positions only
   log pi(y|x) is summed over answer tokens; idk is one of the 100 refusal templates, drawn
   per item by common.ForgetRetainDataset.pick from a generator seeded by (seed, epoch, index);
   the same template serves the forget and the retain question of an item. The reference
@@ -105,23 +107,32 @@ def dpo_loss(logp_win_theta: torch.Tensor, logp_lose_theta: torch.Tensor,
     return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
 
 
-def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL = mean over non-padding positions t of KL(p_ref,t || p_theta,t)
+def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
+                   reduction: str = "reference") -> torch.Tensor:
+    """Retain KL = mean over positions t of KL(p_ref,t || p_theta,t)
     = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)).
 
     Direction: the frozen reference model is the target distribution p, the trained model
     is q (forward KL from the reference, as in CL/TOFU/open-unlearning `kl_div(log p_theta,
-    log p_ref, log_target=True)`). Averages over every position whose input token is real
-    (attention_mask == 1), question tokens included; logits are not shifted because both
-    models are compared at the same positions. The references also average over padding
-    positions (dividing by B*T); we exclude padding (project decision 5).
-    ref_logits are detached. Token mean over the micro-batch.
+    log p_ref, log_target=True)`). Logits are not shifted: both models are compared at the
+    same positions. ref_logits are detached.
+    Positions (project decisions 4 and 5):
+      reduction "reference" (default): all B x T positions of the batch, question and padding
+          included, divided by B * T (the references' `batchmean` on logits flattened to
+          [B*T, V]; they pad every batch to T = 500 in CL and TOFU, see the --pad_to flag).
+          attention_mask is not used.
+      reduction "tokens": only positions whose input token is real (attention_mask == 1),
+          question tokens included; a token mean over the micro-batch.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     logp_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
     per_position = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-    keep = attention_mask.bool()
-    return per_position[keep].sum() / keep.sum().clamp(min=1)
+    if reduction == "reference":
+        return per_position.mean()
+    if reduction == "tokens":
+        keep = attention_mask.bool()
+        return per_position[keep].sum() / keep.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; use 'reference' (B x T, padding included) or 'tokens'.")
 
 
 # ====================================================================
@@ -141,6 +152,8 @@ class Args(common.MethodArgs):
     forget_loss: str = common._f("idk", "idk = NLL of a refusal template on forget questions (IDK+AP, closer-look §4) or dpo = DPO preferring the template over the forget answer (DPO+AP, App. E.2; loads the frozen starting model as reference).")
     retain_loss: str = common._f("ap", "ap = answer preservation, Eq. 8 (IDK+AP; no reference model), gd = retain NLL (IDK+GD) or kl = KL(p_ori||p_theta) on retain pairs (IDK+KL; loads the frozen starting model).")
     beta: float = common._f(0.1, "Inverse temperature of AP and DPO (closer-look App. D: 0.1). The two terms are weighted 1:1 (closer-look scripts/tofu/idk_ap.sh).")
+    loss_reduction: str = common._f("reference", "How the retain KL (--retain_loss kl) averages over positions. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
+    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
 
     def __post_init__(self):
         # Checked at parse time, before any model is loaded or evaluated.
@@ -148,13 +161,19 @@ class Args(common.MethodArgs):
             raise TofuError(f"--forget_loss must be idk or dpo, not {self.forget_loss!r}")
         if self.retain_loss not in ("ap", "gd", "kl"):
             raise TofuError(f"--retain_loss must be ap, gd or kl, not {self.retain_loss!r}")
+        if self.loss_reduction not in ("reference", "tokens"):
+            raise TofuError(f"--loss_reduction must be reference (B x T, padding included) or tokens, "
+                            f"not {self.loss_reduction!r}")
+        if self.pad_to is not None and self.pad_to < 0:
+            raise TofuError(f"--pad_to must be 0 (pad to the longest) or a length, not {self.pad_to}")
         if not self.beta > 0:
             raise TofuError(f"--beta must be positive, not {self.beta}")
 
 
 METHOD = "idk_ap"
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32}            # closer-look App. D
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}             # rkld's quick recipe, not tuned separately for IDK+AP
+# pad_to: closer-look pads every sequence to max_length 500; the quick path pads per batch (0)
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "pad_to": 500}  # closer-look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "pad_to": 0}  # rkld's quick recipe, not tuned for IDK+AP
 
 
 # ====================================================================
@@ -197,7 +216,7 @@ def step_losses(model, batch, frozen, args) -> dict:
     else:
         with torch.no_grad():
             ref = _logits(frozen["ref"], r)
-        retain = kl_retain_loss(r_logits, ref, r["attention_mask"])
+        retain = kl_retain_loss(r_logits, ref, r["attention_mask"], args.loss_reduction)
     return {"loss/forget": forget, "loss/retain": retain, "loss": forget + retain}
 
 

@@ -7,12 +7,17 @@ Reference code: github.com/sail-sg/closer-look-LLM-unlearning (trainer/losses.py
 
 Objective:
   L = alpha * L_ME(forget) + L_retain
-  L_ME  = mean over positions t of question and answer tokens (never padding) of
-          KL(U || p_theta(. | x'_<t)),  x' = question + answer, U uniform over the V tokens
-          KL(U || p) = -log V - (1/V) * sum_v log p(v)   (what the reference code computes)
+  L_ME  = mean over positions t of KL(U || p_theta(. | x'_<t)),  x' = question + answer (+ padding),
+          U uniform over the V tokens
+          KL(U || p) = -log V - (1/V) * sum_v log(p(v) + 1e-12)   (what the reference code computes)
           --me_divergence paper: KL(p || U) = log V - H(p)   (the paper's Eq. 6 as written)
+          --me_epsilon 0: exact log_softmax instead of log(softmax + 1e-12)
+          positions: all B x (T-1) of the batch padded to T = --pad_to (500), padding included,
+          as in the reference code (mask=false); --loss_reduction tokens: question and answer
+          tokens only (the paper's text); --mask_question: answer tokens only (App. E.5)
   L_retain = NLL_theta(y_r | x_r)  (GD, token mean over retain answer tokens)
-          or mean over non-padding positions of KL(p_ref || p_theta) on the retain pair (ME+KL)
+          or KL(p_ref || p_theta) on the retain pair (ME+KL), averaged like L_ME (all B x T
+          positions by default; non-padding positions with --loss_reduction tokens)
 
 Launch:
   python me_gd.py --split forget01                      # quick CPU path (embedded SmolLM2-135M)
@@ -25,9 +30,12 @@ Reproducing the paper:
   Loss over answer tokens only (App. E.5 ablation): --mask_question.
   Continual unlearning (section 5.2): --forget_task k (alpha then defaults to 1.0), with --model
     set to the previous task's model/ folder; scripts/continual.py runs the whole sequence.
-  The reference code also averages ME over padding up to length 500 (losses.md section 8,
-  quirk 2); we never do. The default divergence KL(U || p) is the one that produced the
-  paper's numbers.
+  alpha = 0.1 was tuned for the reference code's ME: log(softmax + 1e-12), averaged over every
+  position of a batch padded to 500, mostly padding (losses.md section 8, quirk 2). The defaults
+  (--me_divergence reference --me_epsilon 1e-12 --loss_reduction reference --pad_to 500)
+  compute exactly that, so alpha keeps its meaning; the quick path pads to the longest item
+  (--pad_to 0). --loss_reduction tokens --me_epsilon 0 is the clean loss over real tokens,
+  whose strength per unit alpha differs.
 """
 from __future__ import annotations
 
@@ -56,7 +64,8 @@ def _sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def me_loss(logits: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-            divergence: str = "kl_u_p", mask_question: bool = False) -> torch.Tensor:
+            divergence: str = "kl_u_p", mask_question: bool = False, reduction: str = "reference",
+            eps: float = 1e-12) -> torch.Tensor:
     """Maximum-entropy forget loss: mean over positions t of D(p_theta,t, U), U uniform over V.
 
     divergence:
@@ -64,33 +73,46 @@ def me_loss(logits: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
           = CE(U, p_t) - log V. The reference code's choice; its logit gradient is p_t - U.
       "kl_p_u" (alias "paper"): KL(p_t || U) = sum_v p_t(v) log p_t(v) + log V = log V - H(p_t),
           Eq. 6 as written in the paper.
-    Both are >= 0 and zero exactly when p_t is uniform.
+    Both are zero exactly when p_t is uniform.
 
-    Positions: t is kept when both its input token and its target token t + 1 are real
-    (attention_mask == 1), so question and answer tokens count and padding never does (the
-    reference averages over padding too, losses.md section 8, quirk 2). With
-    mask_question=True only answer targets count (labels[:, 1:] != -100), the App. E.5
-    ablation. Reduction: token mean over the kept positions of the micro-batch (the paper's
-    per-sequence mean then batch mean; the two agree when sequences have equal length).
+    log p: eps > 0 gives log(softmax(logits) + eps), the reference code's form (eps = 1e-12,
+    closer-look trainer/losses.py); it caps -log p at about 27.6 and removes the gradient of
+    tokens with p << eps. eps = 0 gives the exact fp32 log_softmax.
 
-    log p comes from log_softmax in fp32, so no epsilon is needed: the reference's
-    log(softmax + 1e-12) only guards against softmax underflowing to 0, and it biases
-    log p upwards for tiny probabilities.
+    Positions t (logits[:, t] predict token t + 1; the last position predicts nothing):
+      reduction "reference" (default): every one of the B x (T - 1) positions of the batch,
+          padding included, as the reference computes it (mask=false: its labels are the whole
+          padded input, so nothing is -100; losses.md section 1.5 and section 8, quirk 2). The
+          reference pads every batch to T = 500 (see the --pad_to flag); padding positions
+          are computed by the model and receive gradient.
+      reduction "tokens": only positions whose input and target token are both real
+          (attention_mask == 1): question and answer tokens, never padding (the paper's text).
+      mask_question=True (App. E.5 ablation), either reduction: only answer targets
+          (labels[:, 1:] != -100), which is what the reference averages over with mask=true.
+    Reduction: a mean over the kept positions of the micro-batch (a token mean; the paper's
+    per-sequence mean then batch mean agrees when sequences have equal length).
     """
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    x = logits[:, :-1].float()
+    p = F.softmax(x, dim=-1)
+    logp = torch.log(p + eps) if eps > 0 else F.log_softmax(x, dim=-1)
     vocab = logp.size(-1)
     if divergence in ("kl_u_p", "reference"):
         per_position = -logp.mean(-1) - math.log(vocab)
     elif divergence in ("kl_p_u", "paper"):
-        per_position = (logp.exp() * logp).sum(-1) + math.log(vocab)
+        per_position = (p * logp).sum(-1) + math.log(vocab)
     else:
         raise ValueError(f"unknown ME divergence {divergence!r}; use 'kl_u_p' (reference code) "
                          f"or 'kl_p_u' (paper).")
-    keep = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
     if mask_question:
         if labels is None:
             raise ValueError("me_loss with mask_question=True needs labels to find the answer tokens.")
-        keep = keep & (labels[:, 1:] != -100)
+        keep = labels[:, 1:] != -100
+    elif reduction == "reference":
+        return per_position.mean()
+    elif reduction == "tokens":
+        keep = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}; use 'reference' (B x T, padding included) or 'tokens'.")
     return per_position[keep].sum() / keep.sum().clamp(min=1)
 
 
@@ -105,23 +127,32 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -_sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
 
 
-def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL = mean over non-padding positions t of KL(p_ref,t || p_theta,t)
+def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
+                   reduction: str = "reference") -> torch.Tensor:
+    """Retain KL = mean over positions t of KL(p_ref,t || p_theta,t)
     = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)).
 
     Direction: the frozen reference model is the target distribution p, the trained model
     is q (forward KL from the reference, as in CL/TOFU/open-unlearning `kl_div(log p_theta,
-    log p_ref, log_target=True)`). Averages over every position whose input token is real
-    (attention_mask == 1), question tokens included; logits are not shifted because both
-    models are compared at the same positions. The references also average over padding
-    positions (dividing by B*T); we exclude padding (project decision 5).
-    ref_logits are detached. Token mean over the micro-batch.
+    log p_ref, log_target=True)`). Logits are not shifted: both models are compared at the
+    same positions. ref_logits are detached.
+    Positions (project decisions 4 and 5):
+      reduction "reference" (default): all B x T positions of the batch, question and padding
+          included, divided by B * T (the references' `batchmean` on logits flattened to
+          [B*T, V]; they pad every batch to T = 500 in CL and TOFU, see the --pad_to flag).
+          attention_mask is not used.
+      reduction "tokens": only positions whose input token is real (attention_mask == 1),
+          question tokens included; a token mean over the micro-batch.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     logp_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
     per_position = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-    keep = attention_mask.bool()
-    return per_position[keep].sum() / keep.sum().clamp(min=1)
+    if reduction == "reference":
+        return per_position.mean()
+    if reduction == "tokens":
+        keep = attention_mask.bool()
+        return per_position[keep].sum() / keep.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; use 'reference' (B x T, padding included) or 'tokens'.")
 
 
 # ====================================================================
@@ -140,8 +171,11 @@ from common import TofuError  # noqa: E402
 class Args(common.MethodArgs):
     alpha: float = common._f(None, "Weight of the ME loss in alpha*L_ME + L_retain. Default 0.1 (closer-look §5.1, App. D); 1.0 when --forget_task is set (continual unlearning, App. D and E.6).")
     me_divergence: str = common._f("reference", "reference = KL(U||p_theta), what the closer-look code computes and what produced its numbers; paper = KL(p_theta||U) = log V - H(p_theta), Eq. 6 as written.")
-    mask_question: bool = common._f(False, "Average ME over answer tokens only (App. E.5 ablation). Default: question and answer tokens, never padding (the paper).")
+    mask_question: bool = common._f(False, "Average ME over answer tokens only (App. E.5 ablation; the reference code's mask=true). Default: every position (--loss_reduction reference) or question and answer tokens (tokens).")
+    me_epsilon: float = common._f(1e-12, "ME takes log(softmax + eps) (closer-look trainer/losses.py ME: 1e-12, what produced the paper's numbers; it caps -log p at 27.6 and drops the gradient of tokens with p << eps); 0 = exact fp32 log_softmax.")
     retain_loss: str = common._f("gd", "gd = retain NLL (ME+GD, the paper's method) or kl = KL(p_ori||p_theta) on retain pairs (ME+KL, App. E.2; loads the frozen starting model).")
+    loss_reduction: str = common._f("reference", "How ME and the retain KL average over positions, so that alpha keeps the paper's meaning. reference = mean over all B x T positions of the padded batch, padding included (closer-look trainer/losses.py: ME with mask=false over B x (T-1) shifted positions, KL with kl_div batchmean over B x T); tokens = real tokens only (ME: question and answer tokens; KL: non-padding positions).")
+    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (forget for ME unless --mask_question, retain for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
 
     def __post_init__(self):
         # Checked at parse time, before any model is loaded or evaluated.
@@ -150,13 +184,21 @@ class Args(common.MethodArgs):
                             f"not {self.me_divergence!r}")
         if self.retain_loss not in ("gd", "kl"):
             raise TofuError(f"--retain_loss must be gd or kl, not {self.retain_loss!r}")
+        if self.loss_reduction not in ("reference", "tokens"):
+            raise TofuError(f"--loss_reduction must be reference (B x T, padding included) or tokens, "
+                            f"not {self.loss_reduction!r}")
+        if self.pad_to is not None and self.pad_to < 0:
+            raise TofuError(f"--pad_to must be 0 (pad to the longest) or a length, not {self.pad_to}")
+        if not self.me_epsilon >= 0:
+            raise TofuError(f"--me_epsilon must be 0 (exact log_softmax) or positive, not {self.me_epsilon}")
         if self.alpha is None:
             self.alpha = 1.0 if self.forget_task is not None else 0.1
 
 
 METHOD = "me_gd"
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32}            # closer-look App. D
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}             # rkld's quick recipe, not tuned separately for ME+GD
+# pad_to: closer-look pads every sequence to max_length 500; the quick path pads per batch (0)
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "pad_to": 500}  # closer-look App. D
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "pad_to": 0}  # rkld's quick recipe, not tuned for ME+GD
 
 
 # ====================================================================
@@ -177,14 +219,15 @@ def step_losses(model, batch, frozen, args) -> dict:
     """{'loss': alpha * ME + retain, 'loss/forget': ME, 'loss/retain': ...} for one micro-batch."""
     f, r = batch["forget"], batch["retain"]
     logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
-    out = {"loss/forget": me_loss(logits, f["attention_mask"], f["labels"], args.me_divergence, args.mask_question)}
+    out = {"loss/forget": me_loss(logits, f["attention_mask"], f["labels"], args.me_divergence, args.mask_question,
+                                      args.loss_reduction, args.me_epsilon)}
     r_logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
     if args.retain_loss == "gd":
         out["loss/retain"] = nll_loss(r_logits, r["labels"])
     else:
         with torch.no_grad():
             ref = frozen["ori"](input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
-        out["loss/retain"] = kl_retain_loss(r_logits, ref, r["attention_mask"])
+        out["loss/retain"] = kl_retain_loss(r_logits, ref, r["attention_mask"], args.loss_reduction)
     out["loss"] = args.alpha * out["loss/forget"] + out["loss/retain"]
     return out
 

@@ -9,6 +9,8 @@ exists; this is an implementation from the paper (method §3, settings App. A, F
   objective           min_theta  mean over forget answer tokens of
                       RKL = sum_v p_theta(v) * (log p_theta(v) - log p_tea(v))   = KL(p_theta || p_tea)
                       [+ retain_weight * (RT: retain NLL  |  KL: KL(p_ori || p_theta) on retain)]
+  retain KL positions: all B x T of the retain batch padded to --pad_to (500), padding
+  included, as in the KL baselines' code; --loss_reduction tokens: non-padding positions only
 
   python rkld.py --split forget01                      # quick CPU path (embedded SmolLM2-135M)
   accelerate launch rkld.py --split forget05 --model locuslab/tofu_ft_llama2-7b --retain_logs DIR
@@ -52,7 +54,8 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def divergence_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor,
                     direction: str = "rkl") -> torch.Tensor:
-    """Distillation loss, averaged over forget answer tokens (all tokens of the micro-batch).
+    """Distillation loss, averaged over forget answer tokens (a token mean over the N answer
+    positions of the micro-batch; 0, not NaN, when N = 0, as in nll_loss).
 
     student_logits [B, T, V]; teacher_logp [N, V] = log p_tea at the N answer positions of
     the batch, in row-major order (see answer_positions).
@@ -67,7 +70,7 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, la
         per_token = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     else:
         raise ValueError(f"unknown divergence {direction!r}")
-    return per_token.mean()
+    return per_token.sum() / max(per_token.numel(), 1)
 
 
 def _sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,23 +92,32 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -_sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
 
 
-def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL = mean over non-padding positions t of KL(p_ref,t || p_theta,t)
+def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
+                   reduction: str = "reference") -> torch.Tensor:
+    """Retain KL = mean over positions t of KL(p_ref,t || p_theta,t)
     = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)).
 
     Direction: the frozen reference model is the target distribution p, the trained model
     is q (forward KL from the reference, as in CL/TOFU/open-unlearning `kl_div(log p_theta,
-    log p_ref, log_target=True)`). Averages over every position whose input token is real
-    (attention_mask == 1), question tokens included; logits are not shifted because both
-    models are compared at the same positions. The references also average over padding
-    positions (dividing by B*T); we exclude padding (project decision 5).
-    ref_logits are detached. Token mean over the micro-batch.
+    log p_ref, log_target=True)`). Logits are not shifted: both models are compared at the
+    same positions. ref_logits are detached.
+    Positions (project decisions 4 and 5):
+      reduction "reference" (default): all B x T positions of the batch, question and padding
+          included, divided by B * T (the references' `batchmean` on logits flattened to
+          [B*T, V]; they pad every batch to T = 500 in CL and TOFU, see the --pad_to flag).
+          attention_mask is not used.
+      reduction "tokens": only positions whose input token is real (attention_mask == 1),
+          question tokens included; a token mean over the micro-batch.
     """
     logp = F.log_softmax(logits.float(), dim=-1)
     logp_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
     per_position = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-    keep = attention_mask.bool()
-    return per_position[keep].sum() / keep.sum().clamp(min=1)
+    if reduction == "reference":
+        return per_position.mean()
+    if reduction == "tokens":
+        keep = attention_mask.bool()
+        return per_position[keep].sum() / keep.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; use 'reference' (B x T, padding included) or 'tokens'.")
 
 
 # ====================================================================
@@ -126,6 +138,8 @@ class Args(common.MethodArgs):
     divergence: str = common._f("rkl", "rkl = KL(p_theta||p_tea) (RKLD); fkl = KL(p_tea||p_theta) (Table 2 ablation).")
     retain_loss: str = common._f("none", "none (RKLD), rt (retain NLL, RKLD+RT) or kl (KL(p_ori||p_theta) on retain, RKLD+KL).")
     retain_weight: float = common._f(1.0, "Weight of the retain term (RKLD App. A: 1).")
+    loss_reduction: str = common._f("reference", "How the retain KL (--retain_loss kl) averages over positions; RKLD has no code, so this follows the KL baselines it compares with. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
+    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
     strengthened_model: str = common._f(None, "Reuse a strengthened model (folder) instead of building one.")
     strengthen_epochs: int = common._f(5, "Epochs of continued training on the forget set. App. A says the strengthened model 'is trained for total 10 epochs'; we read that as the 5 fine-tuning epochs + 5 more here.")
     strengthen_lr: float = common._f(None, "LR of the continued training ('same optimizer settings', App. A): 1e-5 for real models, the fine-tuning lr (2e-4) for --model quick.")
@@ -137,11 +151,18 @@ class Args(common.MethodArgs):
             raise TofuError(f"--divergence must be rkl or fkl, not {self.divergence!r}")
         if self.retain_loss not in ("none", "rt", "kl"):
             raise TofuError(f"--retain_loss must be none, rt or kl, not {self.retain_loss!r}")
+        if self.loss_reduction not in ("reference", "tokens"):
+            raise TofuError(f"--loss_reduction must be reference (B x T, padding included) or tokens, "
+                            f"not {self.loss_reduction!r}")
+        if self.pad_to is not None and self.pad_to < 0:
+            raise TofuError(f"--pad_to must be 0 (pad to the longest) or a length, not {self.pad_to}")
 
 
 METHOD = "rkld"
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5, "precompute_teacher": False}  # App. A
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "precompute_teacher": True}  # quick subset
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "strengthen_lr": 1e-5, "precompute_teacher": False,
+         "pad_to": 500}  # App. A
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "precompute_teacher": True,
+         "pad_to": 0}  # quick subset
 
 
 # ====================================================================
@@ -303,7 +324,7 @@ def step_losses(model, batch, frozen, args) -> dict:
         else:
             with torch.no_grad():
                 ref = frozen["ori"](input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
-            out["loss/retain"] = kl_retain_loss(r_logits, ref, r["attention_mask"])
+            out["loss/retain"] = kl_retain_loss(r_logits, ref, r["attention_mask"], args.loss_reduction)
     out["loss"] = out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)
     return out
 

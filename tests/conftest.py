@@ -72,3 +72,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_legacy_model_dir(tmp_path_factory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny_legacy"), chat=False)
+
+
+@pytest.fixture
+def hand_forget_quality():
+    """forget_quality(model_eval_dir, retain_eval_dir) by hand from two TOFU-format forget logs:
+    the exact two-sample KS p-value (scipy) of the per-row truth ratios
+    exp(L_paraphrased - mean_j L_perturbed_j), and the two lists of truth ratios."""
+    import json
+    import math
+
+    from scipy import stats
+
+    def truth_ratios(folder):
+        log = json.loads((Path(folder) / "eval_log_forget.json").read_text())
+        para, pert = log["avg_paraphrased_loss"], log["average_perturb_loss"]
+        return [math.exp(para[i] - sum(pert[i]) / len(pert[i])) for i in sorted(para, key=int)]
+
+    def fq(model_dir, retain_dir):
+        a, b = truth_ratios(model_dir), truth_ratios(retain_dir)
+        return stats.ks_2samp(a, b, method="exact").pvalue, a, b
+    return fq

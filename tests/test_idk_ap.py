@@ -36,18 +36,25 @@ def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, forget, retain):
         assert first["loss/forget"] == pytest.approx(-(2 / 0.1) * math.log(0.5), rel=1e-4)
     if retain == "kl":
         assert first["loss/retain"] == pytest.approx(0.0, abs=1e-5)
-    if retain == "ap":
-        assert first["loss/retain"] > 0
 
 
-def test_default_idk_ap_with_evaluation(monkeypatch, tmp_path, tiny_model_dir):
-    metrics = run(monkeypatch, tmp_path, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset",
-                  "quick", "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size", 2, "--max_eval_samples",
-                  2, "--max_new_tokens", 3, "--nli_model", "none", "--cs_model", "none")
-    assert all(m["loss/retain"] > 0 for m in metrics)   # AP = -(1/beta) log sigmoid(.) > 0
+def test_default_idk_ap_with_evaluation(monkeypatch, tmp_path, tiny_model_dir, hand_forget_quality):
+    run(monkeypatch, tmp_path, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick",
+        "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size", 2, "--max_eval_samples", 2,
+        "--max_new_tokens", 3, "--nli_model", "none", "--cs_model", "none")
+    # AP's value is checked by hand in test_loss_directions.py (test_idk_ap_step_reports_ap_by_hand)
     after = json.loads((tmp_path / "eval" / "after" / "summary.json").read_text())
     # the quick path caps the other splits at --max_eval_samples but keeps the forget split whole
-    assert 0.0 <= after["forget_quality"] <= 1.0 and after["n_forget"] == 40 and "model_utility" in after
+    assert after["n_forget"] == 40 and "model_utility" in after
+    # forget quality by hand. The retain model is the starting model, so "before" compares a
+    # model with itself (p = 1; the retain model's forget pass is batched differently, so a
+    # truth ratio may differ in the last float bits: KS statistic <= 1/40). "after" is
+    # recomputed from the logs, with "before" standing in for the retain model. Catches an FQ
+    # from the wrong logs or columns, which the old bound 0 <= FQ <= 1 could not.
+    before = json.loads((tmp_path / "eval" / "before" / "summary.json").read_text())
+    assert before["ks_statistic"] <= 1 / 40 and before["forget_quality"] == pytest.approx(1.0, abs=1e-12)
+    fq, tr_after, tr_before = hand_forget_quality(tmp_path / "eval" / "after", tmp_path / "eval" / "before")
+    assert tr_after != tr_before and after["forget_quality"] == pytest.approx(fq, rel=1e-9)
     retain_log = json.loads((tmp_path / "eval" / "after" / "eval_log.json").read_text())
     assert len(retain_log["avg_gt_loss"]) == 2
     assert (tmp_path / "eval" / "before" / "summary.json").exists()

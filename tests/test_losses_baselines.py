@@ -100,21 +100,44 @@ def test_kl_retain_is_kl_ref_to_theta_over_non_padding():
     forward = (kl(KL_REF[0], KL_THETA[0]) + kl(KL_REF[1], KL_THETA[1])) / 2  # KL(p_ref || p_theta)
     reverse = (kl(KL_THETA[0], KL_REF[0]) + kl(KL_THETA[1], KL_REF[1])) / 2  # KL(p_theta || p_ref)
     assert abs(forward - reverse) > 0.5  # an asymmetric pair
-    got = baselines.kl_retain_loss(logits, ref, mask).item()
+    got = baselines.kl_retain_loss(logits, ref, mask, reduction="tokens").item()
     assert got == pytest.approx(forward, abs=1e-5)
     assert got != pytest.approx(reverse, abs=1e-2)
 
 
-def test_kl_retain_ignores_padding_and_is_zero_at_equal_inputs():
+# A padded retain batch, B = 2, T = 3: seq 0 has 2 real tokens, seq 1 has 1.
+KL_THETA_B = [KL_THETA, [[1.0, -1.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, -4.0]]]
+KL_REF_B = [KL_REF, [[0.0, 2.0, 0.0], [-2.0, 1.0, 1.0], [2.0, 2.0, 0.0]]]
+KL_MASK_B = [KL_MASK, [1, 0, 0]]
+
+
+def test_kl_retain_both_reductions_by_hand_on_a_padded_batch():
+    # Catches: the reference reduction dropping padding (the retain weight then means something
+    # else than in CL/TOFU), dividing by the real-token count or by B instead of B*T, or the
+    # tokens reduction letting padding in.
+    logits, ref, mask = t(KL_THETA_B), t(KL_REF_B), torch.tensor(KL_MASK_B)
+    per = [[kl(r, q) for r, q in zip(rs, qs)] for rs, qs in zip(KL_REF_B, KL_THETA_B)]
+    reference = sum(sum(row) for row in per) / 6                      # batchmean over B*T = 6 positions
+    tokens = (per[0][0] + per[0][1] + per[1][0]) / 3                   # the 3 real positions
+    assert abs(reference - tokens) > 0.5
+    assert baselines.kl_retain_loss(logits, ref, mask).item() == pytest.approx(reference, rel=1e-5)
+    assert baselines.kl_retain_loss(logits, ref, mask, reduction="reference").item() == pytest.approx(reference,
+                                                                                                       rel=1e-5)
+    assert baselines.kl_retain_loss(logits, ref, mask, reduction="tokens").item() == pytest.approx(tokens, rel=1e-5)
+    with pytest.raises(ValueError):
+        baselines.kl_retain_loss(logits, ref, mask, reduction="batchmean")
+
+
+@pytest.mark.parametrize("reduction", ["reference", "tokens"])
+def test_kl_retain_padding_counts_only_under_reference_and_zero_at_equal_inputs(reduction):
     logits, ref, mask = t([KL_THETA]), t([KL_REF]), torch.tensor([KL_MASK])
-    base = baselines.kl_retain_loss(logits, ref, mask)
+    base = baselines.kl_retain_loss(logits, ref, mask, reduction)
     logits2, ref2 = logits.clone(), ref.clone()
-    logits2[0, 2] = t([-3.0, 0.0, 3.0])
+    logits2[0, 2] = t([-3.0, 0.0, 3.0])  # a padding position
     ref2[0, 2] = t([5.0, 0.0, 0.0])
-    assert torch.allclose(baselines.kl_retain_loss(logits2, ref2, mask), base)
-    full_mask = torch.ones_like(mask)
-    assert not torch.allclose(baselines.kl_retain_loss(logits2, ref2, full_mask), base)
-    assert baselines.kl_retain_loss(logits, logits.clone(), full_mask).item() == pytest.approx(0.0, abs=1e-6)
+    moved = not torch.allclose(baselines.kl_retain_loss(logits2, ref2, mask, reduction), base)
+    assert moved == (reduction == "reference")
+    assert baselines.kl_retain_loss(logits, logits.clone(), mask, reduction).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kl_retain_sends_no_gradient_to_the_reference():

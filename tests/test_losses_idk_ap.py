@@ -151,3 +151,25 @@ def test_item_uses_the_picked_template_for_forget_and_retain(tiny_model_dir):
 def test_duplicated_helpers_stay_identical(name, modules):
     sources = {inspect.getsource(getattr(m, name)) for m in modules}
     assert len(sources) == 1, f"{name} differs between {[m.__name__ for m in modules]}"
+
+
+# ---------------------------------------------------------------- reduction flags (all four scripts)
+
+
+@pytest.mark.parametrize("module", [baselines, me_gd, idk_ap, rkld])
+def test_reduction_flags_default_to_the_reference_and_reject_unknown_values(module):
+    # Catches: a script whose paper default is the clean reduction (the retain weight and ME's
+    # alpha would then mean something else than in the references), or a typo accepted silently.
+    from transformers import HfArgumentParser
+    extra = ["--method", "ga_kl"] if module is baselines else []
+    parse = lambda *a: HfArgumentParser(module.Args).parse_args_into_dataclasses([*extra, *a])[0]  # noqa: E731
+    assert parse().loss_reduction == "reference" and parse("--loss_reduction", "tokens").loss_reduction == "tokens"
+    assert module.PAPER["pad_to"] == 500 and module.QUICK["pad_to"] == 0  # CL/TOFU max_length; quick: dynamic
+    with pytest.raises(common.TofuError, match="--loss_reduction must be reference"):
+        parse("--loss_reduction", "mean")
+    with pytest.raises(common.TofuError, match="--pad_to must be"):
+        parse("--pad_to", "-1")
+    if module is me_gd:
+        assert parse().me_epsilon == 1e-12
+        with pytest.raises(common.TofuError, match="--me_epsilon must be"):
+            parse("--me_epsilon", "-1")

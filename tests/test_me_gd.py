@@ -29,21 +29,27 @@ def run(monkeypatch, out, *argv):
 def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, flags):
     metrics, saved = run(monkeypatch, tmp_path, "--model", tiny_model_dir, *SMOKE, *flags)
     assert saved["args"]["alpha"] == 0.1                     # TOFU default (App. D)
-    for m in metrics:
+    for m in metrics:  # the values themselves: test_loss_directions.py, test_me_gd_step_reports_the_me_by_hand
         assert m["loss"] == pytest.approx(0.1 * m["loss/forget"] + m["loss/retain"], rel=1e-5)
-        assert 0.0 <= m["loss/forget"]
-    if "paper" in flags:  # KL(p||U) = log V - H(p) lies in [0, log V]
-        assert all(m["loss/forget"] <= math.log(400) for m in metrics)
     if "kl" in flags:     # step 1: the model still equals the frozen starting model
         assert metrics[0]["loss/retain"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_run_with_evaluation(monkeypatch, tmp_path, tiny_model_dir):
+def test_run_with_evaluation(monkeypatch, tmp_path, tiny_model_dir, hand_forget_quality):
     run(monkeypatch, tmp_path, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick",
         "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size", 2, "--max_eval_samples", 2,
         "--max_new_tokens", 3, "--nli_model", "none", "--cs_model", "none")
     after = json.loads((tmp_path / "eval" / "after" / "summary.json").read_text())
-    assert 0.0 <= after["forget_quality"] <= 1.0 and after["n_forget"] == 40 and "model_utility" in after
+    assert after["n_forget"] == 40 and "model_utility" in after
+    # forget quality by hand. The retain model is the starting model, so "before" compares a
+    # model with itself (p = 1; the retain model's forget pass is batched differently, so a
+    # truth ratio may differ in the last float bits: KS statistic <= 1/40). "after" is
+    # recomputed from the logs, with "before" standing in for the retain model. Catches an FQ
+    # from the wrong logs or columns, which the old bound 0 <= FQ <= 1 could not.
+    before = json.loads((tmp_path / "eval" / "before" / "summary.json").read_text())
+    assert before["ks_statistic"] <= 1 / 40 and before["forget_quality"] == pytest.approx(1.0, abs=1e-12)
+    fq, tr_after, tr_before = hand_forget_quality(tmp_path / "eval" / "after", tmp_path / "eval" / "before")
+    assert tr_after != tr_before and after["forget_quality"] == pytest.approx(fq, rel=1e-9)
     assert (tmp_path / "eval" / "before" / "summary.json").exists()
 
 
