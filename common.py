@@ -296,10 +296,11 @@ def encode_qa(tokenizer, fmt: PromptFormat, question: str, answer: str, max_leng
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def collate(features: list[dict], pad_id: int, padding_side: str = "right") -> dict:
-    """Pad to the longest item. attention_mask comes from lengths (never from ids == pad,
-    which would hide real EOS tokens when pad == eos); labels are padded with -100."""
-    n = max(len(f["input_ids"]) for f in features)
+def collate(features: list[dict], pad_id: int, padding_side: str = "right", pad_to: int = 0) -> dict:
+    """Pad to the longest item, or to `pad_to` tokens when that is longer (the references pad every
+    batch to 500). attention_mask comes from lengths (never from ids == pad, which would hide real
+    EOS tokens when pad == eos); labels are padded with -100."""
+    n = max(pad_to, *(len(f["input_ids"]) for f in features))
     out = {"input_ids": [], "attention_mask": []}
     has_labels = "labels" in features[0]
     if has_labels:
@@ -377,11 +378,11 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_pairs(items: list[dict], pad_id: int) -> dict:
-    """Collate each part (forget, retain, ...) of ForgetRetainDataset items separately;
-    `index` (the forget row) becomes a tensor."""
-    return {k: collate([it[k] for it in items], pad_id) if isinstance(items[0][k], dict)
-            else torch.tensor([it[k] for it in items]) for k in items[0]}
+def collate_pairs(items: list[dict], pad_id: int, pad_to: int = 0, padded_parts=()) -> dict:
+    """Collate each part (forget, retain, ...) of ForgetRetainDataset items separately, the parts
+    named in `padded_parts` to at least `pad_to` tokens; `index` (the forget row) becomes a tensor."""
+    return {k: collate([it[k] for it in items], pad_id, pad_to=pad_to if k in padded_parts else 0)
+            if isinstance(items[0][k], dict) else torch.tensor([it[k] for it in items]) for k in items[0]}
 
 
 # ---------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool
 # ---------------------------------------------------------------------------
 # Distributed plumbing: the accelerator, frozen models, saving, logged losses
 # ---------------------------------------------------------------------------
-def make_accelerator(batch_size: int, per_device_batch_size: int):
+def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm: float | None = None):
     """(Accelerator, grad_accum) for an effective batch of `batch_size` examples per optimizer step.
 
     Gradient accumulation goes to the Accelerator constructor (DeepSpeed reads it from there
@@ -533,7 +534,8 @@ def make_accelerator(batch_size: int, per_device_batch_size: int):
     from WORLD_SIZE, which every launcher (accelerate, torchrun, deepspeed) sets. A batch that
     per-device micro-batches x processes cannot make exactly is refused rather than rounded.
     On CPU, cpu=True makes a multi-process launch DDP over gloo (a plain Accelerator() would
-    run independent single-process copies there)."""
+    run independent single-process copies there). Under DeepSpeed, which clips inside its engine,
+    the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -559,6 +561,8 @@ def make_accelerator(batch_size: int, per_device_batch_size: int):
             raise TofuError(f"the DeepSpeed config sets gradient_accumulation_steps {ds['gradient_accumulation_steps']}, "
                             f"but --batch_size {batch_size} needs {ga}; set it to auto")
         ds["gradient_accumulation_steps"] = ga
+        if max_grad_norm is not None:
+            ds["gradient_clipping"] = max_grad_norm
         if ds.get("zero_optimization", {}).get("stage") == 3:  # saving gathers 16-bit weights (get_state_dict)
             ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:

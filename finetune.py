@@ -175,7 +175,7 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40)
 
 def main():
     args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
-    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
     if args.build != "both":
         builds = {args.build: builds[args.build]}

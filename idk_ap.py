@@ -194,6 +194,11 @@ def _logits(model, part: dict) -> torch.Tensor:
     return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
 
 
+def padded_parts(args) -> tuple[str, ...]:
+    """Batch parts padded to --pad_to: those a reference-reduced loss averages over, padding included."""
+    return ("retain",) if args.retain_loss == "kl" and args.loss_reduction == "reference" else ()
+
+
 def step_losses(model, batch, frozen, args) -> dict:
     """{'loss': forget + retain, 'loss/forget': IDK or DPO, 'loss/retain': AP, GD or KL} for one micro-batch."""
     f, fi, r = batch["forget"], batch["forget_idk"], batch["retain"]
@@ -275,7 +280,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 def main():
     args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
@@ -283,9 +288,9 @@ def main():
     fmt = common.prompt_format(tok, args.model, args.prompt_format)
     forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
     derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),

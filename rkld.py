@@ -307,6 +307,11 @@ def live_teacher_logp(teacher, f: dict) -> torch.Tensor:
     return F.log_softmax(logits[:, :-1][answer_positions(f["labels"])], -1)
 
 
+def padded_parts(args) -> tuple[str, ...]:
+    """Batch parts padded to --pad_to: those a reference-reduced loss averages over, padding included."""
+    return ("retain",) if args.retain_loss == "kl" and args.loss_reduction == "reference" else ()
+
+
 def step_losses(model, batch, frozen, args) -> dict:
     """{'loss': total, 'loss/forget': ..., 'loss/retain': ...} for one micro-batch."""
     f = batch["forget"]
@@ -384,7 +389,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 def main():
     args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
@@ -392,9 +397,9 @@ def main():
     fmt = common.prompt_format(tok, args.model, args.prompt_format)
     forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
     derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
