@@ -650,15 +650,24 @@ def save_model(accelerator, model, tokenizer, fmt: PromptFormat, out: Path, log_
 
 
 def schedule(n_rows: int, per_device_batch_size: int, accelerator, epochs: int, warmup_epochs: float,
-             max_steps: int = 0) -> dict:
+             max_steps: int = 0, rule: str = "epochs") -> dict:
     """Optimizer steps of a run. Each rank sees ceil(n_rows / (per_device x world)) micro-batches an
     epoch (accelerate evens the ranks out by repeating rows from the start), grouped in windows of
-    grad_accum; the last window of an epoch may be short (see window_weight)."""
+    grad_accum; the last window of an epoch may be short (see window_weight), so an epoch takes
+    steps_per_epoch = ceil(windows) steps. rule "epochs" runs every epoch in full with
+    warmup_epochs x steps_per_epoch warmup steps; rule "reference" runs what closer-look's forget.py
+    asks the HF Trainer for: floor(epochs x N / batch) steps (so training can stop inside an epoch)
+    and floor(warmup_epochs x N / batch) warmup steps when that is more than 1, else none."""
     batches = math.ceil(n_rows / (per_device_batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches / accelerator.gradient_accumulation_steps)
-    total = steps_per_epoch * epochs
+    batch = per_device_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    if rule == "reference":
+        total, warmup = int(epochs * n_rows) // batch, int(warmup_epochs * n_rows // batch)
+        warmup = warmup if warmup > 1 else 0
+    else:
+        total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
     return {"steps_per_epoch": steps_per_epoch, "total_steps": min(total, max_steps) if max_steps else total,
-            "warmup_steps": int(round(warmup_epochs * steps_per_epoch))}
+            "warmup_steps": warmup}
 
 
 def window_weight(i: int, n_batches: int, grad_accum: int) -> float:
@@ -787,7 +796,10 @@ class MethodArgs:
     per_device_batch_size: int = _f(4, "Micro-batch per process (closer-look: 4).")
     weight_decay: float = _f(0.01, "AdamW weight decay (TOFU / closer-look / RKLD: 0.01).")
     warmup_epochs: float = _f(1.0, "Linear warmup in epochs, then linear decay to 0 (TOFU / closer-look / RKLD: one epoch).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping, 0 disables (HF Trainer default 1.0; the DeepSpeed references likely ran without).")
+    max_grad_norm: float = _f(None, "Gradient clipping, 0 disables. Default: the method's paper recipe (0 for the closer-look code's methods: its DeepSpeed config has no gradient_clipping, losses.md section 3); 1.0 (HF Trainer's default) otherwise.")
+    schedule: str = _f(None, "Optimizer steps and warmup. 'reference': floor(epochs x N / batch) steps and floor(N / batch) warmup steps when that is more than 1, else none (closer-look forget.py; training can stop inside an epoch); 'epochs': every epoch in full, a short last step when N is not a multiple of the batch, --warmup_epochs of warmup. Default: the method's paper recipe ('reference' for the closer-look methods and baselines, 'epochs' for RKLD, which has no code, and for --model quick).")
+    peak_epoch: bool = _f(None, "The RKLD paper's protocol (Table 2, Table 4, Fig. 3): forget quality after every epoch (forget split scored, no generation), the first epoch of peak forget quality kept and evaluated in full beside the last. Default: on for rkld.py on a real model (with --epochs 10), off otherwise.")
+    save_peak: bool = _f(True, "With --peak_epoch: keep the first peak epoch's weights in OUTPUT_DIR/peak_model (one checkpoint, rewritten when forget quality improves); false deletes it after its evaluation.")
     max_length: int = _f(512, "Max tokens per example (open-unlearning: 512).")
     prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model.")
     seed: int = _f(42, "Seed for models, data order, retain pairing and IDK templates.")
@@ -812,9 +824,16 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         args.subset = "quick" if quick else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
-    for k, v in (quick_recipe if quick else paper_recipe).items():
+    if args.peak_epoch and not args.eval:
+        raise TofuError("--peak_epoch chooses an epoch by forget quality, which needs --eval true")
+    if not args.eval:  # the recipe's peak-epoch protocol needs evaluation: without it, train the epochs
+        args.peak_epoch = False
+    for k, v in {"max_grad_norm": 1.0, "schedule": "epochs", "peak_epoch": False,
+                 **(quick_recipe if quick else paper_recipe)}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.schedule not in ("reference", "epochs"):
+        raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
     if args.retain_model == "auto":
         args.retain_model = QUICK if quick and args.forget_task is None else "none"
     if args.retain_model == QUICK:

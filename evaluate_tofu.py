@@ -878,6 +878,18 @@ def _cache_dir(model_path: str, settings: dict) -> Path:
     return common.RUNS_DIR / "eval_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def first_peak(epochs: list[dict]) -> dict | None:
+    """The first epoch of peak forget quality (RKLD's protocol): a later epoch replaces the best so far
+    only when its forget quality is higher by more than float noise (relative 1e-9: the KS p-value of
+    near-identical models differs in the last bits). Epochs without forget quality never count."""
+    best = None
+    for e in epochs:
+        fq = e["forget_quality"]
+        if fq is not None and (best is None or fq > best["forget_quality"] * (1 + 1e-9)):
+            best = e
+    return best
+
+
 class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
@@ -894,6 +906,13 @@ class MethodEval:
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
                        gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model)
         self.retain_logs = args.retain_logs
+        self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
+        if args.peak_epoch and not (args.retain_logs or args.retain_model):
+            raise common.TofuError("--peak_epoch chooses the epoch by forget quality, which needs --retain_model or "
+                                   "--retain_logs")
+        if args.eval and accelerator.is_main_process and args.subset == "quick" and not args.peak_epoch:
+            print(f"[eval] quick path: {args.epochs} epochs, evaluated after the last; the RKLD paper's protocol "
+                  "(10 epochs, the first epoch of peak forget quality) is --epochs 10 --peak_epoch", flush=True)
         if args.eval and accelerator.is_main_process and isinstance(cap, dict):
             retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
                                                                      args.max_eval_samples)})
@@ -939,6 +958,62 @@ class MethodEval:
             shutil.copytree(out, cache, dirs_exist_ok=True)
         return summary
 
+    def epoch_end(self, model, epoch: int) -> list[tuple[str, dict | None]]:
+        """After an epoch (not the last): a full evaluation with --eval_every_epoch; with --peak_epoch,
+        at least forget quality (the forget split scored, no generation: what choosing the epoch needs),
+        and the model's weights saved to OUTPUT_DIR/peak_model when it is the best epoch so far."""
+        if not self.args.eval or not (self.args.eval_every_epoch or self.args.peak_epoch):
+            return []
+        name, t0 = f"epoch{epoch}", time.time()
+        if self.args.eval_every_epoch:
+            summary = self.run(model, name)
+        else:
+            if self.acc.is_main_process:
+                print(f"[eval] {name}: forget quality", flush=True)
+            summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
+                               generation=False, retain_logs=self._retain(), verbose=False,
+                               **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+        if self.args.peak_epoch:
+            self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
+            if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
+                common.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
+                self.epochs[-1]["saved"] = True
+            if not self.args.eval_every_epoch:
+                self.selection_s += time.time() - t0
+        return [(name, summary)]
+
+    def peak(self, last: dict | None, last_epoch: int) -> list[tuple[str, dict | None]]:
+        """--peak_epoch, after training: the first epoch of peak forget quality among every epoch (the last
+        one's from the final evaluation `last`), evaluated in full from OUTPUT_DIR/peak_model unless it is
+        the last epoch; OUTPUT_DIR/peak_epoch.json records the choice, every epoch's forget quality and
+        what the selection cost."""
+        if not self.args.peak_epoch or last is None:
+            return []
+        epochs = [*self.epochs, {"epoch": last_epoch, "forget_quality": last["forget_quality"]}]
+        best = first_peak(epochs) or epochs[-1]
+        t0 = time.time()
+        if best["epoch"] == last_epoch:
+            summary = last
+        else:
+            model = common.place_frozen(common.load_model(str(self.run_dir / "peak_model"), frozen=True)[0], self.acc)
+            summary = self.run(model, "peak")
+            del model
+            gc.collect()
+        record = {"peak_epoch": best["epoch"], "forget_quality": best["forget_quality"], "epochs": epochs,
+                  "selection": {"forget_quality_evaluations": len(self.epochs), "seconds": round(self.selection_s, 1),
+                                "peak_evaluation_seconds": round(time.time() - t0, 1)},
+                  "weights": str(self.run_dir / ("model" if best["epoch"] == last_epoch else "peak_model"))}
+        if self.acc.is_main_process:
+            if not self.args.save_peak and (self.run_dir / "peak_model").exists():
+                shutil.rmtree(self.run_dir / "peak_model")
+                record["weights"] = None if best["epoch"] != last_epoch else record["weights"]
+            common.atomic_write_json(self.run_dir / "peak_epoch.json", record)
+            print(f"[eval] first peak of forget quality: epoch {best['epoch']} of {last_epoch} "
+                  f"(FQ {best['forget_quality']:.4g}); choosing it cost {len(self.epochs)} forget-quality "
+                  f"evaluations ({self.selection_s:.0f} s) and {record['selection']['peak_evaluation_seconds']:.0f} s "
+                  f"for its full evaluation", flush=True)
+        return [(f"peak (epoch {best['epoch']})", summary)]
+
     def report(self, rows: list[tuple[str, dict | None]]):
         """The end-of-run table (one line per evaluated model) and forget answers before/after."""
         rows = [(n, s) for n, s in rows if s]
@@ -952,7 +1027,8 @@ class MethodEval:
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
-        s = rows[-1][1]
+        last = next((n for n, _ in rows if n == "after"), rows[-1][0])  # the peak-epoch row may follow it
+        s = dict(rows)[last]
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
             f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
         print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
@@ -961,11 +1037,11 @@ class MethodEval:
         if s.get("nan_flags"):
             print(f"NaN flags: {s['nan_flags']}")
         gens = {}
-        for n, _ in (rows[0], rows[-1]):
+        first = rows[0][0]
+        for n in (first, last):
             log = self.out / n / "eval_log_forget.json"
             if log.exists():
                 gens[n] = list(json.loads(log.read_text())["generated_text"].values())[:3]
-        first, last = rows[0][0], rows[-1][0]
         questions = task_rows("forget", self.args.split, forget_task=self.args.forget_task)
         for k in range(len(gens.get(last, []))):
             _, g_last, gold = gens[last][k]

@@ -51,6 +51,7 @@ class Args:
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed (TOFU finetune: 42)."})
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
+    schedule: str = dataclasses.field(default="epochs", metadata={"help": "epochs: every epoch in full, --warmup_epochs of warmup (TOFU finetune.py's floor(5 x 4000 / 32) = 625 steps is the same on the full set); reference: floor(epochs x N / batch) steps, as the unlearning scripts' --schedule."})
     max_steps: int = dataclasses.field(default=0, metadata={"help": "Stop each model after this many optimizer steps (0: every epoch); for smoke tests."})
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
@@ -86,7 +87,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
     caller ends the stage with common.release()."""
     sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps)
+                            args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -172,7 +172,7 @@ class Args(common.MethodArgs):
 
 METHOD = "idk_ap"
 # pad_to: closer-look pads every sequence to max_length 500; the quick path pads per batch (0)
-PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "pad_to": 500}  # closer-look App. D
+PAPER = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "schedule": "reference", "max_grad_norm": 0.0, "pad_to": 500}  # closer-look App. D
 QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "pad_to": 0}  # rkld's quick recipe, not tuned for IDK+AP
 
 
@@ -236,7 +236,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
     caller ends the stage with common.release()."""
     sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps)
+                            args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -296,7 +296,7 @@ def main():
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
                **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
-                                 args.max_steps)}
+                                 args.max_steps, args.schedule)}
     log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
@@ -306,8 +306,8 @@ def main():
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
             history.insert(0, ("before", evaluator.run(prepared, "before", cache_key=args.model)))
-        elif args.eval_every_epoch:
-            history.append((f"epoch{epoch}", evaluator.run(prepared, f"epoch{epoch}")))
+        else:  # --eval_every_epoch: in full; --peak_epoch: forget quality, keeping the best epoch's weights
+            history.extend(evaluator.epoch_end(prepared, epoch))
 
     model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
                 args.lr, METHOD, log, at_epoch)
@@ -317,6 +317,7 @@ def main():
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
     history.append(("after", evaluator.run(model, "after")))
     common.release(accelerator, model)
+    history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
 
 

@@ -224,7 +224,7 @@ def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir,
     monkeypatch.setattr(common, "forget_retain_rows", lambda *a: (common.load_split("forget01")[:6], []))
     monkeypatch.setattr("sys.argv", ["baselines.py", *map(str, [
         "--method", "ga", "--model", tiny_model_dir, "--subset", "quick", "--batch_size", 4,
-        "--per_device_batch_size", 2, "--epochs", 1, "--eval", "false", "--output_dir", tmp_path])])
+        "--per_device_batch_size", 2, "--epochs", 1, "--schedule", "epochs", "--eval", "false", "--output_dir", tmp_path])])
     baselines.main()
     assert seen == pytest.approx([logged[0].item(), logged[1].item(), 2 * logged[2].item()])
     assert [m["loss"] for m in _metrics(tmp_path)] == pytest.approx(

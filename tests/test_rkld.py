@@ -188,7 +188,7 @@ def test_bad_inputs(monkeypatch, tmp_path, tiny_model_dir, strengthened):
 def test_eval_every_epoch_and_teacher_rows(monkeypatch, tmp_path, tiny_model_dir, strengthened):
     """Two epochs of two steps: an evaluation after epoch 1, of the teacher, and before/after."""
     run_rkld(monkeypatch, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick",
-             "--epochs", 2, "--batch_size", 20, "--per_device_batch_size", 20, "--eval_every_epoch",
+             "--epochs", 2, "--batch_size", 20, "--per_device_batch_size", 20, "--eval_every_epoch", "--peak_epoch", "false",
              "--eval_teacher", "--strengthened_model", strengthened / "strengthened", "--max_eval_samples", 2,
              "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none", "--output_dir", tmp_path)
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["after", "before", "epoch1", "teacher"]
