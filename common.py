@@ -787,7 +787,7 @@ class MethodArgs:
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
     retain_model: str = _f("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
-    retain_logs: str = _f(None, "Folder of TOFU-format logs of the retain model (eval_log_forget.json), e.g. the official ones; replaces --retain_model.")
+    retain_logs: str = _f(None, "Folder of TOFU-format logs of the retain model (eval_log_forget.json, here or in one subfolder), e.g. TOFU's data/ft_epoch5_lr1e-05_llama2-7b_retain95_wd0.01 as downloaded (README); replaces --retain_model.")
     subset: str = _f("auto", "'quick' (CPU subset: forget-split authors + retain authors 0..quick_retain_authors-1), 'all', or 'auto' (quick when --model quick).")
     quick_retain_authors: int = _f(QUICK_RETAIN_AUTHORS, "Retain authors in the quick subset (must match finetune.py).")
     lr: float = _f(None, "Learning rate. Default: the paper's 1e-5 (AdamW) for real models; the method's quick recipe for --model quick.")
@@ -806,7 +806,8 @@ class MethodArgs:
     output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
     eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")
     eval_every_epoch: bool = _f(False, "Also evaluate after every epoch (to find the epoch of peak forget quality).")
-    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 applies TOFU's ds_size cap (retain and forget10: the first 300 of 400 rows, the rows of its published logs); Closer-Look's 300 forget10 rows are another set.")
+    max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 applies TOFU's ds_size cap (retain and forget10: the first 300 of 400 rows, the rows of its published logs); Closer-Look's 300 forget10 rows are another set (--row_order closer_look).")
+    row_order: str = _f("tofu", "Order of the forget split's rows before --max_eval_samples keeps the first N: 'tofu' (HF order, TOFU's ds_size rows) or 'closer_look' (its reordered file: with --max_eval_samples 300, forget10 rows 0-99 and 200-399, the rows behind its tables). See evaluate_tofu.py --help.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run every epoch); for smoke tests.")
     gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
@@ -824,12 +825,18 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         args.subset = "quick" if quick else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
+<<<<<<< HEAD
     if args.peak_epoch and not args.eval:
         raise TofuError("--peak_epoch chooses an epoch by forget quality, which needs --eval true")
     if not args.eval:  # the recipe's peak-epoch protocol needs evaluation: without it, train the epochs
         args.peak_epoch = False
     for k, v in {"max_grad_norm": 1.0, "schedule": "epochs", "peak_epoch": False,
                  **(quick_recipe if quick else paper_recipe)}.items():
+=======
+    if args.row_order not in ("tofu", "closer_look"):
+        raise TofuError(f"unknown --row_order '{args.row_order}'; valid: tofu, closer_look")
+    for k, v in (quick_recipe if quick else paper_recipe).items():
+>>>>>>> eval14
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.schedule not in ("reference", "epochs"):

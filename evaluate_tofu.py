@@ -10,7 +10,8 @@ Formulas, log formats and the references' quirks: ../shared/specs/tofu_eval.md (
   ROUGE        mean ROUGE-L recall of the greedy generation against `answer` (§3)
   Truth ratio  TR_i = exp(Lpara_i - mean_j Lpert_ij) (geometric-mean form, §4);
                reported as mean max(0, 1-TR) on retain/RA/WF and mean min(TR, 1/TR) on forget
-  Forget qual. scipy ks_2samp(TR_model, TR_retain_model) p-value on the forget split (§5)
+  Forget qual. scipy ks_2samp(TR_model, TR_retain_model) p-value on the forget split, over every
+               row of each log whatever the counts, as TOFU (§5); summary.json names both row sets
   Model util.  hmean of {Prob, ROUGE, TR} x {retain, RA, WF}; 0 if any is 0 (§6)
   TE, CS, ES   token entropy, cosine similarity, entailment score of the generations (§10)
   MU-18, FE    hmean of {ROUGE, Prob, TR, TE, CS, ES} x {retain, RA, WF};
@@ -24,7 +25,9 @@ Launch:
   python evaluate_tofu.py --aggregate_only --logs DIR --retain_logs DIR --output_json FILE
 Generation follows TOFU: greedy, up to 200 tokens in total, prompt included (--max_new_tokens N
 for open-unlearning's N new tokens). --max_eval_samples 300 evaluates the rows of TOFU's
-ds_size cap (§8); precision, batching and the prompt format also move the numbers.
+ds_size cap (§8); --row_order closer_look makes them Closer-Look's (forget10 rows 0-99, 200-399).
+Precision, batching and the prompt format also move the numbers: summary.json records the
+precision, prompt format and generation budget, and retain logs that differ are refused.
 """
 from __future__ import annotations
 
@@ -68,12 +71,22 @@ class Args:
     output_dir: str = field(default="", metadata={"help": "Where the TOFU-format logs and summary.json go."})
     retain_model: str = field(default="", metadata={"help": "Retain model, evaluated first on the forget split "
                                                             "(into OUTPUT_DIR/retain_model) for forget quality."})
-    retain_logs: str = field(default="", metadata={"help": "Folder with the retain model's eval_log_forget.json "
-                                                           "(or eval_log_aggregated.json) for forget quality."})
+    retain_logs: str = field(default="", metadata={
+        "help": "Folder with the retain model's eval_log_forget.json (or eval_log_aggregated.json), directly or in "
+                "one subfolder: e.g. TOFU's data/ft_epoch5_lr1e-05_llama2-7b_retain90_wd0.01 as downloaded. Forget "
+                "quality compares every row of this log with every row of the model's (TOFU's rule, §5)."})
     max_eval_samples: int | None = field(default=None, metadata={
-        "help": "First N rows of each split (after --quick's author filter). Default all rows (open-unlearning). "
-                "300 applies TOFU's ds_size cap, the rows of its published logs (retain and forget10: the first "
-                "300 of 400; smaller splits whole); Closer-Look's 300 forget10 rows are another set (§8, §10)."})
+        "help": "First N rows of each split (after --quick's author filter), in --row_order. Default all rows "
+                "(open-unlearning). 300 applies TOFU's ds_size cap, the rows of its published logs (retain and "
+                "forget10: the first 300 of 400; smaller splits whole); with --row_order closer_look, forget10's "
+                "300 are Closer-Look's (§8, §10)."})
+    row_order: str = field(default="tofu", metadata={
+        "help": "Order of the forget split's rows before --max_eval_samples keeps the first N: 'tofu' (the HF "
+                "split's order, TOFU's ds_size rows) or 'closer_look' (its data/tofu/{split}_perturbed.json, task 1, "
+                "which puts the authors in another order: forget10 rows 360-399, 200-359, 0-199; forget05 160-199, "
+                "0-159). Closer-Look's tables (FE, ES...) use its first 300 forget10 rows, TOFU rows 0-99 and 200-399: "
+                "--max_eval_samples 300 --row_order closer_look evaluates those. Whole splits and the other "
+                "splits are the same rows either way; logs keep the HF row index."})
     quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
@@ -278,11 +291,42 @@ def write_logs(out_dir: Path, logs: dict[str, dict]):
                              {TASKS[t].log_file: logs[t] for t in TASKS if t in logs})
 
 
-def read_logs(folder) -> dict[str, dict]:
-    """{task: log} from the single files in `folder`, else from its eval_log_aggregated.json."""
+LOG_FILES = tuple(t.log_file for t in TASKS.values()) + ("eval_log_aggregated.json",)
+
+
+def log_dir(folder) -> Path:
+    """The folder holding the TOFU-format logs: `folder` itself, else its one subfolder that does
+    (TOFU publishes them as data/<model>/eval_results/ds_size300/)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise common.TofuError(f"log folder {folder} does not exist")
+    if any((folder / f).exists() for f in LOG_FILES):
+        return folder
+    found = sorted({p.parent for f in LOG_FILES for p in folder.rglob(f)})
+    if len(found) > 1:
+        raise common.TofuError(f"{folder} holds TOFU-format logs in {len(found)} subfolders "
+                               f"({', '.join(str(f.relative_to(folder)) for f in found[:4])}{', ...' if len(found) > 4 else ''}); "
+                               "pass the one to use")
+    if not found:
+        raise common.TofuError(f"no TOFU-format logs in {folder} (expected eval_log.json, eval_log_forget.json, "
+                               "... or eval_log_aggregated.json, here or in one subfolder)")
+    return found[0]
+
+
+def read_settings(folder) -> dict | None:
+    """The evaluation settings evaluate() recorded beside the logs (summary.json), None when the
+    logs carry no such record (TOFU's official logs)."""
+    path = log_dir(folder) / "summary.json"
+    try:
+        settings = json.loads(path.read_text()).get("settings") if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def read_logs(folder) -> dict[str, dict]:
+    """{task: log} from the single files in log_dir(folder), else from its eval_log_aggregated.json."""
+    folder = log_dir(folder)
 
     def load(path):
         try:
@@ -301,8 +345,7 @@ def read_logs(folder) -> dict[str, dict]:
                 raise common.TofuError(f"{folder / t.log_file} is not a TOFU-format log ({{key: {{index: value}}}})")
             logs[task] = log
     if not logs:
-        raise common.TofuError(f"no TOFU-format logs in {folder} (expected eval_log.json, eval_log_forget.json, "
-                               "... or eval_log_aggregated.json)")
+        raise common.TofuError(f"no TOFU-format logs in {folder} (its eval_log_aggregated.json holds none)")
     return logs
 
 
@@ -325,12 +368,120 @@ def _log_tr(log, idx):
     return truth_ratio(_column(log, "avg_paraphrased_loss", idx), _column(log, "average_perturb_loss", idx))
 
 
+def row_ranges(rows) -> str:
+    """Row indices as sorted inclusive ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    rows, out = sorted(set(int(r) for r in rows)), []
+    for r in rows:
+        if out and r == out[-1][1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in out)
+
+
+def _split_start(split: str) -> int:
+    """Where a forget split starts in forget10: they are nested tails (forget05 = rows 200-399)."""
+    return common.SPLIT_SIZES["forget10"] - common.SPLIT_SIZES[split]
+
+
+@functools.lru_cache(maxsize=1)
+def _forget10_row_of_answer() -> dict[str, int]:
+    return {r["answer"]: r["index"] for r in common.load_split("forget10_perturbed")}
+
+
+def forget_rows(log: dict, settings: dict | None, where: str) -> dict:
+    """Which forget split, and which of its rows, a forget log holds. Logs we write record the
+    split in the summary.json beside them and key each row by its index in the split (in the
+    continual task with --forget_task). TOFU's official logs record nothing: their split is read
+    from their ground-truth answers, as the smallest forget split holding every one (the splits
+    are nested, so TOFU's retain95 log, forget05's 200 rows, is not mistaken for forget10 rows)."""
+    keys = _indices(log, where)
+    gen = _column(log, "generated_text", keys)
+    truths = [g[2] for g in gen] if gen else None
+    rows, split, how = [int(k) for k in keys], None, "unknown: no summary.json settings and no generated_text"
+    if settings and settings.get("split"):
+        split, how = settings["split"], "recorded in its summary.json"
+    elif truths is not None:
+        pos = [_forget10_row_of_answer().get(t) for t in truths]
+        if None in pos:
+            how = "none: its ground-truth answers are not all forget10 answers"
+        else:
+            split = next(sp for sp in common.FORGET_SPLITS if min(pos) >= _split_start(sp))
+            rows, how = [x - _split_start(split) for x in pos], "inferred from its ground-truth answers"
+    return {"split": split, "forget_task": (settings or {}).get("forget_task"), "rows": rows, "keys": keys,
+            "truths": dict(zip(rows, truths)) if truths else {}, "split_from": how}
+
+
+def _split_name(r: dict) -> str:
+    return r["split"] + (f" (continual task {r['forget_task']})" if r["forget_task"] else "")
+
+
+def check_retain_rows(model: dict, retain: dict) -> list[str]:
+    """Raise unless the retain log's rows can stand for this forget split under TOFU's rule (KS
+    over every row of each log, whatever the counts, T:aggregate_eval_stat.py:10-26): they must
+    come from the same forget split (or continual task) and share at least one row with the
+    model's log. Returns notes on what could not be checked."""
+    if model["split"] and retain["split"] and (model["split"], model["forget_task"]) != (
+            retain["split"], retain["forget_task"]):
+        raise common.TofuError(f"the retain logs hold {_split_name(retain)} rows, not {_split_name(model)} rows; "
+                               f"use the logs of {_split_name(model)}'s retain model "
+                               f"({common.RETAIN_OF[model['split']]} in TOFU)")
+    if "not all forget10" in model["split_from"] + retain["split_from"] and (model["split"] or retain["split"]):
+        raise common.TofuError("the retain logs' forget rows and this model's have ground-truth answers from "
+                               "different sets; they come from a different forget split")
+    shared = set(model["rows"]) & set(retain["rows"])
+    if any(model["truths"][i] != retain["truths"][i] for i in shared if i in model["truths"] and i in retain["truths"]):
+        raise common.TofuError("the retain logs' forget samples have other ground-truth answers than this "
+                               "model's; they come from a different forget split")
+    if not shared:
+        raise common.TofuError(f"the retain logs share no row with this model's forget log (retain rows "
+                               f"{row_ranges(retain['rows'])}, model rows {row_ranges(model['rows'])}); evaluate "
+                               "both on the same rows (--max_eval_samples, --row_order)")
+    return [f"cannot tell which forget split the {who} rows come from ({r['split_from']}); "
+            "assumed to be numbered as the other log's" for who, r in (("retain logs'", retain), ("model log's", model))
+            if r["split"] is None and not r["truths"]]
+
+
+def _budget(s: dict) -> str:
+    return (f"max_new_tokens={s['max_new_tokens']}" if s.get("max_new_tokens") is not None
+            else f"max_length={s.get('gen_max_length')} in total")
+
+
+def check_retain_settings(settings: dict | None, retain_settings: dict | None) -> list[str]:
+    """Raise when the retain logs were computed with another prompt format, generation budget
+    (compared only when both logs hold generations) or precision than this model's logs. Returns
+    notes on what is not recorded, so not checked."""
+    if not retain_settings:
+        return ["the retain logs carry no record of prompt format, generation budget or precision (TOFU's official "
+                "logs do not; TOFU evaluated Llama-2 in bf16, [INST] format, generate(max_length=200)): not checked"]
+    if not settings:
+        return ["this model's logs carry no record of prompt format, generation budget or precision: not checked"]
+    a, b = retain_settings, settings
+    if a.get("prompt_format") != b.get("prompt_format"):
+        raise common.TofuError(f"the retain logs were computed with prompt format {a.get('prompt_format')}, this "
+                               f"model's with {b.get('prompt_format')}; evaluate both with the same --prompt_format")
+    if a.get("generation") and b.get("generation") and _budget(a) != _budget(b):
+        raise common.TofuError(f"the retain logs' generations had a budget of {_budget(a)}, this model's "
+                               f"{_budget(b)}; evaluate both with the same --gen_max_length / --max_new_tokens")
+    if a.get("precision") is None or b.get("precision") is None:
+        return ["precision is not recorded in " + ("the retain logs" if a.get("precision") is None
+                                                    else "this model's logs") + ": not checked"]
+    if a["precision"] != b["precision"]:
+        raise common.TofuError(f"the retain model was evaluated in {a['precision']} and this model in "
+                               f"{b['precision']}; evaluate every compared model at the same precision")
+    return []
+
+
 def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_method: str = "exact",
-              no_retain_reason: str = "no retain model or retain logs given") -> dict:
+              no_retain_reason: str = "no retain model or retain logs given", settings: dict | None = None,
+              retain_settings: dict | None = None) -> dict:
     """TOFU aggregates from TOFU-format logs (T:aggregate_eval_stat.py, §2-§6): the nine utility
     numbers, model utility, forget metrics and forget quality. The same code serves a fresh
-    evaluation and --aggregate_only, so the two cannot disagree."""
-    out = {"model_utility": None, "forget_quality": None, "ks_statistic": None}
+    evaluation and --aggregate_only, so the two cannot disagree. `settings`/`retain_settings`:
+    what evaluate() recorded for each log (summary.json), None for logs without a record.
+    `rows` gives the evaluated row indices of every split; forget quality follows TOFU: KS
+    between every row of the model's forget log and every row of the retain log."""
+    out = {"model_utility": None, "forget_quality": None, "ks_statistic": None, "rows": {}}
     for task, log in logs.items():
         where = TASKS[task].log_file
         idx = _indices(log, where)
@@ -344,6 +495,7 @@ def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_m
         out[f"{task}_rouge"] = float(np.mean(rouge)) if rouge is not None else None
         out[f"{task}_truth_ratio"] = tr_forget(tr) if task == "forget" else tr_utility(tr)
         out[f"n_{task}"] = len(idx)
+        out["rows"][task] = row_ranges(idx)
     nine = [out.get(f"{t}_{k}") for t in UTILITY_TASKS for k in ("prob", "rouge", "truth_ratio")]
     if None in nine:
         out["model_utility_reason"] = "not computed: needs Prob, ROUGE and TR on retain, real authors, world facts"
@@ -354,19 +506,20 @@ def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_m
     elif retain_forget_log is None:
         out["forget_quality_reason"] = f"not computed: {no_retain_reason}"
     else:
-        idx = _indices(logs["forget"], "forget log")
-        ridx = _indices(retain_forget_log, "retain model's forget log")
-        missing = set(idx) - set(ridx)
-        if missing:
-            raise common.TofuError(f"the retain logs lack {len(missing)} of this model's {len(idx)} forget samples; "
-                                   "evaluate the retain model on the same forget split and rows")
-        gt, rgt = _column(logs["forget"], "generated_text", idx), _column(retain_forget_log, "generated_text", idx)
-        if gt and rgt and any(a[2] != b[2] for a, b in zip(gt, rgt)):  # [prompt, generation, truth]
-            raise common.TofuError("the retain logs' forget samples have other ground-truth answers than this "
-                                   "model's; they come from a different forget split")
-        out.update(forget_quality(_log_tr(logs["forget"], idx), _log_tr(retain_forget_log, idx), ks_method))
-        if len(idx) < len(ridx):
-            out["forget_quality_note"] = f"retain truth ratios restricted to the {len(idx)} samples this model has"
+        m = forget_rows(logs["forget"], settings, "forget log")
+        r = forget_rows(retain_forget_log, retain_settings, "retain model's forget log")
+        notes = check_retain_rows(m, r) + check_retain_settings(settings, retain_settings)
+        out.update(forget_quality(_log_tr(logs["forget"], m["keys"]), _log_tr(retain_forget_log, r["keys"]), ks_method))
+        shared = len(set(m["rows"]) & set(r["rows"]))
+        out["forget_quality_rows"] = {
+            "model": {"split": m["split"], "rows": row_ranges(m["rows"]), "n": len(m["rows"])},
+            "retain_logs": {"split": r["split"], "split_from": r["split_from"], "rows": row_ranges(r["rows"]),
+                            "n": len(r["rows"])},
+            "shared": shared}
+        if shared != len(m["rows"]) or shared != len(r["rows"]):
+            notes.insert(0, f"TOFU's rule: KS between all {len(m['rows'])} rows of this model's forget log and all "
+                            f"{len(r['rows'])} of the retain log's ({shared} shared)")
+        out["forget_quality_notes"] = notes
     return out
 
 
@@ -623,10 +776,21 @@ def load_nli_model(choice: str, device: str):
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------
-def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source="local", forget_task=None):
-    """Rows of one task's split: author subset first, then the first N rows (TOFU's ds_size)."""
+ROW_ORDERS = ("tofu", "closer_look")
+
+
+def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source="local", forget_task=None,
+              row_order: str = "tofu"):
+    """Rows of one task's split: author subset first, then the first N rows (TOFU's ds_size).
+    row_order="closer_look" puts the forget split's rows in the order of Closer-Look's data file
+    (its task 1 of the continual file we ship, CL:forget.py:33-59), keeping their HF index."""
+    if row_order not in ROW_ORDERS:
+        raise common.TofuError(f"unknown row order '{row_order}'; valid: {', '.join(ROW_ORDERS)}")
     name = TASKS[task].split.format(forget=split)
     rows = common.load_split(name, source, forget_task if task == "forget" else None)
+    if task == "forget" and row_order == "closer_look" and forget_task is None:
+        position = {r["question"]: i for i, r in enumerate(common.load_split(name, forget_task=1))}
+        rows = sorted(rows, key=lambda r: position[r["question"]])
     if task != "forget":  # the quick subset keeps every forget author (continual tasks included)
         rows = common.select_authors(rows, authors)
     return rows[:max_eval_samples] if max_eval_samples is not None else rows
@@ -714,13 +878,36 @@ def generation_budgets(tokenizer, fmt, rows: dict[str, list[dict]], max_new_toke
     return out
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def model_precision(model, device, accelerator=None) -> str | None:
+    """The precision a model is evaluated at, e.g. "fp32", "bf16" or "fp32 weights, bf16 autocast":
+    its floating-point parameters' dtype(s), plus the autocast dtype when autocast is active at
+    the call or wraps the model's forward (accelerate's mixed precision). None for a model-like
+    object without parameters."""
+    params = getattr(model, "parameters", None)
+    dtypes = {p.dtype for p in params() if p.is_floating_point()} if callable(params) else set()
+    if not dtypes:
+        return None
+    weights = "+".join(sorted(_DTYPE_NAMES.get(d, str(d)) for d in dtypes))
+    kind, auto = torch.device(device).type, None
+    if torch.is_autocast_enabled(kind):
+        auto = torch.get_autocast_dtype(kind)
+    elif getattr(model, "_original_forward", None) is not None and accelerator is not None:
+        auto = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if auto is None or _DTYPE_NAMES.get(auto) == weights:
+        return weights
+    return f"{weights} weights, {_DTYPE_NAMES.get(auto, str(auto))} autocast"
+
+
 def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
              tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
              forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128,
              max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
-             verbose: bool = True) -> dict:
+             row_order: str = "tofu", verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -729,7 +916,9 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     process writes the TOFU-format logs, eval_extra.json and summary.json to output_dir.
     tasks=("forget",) and generation=False is all a retain model needs for forget quality.
     Generation stops at EOS or at gen_max_length tokens in total, prompt included (TOFU), or
-    after max_new_tokens new tokens when that is given (open-unlearning).
+    after max_new_tokens new tokens when that is given (open-unlearning). row_order: see task_rows.
+    summary["settings"] records the prompt format, generation budget and precision, which a
+    later evaluation that reads these logs as retain logs compares with its own.
     """
     if split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
@@ -737,9 +926,10 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
     if (max_new_tokens if max_new_tokens is not None else gen_max_length) < 1:
         raise common.TofuError("the generation length (--max_new_tokens or --gen_max_length) must be at least 1")
-    retain_log = None
+    retain_log = retain_settings = None
     if retain_logs:
-        retain_log = read_logs(retain_logs).get("forget")
+        retain_logs = log_dir(retain_logs)
+        retain_log, retain_settings = read_logs(retain_logs).get("forget"), read_settings(retain_logs)
         if retain_log is None:
             raise common.TofuError(f"{retain_logs} has no eval_log_forget.json; evaluate the retain model first")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -747,8 +937,26 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     if accelerator is not None and isinstance(model, torch.nn.Module):
         model = accelerator.unwrap_model(model)
     device = _device(model, accelerator)
+    precision = model_precision(model, device, accelerator)
     if getattr(model, "dtype", None) == torch.float16 and is_main:
         print("[eval] warning: fp16 evaluation is unreliable (a known cause of truth ratios stuck at 1); use bf16/fp32")
+    logs, extras = {}, {}
+    caps = max_eval_samples if isinstance(max_eval_samples, dict) else {t: max_eval_samples for t in TASKS}
+    rows = {t: task_rows(t, split, authors, caps.get(t), source, forget_task, row_order) for t in TASKS if t in tasks}
+    for task, r in rows.items():
+        if not r:
+            raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
+    settings = {"split": split, "tasks": list(rows), "max_eval_samples": max_eval_samples,
+                "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
+                "row_order": row_order, "row_numbering": ROW_NUMBERING[forget_task is not None],
+                "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
+                "gen_max_length": None if max_new_tokens is not None else gen_max_length,
+                "generation": generation, "precision": precision, "ks_method": ks_method, "world_size": world}
+    if retain_log is not None and "forget" in rows:  # bad retain logs fail before the evaluation, not after
+        check_retain_settings(settings, retain_settings)
+        check_retain_rows({"split": split, "forget_task": forget_task, "rows": [r["index"] for r in rows["forget"]],
+                           "truths": {r["index"]: r["answer"] for r in rows["forget"]}, "split_from": "recorded"},
+                          forget_rows(retain_log, retain_settings, "retain model's forget log"))
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -756,12 +964,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             "synced": common.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
-    logs, extras, t0 = {}, {}, time.time()
-    caps = max_eval_samples if isinstance(max_eval_samples, dict) else {t: max_eval_samples for t in TASKS}
-    rows = {t: task_rows(t, split, authors, caps.get(t), source, forget_task) for t in TASKS if t in tasks}
-    for task, r in rows.items():
-        if not r:
-            raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
+    t0 = time.time()
     if verbose and is_main:
         print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
     opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
@@ -777,14 +980,11 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
                         if k in recs[0]}
     if was_training:
         model.train()
-    summary = summarize(logs, extras, retain_log, ks_method, opts, retain_logs)
-    summary["settings"] = {"split": split, "tasks": list(logs), "max_eval_samples": max_eval_samples,
-                           "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
-                           "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
-                           "gen_max_length": None if max_new_tokens is not None else gen_max_length,
-                           "generation": generation, "ks_method": ks_method, "world_size": world,
-                           "seconds": round(time.time() - t0, 1)}
+    summary = summarize(logs, extras, retain_log, ks_method, opts, retain_logs, settings, retain_settings)
+    summary["settings"] = {**settings, "seconds": round(time.time() - t0, 1)}
     if is_main:
+        for note in summary.get("forget_quality_notes", []):
+            print(f"[eval] forget quality: {note}", flush=True)
         out = Path(output_dir)
         write_logs(out, logs)
         common.atomic_write_json(out / "eval_extra.json", extras)
@@ -794,9 +994,14 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     return summary
 
 
-def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None) -> dict:
+ROW_NUMBERING = {False: "row index in the HF split (TOFU's order, also under --row_order closer_look)",
+                 True: "row index within the continual task (Closer-Look's task file)"}
+
+
+def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None, settings=None,
+              retain_settings=None) -> dict:
     """aggregate() plus the Closer-Look metrics, leakage, truncation counts and NaN flags."""
-    s = aggregate(logs, retain_log, ks_method)
+    s = aggregate(logs, retain_log, ks_method, settings=settings, retain_settings=retain_settings)
     for task, ex in extras.items():
         for k in ("te", "cs", "es"):
             s[f"{task}_{k}"] = float(np.mean(list(ex[k].values()))) if k in ex else None
@@ -837,6 +1042,11 @@ def print_summary(s: dict, logs: dict | None = None):
                if fq is not None else s.get("forget_quality_reason"))
     lines = [("model utility", _fmt(s.get("model_utility")) if s.get("model_utility") is not None
               else s.get("model_utility_reason")), ("forget quality", fq_text)]
+    if s.get("forget_quality_rows"):
+        m, r = s["forget_quality_rows"]["model"], s["forget_quality_rows"]["retain_logs"]
+        lines.append(("forget quality rows", f"model {m['split']} {m['rows']} (n={m['n']}) vs retain logs "
+                                             f"{r['split']} {r['rows']} (n={r['n']}), "
+                                             f"{s['forget_quality_rows']['shared']} shared"))
     if "mu18" in s:
         lines += [(name, f"{s[k]:.4f} ({_closer_look_models(s)})" if s[k] is not None else s[f"{k}_reason"])
                   for name, k in (("MU-18", "mu18"), ("FE", "fe"))]
@@ -904,7 +1114,8 @@ class MethodEval:
             cap = {t: None if t == "forget" else cap for t in TASKS}
         self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
-                       gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model)
+                       gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
+                       row_order=getattr(args, "row_order", "tofu"))
         self.retain_logs = args.retain_logs
         self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
         if args.peak_epoch and not (args.retain_logs or args.retain_model):
@@ -923,7 +1134,7 @@ class MethodEval:
     def _retain(self):
         if self.retain_logs or not self.args.retain_model:
             return self.retain_logs
-        settings = {k: v for k, v in self.kw.items() if k in ("max_eval_samples", "forget_task")}
+        settings = {k: v for k, v in self.kw.items() if k in ("max_eval_samples", "forget_task", "row_order")}
         cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
                                                     "fmt": dataclasses.asdict(self.fmt)})
         if not (cache / "eval_log_forget.json").exists():
@@ -1032,6 +1243,8 @@ class MethodEval:
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
             f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
         print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
+        for note in s.get("forget_quality_notes") or []:
+            print(f"forget quality note: {note}")
         if s.get("closer_look_note"):
             print(f"MU-18/FE: {s['closer_look_note']}")
         if s.get("nan_flags"):
@@ -1041,13 +1254,14 @@ class MethodEval:
         for n in (first, last):
             log = self.out / n / "eval_log_forget.json"
             if log.exists():
-                gens[n] = list(json.loads(log.read_text())["generated_text"].values())[:3]
-        questions = task_rows("forget", self.args.split, forget_task=self.args.forget_task)
-        for k in range(len(gens.get(last, []))):
-            _, g_last, gold = gens[last][k]
-            print(f"\nQ: {questions[k]['question']}\n  gold:   {gold!r}")
-            if first in gens:
-                print(f"  {first + ':':7} {gens[first][k][1]!r}")
+                gens[n] = json.loads(log.read_text())["generated_text"]
+        questions = {str(r["index"]): r["question"] for r in task_rows("forget", self.args.split,
+                                                                        forget_task=self.args.forget_task)}
+        for i in list(gens.get(last, {}))[:3]:  # rows by index: --row_order may not start at row 0
+            _, g_last, gold = gens[last][i]
+            print(f"\nQ: {questions[i]}\n  gold:   {gold!r}")
+            if i in gens.get(first, {}):
+                print(f"  {first + ':':7} {gens[first][i][1]!r}")
             print(f"  {last + ':':7} {g_last!r}")
 
 
@@ -1061,8 +1275,11 @@ def _aggregate_only(args: Args):
     retain = read_logs(args.retain_logs).get("forget") if args.retain_logs else None
     if args.retain_logs and retain is None:
         raise common.TofuError(f"{args.retain_logs} has no eval_log_forget.json")
-    s = aggregate(logs, retain, args.ks_method, "no --retain_logs given")
+    s = aggregate(logs, retain, args.ks_method, "no --retain_logs given", read_settings(args.logs),
+                  read_settings(args.retain_logs) if args.retain_logs else None)
     s["nan_flags"] = nan_flags(logs, s)
+    for note in s.get("forget_quality_notes", []):
+        print(f"note: {note}")
     common.atomic_write_json(args.output_json, s)
     print_summary(s)
 
@@ -1079,6 +1296,8 @@ def main():
         raise common.TofuError("give either --retain_model or --retain_logs, not both")
     if args.split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{args.split}'; valid: {', '.join(common.FORGET_SPLITS)}")
+    if args.row_order not in ROW_ORDERS:
+        raise common.TofuError(f"unknown --row_order '{args.row_order}'; valid: {', '.join(ROW_ORDERS)}")
     out = Path(args.output_dir)
     if out.resolve() == Path(common.resolve_model_path(args.model)).resolve():
         raise common.TofuError("--output_dir must not be the model folder")
@@ -1086,7 +1305,8 @@ def main():
     authors = common.quick_authors(args.split) if args.quick else None
     common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
-                     ks_method=args.ks_method, source=args.source, verbose=accelerator.is_main_process)
+                     ks_method=args.ks_method, source=args.source, row_order=args.row_order,
+                     verbose=accelerator.is_main_process)
 
     def load(name):
         model, tok = common.load_model(name, frozen=True)

@@ -250,13 +250,137 @@ def test_aggregate_only_rejects_mismatched_logs(tmp_path):
     other = _write(tmp_path / "r", forget=[dict(r, generated_text=["q", "g", "other answer"]) for r in recs])
     with pytest.raises(common.TofuError, match="different forget split"):
         _aggregate_only(model, other)
-    # retain logs that lack some of the model's samples
-    with pytest.raises(common.TofuError, match="lack 1 of this model's 2"):
-        _aggregate_only(model, _write(tmp_path / "r2", forget=recs[:1]))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(common.TofuError, match="no TOFU-format logs"):
-        _aggregate_only(tmp_path)
+        _aggregate_only(tmp_path / "empty")
     with pytest.raises(common.TofuError, match="has no eval_log_forget.json"):
         _aggregate_only(model, bad)
+
+
+def _forget_log(folder, split, rows, shift=0.0, settings=None, generated=True):
+    """A hand-made forget log holding rows `rows` of `split` (keyed by row index, ground truths
+    from the data, so official-log style), with TR_i = exp(-0.01 * row - shift); `settings` are
+    written to summary.json as evaluate() does."""
+    data = common.load_split(f"{split}_perturbed")
+    recs = [{"index": i, "avg_gt_loss": 1.0, "rougeL_recall": 0.5, "avg_paraphrased_loss": 1.0,
+             "average_perturb_loss": [1.0 + 0.01 * i + shift, 1.0 + 0.01 * i + shift],
+             **({"generated_text": [f"[INST] q{i} [/INST]", "gen", data[i]["answer"]]} if generated else {})}
+            for i in rows]
+    _write(folder, forget=recs)
+    if settings is not None:
+        (Path(folder) / "summary.json").write_text(json.dumps({"settings": settings}))
+    return folder
+
+
+def _settings(split="forget10", **kw):
+    return {"split": split, "forget_task": None, "prompt_format": {"kind": "llama2", "system_prompt": ""},
+            "max_new_tokens": None, "gen_max_length": 200, "generation": True, "precision": "bf16", **kw}
+
+
+def _tofu_fq(model_dir, retain_dir):
+    """Forget quality as T:aggregate_eval_stat.py:10-26 computes it: every row of each log."""
+    def x(d):
+        log = json.loads((Path(d) / "eval_log_forget.json").read_text())
+        pert = np.array(list(log["average_perturb_loss"].values())).mean(-1)
+        return np.exp(pert - np.array(list(log["avg_paraphrased_loss"].values())))
+    from scipy.stats import ks_2samp
+    return ks_2samp(x(model_dir), x(retain_dir)).pvalue
+
+
+def test_forget_quality_uses_every_row_of_both_logs(tmp_path, capsys):
+    """Bug: the default evaluation (all 400 forget10 rows) against TOFU's official 300-row retain90
+    logs stopped with 'the retain logs lack 100 ...'. TOFU runs KS on every row of each log."""
+    model = _forget_log(tmp_path / "model", "forget10", range(400))
+    retain = _forget_log(tmp_path / "retain", "forget10", range(300), shift=0.3)  # like TOFU's: no summary.json
+    _aggregate_only(model, retain, tmp_path / "out.json")
+    r = json.loads((tmp_path / "out.json").read_text())
+    assert (r["n_forget_model"], r["n_forget_retain"]) == (400, 300)
+    assert r["forget_quality"] == pytest.approx(_tofu_fq(model, retain), rel=1e-9) and r["forget_quality"] < 0.05
+    assert r["forget_quality_rows"] == {
+        "model": {"split": "forget10", "rows": "0-399", "n": 400},
+        "retain_logs": {"split": "forget10", "split_from": "inferred from its ground-truth answers", "rows": "0-299",
+                        "n": 300},
+        "shared": 300}
+    assert r["rows"] == {"forget": "0-399"}
+    printed = capsys.readouterr().out
+    assert "all 400 rows of this model's forget log and all 300 of the retain log's (300 shared)" in printed
+    assert "carry no record of prompt format, generation budget or precision" in printed  # official logs: a note
+
+
+def test_retain_logs_of_another_forget_split_or_rows_are_rejected(tmp_path):
+    """Bug: a retain log of another forget split without generations (ours: generation=False) was
+    accepted whenever its indices covered the model's; TOFU's retain95 log (forget05's rows) must
+    not stand for forget10's retain model either, nor rows the model's log does not share."""
+    model = _forget_log(tmp_path / "m", "forget10", range(200), settings=_settings(), generated=False)
+    ours05 = _forget_log(tmp_path / "r05", "forget05", range(200), settings=_settings("forget05", generation=False),
+                         generated=False)
+    with pytest.raises(common.TofuError, match="hold forget05 rows, not forget10 rows.*retain90"):
+        _aggregate_only(model, ours05)
+    tofu95 = _forget_log(tmp_path / "t95", "forget05", range(200))  # TOFU's retain95 log: indices 0-199 as well
+    with pytest.raises(common.TofuError, match="hold forget05 rows, not forget10 rows"):
+        _aggregate_only(_forget_log(tmp_path / "m400", "forget10", range(400)), tofu95)
+    with pytest.raises(common.TofuError, match="share no row.*retain rows 0-299, model rows 300-399"):
+        _aggregate_only(_forget_log(tmp_path / "m3", "forget10", range(300, 400), settings=_settings()),
+                        _forget_log(tmp_path / "t90", "forget10", range(300)))
+    # rows of no TOFU forget split (retain_perturbed answers) against a forget10 log
+    other = _write(tmp_path / "x", forget=[dict(r, generated_text=["q", "g", a["answer"]]) for r, a in zip(
+        _records([1.0] * 3, [1.0] * 3, [[1.0]] * 3, [1.0] * 3), common.load_split("retain_perturbed"))])
+    with pytest.raises(common.TofuError, match="different forget split"):
+        _aggregate_only(_forget_log(tmp_path / "m4", "forget10", range(3)), other)
+    # continual task 1 is not the standard split: its rows are numbered in Closer-Look's order
+    with pytest.raises(common.TofuError, match=r"forget10 rows, not forget10 \(continual task 1\) rows"):
+        _aggregate_only(_forget_log(tmp_path / "m5", "forget10", range(3), settings=_settings(forget_task=1)),
+                        _forget_log(tmp_path / "t5", "forget10", range(300)))
+
+
+def test_retain_logs_with_other_settings_are_rejected(tmp_path, capsys):
+    """Bug: retain logs computed with another prompt format, generation budget or precision gave a
+    forget quality without a word. Ours record all three in summary.json; TOFU's record none."""
+    model = _forget_log(tmp_path / "m", "forget10", range(10), settings=_settings())
+    cases = {"prompt format": dict(prompt_format={"kind": "chat", "system_prompt": ""}),
+             "budget of max_new_tokens=200": dict(max_new_tokens=200, gen_max_length=None),
+             "evaluated in fp32 weights, bf16 autocast and this model in bf16": dict(
+                 precision="fp32 weights, bf16 autocast")}
+    for i, (message, change) in enumerate(cases.items()):
+        with pytest.raises(common.TofuError, match=message):
+            _aggregate_only(model, _forget_log(tmp_path / f"r{i}", "forget10", range(10), settings=_settings(**change)))
+    # a retain log without generations (what evaluate writes for a retain model) has no budget to compare
+    fine = _forget_log(tmp_path / "ok", "forget10", range(10), settings=_settings(
+        generation=False, max_new_tokens=200, gen_max_length=None))
+    _aggregate_only(model, fine, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text())["forget_quality_notes"] == []
+    # logs written before precision was recorded: a note, not an error
+    _aggregate_only(model, _forget_log(tmp_path / "old", "forget10", range(10), settings=_settings(precision=None)),
+                    tmp_path / "out.json")
+    assert "precision is not recorded in the retain logs" in capsys.readouterr().out
+
+
+def test_retain_logs_folder_as_downloaded_from_tofu(tmp_path):
+    """Bug: --retain_logs had to be the folder holding eval_log_forget.json; TOFU's repository
+    keeps it in data/<model>/eval_results/ds_size300/, and that model folder is what one downloads."""
+    tofu = tmp_path / "ft_epoch5_lr1e-05_llama2-7b_retain90_wd0.01"
+    _forget_log(tofu / "eval_results" / "ds_size300", "forget10", range(300), shift=0.3)
+    model = _forget_log(tmp_path / "m", "forget10", range(400))
+    _aggregate_only(model, tofu, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text())["n_forget_retain"] == 300
+    _forget_log(tofu / "eval_results" / "ds_size100", "forget10", range(100))
+    with pytest.raises(common.TofuError, match="in 2 subfolders .*pass the one to use"):
+        _aggregate_only(model, tofu)
+
+
+def test_closer_look_row_order():
+    """Bug: --max_eval_samples 300 could only take forget10 rows 0-299; Closer-Look's file puts
+    the authors in another order, so its 300 rows are 360-399, 200-359, 0-99 (CL:forget.py:33-59)."""
+    rows = E.task_rows("forget", "forget10", max_eval_samples=300, row_order="closer_look")
+    assert [r["index"] for r in rows] == [*range(360, 400), *range(200, 360), *range(0, 100)]
+    assert E.row_ranges(r["index"] for r in rows) == "0-99,200-399"
+    cl = common.load_split("forget10_perturbed", forget_task=1)  # the copy of Closer-Look's task file
+    assert [r["question"] for r in rows] == [r["question"] for r in cl[:300]]
+    assert [r["index"] for r in E.task_rows("forget", "forget05", row_order="closer_look")][:41:40] == [160, 0]
+    assert [r["index"] for r in E.task_rows("forget", "forget10", max_eval_samples=300)] == list(range(300))
+    assert E.task_rows("retain", "forget10", row_order="closer_look") == E.task_rows("retain", "forget10")
+    with pytest.raises(common.TofuError, match="unknown row order"):
+        E.task_rows("forget", "forget10", row_order="cl")
 
 
 # ---------------------------------------------------------------------------
@@ -363,11 +487,41 @@ def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
     assert log["truth_ratio"][i] == pytest.approx(
         math.exp(log["avg_paraphrased_loss"][i] - np.mean(log["average_perturb_loss"][i])))
     assert s["model_utility"] is None and s["n_forget"] == 3
+    assert s["rows"] == {"forget": "0-2"} and s["settings"]["precision"] == "fp32"
     # the same model against its own logs: identical truth ratios, KS statistic 0, p = 1
     s = E.evaluate(_NoGenerate(model), tok, fmt, "forget01", tmp_path / "model", retain_logs=tmp_path / "retain",
                    tasks=("forget",), max_new_tokens=3, cs_model="none", nli_model="none", **kw)
     assert (s["forget_quality"], s["ks_statistic"]) == (pytest.approx(1.0), 0.0)
+    assert s["forget_quality_rows"]["shared"] == 3 and s["forget_quality_rows"]["retain_logs"]["split"] == "forget01"
+    # a model-like object without parameters has no precision to compare: said, not hidden
+    assert s["settings"]["precision"] is None and s["forget_quality_notes"] == [
+        "precision is not recorded in this model's logs: not checked"]
     assert s["forget_rouge"] is not None and s["forget_es"] is None and "not computed" in s["fe_reason"]
+
+
+def test_precision_is_recorded_and_compared(tiny, tmp_path):
+    """Bug: nothing recorded the precision a model was evaluated at, so an autocast-bf16 model was
+    compared with an fp32 retain model's logs without a word. Also: --row_order reaches evaluate."""
+    model, tok, fmt = tiny
+    assert E.model_precision(model, "cpu") == "fp32" and E.model_precision(_NoGenerate(model), "cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert E.model_precision(model, "cpu") == "fp32 weights, bf16 autocast"
+    assert E.model_precision(torch.nn.Linear(2, 2).to(torch.bfloat16), "cpu") == "bf16"
+    wrapped = torch.nn.Linear(2, 2)  # what accelerate's mixed precision leaves on a prepared model
+    wrapped._original_forward = wrapped.forward
+    acc = types.SimpleNamespace(mixed_precision="bf16")
+    assert E.model_precision(wrapped, "cpu", acc) == "fp32 weights, bf16 autocast"
+    kw = dict(tasks=("forget",), generation=False, max_eval_samples=3, verbose=False)
+    E.evaluate(model, tok, fmt, "forget05", tmp_path / "retain", row_order="closer_look", **kw)
+    settings = json.loads((tmp_path / "retain" / "summary.json").read_text())["settings"]
+    assert settings["precision"] == "fp32" and settings["row_order"] == "closer_look"
+    assert list(json.loads((tmp_path / "retain" / "eval_log_forget.json").read_text())["truth_ratio"]) == [
+        "160", "161", "162"]
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            common.TofuError, match="retain model was evaluated in fp32 and this model in fp32 weights, bf16 autocast"):
+        E.evaluate(model, tok, fmt, "forget05", tmp_path / "model", retain_logs=tmp_path / "retain",
+                   row_order="closer_look", **kw)
+    assert not (tmp_path / "model").exists()  # refused before evaluating
 
 
 def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
@@ -570,6 +724,8 @@ def test_cli_smoke(tiny_model_dir, tmp_path):
 
     bad = run_cli("--model", tiny_model_dir, "--split", "forget03", "--output_dir", tmp_path / "x", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown forget split")
+    bad = run_cli("--model", tiny_model_dir, "--row_order", "cl", "--output_dir", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown --row_order 'cl'")
 
 
 def _free_port():
