@@ -825,18 +825,14 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         args.subset = "quick" if quick else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
-<<<<<<< HEAD
+    if args.row_order not in ("tofu", "closer_look"):
+        raise TofuError(f"unknown --row_order '{args.row_order}'; valid: tofu, closer_look")
     if args.peak_epoch and not args.eval:
         raise TofuError("--peak_epoch chooses an epoch by forget quality, which needs --eval true")
     if not args.eval:  # the recipe's peak-epoch protocol needs evaluation: without it, train the epochs
         args.peak_epoch = False
     for k, v in {"max_grad_norm": 1.0, "schedule": "epochs", "peak_epoch": False,
                  **(quick_recipe if quick else paper_recipe)}.items():
-=======
-    if args.row_order not in ("tofu", "closer_look"):
-        raise TofuError(f"unknown --row_order '{args.row_order}'; valid: tofu, closer_look")
-    for k, v in (quick_recipe if quick else paper_recipe).items():
->>>>>>> eval14
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.schedule not in ("reference", "epochs"):
