@@ -424,7 +424,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
         frozen["model"] = common.load_model(args.model)[0]
         negate_task_vector(frozen["model"], str_path, args.ta_lambda)
     if forget in USES_REF or retain in USES_REF:
-        frozen["ref"] = common.place_frozen(common.load_model(args.model, frozen=True)[0], accelerator)
+        frozen["ref"] = common.load_frozen(args.model, accelerator, args.ref_precision == "match")
     return frozen
 
 

@@ -496,12 +496,17 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def mixed_precision() -> str:
+    """bf16 on GPUs, none on CPU. TOFU_UNLEARN_MIXED_PRECISION=bf16 emulates the GPU path on CPU
+    (CPU bf16 autocast and bf16 frozen models), which is how the tests check GPU numerics."""
+    return os.environ.get("TOFU_UNLEARN_MIXED_PRECISION") or ("bf16" if torch.cuda.is_available() else "no")
+
+
 def default_dtype(frozen: bool = False) -> torch.dtype:
-    """fp32 on CPU. On GPU, frozen (reference/teacher) models run in bf16; trained models
-    keep fp32 master weights and use bf16 autocast through accelerate."""
-    if frozen and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """fp32 without mixed precision. With it (GPUs), frozen models that need no more (RKLD's teacher
+    models) hold bf16 weights; trained models keep fp32 master weights under bf16 autocast, and so do
+    frozen models loaded with match=True (load_frozen)."""
+    return torch.bfloat16 if frozen and mixed_precision() == "bf16" else torch.float32
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool = False):
@@ -546,8 +551,8 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
                         f"on {world} process(es); choose --per_device_batch_size so that per_device x {world} divides "
                         f"{batch_size}")
     ga = batch_size // (per_device_batch_size * world)
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=ga, mixed_precision="bf16" if cuda else "no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=ga,
+                              mixed_precision=mixed_precision())
     if accelerator.num_processes != world:
         raise TofuError(f"WORLD_SIZE says {world} processes but accelerate sees {accelerator.num_processes}; "
                         "launch with accelerate launch or torchrun")
@@ -581,10 +586,35 @@ def shards_parameters(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def load_frozen(name_or_path: str, accelerator, match: bool = True):
+    """A frozen model loaded and placed (place_frozen). match=True: in the trained model's precision,
+    fp32 weights under the same bf16 autocast, so a reference model's log-probs equal the trained
+    model's exactly at theta = theta_ref and a retain model is evaluated like the models it is
+    compared with (4 bytes a parameter); match=False: bf16 weights under mixed precision (2 bytes)."""
+    model = load_model(name_or_path, dtype=torch.float32 if match else None, frozen=True)[0]
+    return place_frozen(model, accelerator)
+
+
+def fp32_output_head(model):
+    """Compute the model's output projection (lm_head) in fp32, outside autocast: logits then carry
+    no bf16 rounding (about 0.03-0.125 at logits of 8-32), which RKLD's teacher would multiply by
+    alpha. Patches the module's forward, so it holds under FSDP2 and ZeRO-3, which gather the weight
+    before the forward runs."""
+    head = model.get_output_embeddings()
+
+    def forward(hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(hidden.float(), head.weight.float(), bias)
+    head.forward = forward
+    return model
+
+
 def place_frozen(model, accelerator):
     """A frozen (reference, teacher, retain) model placed for inference under the launch's backend,
     without an optimizer and without registering it with the accelerator (so dropping the last
-    reference frees it):
+    reference frees it). Under mixed precision its forward runs under the accelerator's autocast,
+    as the trained model's does once prepared:
       no distribution / DDP   on the device; bf16 weights on GPU (load_model(frozen=True));
       FSDP2                   sharded like the trained model (accelerate's fsdp2_prepare_model);
       DeepSpeed ZeRO-3        a DeepSpeed inference engine, stage 3, no optimizer (the pattern
@@ -604,6 +634,9 @@ def place_frozen(model, accelerator):
         engine = deepspeed.initialize(model=model, config=config)[0]
         engine.eval()
         return engine
+    if accelerator.mixed_precision != "no":  # what accelerator.prepare does to the trained model's forward
+        model._original_forward = model.forward
+        model.forward = accelerator.autocast()(model.forward)
     if accelerator.is_fsdp2:
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
         return fsdp2_prepare_model(accelerator, model)
@@ -812,6 +845,7 @@ class MethodArgs:
     gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
+    ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 
@@ -837,6 +871,8 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
             setattr(args, k, v)
     if args.schedule not in ("reference", "epochs"):
         raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
+    if args.ref_precision not in ("match", "bf16"):
+        raise TofuError(f"--ref_precision must be match or bf16, not {args.ref_precision!r}")
     if args.retain_model == "auto":
         args.retain_model = QUICK if quick and args.forget_task is None else "none"
     if args.retain_model == QUICK:

@@ -466,6 +466,9 @@ def check_retain_settings(settings: dict | None, retain_settings: dict | None) -
     if a.get("precision") is None or b.get("precision") is None:
         return ["precision is not recorded in " + ("the retain logs" if a.get("precision") is None
                                                     else "this model's logs") + ": not checked"]
+    if a["precision"] != b["precision"] and b.get("compare_precision") is False:  # e.g. RKLD's teacher
+        return [f"this model ({b['precision']}) was evaluated at another precision than the retain model "
+                f"({a['precision']}) on purpose"]
     if a["precision"] != b["precision"]:
         raise common.TofuError(f"the retain model was evaluated in {a['precision']} and this model in "
                                f"{b['precision']}; evaluate every compared model at the same precision")
@@ -907,7 +910,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
              max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
-             row_order: str = "tofu", verbose: bool = True) -> dict:
+             row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -951,7 +954,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
                 "row_order": row_order, "row_numbering": ROW_NUMBERING[forget_task is not None],
                 "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
                 "gen_max_length": None if max_new_tokens is not None else gen_max_length,
-                "generation": generation, "precision": precision, "ks_method": ks_method, "world_size": world}
+                "generation": generation, "precision": precision, "compare_precision": compare_precision,
+                "ks_method": ks_method, "world_size": world}
     if retain_log is not None and "forget" in rows:  # bad retain logs fail before the evaluation, not after
         check_retain_settings(settings, retain_settings)
         check_retain_rows({"split": split, "forget_task": forget_task, "rows": [r["index"] for r in rows["forget"]],
@@ -1140,7 +1144,7 @@ class MethodEval:
         if not (cache / "eval_log_forget.json").exists():
             if self.acc.is_main_process:
                 print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
-            model = common.place_frozen(common.load_model(self.args.retain_model, frozen=True)[0], self.acc)
+            model = common.load_frozen(self.args.retain_model, self.acc)  # the trained model's precision
             evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
                      verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
             del model
@@ -1149,7 +1153,7 @@ class MethodEval:
         self.retain_logs = str(cache)
         return self.retain_logs
 
-    def run(self, model, name: str, cache_key: str | None = None) -> dict | None:
+    def run(self, model, name: str, cache_key: str | None = None, compare_precision: bool = True) -> dict | None:
         if not self.args.eval:
             return None
         out = self.out / name
@@ -1164,7 +1168,7 @@ class MethodEval:
         if self.acc.is_main_process:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
-                           **self.kw)
+                           compare_precision=compare_precision, **self.kw)
         if cache is not None and self.acc.is_main_process:
             shutil.copytree(out, cache, dirs_exist_ok=True)
         return summary
@@ -1206,7 +1210,7 @@ class MethodEval:
         if best["epoch"] == last_epoch:
             summary = last
         else:
-            model = common.place_frozen(common.load_model(str(self.run_dir / "peak_model"), frozen=True)[0], self.acc)
+            model = common.load_frozen(str(self.run_dir / "peak_model"), self.acc)
             summary = self.run(model, "peak")
             del model
             gc.collect()

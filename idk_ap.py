@@ -187,7 +187,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.forget_loss != "dpo" and args.retain_loss != "kl":
         return {"ref": None}
-    return {"ref": common.place_frozen(common.load_model(args.model, frozen=True)[0], accelerator)}
+    return {"ref": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
 
 
 def _logits(model, part: dict) -> torch.Tensor:

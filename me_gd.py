@@ -212,7 +212,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.retain_loss != "kl":
         return {"ori": None}
-    return {"ori": common.place_frozen(common.load_model(args.model, frozen=True)[0], accelerator)}
+    return {"ori": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
 
 
 def padded_parts(args) -> tuple[str, ...]:

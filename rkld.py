@@ -236,11 +236,13 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     if strong.config.vocab_size != ori.config.vocab_size:
         raise TofuError(f"the strengthened model's vocabulary ({strong.config.vocab_size}) differs from the "
                         f"original's ({ori.config.vocab_size}); pass a model fine-tuned from --model")
-    ori, strong = common.place_frozen(ori, accelerator), common.place_frozen(strong, accelerator)
+    # bf16 weights under mixed precision, but logits from an fp32 output head: the teacher multiplies
+    # a difference of two logit vectors by alpha, which would amplify bf16 rounding (0.5-1 nat at alpha 8)
+    ori, strong = (common.place_frozen(common.fp32_output_head(m), accelerator) for m in (ori, strong))
     frozen = {"ori": ori, "teacher": Teacher(ori, strong, args.alpha), "store": None}
     del strong
     if args.eval_teacher:
-        frozen["eval/teacher"] = evaluator.run(frozen["teacher"], "teacher")
+        frozen["eval/teacher"] = evaluator.run(frozen["teacher"], "teacher", compare_precision=False)
     if args.precompute_teacher:
         path = Path(args.output_dir) / "teacher_logp.f32"
         frozen.update(store=precompute_teacher(frozen["teacher"], ds, tok.pad_token_id, accelerator, path,
