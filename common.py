@@ -250,19 +250,30 @@ def save_prompt_format(fmt: PromptFormat, model_dir) -> None:
     atomic_write_json(Path(model_dir) / FORMAT_FILE, dataclasses.asdict(fmt))
 
 
+SYSTEM_PROMPT_HELP = ("System message of a chat template. 'auto' (default): the one saved beside the model "
+                      "(tofu_prompt_format.json, so every stage uses the one the model was trained with), else '' "
+                      "(an empty system message: this project's default, which keeps templates such as SmolLM2's "
+                      "from inserting their own system text). 'none': no system message, so the template decides; "
+                      "Llama-3-Instruct then has no system turn, as in Closer-Look's Llama-3 format "
+                      "(config/model_config.yaml). Any other text is the system message; an explicit value "
+                      "replaces a saved one. Chat formats only: TOFU's llama2 and phi tags have no system turn.")
+
+
 def prompt_format(tokenizer, name_or_path: str = "", choice: str = "auto",
-                  system_prompt: str | None = "") -> PromptFormat:
-    """auto: the format saved beside the model by finetune.py or a method script (so every
-    stage uses the one the model was trained with); else TOFU's Llama-2 tags for Llama-2
-    models; else the chat template; else phi tags."""
+                  system_prompt: str | None = "auto") -> PromptFormat:
+    """The prompt format for a model. Kind: `choice` if not auto; else the format saved beside the
+    model by finetune.py or a method script (so every stage uses the one the model was trained with);
+    else TOFU's Llama-2 tags for a Llama-2 model (_is_llama2); else the chat template; else phi tags.
+    system_prompt (the --system_prompt flag, see SYSTEM_PROMPT_HELP): "auto" = the saved one, else "";
+    "none" or None = no system message; any other text replaces the saved one."""
     if choice not in PROMPT_FORMATS:
         raise TofuError(f"unknown prompt format '{choice}'; valid: {', '.join(PROMPT_FORMATS)}")
-    saved = Path(str(name_or_path)) / FORMAT_FILE
-    if choice == "auto" and saved.exists():
-        return PromptFormat(**json.loads(saved.read_text()))
+    path = Path(str(name_or_path)) / FORMAT_FILE
+    saved = PromptFormat(**json.loads(path.read_text())) if name_or_path and path.exists() else None
     if choice == "auto":
-        name = str(name_or_path).lower().replace("-", "")
-        if "llama2" in name:
+        if saved:
+            choice = saved.kind
+        elif _is_llama2(tokenizer, name_or_path):
             choice = "llama2"
         elif getattr(tokenizer, "chat_template", None):
             choice = "chat"
@@ -270,7 +281,34 @@ def prompt_format(tokenizer, name_or_path: str = "", choice: str = "auto",
             choice = "phi"
     if choice == "chat" and not getattr(tokenizer, "chat_template", None):
         raise TofuError("--prompt_format chat needs a tokenizer with a chat template")
-    return PromptFormat(choice, system_prompt)
+    if system_prompt == "auto":
+        system_prompt = saved.system_prompt if saved else ""
+    elif choice != "chat":
+        raise TofuError(f"--system_prompt applies to chat templates only, and this model's prompt format is "
+                        f"{choice} (TOFU's tags have no system turn); leave it at auto or pass --prompt_format chat")
+    elif system_prompt == "none":
+        system_prompt = None
+    return PromptFormat(choice, system_prompt if choice == "chat" else "")
+
+
+def _is_llama2(tokenizer, name_or_path: str) -> bool:
+    """A Llama-2 model, recognised by what it is rather than by its name: the Llama architecture
+    (config.json model_type "llama"), the Llama-1/2 SentencePiece tokenizer (BOS "<s>"; Llama-3 has
+    "<|begin_of_text|>", SmolLM2 "<|im_start|>"), and either no chat template, like TOFU's
+    locuslab/tofu_ft_llama2-7b (TOFU picks its [INST] tags from the model_family flag, never from the
+    tokenizer: config/model_config.yaml), or Llama-2's own [INST] template, which recent hub revisions
+    of meta-llama/Llama-2-7b-chat-hf carry. TOFU fine-tuned and evaluated with the bare tags, not
+    that template's <<SYS>> block, so the tags win."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not name_or_path or tokenizer.bos_token != "<s>" or (template and "[INST]" not in str(template)):
+        return False
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise TofuError(f"could not read the config of '{name_or_path}' to choose its prompt format "
+                        f"({str(e).splitlines()[0][:120]}); pass --prompt_format") from None
+    return config.model_type == "llama"
 
 
 def encode_prompt(tokenizer, fmt: PromptFormat, question: str) -> list[int]:
@@ -789,7 +827,8 @@ class MethodArgs:
     warmup_epochs: float = _f(1.0, "Linear warmup in epochs, then linear decay to 0 (TOFU / closer-look / RKLD: one epoch).")
     max_grad_norm: float = _f(1.0, "Gradient clipping, 0 disables (HF Trainer default 1.0; the DeepSpeed references likely ran without).")
     max_length: int = _f(512, "Max tokens per example (open-unlearning: 512).")
-    prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model.")
+    prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model, else TOFU's llama2 tags for a Llama-2 model (Llama architecture and tokenizer), else the chat template, else phi tags (common.prompt_format).")
+    system_prompt: str = _f("auto", SYSTEM_PROMPT_HELP)
     seed: int = _f(42, "Seed for models, data order, retain pairing and IDK templates.")
     output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
     eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")

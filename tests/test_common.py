@@ -119,7 +119,7 @@ def test_chat_mask_scores_exactly_answer_plus_eos(tiny_model_dir):
 
 def test_legacy_masks_count_bos_and_score_answer(tiny_legacy_model_dir):
     tok = common.load_tokenizer(str(tiny_legacy_model_dir))
-    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "phi"
+    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "llama2"  # a Llama-2-like model
     fmt = common.prompt_format(tok, "", "llama2")
     enc = common.encode_qa(tok, fmt, "Who?", "Him.")
     assert enc["input_ids"][0] == tok.bos_token_id
@@ -139,6 +139,56 @@ def test_phi_tags_follow_tofu(tiny_legacy_model_dir):
     assert tok.decode(enc["input_ids"][:n_q]) == "<s>Question: Who wrote it?\n"
     assert tok.decode(_scored(tok, enc)) == "Answer: William Shakespeare<|endoftext|>"
     assert common.encode_prompt(tok, fmt, "Who wrote it?") == enc["input_ids"][:n_q]
+
+
+def _copy_model(src, dst, model_type=None, template=None):
+    """A copy of a tiny model folder, with another config model_type or tokenizer chat template."""
+    import shutil
+    shutil.copytree(src, dst)
+    if model_type:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    if template:
+        tok = common.load_tokenizer(str(dst))
+        tok.chat_template = template
+        tok.save_pretrained(dst)
+    return dst
+
+
+def test_llama2_tags_come_from_tokenizer_and_config_not_the_name(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
+    """Catches choosing TOFU's Llama-2 tags by the substring "llama2" in the path (a Llama-2 folder under
+    another name got phi tags, a chat model under a llama2 name got the tags), and dropping the
+    architecture check (any "<s>" tokenizer without a template would get the tags)."""
+    fmt = lambda path, choice="auto": common.prompt_format(common.load_tokenizer(str(path)), str(path), choice)  # noqa: E731
+    assert fmt(tiny_legacy_model_dir).kind == "llama2"    # Llama architecture, "<s>" BOS, no template; neutral name
+    inst = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    assert fmt(_copy_model(tiny_legacy_model_dir, tmp_path / "chat_hf", template=inst)).kind == "llama2"
+    assert fmt(_copy_model(tiny_model_dir, tmp_path / "tofu_ft_llama2-7b")).kind == "chat"   # ChatML template
+    assert fmt(_copy_model(tiny_legacy_model_dir, tmp_path / "mpt", model_type="mpt")).kind == "phi"
+    assert fmt(tiny_legacy_model_dir, "phi").kind == "phi"     # an explicit --prompt_format wins
+    assert fmt(tiny_legacy_model_dir, "llama2").kind == "llama2"
+    with pytest.raises(TofuError, match="needs a tokenizer with a chat template"):
+        fmt(tiny_legacy_model_dir, "chat")
+
+
+def test_system_prompt_flag_spellings_and_saved_formats(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
+    """auto = the saved system prompt, else ""; none = no system message; text = that message, replacing a
+    saved one. Catches an explicit --system_prompt that a saved format silently overrode (the format file
+    used to be returned whole), and "none" taken as the literal text "none"."""
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    sp = lambda path, value: common.prompt_format(tok, str(path), "auto", value).system_prompt  # noqa: E731
+    assert sp(tiny_model_dir, "auto") == "" and sp(tiny_model_dir, "Be brief.") == "Be brief."
+    assert sp(tiny_model_dir, "none") is None and sp(tiny_model_dir, None) is None
+    no_system = common.PromptFormat("chat", None).prompt(tok, "Who?")
+    assert "system" not in no_system and no_system.endswith("<|im_start|>assistant\n")
+    saved = _copy_model(tiny_model_dir, tmp_path / "trained")
+    common.save_prompt_format(common.PromptFormat("chat", "Saved."), saved)
+    assert sp(saved, "auto") == "Saved."                       # what the model was trained with
+    assert (sp(saved, ""), sp(saved, "none"), sp(saved, "New.")) == ("", None, "New.")  # explicit flags win
+    legacy = common.load_tokenizer(str(tiny_legacy_model_dir))
+    assert common.prompt_format(legacy, str(tiny_legacy_model_dir), "phi", "auto") == common.PromptFormat("phi", "")
+    with pytest.raises(TofuError, match="--system_prompt applies to chat templates only.*llama2"):
+        common.prompt_format(legacy, str(tiny_legacy_model_dir), "auto", "none")
 
 
 def test_truncation_drops_eos_and_is_counted(tiny_model_dir):
