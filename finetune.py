@@ -69,6 +69,7 @@ def resolve(args: Args) -> Args:
         args.subset = "quick" if args.model in common.PRESETS else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
+    common.check_numbers(args)
     recipe = EMBEDDED_RECIPE if args.model in common.PRESETS else TOFU_RECIPE
     for k, v in recipe.items():
         if getattr(args, k) is None:

@@ -1,6 +1,7 @@
 """common.py: TOFU data, masks, collation, the log-prob helper, model loading, errors."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,63 @@ def test_embedded_preset_loads_and_scores():
     # encode_qa raises if a prompt's tokens are not a prefix of its full sequence: check all 4,000 rows
     lengths = [len(common.encode_qa(tok, fmt, r["question"], r["answer"])["input_ids"]) for r in common.load_split("full")]
     assert 60 < sum(lengths) / len(lengths) < 72      # ~66 tokens with the empty system message
+
+
+# ---------------------------------------------------------------- arguments and run folders
+def _finalize(monkeypatch, tiny_model_dir, **flags):
+    """finalize_args of rkld-like arguments; the quick models are the tiny one (no finetune.py needed)."""
+    monkeypatch.setattr(common, "quick_model", lambda split, role, n=4: str(tiny_model_dir))
+    quick = {"lr": 1e-4, "epochs": 5, "batch_size": 8}
+    return common.finalize_args(common.MethodArgs(**flags), "rkld", quick, {"lr": 1e-5, "epochs": 5, "batch_size": 32})
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("lr", 0.0, "--lr must be positive, not 0.0"), ("lr", -1e-5, "--lr must be positive"),
+    ("lr", float("nan"), "--lr must be positive"), ("batch_size", 0, "--batch_size must be at least 1, not 0"),
+    ("per_device_batch_size", 0, "--per_device_batch_size must be at least 1"),
+    ("epochs", -1, "--epochs must be 0 or more, not -1"), ("max_length", 0, "--max_length must be at least 1"),
+    ("warmup_epochs", -0.5, "--warmup_epochs must be 0 or more"), ("max_steps", -1, "--max_steps must be 0 or more"),
+    ("forget_task", 0, "--forget_task must be at least 1")])
+def test_numeric_flags_are_checked_at_parse_time(monkeypatch, tiny_model_dir, flag, value, message):
+    """Catches a numeric flag that used to reach training: lr 0 trains nothing, a batch of 0 failed in
+    the DataLoader after the models had loaded, negative epochs ran zero steps and saved the start model."""
+    with pytest.raises(TofuError, match=message.replace("(", r"\(")):
+        _finalize(monkeypatch, tiny_model_dir, **{flag: value})
+    _finalize(monkeypatch, tiny_model_dir, epochs=0, max_steps=0, warmup_epochs=0.0)  # zero is allowed there
+
+
+def test_default_run_folder_names_the_flags_that_change_the_run(monkeypatch, tiny_model_dir):
+    """Catches the old runs/<method>/<split> for every setting (an ablation overwrote the default run),
+    naming a default that the recipe filled in (the same run under two names), and unsorted flags."""
+    name = lambda **f: Path(_finalize(monkeypatch, tiny_model_dir, **f).output_dir).relative_to(common.RUNS_DIR)  # noqa: E731
+    assert name() == Path("rkld/forget01")
+    assert name(lr=1e-4, batch_size=8, subset="quick") == Path("rkld/forget01")    # the quick recipe's own values
+    assert name(eval=False, max_eval_samples=5, max_new_tokens=3, retain_model="none") == Path("rkld/forget01")
+    assert name(seed=1, lr=3e-5) == Path("rkld/forget01-lr_3e-05-seed_1")
+    assert name(forget_task=2, system_prompt="You are a helpful assistant.") == \
+        Path("rkld/forget01-task2-system_prompt_You_are_a_helpful_assistant.")
+    assert name(model="org/some-model", lr=1e-5) == Path("rkld/forget01-model_org--some-model")  # the paper recipe
+    assert str(name(model="org/some-model", prompt_format="llama2", system_prompt="x" * 300)).startswith(
+        "rkld/forget01-model_org--some-model-prompt_format_llama2-system_prompt_xxxx")
+    assert len(name(system_prompt="x" * 300).name) < 80 and name(system_prompt="x" * 300) != name(system_prompt="x" * 299)
+
+
+def test_a_finished_run_is_not_replaced_by_other_arguments(monkeypatch, tiny_model_dir, tmp_path):
+    """Catches a second run with other flags silently overwriting a finished run's model and evaluation,
+    through the default folder (only evaluation flags differ) or an explicit --output_dir."""
+    a = _finalize(monkeypatch, tiny_model_dir)
+    common.RunLogger(a.output_dir, a, {})
+    _finalize(monkeypatch, tiny_model_dir)            # started, not finished (no model/): may be redone
+    (Path(a.output_dir) / "model").mkdir()
+    _finalize(monkeypatch, tiny_model_dir)            # finished, same arguments: may be redone
+    with pytest.raises(TofuError, match=r"holds a finished run made with other arguments \(--max_eval_samples 20 "
+                                        r"there, 5 now\); pass --overwrite"):
+        _finalize(monkeypatch, tiny_model_dir, max_eval_samples=5)
+    with pytest.raises(TofuError, match=r"other arguments \(--seed 42 there, 1 now\)"):
+        _finalize(monkeypatch, tiny_model_dir, seed=1, output_dir=a.output_dir)
+    assert _finalize(monkeypatch, tiny_model_dir, seed=1, output_dir=a.output_dir, overwrite=True).seed == 1
+    saved = json.loads((Path(a.output_dir) / "args.json").read_text())
+    del saved["args"]["system_prompt"]                # a run from before the flag existed
+    common.atomic_write_json(Path(a.output_dir) / "args.json", saved)
+    with pytest.raises(TofuError, match=r"--system_prompt \(not recorded\) there, auto now"):
+        _finalize(monkeypatch, tiny_model_dir)
