@@ -43,7 +43,7 @@ Launch:
 
 Flags: --method (the names above, + _gd or _kl for the retain term; RKLD's "X+RT" is x_rt = x_gd;
   table METHODS), --beta, --delta, --forget_weight (gamma), --retain_weight (alpha), --ta_lambda and,
-  for ta, rkld.py's --strengthen* flags. Runs go to runs/<method>/<split>.
+  for ta, rkld.py's --strengthen* flags. Runs go to runs/<method>/<split>[-<flag>_<value>...].
 
 Reproducing the papers:
   --method {ga,ga_gd,ga_kl,npo,npo_gd,npo_kl,dpo,dpo_gd,dpo_kl,idk,idk_gd} with the defaults
@@ -280,7 +280,7 @@ class Args(common.MethodArgs):
 
     def __post_init__(self):
         """Resolve the method: aliases and its defaults for unset flags. (common.finalize_args
-        names the run folder runs/<method>/<split>[-task<k>] after args.method.)"""
+        names the run folder runs/<method>/<split>[-task<k>][-<flag>_<value>...] after args.method.)"""
         self.method = ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
             what = "is required" if self.method is None else f"{self.method!r} is unknown"
@@ -297,6 +297,9 @@ class Args(common.MethodArgs):
         for k, v in {"forget_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if forget in ("npo", "dpo", "kto", "simnpo") and not self.beta > 0:
+            raise TofuError(f"--beta must be positive for {self.method} (its loss divides by beta), not {self.beta}")
+        common.check_numbers(self, (("strengthen_lr", *common.POSITIVE), ("strengthen_epochs", *common.NON_NEGATIVE)))
 
 
 METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
@@ -416,8 +419,6 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     if retain and not ds.retain:
         raise TofuError(f"--method {args.method} needs retain rows, but {common.RETAIN_OF[args.split]} has none "
                         f"for this subset (--quick_retain_authors {args.quick_retain_authors})")
-    if forget in ("npo", "dpo", "kto", "simnpo") and args.beta <= 0:
-        raise TofuError(f"--beta must be positive for {args.method} (its loss divides by beta)")
     frozen = {"ref": None}
     if forget == "ta":
         str_path = strengthen(args, tok, ds.fmt, accelerator)
@@ -503,7 +504,7 @@ def main():
     out_dir = Path(args.output_dir)
 
     tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -250,19 +252,30 @@ def save_prompt_format(fmt: PromptFormat, model_dir) -> None:
     atomic_write_json(Path(model_dir) / FORMAT_FILE, dataclasses.asdict(fmt))
 
 
+SYSTEM_PROMPT_HELP = ("System message of a chat template. 'auto' (default): the one saved beside the model "
+                      "(tofu_prompt_format.json, so every stage uses the one the model was trained with), else '' "
+                      "(an empty system message: this project's default, which keeps templates such as SmolLM2's "
+                      "from inserting their own system text). 'none': no system message, so the template decides; "
+                      "Llama-3-Instruct then has no system turn, as in Closer-Look's Llama-3 format "
+                      "(config/model_config.yaml). Any other text is the system message; an explicit value "
+                      "replaces a saved one. Chat formats only: TOFU's llama2 and phi tags have no system turn.")
+
+
 def prompt_format(tokenizer, name_or_path: str = "", choice: str = "auto",
-                  system_prompt: str | None = "") -> PromptFormat:
-    """auto: the format saved beside the model by finetune.py or a method script (so every
-    stage uses the one the model was trained with); else TOFU's Llama-2 tags for Llama-2
-    models; else the chat template; else phi tags."""
+                  system_prompt: str | None = "auto") -> PromptFormat:
+    """The prompt format for a model. Kind: `choice` if not auto; else the format saved beside the
+    model by finetune.py or a method script (so every stage uses the one the model was trained with);
+    else TOFU's Llama-2 tags for a Llama-2 model (_is_llama2); else the chat template; else phi tags.
+    system_prompt (the --system_prompt flag, see SYSTEM_PROMPT_HELP): "auto" = the saved one, else "";
+    "none" or None = no system message; any other text replaces the saved one."""
     if choice not in PROMPT_FORMATS:
         raise TofuError(f"unknown prompt format '{choice}'; valid: {', '.join(PROMPT_FORMATS)}")
-    saved = Path(str(name_or_path)) / FORMAT_FILE
-    if choice == "auto" and saved.exists():
-        return PromptFormat(**json.loads(saved.read_text()))
+    path = Path(str(name_or_path)) / FORMAT_FILE
+    saved = PromptFormat(**json.loads(path.read_text())) if name_or_path and path.exists() else None
     if choice == "auto":
-        name = str(name_or_path).lower().replace("-", "")
-        if "llama2" in name:
+        if saved:
+            choice = saved.kind
+        elif _is_llama2(tokenizer, name_or_path):
             choice = "llama2"
         elif getattr(tokenizer, "chat_template", None):
             choice = "chat"
@@ -270,7 +283,34 @@ def prompt_format(tokenizer, name_or_path: str = "", choice: str = "auto",
             choice = "phi"
     if choice == "chat" and not getattr(tokenizer, "chat_template", None):
         raise TofuError("--prompt_format chat needs a tokenizer with a chat template")
-    return PromptFormat(choice, system_prompt)
+    if system_prompt == "auto":
+        system_prompt = saved.system_prompt if saved else ""
+    elif choice != "chat":
+        raise TofuError(f"--system_prompt applies to chat templates only, and this model's prompt format is "
+                        f"{choice} (TOFU's tags have no system turn); leave it at auto or pass --prompt_format chat")
+    elif system_prompt == "none":
+        system_prompt = None
+    return PromptFormat(choice, system_prompt if choice == "chat" else "")
+
+
+def _is_llama2(tokenizer, name_or_path: str) -> bool:
+    """A Llama-2 model, recognised by what it is rather than by its name: the Llama architecture
+    (config.json model_type "llama"), the Llama-1/2 SentencePiece tokenizer (BOS "<s>"; Llama-3 has
+    "<|begin_of_text|>", SmolLM2 "<|im_start|>"), and either no chat template, like TOFU's
+    locuslab/tofu_ft_llama2-7b (TOFU picks its [INST] tags from the model_family flag, never from the
+    tokenizer: config/model_config.yaml), or Llama-2's own [INST] template, which recent hub revisions
+    of meta-llama/Llama-2-7b-chat-hf carry. TOFU fine-tuned and evaluated with the bare tags, not
+    that template's <<SYS>> block, so the tags win."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not name_or_path or tokenizer.bos_token != "<s>" or (template and "[INST]" not in str(template)):
+        return False
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise TofuError(f"could not read the config of '{name_or_path}' to choose its prompt format "
+                        f"({str(e).splitlines()[0][:120]}); pass --prompt_format") from None
+    return config.model_type == "llama"
 
 
 def encode_prompt(tokenizer, fmt: PromptFormat, question: str) -> list[int]:
@@ -834,9 +874,11 @@ class MethodArgs:
     peak_epoch: bool = _f(None, "The RKLD paper's protocol (Table 2, Table 4, Fig. 3): forget quality after every epoch (forget split scored, no generation), the first epoch of peak forget quality kept and evaluated in full beside the last. Default: on for rkld.py on a real model (with --epochs 10), off otherwise.")
     save_peak: bool = _f(True, "With --peak_epoch: keep the first peak epoch's weights in OUTPUT_DIR/peak_model (one checkpoint, rewritten when forget quality improves); false deletes it after its evaluation.")
     max_length: int = _f(512, "Max tokens per example (open-unlearning: 512).")
-    prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model.")
+    prompt_format: str = _f("auto", "auto, chat, llama2 or phi; auto uses the format saved beside the model, else TOFU's llama2 tags for a Llama-2 model (Llama architecture and tokenizer), else the chat template, else phi tags (common.prompt_format).")
+    system_prompt: str = _f("auto", SYSTEM_PROMPT_HELP)
     seed: int = _f(42, "Seed for models, data order, retain pairing and IDK templates.")
-    output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>].")
+    output_dir: str = _f(None, "Run folder. Default: runs/<method>/<split>[-task<k>][-<flag>_<value>...], naming every flag that changes the trained model and differs from its default (common.run_name), e.g. runs/rkld/forget01-divergence_fkl.")
+    overwrite: bool = _f(False, "Replace a finished run (args.json and model/) in the run folder that was made with other arguments; without it such a run is kept and this one refused.")
     eval: bool = _f(True, "Evaluate before and after unlearning (--eval false to skip).")
     eval_every_epoch: bool = _f(False, "Also evaluate after every epoch (to find the epoch of peak forget quality).")
     max_eval_samples: int = _f(None, "Rows per eval split (first N). Default: all (open-unlearning). On the quick path: 20, and the forget split is always whole there (forget quality needs every row), to fit the CPU budget. 300 applies TOFU's ds_size cap (retain and forget10: the first 300 of 400 rows, the rows of its published logs); Closer-Look's 300 forget10 rows are another set (--row_order closer_look).")
@@ -849,11 +891,27 @@ class MethodArgs:
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 
-def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
-    """Validate args and fill the recipe defaults (quick recipe for the embedded model,
-    the paper's otherwise). Returns args with resolved model paths and run folder."""
-    if args.split not in FORGET_SPLITS:
-        raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
+# Numeric flags, checked at parse time (before any model loads): (flag, test, what it must be).
+# A flag a script lacks, or left unset (None: a recipe fills it), is skipped.
+POSITIVE, AT_LEAST_1, NON_NEGATIVE = (lambda v: v > 0, "positive"), (lambda v: v >= 1, "at least 1"), \
+    (lambda v: v >= 0, "0 or more")
+NUMBER_RULES = (("lr", *POSITIVE), ("batch_size", *AT_LEAST_1), ("per_device_batch_size", *AT_LEAST_1),
+                ("epochs", *NON_NEGATIVE), ("max_length", *AT_LEAST_1), ("warmup_epochs", *NON_NEGATIVE),
+                ("weight_decay", *NON_NEGATIVE), ("max_grad_norm", *NON_NEGATIVE), ("max_steps", *NON_NEGATIVE),
+                ("quick_retain_authors", *NON_NEGATIVE), ("forget_task", *AT_LEAST_1),
+                ("max_eval_samples", *NON_NEGATIVE), ("gen_max_length", *AT_LEAST_1), ("max_new_tokens", *AT_LEAST_1))
+
+
+def check_numbers(args, rules=NUMBER_RULES) -> None:
+    """One sentence for the first flag out of range (`not ok` also refuses NaN)."""
+    for name, ok, must in rules:
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            raise TofuError(f"--{name} must be {must}, not {v}")
+
+
+def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
+    """The defaults that depend on the model: --subset, and the recipe (quick or paper) for unset flags."""
     quick = args.model == QUICK
     if args.subset == "auto":
         args.subset = "quick" if quick else "all"
@@ -873,6 +931,21 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
     if args.ref_precision not in ("match", "bf16"):
         raise TofuError(f"--ref_precision must be match or bf16, not {args.ref_precision!r}")
+
+
+def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
+    """Validate args and fill the recipe defaults (quick recipe for the embedded model,
+    the paper's otherwise). Returns args with resolved model paths and run folder."""
+    if args.split not in FORGET_SPLITS:
+        raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
+    check_numbers(args)
+    quick, given_model = args.model == QUICK, args.model
+    # What every flag would be if only the split, task, method and model had been given: the script's
+    # own resolution (__post_init__) and the recipe, so a default filled in is never named as a choice.
+    same = {k: getattr(args, k) for k in ("split", "forget_task", "method", "model") if hasattr(args, k)}
+    defaults = type(args)(**same) if dataclasses.is_dataclass(args) else None
+    for a in (args, defaults) if defaults is not None else (args,):
+        _fill_defaults(a, quick_recipe, paper_recipe)
     if args.retain_model == "auto":
         args.retain_model = QUICK if quick and args.forget_task is None else "none"
     if args.retain_model == QUICK:
@@ -884,11 +957,74 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     if args.max_eval_samples is None and args.subset == "quick":
         args.max_eval_samples = 20
     if args.output_dir is None:  # baselines.py names the folder after its --method
-        task = f"-task{args.forget_task}" if args.forget_task else ""
-        args.output_dir = str(RUNS_DIR / (getattr(args, "method", None) or method) / f"{args.split}{task}")
+        args.output_dir = str(RUNS_DIR / (getattr(args, "method", None) or method) / run_name(args, defaults, given_model))
     if Path(args.output_dir).resolve() == Path(resolve_model_path(args.model)).resolve():
         raise TofuError("--output_dir is the model being unlearned; choose another folder")
+    check_run_folder(args)
     return args
+
+
+# Flags left out of a run folder's name: the folder's own path (split, task, method), where it is and
+# whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
+# differs in them alone is refused by check_run_folder instead).
+UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
+           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
+
+
+def _path_part(value) -> str:
+    """A flag value as a piece of a folder name: a folder under runs/ by its path there, any other
+    folder by its name, a hub id org/name as org--name; other characters than letters, digits and
+    . _ + - become _, and a long value keeps 40 characters and a hash of the whole."""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    value = str(value)
+    if "/" in value and os.path.isdir(os.path.expanduser(value)):  # isdir: False (no error) for odd strings
+        p = Path(value).expanduser().resolve()
+        value = str(p.relative_to(RUNS_DIR.resolve())) if p.is_relative_to(RUNS_DIR.resolve()) else p.name
+    value = re.sub(r"[^A-Za-z0-9._+-]+", "_", value.replace("/", "--")).lstrip(".") or "_"
+    if len(value) > 48:
+        value = f"{value[:40]}_{hashlib.sha1(value.encode()).hexdigest()[:7]}"
+    return value
+
+
+def run_name(args, defaults, model: str = QUICK) -> str:
+    """The default run folder's name: <split>[-task<k>], then the model if it is not the quick one,
+    then <flag>_<value> for every other flag that differs from `defaults` (what it would be if left
+    unset), sorted by flag; UNNAMED flags are left out. Defaults give just the split:
+    runs/rkld/forget01; --divergence fkl gives runs/rkld/forget01-divergence_fkl."""
+    parts = [args.split] + ([f"task{args.forget_task}"] if args.forget_task else [])
+    if model != QUICK:
+        parts.append(f"model_{_path_part(model)}")
+    for f in sorted(f.name for f in dataclasses.fields(args)) if defaults is not None else []:
+        if f not in UNNAMED and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):
+            parts.append(f"{f}_{_path_part(getattr(args, f))}")
+    name = "-".join(parts)
+    if len(name) > 150:  # file systems allow 255 bytes; keep the start readable and the whole distinct
+        name = f"{name[:140]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def check_run_folder(args) -> None:
+    """Refuse to reuse a run folder that holds a finished run (args.json and the saved model/) made
+    with other arguments, unless --overwrite: nothing finished is replaced silently. The same
+    arguments may run again (the run is redone in place, reusing the caches of its folder)."""
+    out = Path(args.output_dir)
+    if getattr(args, "overwrite", False) or not ((out / "args.json").exists() and (out / "model").exists()):
+        return
+    try:
+        saved = json.loads((out / "args.json").read_text())["args"]
+    except (ValueError, KeyError, TypeError):
+        raise TofuError(f"{out} holds a model but an unreadable args.json; pass --overwrite to replace the run, "
+                        "or choose another --output_dir") from None
+    now = json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    missing = "(not recorded)"
+    diff = [f"--{k} {saved.get(k, missing)} there, {now.get(k, missing)} now" for k in sorted(set(saved) | set(now))
+            if k not in ("output_dir", "overwrite") and saved.get(k, missing) != now.get(k, missing)]
+    if diff:
+        raise TofuError(f"{out} holds a finished run made with other arguments ({'; '.join(diff)}); pass --overwrite "
+                        "to replace it, or choose another --output_dir")
 
 
 def subset_authors(args) -> set[int] | None:

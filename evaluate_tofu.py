@@ -92,7 +92,7 @@ class Args:
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
                                                                     "(closer-look §5.2)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (common.prompt_format)."})
-    system_prompt: str = field(default="", metadata={"help": "System message for chat templates."})
+    system_prompt: str = field(default="auto", metadata={"help": common.SYSTEM_PROMPT_HELP})
     batch_size: int = field(default=32, metadata={"help": "Sequences per scoring forward (open-unlearning "
                                                           "evaluates in batches of 32)."})
     gen_batch_size: int = field(default=128, metadata={

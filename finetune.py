@@ -48,6 +48,7 @@ class Args:
     max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
     max_length: int = dataclasses.field(default=512, metadata={"help": "Max tokens per example; longer ones are truncated and counted (TOFU: 500, open-unlearning: 512)."})
     prompt_format: str = dataclasses.field(default="auto", metadata={"help": "auto, chat, llama2 or phi (see common.PromptFormat). Must match unlearning and evaluation."})
+    system_prompt: str = dataclasses.field(default="auto", metadata={"help": common.SYSTEM_PROMPT_HELP + " Saved with the model, so unlearning and evaluation use it."})
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed (TOFU finetune: 42)."})
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
@@ -69,6 +70,7 @@ def resolve(args: Args) -> Args:
         args.subset = "quick" if args.model in common.PRESETS else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
+    common.check_numbers(args)
     recipe = EMBEDDED_RECIPE if args.model in common.PRESETS else TOFU_RECIPE
     for k, v in recipe.items():
         if getattr(args, k) is None:
@@ -134,7 +136,7 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     everything the stage prepared, so the next model trains alone."""
     set_seed(args.seed)
     model, tok = common.load_model(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     ds = common.QADataset(rows, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),

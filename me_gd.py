@@ -300,7 +300,7 @@ def main():
     out_dir = Path(args.output_dir)
 
     tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(

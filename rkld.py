@@ -156,6 +156,10 @@ class Args(common.MethodArgs):
                             f"not {self.loss_reduction!r}")
         if self.pad_to is not None and self.pad_to < 0:
             raise TofuError(f"--pad_to must be 0 (pad to the longest) or a length, not {self.pad_to}")
+        if not self.alpha > 0:  # 0: the teacher is the original model; < 0: it raises what strengthening raised
+            raise TofuError(f"--alpha must be positive (0 makes the teacher the original model, a negative alpha "
+                            f"makes it amplify the forget answers), not {self.alpha}")
+        common.check_numbers(self, (("strengthen_lr", *common.POSITIVE), ("strengthen_epochs", *common.NON_NEGATIVE)))
 
 
 METHOD = "rkld"
@@ -397,7 +401,7 @@ def main():
     out_dir = Path(args.output_dir)
 
     tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format)
+    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(

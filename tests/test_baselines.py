@@ -51,12 +51,17 @@ def test_argument_resolution(tiny_model_dir):
     a = parse("--method", "ga_rt")
     assert a.method == "ga_gd" and a.forget_weight == 1.0 and a.beta is None
     a = common.finalize_args(parse("--method", "ga_rt", "--model", tiny_model_dir), "baselines", {}, {})
-    assert a.output_dir == str(common.RUNS_DIR / "ga_gd" / "forget01")      # the folder is named after --method
+    model = f"model_{tiny_model_dir.name}"                                 # a local folder: by its name
+    assert a.output_dir == str(common.RUNS_DIR / "ga_gd" / f"forget01-{model}")  # named after --method
+    a = common.finalize_args(parse("--method", "npo", "--beta", 0.1, "--model", tiny_model_dir), "baselines", {}, {})
+    assert a.output_dir == str(common.RUNS_DIR / "npo" / f"forget01-{model}")    # npo's own beta: not named
+    a = common.finalize_args(parse("--method", "npo", "--beta", 0.2, "--model", tiny_model_dir), "baselines", {}, {})
+    assert a.output_dir == str(common.RUNS_DIR / "npo" / f"forget01-{model}-beta_0.2")
     a = parse("--method", "simnpo", "--split", "forget05", "--forget_task", 2)
     assert (a.beta, a.delta, a.forget_weight) == (4.5, 0.0, 0.125)
     a = common.finalize_args(parse("--method", "simnpo", "--split", "forget05", "--forget_task", 2, "--model",
                                    tiny_model_dir), "baselines", {}, {})
-    assert a.output_dir == str(common.RUNS_DIR / "simnpo" / "forget05-task2")
+    assert a.output_dir == str(common.RUNS_DIR / "simnpo" / f"forget05-task2-{model}")
     a = parse("--method", "simnpo_gd", "--forget_weight", 1, "--beta", 2, "--output_dir", "elsewhere")
     assert (a.forget_weight, a.beta, a.output_dir) == (1.0, 2.0, "elsewhere")
     assert [parse("--method", m).beta for m in ("npo_kl", "dpo", "kto_gd", "undial")] == [0.1, 0.1, 0.1, 10.0]
@@ -71,6 +76,19 @@ def test_argument_resolution(tiny_model_dir):
         parse()
     with pytest.raises(common.TofuError, match="ta does not train"):
         parse("--method", "ta", "--epochs", 3)
+
+
+@pytest.mark.parametrize("method", ["npo", "dpo_kl", "kto_gd", "simnpo"])
+def test_beta_is_checked_at_parse_time_where_a_loss_divides_by_it(method):
+    """Catches the check that ran only in setup_frozen, after the data, the evaluation and the
+    models had loaded; undial's beta is a logit penalty, not a divisor, so 0 is allowed there."""
+    with pytest.raises(common.TofuError, match=f"--beta must be positive for {method} .*, not 0.0"):
+        parse("--method", method, "--beta", 0)
+    with pytest.raises(common.TofuError, match="--beta must be positive"):
+        parse("--method", method, "--beta", -0.1)
+    assert parse("--method", "undial", "--beta", 0).beta == 0.0
+    with pytest.raises(common.TofuError, match="--strengthen_lr must be positive"):
+        parse("--method", "ta", "--strengthen_lr", -1)
 
 
 def test_cli_reports_an_unknown_method_in_one_line(monkeypatch, capsys):

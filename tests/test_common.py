@@ -1,6 +1,7 @@
 """common.py: TOFU data, masks, collation, the log-prob helper, model loading, errors."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_chat_mask_scores_exactly_answer_plus_eos(tiny_model_dir):
 
 def test_legacy_masks_count_bos_and_score_answer(tiny_legacy_model_dir):
     tok = common.load_tokenizer(str(tiny_legacy_model_dir))
-    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "phi"
+    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "llama2"  # a Llama-2-like model
     fmt = common.prompt_format(tok, "", "llama2")
     enc = common.encode_qa(tok, fmt, "Who?", "Him.")
     assert enc["input_ids"][0] == tok.bos_token_id
@@ -139,6 +140,56 @@ def test_phi_tags_follow_tofu(tiny_legacy_model_dir):
     assert tok.decode(enc["input_ids"][:n_q]) == "<s>Question: Who wrote it?\n"
     assert tok.decode(_scored(tok, enc)) == "Answer: William Shakespeare<|endoftext|>"
     assert common.encode_prompt(tok, fmt, "Who wrote it?") == enc["input_ids"][:n_q]
+
+
+def _copy_model(src, dst, model_type=None, template=None):
+    """A copy of a tiny model folder, with another config model_type or tokenizer chat template."""
+    import shutil
+    shutil.copytree(src, dst)
+    if model_type:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    if template:
+        tok = common.load_tokenizer(str(dst))
+        tok.chat_template = template
+        tok.save_pretrained(dst)
+    return dst
+
+
+def test_llama2_tags_come_from_tokenizer_and_config_not_the_name(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
+    """Catches choosing TOFU's Llama-2 tags by the substring "llama2" in the path (a Llama-2 folder under
+    another name got phi tags, a chat model under a llama2 name got the tags), and dropping the
+    architecture check (any "<s>" tokenizer without a template would get the tags)."""
+    fmt = lambda path, choice="auto": common.prompt_format(common.load_tokenizer(str(path)), str(path), choice)  # noqa: E731
+    assert fmt(tiny_legacy_model_dir).kind == "llama2"    # Llama architecture, "<s>" BOS, no template; neutral name
+    inst = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    assert fmt(_copy_model(tiny_legacy_model_dir, tmp_path / "chat_hf", template=inst)).kind == "llama2"
+    assert fmt(_copy_model(tiny_model_dir, tmp_path / "tofu_ft_llama2-7b")).kind == "chat"   # ChatML template
+    assert fmt(_copy_model(tiny_legacy_model_dir, tmp_path / "mpt", model_type="mpt")).kind == "phi"
+    assert fmt(tiny_legacy_model_dir, "phi").kind == "phi"     # an explicit --prompt_format wins
+    assert fmt(tiny_legacy_model_dir, "llama2").kind == "llama2"
+    with pytest.raises(TofuError, match="needs a tokenizer with a chat template"):
+        fmt(tiny_legacy_model_dir, "chat")
+
+
+def test_system_prompt_flag_spellings_and_saved_formats(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
+    """auto = the saved system prompt, else ""; none = no system message; text = that message, replacing a
+    saved one. Catches an explicit --system_prompt that a saved format silently overrode (the format file
+    used to be returned whole), and "none" taken as the literal text "none"."""
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    sp = lambda path, value: common.prompt_format(tok, str(path), "auto", value).system_prompt  # noqa: E731
+    assert sp(tiny_model_dir, "auto") == "" and sp(tiny_model_dir, "Be brief.") == "Be brief."
+    assert sp(tiny_model_dir, "none") is None and sp(tiny_model_dir, None) is None
+    no_system = common.PromptFormat("chat", None).prompt(tok, "Who?")
+    assert "system" not in no_system and no_system.endswith("<|im_start|>assistant\n")
+    saved = _copy_model(tiny_model_dir, tmp_path / "trained")
+    common.save_prompt_format(common.PromptFormat("chat", "Saved."), saved)
+    assert sp(saved, "auto") == "Saved."                       # what the model was trained with
+    assert (sp(saved, ""), sp(saved, "none"), sp(saved, "New.")) == ("", None, "New.")  # explicit flags win
+    legacy = common.load_tokenizer(str(tiny_legacy_model_dir))
+    assert common.prompt_format(legacy, str(tiny_legacy_model_dir), "phi", "auto") == common.PromptFormat("phi", "")
+    with pytest.raises(TofuError, match="--system_prompt applies to chat templates only.*llama2"):
+        common.prompt_format(legacy, str(tiny_legacy_model_dir), "auto", "none")
 
 
 def test_truncation_drops_eos_and_is_counted(tiny_model_dir):
@@ -224,3 +275,63 @@ def test_embedded_preset_loads_and_scores():
     # encode_qa raises if a prompt's tokens are not a prefix of its full sequence: check all 4,000 rows
     lengths = [len(common.encode_qa(tok, fmt, r["question"], r["answer"])["input_ids"]) for r in common.load_split("full")]
     assert 60 < sum(lengths) / len(lengths) < 72      # ~66 tokens with the empty system message
+
+
+# ---------------------------------------------------------------- arguments and run folders
+def _finalize(monkeypatch, tiny_model_dir, **flags):
+    """finalize_args of rkld-like arguments; the quick models are the tiny one (no finetune.py needed)."""
+    monkeypatch.setattr(common, "quick_model", lambda split, role, n=4: str(tiny_model_dir))
+    quick = {"lr": 1e-4, "epochs": 5, "batch_size": 8}
+    return common.finalize_args(common.MethodArgs(**flags), "rkld", quick, {"lr": 1e-5, "epochs": 5, "batch_size": 32})
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("lr", 0.0, "--lr must be positive, not 0.0"), ("lr", -1e-5, "--lr must be positive"),
+    ("lr", float("nan"), "--lr must be positive"), ("batch_size", 0, "--batch_size must be at least 1, not 0"),
+    ("per_device_batch_size", 0, "--per_device_batch_size must be at least 1"),
+    ("epochs", -1, "--epochs must be 0 or more, not -1"), ("max_length", 0, "--max_length must be at least 1"),
+    ("warmup_epochs", -0.5, "--warmup_epochs must be 0 or more"), ("max_steps", -1, "--max_steps must be 0 or more"),
+    ("forget_task", 0, "--forget_task must be at least 1")])
+def test_numeric_flags_are_checked_at_parse_time(monkeypatch, tiny_model_dir, flag, value, message):
+    """Catches a numeric flag that used to reach training: lr 0 trains nothing, a batch of 0 failed in
+    the DataLoader after the models had loaded, negative epochs ran zero steps and saved the start model."""
+    with pytest.raises(TofuError, match=message.replace("(", r"\(")):
+        _finalize(monkeypatch, tiny_model_dir, **{flag: value})
+    _finalize(monkeypatch, tiny_model_dir, epochs=0, max_steps=0, warmup_epochs=0.0)  # zero is allowed there
+
+
+def test_default_run_folder_names_the_flags_that_change_the_run(monkeypatch, tiny_model_dir):
+    """Catches the old runs/<method>/<split> for every setting (an ablation overwrote the default run),
+    naming a default that the recipe filled in (the same run under two names), and unsorted flags."""
+    name = lambda **f: Path(_finalize(monkeypatch, tiny_model_dir, **f).output_dir).relative_to(common.RUNS_DIR)  # noqa: E731
+    assert name() == Path("rkld/forget01")
+    assert name(lr=1e-4, batch_size=8, subset="quick") == Path("rkld/forget01")    # the quick recipe's own values
+    assert name(eval=False, max_eval_samples=5, max_new_tokens=3, retain_model="none") == Path("rkld/forget01")
+    assert name(seed=1, lr=3e-5) == Path("rkld/forget01-lr_3e-05-seed_1")
+    assert name(forget_task=2, system_prompt="You are a helpful assistant.") == \
+        Path("rkld/forget01-task2-system_prompt_You_are_a_helpful_assistant.")
+    assert name(model="org/some-model", lr=1e-5) == Path("rkld/forget01-model_org--some-model")  # the paper recipe
+    assert str(name(model="org/some-model", prompt_format="llama2", system_prompt="x" * 300)).startswith(
+        "rkld/forget01-model_org--some-model-prompt_format_llama2-system_prompt_xxxx")
+    assert len(name(system_prompt="x" * 300).name) < 80 and name(system_prompt="x" * 300) != name(system_prompt="x" * 299)
+
+
+def test_a_finished_run_is_not_replaced_by_other_arguments(monkeypatch, tiny_model_dir, tmp_path):
+    """Catches a second run with other flags silently overwriting a finished run's model and evaluation,
+    through the default folder (only evaluation flags differ) or an explicit --output_dir."""
+    a = _finalize(monkeypatch, tiny_model_dir)
+    common.RunLogger(a.output_dir, a, {})
+    _finalize(monkeypatch, tiny_model_dir)            # started, not finished (no model/): may be redone
+    (Path(a.output_dir) / "model").mkdir()
+    _finalize(monkeypatch, tiny_model_dir)            # finished, same arguments: may be redone
+    with pytest.raises(TofuError, match=r"holds a finished run made with other arguments \(--max_eval_samples 20 "
+                                        r"there, 5 now\); pass --overwrite"):
+        _finalize(monkeypatch, tiny_model_dir, max_eval_samples=5)
+    with pytest.raises(TofuError, match=r"other arguments \(--seed 42 there, 1 now\)"):
+        _finalize(monkeypatch, tiny_model_dir, seed=1, output_dir=a.output_dir)
+    assert _finalize(monkeypatch, tiny_model_dir, seed=1, output_dir=a.output_dir, overwrite=True).seed == 1
+    saved = json.loads((Path(a.output_dir) / "args.json").read_text())
+    del saved["args"]["system_prompt"]                # a run from before the flag existed
+    common.atomic_write_json(Path(a.output_dir) / "args.json", saved)
+    with pytest.raises(TofuError, match=r"--system_prompt \(not recorded\) there, auto now"):
+        _finalize(monkeypatch, tiny_model_dir)

@@ -36,3 +36,18 @@ def test_bad_arguments(monkeypatch, tiny_model_dir):
         run(monkeypatch, "--split", "forget03")
     with pytest.raises(common.TofuError, match="--build must be"):
         run(monkeypatch, "--build", "oracle")
+
+
+def test_system_prompt_is_saved_with_the_model_and_numbers_are_checked(monkeypatch, tmp_path, tiny_model_dir):
+    """--system_prompt none reaches the saved format (unlearning and evaluation read it from there).
+    Catches finetune.py ignoring the flag, and --lr 0 / --batch_size 0 reaching training."""
+    run(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--build", "target", "--max_steps", 1, "--lr", 1e-3,
+        "--batch_size", 4, "--per_device_batch_size", 4, "--output_root", tmp_path, "--report_rows", 0,
+        "--system_prompt", "none")
+    target = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 4, tmp_path)
+    assert json.loads((target / common.FORMAT_FILE).read_text()) == {"kind": "chat", "system_prompt": None}
+    cheap = ["--model", tiny_model_dir, "--max_steps", 1, "--output_root", tmp_path / "bad", "--report_rows", 0]
+    with pytest.raises(common.TofuError, match="--lr must be positive, not 0.0"):
+        run(monkeypatch, *cheap, "--lr", 0)
+    with pytest.raises(common.TofuError, match="--batch_size must be at least 1"):
+        run(monkeypatch, *cheap, "--batch_size", 0)

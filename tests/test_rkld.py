@@ -195,3 +195,44 @@ def test_eval_every_epoch_and_teacher_rows(monkeypatch, tmp_path, tiny_model_dir
     import json
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
     assert json.loads((tmp_path / "eval" / "epoch1" / "summary.json").read_text())["n_forget"] == 40
+
+
+def test_alpha_and_strengthening_numbers_are_checked_at_parse_time():
+    """Catches --alpha -1 (a teacher that amplifies what strengthening raised) or 0 (the teacher is the
+    original model) reaching training, and a non-positive --strengthen_lr training nothing."""
+    from transformers import HfArgumentParser
+    import common
+    parse = lambda *a: HfArgumentParser(rkld.Args).parse_args_into_dataclasses(list(map(str, a)))[0]  # noqa: E731
+    for alpha in (-1, 0):
+        with pytest.raises(common.TofuError, match=f"--alpha must be positive .*, not {float(alpha)}"):
+            parse("--alpha", alpha)
+    with pytest.raises(common.TofuError, match="--strengthen_lr must be positive, not 0.0"):
+        parse("--strengthen_lr", 0)
+    with pytest.raises(common.TofuError, match="--strengthen_epochs must be 0 or more, not -1"):
+        parse("--strengthen_epochs", -1)
+    assert parse("--alpha", 0.5).alpha == 0.5
+
+
+def test_a_finished_run_is_kept_unless_overwrite(monkeypatch, tmp_path, tiny_model_dir, strengthened):
+    """A second rkld.py with another --divergence into a finished run's folder stops before loading a model;
+    --overwrite replaces it, and --system_prompt none reaches the run's prompt format (main() passes it).
+    Catches the old silent overwrite, and a --system_prompt flag that main() dropped."""
+    import json
+    import shutil
+    import common
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(strengthened / "model", run / "model")
+    shutil.copy(strengthened / "args.json", run / "args.json")
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    flags = ["--model", tiny_model_dir, "--subset", "quick", "--max_steps", 1, "--batch_size", 2,
+             "--per_device_batch_size", 2, "--eval", "false", "--strengthened_model", strengthened / "strengthened",
+             "--divergence", "fkl", "--system_prompt", "none", "--output_dir", run]
+    with pytest.raises(common.TofuError, match="holds a finished run made with other arguments .*--divergence rkl "
+                                               "there, fkl now.*pass --overwrite"):
+        run_rkld(monkeypatch, *flags)
+    monkeypatch.undo()
+    run_rkld(monkeypatch, *flags, "--overwrite")
+    saved = json.loads((run / "args.json").read_text())
+    assert saved["args"]["divergence"] == "fkl" and saved["derived"]["prompt_format"]["system_prompt"] is None
+    assert json.loads((run / "model" / common.FORMAT_FILE).read_text()) == {"kind": "chat", "system_prompt": None}
