@@ -470,7 +470,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga))
+                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does

@@ -743,11 +743,14 @@ def schedule(n_rows: int, per_device_batch_size: int, accelerator, epochs: int, 
             "warmup_steps": warmup}
 
 
-def window_weight(i: int, n_batches: int, grad_accum: int) -> float:
+def window_weight(i: int, n_batches: int, grad_accum: int, rule: str = "mean") -> float:
     """Loss multiplier for micro-batch i of an epoch of n_batches. accelerate divides every loss by
     grad_accum and steps at the end of the epoch, so a last window of k < grad_accum micro-batches
     would be under-weighted by k/grad_accum; scaling it by grad_accum/k makes every optimizer step
-    the mean over its own micro-batches."""
+    the mean over its own micro-batches (rule "mean"). rule "reference" keeps the under-weighting,
+    as the HF Trainer of the reference codebases does."""
+    if rule == "reference":
+        return 1.0
     start = (i // grad_accum) * grad_accum
     return grad_accum / min(grad_accum, n_batches - start)
 
@@ -871,6 +874,7 @@ class MethodArgs:
     warmup_epochs: float = _f(1.0, "Linear warmup in epochs, then linear decay to 0 (TOFU / closer-look / RKLD: one epoch).")
     max_grad_norm: float = _f(None, "Gradient clipping, 0 disables. Default: the method's paper recipe (0 for the closer-look code's methods: its DeepSpeed config has no gradient_clipping, losses.md section 3); 1.0 (HF Trainer's default) otherwise.")
     schedule: str = _f(None, "Optimizer steps and warmup. 'reference': floor(epochs x N / batch) steps and floor(N / batch) warmup steps when that is more than 1, else none (closer-look forget.py; training can stop inside an epoch); 'epochs': every epoch in full, a short last step when N is not a multiple of the batch, --warmup_epochs of warmup. Default: the method's paper recipe ('reference' for the closer-look methods and baselines, 'epochs' for RKLD, which has no code, and for --model quick).")
+    last_window: str = _f("mean", "The last, short gradient-accumulation window of an epoch: mean = its step is the mean over its own micro-batches (ours); reference = divided by the full accumulation like every other window, as the references' HF Trainer does (a smaller step).")
     peak_epoch: bool = _f(None, "The RKLD paper's protocol (Table 2, Table 4, Fig. 3): forget quality after every epoch (forget split scored, no generation), the first epoch of peak forget quality kept and evaluated in full beside the last. Default: on for rkld.py on a real model (with --epochs 10), off otherwise.")
     save_peak: bool = _f(True, "With --peak_epoch: keep the first peak epoch's weights in OUTPUT_DIR/peak_model (one checkpoint, rewritten when forget quality improves); false deletes it after its evaluation.")
     max_length: int = _f(512, "Max tokens per example (open-unlearning: 512).")
@@ -929,6 +933,8 @@ def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
             setattr(args, k, v)
     if args.schedule not in ("reference", "epochs"):
         raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
+    if args.last_window not in ("mean", "reference"):
+        raise TofuError(f"--last_window must be mean or reference, not {args.last_window!r}")
     if args.ref_precision not in ("match", "bf16"):
         raise TofuError(f"--ref_precision must be match or bf16, not {args.ref_precision!r}")
 
@@ -968,7 +974,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
 UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
-           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
+           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak"}
 
 
 def _path_part(value) -> str:

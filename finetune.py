@@ -53,6 +53,7 @@ class Args:
     output_root: str = dataclasses.field(default=str(common.RUNS_DIR / "models"), metadata={"help": "Models go to OUTPUT_ROOT/<model>_<subset>_<data>."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a model that already exists."})
     schedule: str = dataclasses.field(default="epochs", metadata={"help": "epochs: every epoch in full, --warmup_epochs of warmup (TOFU finetune.py's floor(5 x 4000 / 32) = 625 steps is the same on the full set); reference: floor(epochs x N / batch) steps, as the unlearning scripts' --schedule."})
+    last_window: str = dataclasses.field(default="mean", metadata={"help": "The last, short accumulation window of an epoch: mean = the mean over its own micro-batches; reference = divided by the full accumulation, as TOFU's HF Trainer does."})
     max_steps: int = dataclasses.field(default=0, metadata={"help": "Stop each model after this many optimizer steps (0: every epoch); for smoke tests."})
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
@@ -104,7 +105,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga))
+                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does

@@ -209,9 +209,11 @@ def test_window_weight_makes_each_step_the_mean_of_its_micro_batches():
     assert [common.window_weight(i, 5, 4) / 4 for i in range(5)] == pytest.approx([0.25] * 4 + [1.0])
 
 
-def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("rule,last", [("mean", 2.0), ("reference", 1.0)])
+def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir, tmp_path, rule, last):
     """One process, accumulation 2, three micro-batches an epoch: the loss handed to backward for the
-    last, lone micro-batch is weighted x2 (accelerate halves it), the others x1."""
+    last, lone micro-batch is weighted x2 (accelerate halves it), the others x1; --last_window
+    reference keeps the references' halving."""
     import accelerate
     seen = []
     real = accelerate.Accelerator.backward
@@ -224,9 +226,10 @@ def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir,
     monkeypatch.setattr(common, "forget_retain_rows", lambda *a: (common.load_split("forget01")[:6], []))
     monkeypatch.setattr("sys.argv", ["baselines.py", *map(str, [
         "--method", "ga", "--model", tiny_model_dir, "--subset", "quick", "--batch_size", 4,
-        "--per_device_batch_size", 2, "--epochs", 1, "--schedule", "epochs", "--eval", "false", "--output_dir", tmp_path])])
+        "--per_device_batch_size", 2, "--epochs", 1, "--schedule", "epochs", "--eval", "false",
+        "--last_window", rule, "--output_dir", tmp_path])])
     baselines.main()
-    assert seen == pytest.approx([logged[0].item(), logged[1].item(), 2 * logged[2].item()])
+    assert seen == pytest.approx([logged[0].item(), logged[1].item(), last * logged[2].item()])
     assert [m["loss"] for m in _metrics(tmp_path)] == pytest.approx(
         [(logged[0].item() + logged[1].item()) / 2, logged[2].item()])
 
