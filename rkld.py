@@ -143,7 +143,7 @@ class Args(common.MethodArgs):
     strengthened_model: str = common._f(None, "Reuse a strengthened model (folder) instead of building one.")
     strengthen_epochs: int = common._f(5, "Epochs of continued training on the forget set. App. A says the strengthened model 'is trained for total 10 epochs'; we read that as the 5 fine-tuning epochs + 5 more here.")
     strengthen_lr: float = common._f(None, "LR of the continued training ('same optimizer settings', App. A): 1e-5 for real models, the fine-tuning lr (2e-4) for --model quick.")
-    precompute_teacher: bool = common._f(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into a float32 file in the run folder (4 x vocabulary bytes per answer token: 128 kB at 32,000 tokens, so about 1.8 GiB for forget10 with Llama-2), then free the frozen models: only the student stays resident while distilling. Default: on for --model quick (about half the CPU step time, bench/bench_rkld_memory.py), off otherwise.")
+    precompute_teacher: bool = common._f(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into a float32 file in the run folder (4 x vocabulary bytes per answer token: 128 kB at a 32,000-token vocabulary; forget10 has 14,934 answer tokens with SmolLM2's tokenizer, 1.8 GiB at that vocabulary), then free the frozen models: only the student stays resident while distilling. Default: on for --model quick (about half the CPU step time, bench/bench_rkld_memory.py), off otherwise.")
     eval_teacher: bool = common._f(False, "Also evaluate the unlearning teacher itself (logit arithmetic at inference), as in RKLD Fig. 3.")
 
     def __post_init__(self):  # checked at parse time, before any model is loaded
