@@ -542,12 +542,17 @@ def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3,
                    cs_model=E.OFFLINE_CS_PACKAGE, nli_model=str(nli_dir), verbose=False)
     assert s["nli_model"] == str(nli_dir) and s["cs_model"].startswith("all-MiniLM-L6-v2")
-    keys = [f"{t}_{k}" for t in E.UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")]
-    assert all(0 <= s[k] <= 1 for k in keys)
-    assert s["mu18"] == pytest.approx(E.harmonic_mean([s[k] for k in keys]))
-    fe_parts = [s["forget_rouge"], s["forget_prob"], 1 - s["forget_truth_ratio"], s["forget_cs"], s["forget_es"]]
-    assert s["fe"] == pytest.approx(1 - np.mean(fe_parts))
     extra = json.loads((tmp_path / "ev" / "eval_extra.json").read_text())
+    # FE by hand from the per-row values (not with the helper that produced it): 1 - mean of forget
+    # ROUGE-L, Prob, 1 - TR, CS, ES (closer-look section 2.2)
+    log = json.loads((tmp_path / "ev" / "eval_log_forget.json").read_text())
+    rows = list(log["avg_gt_loss"])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    prob = mean([math.exp(-log["avg_gt_loss"][i]) for i in rows])
+    rouge = mean([log["rougeL_recall"][i] for i in rows])
+    cs, es = mean(list(extra["forget"]["cs"].values())), mean(list(extra["forget"]["es"].values()))
+    assert s["forget_prob"] == pytest.approx(prob) and s["forget_rouge"] == pytest.approx(rouge)
+    assert s["fe"] == pytest.approx(1 - (rouge + prob + (1 - s["forget_truth_ratio"]) + cs + es) / 5)
     assert set(extra["forget"]) == {"te", "cs", "es", "leak", "truncated"}
     # the tiny model's 3-token generations share no word with the answers: ROUGE < 0.1 forces ES = 0
     # without a call to the classifier, so call it directly too
