@@ -236,3 +236,31 @@ def test_a_finished_run_is_kept_unless_overwrite(monkeypatch, tmp_path, tiny_mod
     saved = json.loads((run / "args.json").read_text())
     assert saved["args"]["divergence"] == "fkl" and saved["derived"]["prompt_format"]["system_prompt"] is None
     assert json.loads((run / "model" / common.FORMAT_FILE).read_text()) == {"kind": "chat", "system_prompt": None}
+
+
+def test_strengthened_model_is_reused_only_with_the_same_settings(tiny_model_dir, tmp_path, capsys):
+    """The strengthened model in the run folder is keyed on the settings it was built with: the same
+    settings reuse it, another --strengthen_lr (or model, epochs, seed, split, max_length ...) rebuilds it.
+    Catches the old behaviour: any strengthened/ folder reused whatever the flags."""
+    import json
+    import common
+    from transformers import HfArgumentParser
+
+    def strengthen(*flags):
+        args = common.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses([str(a) for a in [
+            "--model", tiny_model_dir, "--subset", "quick", "--strengthen_epochs", 1, "--max_steps", 1,
+            "--batch_size", 4, "--per_device_batch_size", 4, "--eval", "false", "--output_dir", tmp_path, *flags]])[0],
+            "rkld", rkld.QUICK, rkld.PAPER)
+        accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
+        tok = common.load_tokenizer(args.model)
+        path = rkld.strengthen(args, tok, common.prompt_format(tok, args.model), accelerator)
+        return json.loads((tmp_path / "strengthened" / "strengthen.json").read_text()), capsys.readouterr().out, path
+
+    first, _, path = strengthen("--strengthen_lr", 1e-3)
+    stamp = (tmp_path / "strengthened" / "model.safetensors").stat().st_mtime_ns
+    again, out, _ = strengthen("--strengthen_lr", 1e-3)
+    assert again == first and "reusing the strengthened model" in out
+    assert (tmp_path / "strengthened" / "model.safetensors").stat().st_mtime_ns == stamp
+    other, out, _ = strengthen("--strengthen_lr", 2e-3)
+    assert other["lr"] == 2e-3 and "built with other settings" in out and "rebuilding" in out
+    assert (tmp_path / "strengthened" / "model.safetensors").stat().st_mtime_ns != stamp
