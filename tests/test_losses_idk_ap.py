@@ -13,6 +13,7 @@ import torch
 
 import baselines
 import common
+import finetune
 import idk_ap
 import me_gd
 import rkld
@@ -147,6 +148,8 @@ def test_item_uses_the_picked_template_for_forget_and_retain(tiny_model_dir):
     ("nll_loss", (baselines, me_gd, idk_ap, rkld)),
     ("kl_retain_loss", (baselines, me_gd, idk_ap, rkld)),
     ("dpo_loss", (baselines, idk_ap)),
+    ("fit", (baselines, me_gd, idk_ap, rkld, finetune)),  # the training loop of every stage
+    ("strengthen", (baselines, rkld)),                    # task arithmetic and RKLD build the same model
 ])
 def test_duplicated_helpers_stay_identical(name, modules):
     sources = {inspect.getsource(getattr(m, name)) for m in modules}
