@@ -187,7 +187,9 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.forget_loss != "dpo" and args.retain_loss != "kl":
         return {"ref": None}
-    return {"ref": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
+    frozen = {}
+    frozen["ref"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+    return frozen
 
 
 def _logits(model, part: dict) -> torch.Tensor:
@@ -301,7 +303,7 @@ def main():
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
