@@ -677,8 +677,9 @@ class AdapterView(torch.nn.Module):
     """A frozen model that is a LoRA-trained model's own base: adapter=BASE runs it with every adapter
     off (the starting model), another name with that adapter alone (RKLD's strengthened model). It
     chooses the adapter per call (peft's adapter_names) in eval mode under no_grad, so the trained
-    adapter's state (active, requires_grad) is never touched, as disable_adapter()/set_adapter()
-    would. Holds no weights of its own: it is not the model's owner (no submodule)."""
+    adapter's state is never touched: disable_adapter() and set_adapter() would switch its
+    requires_grad off and on again between the student's forward and its backward, on parameters
+    that DDP and FSDP2 have registered. Holds no weights: it is not the model's owner (no submodule)."""
 
     def __init__(self, model, adapter: str = BASE):
         super().__init__()

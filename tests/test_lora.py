@@ -71,8 +71,8 @@ def test_adapter_trains_and_base_stays(checkpointing, reentrant, monkeypatch, ti
 
 # ---------------------------------------------------------------- frozen models for free
 def test_adapter_off_reference_equals_a_loaded_starting_model(tiny_model_dir):
-    # Catches: a reference that runs with the trained adapter on, and one that switches adapters by
-    # disable_adapter()/set_adapter(), which leave the trained adapter's requires_grad changed.
+    # Catches: a reference that runs with the trained adapter on, and a view that leaves the trained
+    # model in eval mode or its adapter frozen after the call.
     args, frozen = lora_args(tiny_model_dir), {}
     ref = common.starting_model(args, accelerator(), frozen)
     model = frozen["model"]
