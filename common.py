@@ -503,7 +503,7 @@ def quick_model(split: str, role: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> 
     SPLIT` builds from the embedded SmolLM2-135M; a clear error if it is not built yet."""
     data = "full" if role == "target" else RETAIN_OF[split]
     path = finetuned_dir("smollm2-135m", split, "quick", data, n_retain)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
         raise TofuError(f"the quick {role} model for {split} is not built yet ({path}); "
                         f"run: python finetune.py --split {split}")
     return str(path)
@@ -1081,7 +1081,7 @@ class MethodArgs(MemoryArgs):
     gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
-    ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match.")
+    ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match. With --lora_r the reference is the trained model's own base (no copy), exact at the first step, and this flag does not apply.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 

@@ -31,6 +31,8 @@ Reproducing the paper:
     lr 1e-5, wd 0.01, effective batch 32, 5 epochs, one warmup epoch then linear decay (App. D).
   DPO+AP (App. E.2): --forget_loss dpo (needs the frozen reference model).
   IDK+GD / IDK+KL baselines: --retain_loss gd / --retain_loss kl.
+  LoRA (App. E.8, Table 9): --lora_r 8 --lora_alpha 32 --epochs 5 and --lr from {5e-5, 1e-4, 2e-4,
+    5e-4} (the paper reports the best-balanced one); the reference is the base with the adapter off.
   Continual unlearning (section 5.2): --forget_task k, with --model set to the previous
     task's model/ folder (which is then also the DPO/KL reference, as in the reference code);
     scripts/continual.py runs the whole sequence.

@@ -28,6 +28,8 @@ Reproducing the paper:
     batch 32, 5 epochs, one warmup epoch then linear decay (App. D).
   ME+KL (App. E.2): --retain_loss kl.
   Loss over answer tokens only (App. E.5 ablation): --mask_question.
+  LoRA (App. E.8, Table 9): --lora_r 8 --lora_alpha 32 --epochs 5 and --lr from {5e-5, 1e-4, 2e-4,
+    5e-4} (the paper reports the best-balanced one); the reference is the base with the adapter off.
   Continual unlearning (section 5.2): --forget_task k (alpha then defaults to 1.0), with --model
     set to the previous task's model/ folder; scripts/continual.py runs the whole sequence.
   alpha = 0.1 was tuned for the reference code's ME: log(softmax + 1e-12), averaged over every

@@ -233,6 +233,14 @@ def strengthen(args, tok, fmt, accelerator) -> str:
 STRENGTHENED = "strengthened"  # the strengthening adapter's name in the one-base (LoRA) model
 
 
+def _same_model(base: str | None, model: str) -> bool:
+    """True when an adapter's base (None: not an adapter) is --model, so the adapter can share its base."""
+    if base is None:
+        return False
+    a, b = common.resolve_model_path(base), common.resolve_model_path(model)
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """Strengthening (its own training stage, released when done), then the frozen models placed for
     the backend: the original model (teacher and KL retain term) and the strengthened model; with
@@ -241,7 +249,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     With --lora_r, one base model: the student (base + trained adapter) is built here and handed to
     main() as frozen['model']; the original model is its base with adapters off and the strengthened
     model its base with the strengthening adapter alone (common.AdapterView). A --strengthened_model
-    that is a full model, not an adapter, is loaded beside it as before."""
+    that is a full model, or an adapter on another base, is loaded beside it (merged) as before."""
     if args.retain_loss != "none" and not ds.retain:
         raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
@@ -252,7 +260,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
         ori = common.AdapterView(frozen["model"])
     else:
         ori = common.load_model(args.model, frozen=True)[0]
-    if args.lora_r and common.adapter_base(str_path):
+    if args.lora_r and _same_model(common.adapter_base(str_path), args.model):
         frozen["model"].load_adapter(str_path, adapter_name=STRENGTHENED)  # frozen (is_trainable=False)
         strong = common.AdapterView(frozen["model"], STRENGTHENED)
     else:

@@ -155,6 +155,19 @@ def test_one_base_teacher_equals_the_two_model_teacher(tiny_model_dir, tmp_path)
                                rtol=0, atol=1e-6)
 
 
+def test_a_strengthened_adapter_on_another_base_is_loaded_beside_it(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
+    # Catches: an adapter trained on another model put on --model's base as if it were its own.
+    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
+    acc = accelerator()
+    other = common.load_trained(lora_args(tiny_legacy_model_dir), acc)
+    common.save_model(acc, other, tok, common.prompt_format(tok), tmp_path / "other", adapter_only=True)
+    args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path / "run", *LORA, "--strengthened_model",
+                                          tmp_path / "other", "--precompute_teacher", "false")
+    frozen = rkld.setup_frozen(args, ds, tok, acc, None)
+    assert not isinstance(frozen["teacher"].strong, common.AdapterView)
+    assert set(frozen["model"].peft_config) == {common.TRAINED}
+
+
 def test_rkld_precomputed_one_base_teacher_drops_the_strengthening_adapter(tiny_model_dir, tmp_path):
     args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path, *LORA, "--strengthen_epochs", 1,
                                           "--max_steps", 1, "--precompute_teacher", "true")
@@ -266,20 +279,27 @@ def test_every_script_has_the_lora_flags_with_the_papers_defaults():
 
 
 # ---------------------------------------------------------------- smoke: every script with LoRA
+EVAL = ["--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", "--cs_model", "none"]
+
+
 @pytest.mark.parametrize("script,argv", [
+    # the live one-base teacher and the KL term, evaluated before and after (a PeftModel's generate) and
+    # as the teacher (two views of the student's base, through the cache-free greedy loop)
     ("rkld.py", ["--strengthen_epochs", 1, "--retain_loss", "kl", "--precompute_teacher", "false",
-                 "--gradient_checkpointing"]),
-    ("idk_ap.py", ["--forget_loss", "dpo"]),
+                 "--gradient_checkpointing", "--eval_teacher", *EVAL]),
+    ("idk_ap.py", ["--forget_loss", "dpo", "--eval", "false"]),
 ])
 def test_scripts_run_with_lora(script, argv, monkeypatch, tiny_model_dir, tmp_path):
     import runpy
     monkeypatch.setattr("sys.argv", [script, *map(str, [
-        "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size",
-        2, "--eval", "false", *LORA, *argv, "--output_dir", tmp_path])])
+        "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--max_steps", 2,
+        "--batch_size", 4, "--per_device_batch_size", 2, *LORA, *argv, "--output_dir", tmp_path])])
     runpy.run_path(str(common.REPO / script), run_name="__main__")
     assert (tmp_path / "model" / "config.json").exists()
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2
+    if script == "rkld.py":
+        assert all((tmp_path / "eval" / stage / "summary.json").exists() for stage in ("before", "teacher", "after"))
 
 
 def test_finetune_with_lora(monkeypatch, tiny_model_dir, tmp_path):
