@@ -311,3 +311,25 @@ def test_finetune_with_lora(monkeypatch, tiny_model_dir, tmp_path):
     finetune.main()
     out = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1, tmp_path)
     assert (out / "config.json").exists() and not (out / common.ADAPTER_CONFIG).exists()
+
+
+# ---------------------------------------------------------------- the GPU path, emulated on CPU
+def test_lora_reference_is_exact_at_the_start_under_bf16_with_a_bf16_base(monkeypatch, tmp_path, tiny_model_dir):
+    # Catches: a LoRA reference loaded as a copy at another precision than the trained model's bf16 base
+    # (an fp32 copy, --ref_precision match: NPO's log-ratio is then off 0 at the first step), and a base
+    # left in fp32 under mixed precision (4 bytes a parameter instead of 2).
+    import math
+
+    import distributed
+    out = tmp_path / "npo_kl"
+    distributed.launch("ddp", "baselines.py", "--method", "npo_kl", "--model", tiny_model_dir, "--subset", "quick",
+                       "--max_steps", 1, "--batch_size", 4, "--per_device_batch_size", 4, "--pad_to", 0, "--eval",
+                       "false", *LORA, "--save_adapter_only", "--output_dir", out, world=1,
+                       env={"TOFU_UNLEARN_MIXED_PRECISION": "bf16"})
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["loss/forget"] == pytest.approx(20 * math.log(2), abs=1e-6) and m["loss/retain"] == pytest.approx(0, abs=1e-7)
+    assert {v.dtype for v in load_file(out / "model" / "adapter_model.safetensors").values()} == {torch.float32}
+    monkeypatch.setenv("TOFU_UNLEARN_MIXED_PRECISION", "bf16")
+    model = common.load_trained(lora_args(tiny_model_dir))
+    dtypes = {("lora" if ".lora_" in n else "base"): p.dtype for n, p in model.named_parameters()}
+    assert dtypes == {"base": torch.bfloat16, "lora": torch.float32}
