@@ -1049,7 +1049,7 @@ def check_memory_args(args) -> None:
 
 
 @dataclasses.dataclass
-class MethodArgs(MemoryArgs):
+class _MethodFlags:
     split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
@@ -1083,6 +1083,11 @@ class MethodArgs(MemoryArgs):
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match. With --lora_r the reference is the trained model's own base (no copy), exact at the first step, and this flag does not apply.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
+
+
+@dataclasses.dataclass
+class MethodArgs(MemoryArgs, _MethodFlags):
+    """The flags every method script shares: the run's first (in --help too), then LoRA and memory."""
 
 
 # Numeric flags, checked at parse time (before any model loads): (flag, test, what it must be).

@@ -33,7 +33,7 @@ from common import TofuError
 # ARGUMENTS
 # ====================================================================
 @dataclasses.dataclass
-class Args(common.MemoryArgs):
+class _Flags:
     model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "Base model: HF id, local folder, or the embedded preset 'smollm2-135m' (SmolLM2-135M-Instruct, offline)."})
     split: str = dataclasses.field(default="forget01", metadata={"help": "Forget split whose target/retain pair to build: forget01, forget05 or forget10 (retain model trains on retain99/95/90)."})
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
@@ -55,6 +55,11 @@ class Args(common.MemoryArgs):
     schedule: str = dataclasses.field(default="epochs", metadata={"help": "epochs: every epoch in full, --warmup_epochs of warmup (TOFU finetune.py's floor(5 x 4000 / 32) = 625 steps is the same on the full set); reference: floor(epochs x N / batch) steps, as the unlearning scripts' --schedule."})
     max_steps: int = dataclasses.field(default=0, metadata={"help": "Stop each model after this many optimizer steps (0: every epoch); for smoke tests."})
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
+
+
+@dataclasses.dataclass
+class Args(common.MemoryArgs, _Flags):
+    """finetune.py's flags, then the LoRA and memory flags every script shares."""
 
 
 EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}
