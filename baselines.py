@@ -293,6 +293,9 @@ class Args(common.MethodArgs):
         forget = METHODS[self.method][0]
         if forget == "ta" and self.epochs:
             raise TofuError("--method ta does not train (it edits the weights once); leave --epochs unset")
+        if forget == "ta" and self.save_adapter_only:
+            raise TofuError("--method ta trains no adapter to save alone (its LoRA strengthening is merged for the "
+                            "task vector); drop --save_adapter_only")
         real = REAL_MODEL_DEFAULTS.get(forget, {}) if self.model != common.QUICK else {}
         for k, v in {"forget_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
             if getattr(self, k) is None:
@@ -384,7 +387,8 @@ def strengthen(args, tok, fmt, accelerator) -> str:
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
-                                         "max_grad_norm", "max_length", "seed")}}))
+                                         "max_grad_norm", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                                         "lora_target_modules")}}))
     if (out / "strengthen.json").exists():
         if json.loads((out / "strengthen.json").read_text()) == settings:
             if accelerator.is_main_process:
@@ -399,11 +403,11 @@ def strengthen(args, tok, fmt, accelerator) -> str:
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
     log = common.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
-    model = fit(accelerator, common.load_model(args.model)[0], loader,
+    model = fit(accelerator, common.load_trained(args, accelerator), loader,
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},
                 args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
-    common.save_model(accelerator, model, tok, fmt, out, log.dir)
+    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=False)
     if accelerator.is_main_process:  # written last: a folder without it is never reused
         common.atomic_write_json(out / "strengthen.json", settings)
     common.release(accelerator, model)
@@ -425,7 +429,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
         frozen["model"] = common.load_model(args.model)[0]
         negate_task_vector(frozen["model"], str_path, args.ta_lambda)
     if forget in USES_REF or retain in USES_REF:
-        frozen["ref"] = common.load_frozen(args.model, accelerator, args.ref_precision == "match")
+        frozen["ref"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
     return frozen
 
 
@@ -520,7 +524,7 @@ def main():
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:

@@ -503,7 +503,7 @@ def quick_model(split: str, role: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> 
     SPLIT` builds from the embedded SmolLM2-135M; a clear error if it is not built yet."""
     data = "full" if role == "target" else RETAIN_OF[split]
     path = finetuned_dir("smollm2-135m", split, "quick", data, n_retain)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
         raise TofuError(f"the quick {role} model for {split} is not built yet ({path}); "
                         f"run: python finetune.py --split {split}")
     return str(path)
@@ -515,8 +515,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_smollm2_dir(name_or_path))
     p = Path(name_or_path).expanduser()
     if p.exists():
-        if not (p / "config.json").exists():
-            raise TofuError(f"{p} exists but holds no config.json; is it a saved model folder?")
+        if not (p / "config.json").exists() and not (p / ADAPTER_CONFIG).exists():
+            raise TofuError(f"{p} exists but holds no config.json (nor {ADAPTER_CONFIG}); is it a saved model folder?")
         return str(p)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise TofuError(f"model path '{name_or_path}' does not exist (and is not a hub id like org/name)")
@@ -551,21 +551,183 @@ def default_dtype(frozen: bool = False) -> torch.dtype:
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool = False):
     """(model, tokenizer) from a preset name, a local folder or an HF id. trust_remote_code
-    stays off. frozen=True returns the model in eval mode with gradients off."""
+    stays off. frozen=True returns the model in eval mode with gradients off. A LoRA adapter folder
+    (--save_adapter_only) loads as its base model with the adapter merged in: a plain model."""
     from transformers import AutoModelForCausalLM
     path = resolve_model_path(name_or_path)
     tok = load_tokenizer(name_or_path)
+    base = adapter_base(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(frozen),
+        model = AutoModelForCausalLM.from_pretrained(base or path, dtype=dtype or default_dtype(frozen),
                                                      trust_remote_code=False)
     except OSError as e:
-        raise TofuError(f"could not load model '{name_or_path}': no local copy and the hub is unreachable "
+        raise TofuError(f"could not load model '{base or name_or_path}': no local copy and the hub is unreachable "
                         f"or has no such model ({str(e).splitlines()[0][:120]})") from None
+    if base:
+        model = _peft().PeftModel.from_pretrained(model, path).merge_and_unload()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if frozen:
         model.eval().requires_grad_(False)
     return model, tok
+
+
+# ---------------------------------------------------------------------------
+# LoRA and memory options: the trained model of every stage comes from load_trained()
+# ---------------------------------------------------------------------------
+ADAPTER_CONFIG = "adapter_config.json"  # what peft writes beside an adapter (--save_adapter_only)
+TRAINED = "default"    # the trained adapter's name (peft's default)
+BASE = "__base__"      # peft's name for "no adapter" in a per-call adapter choice (adapter_names)
+# Non-reentrant checkpointing (transformers' default, PyTorch's advice): the student runs twice per
+# step (forget and retain), which reentrant checkpointing under DDP refuses.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise TofuError("LoRA needs the `peft` package: pip install peft==0.21.0 (requirements.txt)") from None
+    return peft
+
+
+def adapter_base(path) -> str | None:
+    """The base model of a LoRA adapter folder (its adapter_config.json), None for any other path."""
+    cfg = Path(str(path)) / ADAPTER_CONFIG
+    if not cfg.exists():
+        return None
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise TofuError(f"{cfg} names no base model (base_model_name_or_path); cannot load the adapter")
+    return base
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def lora_config(args, model):
+    """peft's LoraConfig from the --lora_* flags. Each name of --lora_target_modules must match a
+    module of the model (peft's rule: the module's name, or its last dotted parts), where peft would
+    accept a list of which only one matches."""
+    targets = args.lora_target_modules.strip()
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+        names = [n for n, _ in model.named_modules()]
+        for t in targets:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+                raise TofuError(f"--lora_target_modules: '{t}' matches no module of the model (its linear layers: "
+                                f"{', '.join(linear)}; or all-linear)")
+    return _peft().LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def check_adapter_save(accelerator) -> None:
+    """--save_adapter_only needs the trained adapter's full weights on rank 0: refused under FSDP
+    with a sharded state dict and under ZeRO-3 without zero3_save_16bit_model, which gather none."""
+    from accelerate.utils import DistributedType
+    if accelerator is None:
+        return
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        sd = str(getattr(accelerator.state.fsdp_plugin, "state_dict_type", "FULL_STATE_DICT"))
+        if "FULL_STATE_DICT" not in sd:
+            raise TofuError(f"--save_adapter_only cannot save an adapter under FSDP with state_dict_type {sd}; "
+                            "set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp2.yaml)")
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        if plugin.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise TofuError("--save_adapter_only cannot save an adapter under ZeRO-3 without "
+                            "zero3_save_16bit_model: true (configs/accelerate/zero3.yaml)")
+
+
+def load_trained(args, accelerator=None, name_or_path: str | None = None):
+    """The model a training stage trains (args.model unless name_or_path), with the memory options.
+    --gradient_checkpointing: activation checkpointing (CHECKPOINT_KWARGS). --lora_r > 0: a LoRA
+    adapter named 'default' through peft, the base frozen; the base holds bf16 weights under mixed
+    precision (GPUs: 2 bytes a parameter, the adapter fp32 master weights) and fp32 on CPU; with
+    checkpointing the embeddings' output requires grad (enable_input_require_grads), without which
+    reentrant checkpointing gives the adapter no gradient. With --save_adapter_only, save_model
+    writes the adapter alone."""
+    name_or_path = name_or_path or args.model
+    lora = getattr(args, "lora_r", 0)
+    if lora and adapter_base(resolve_model_path(name_or_path)):
+        raise TofuError(f"{name_or_path} already carries a LoRA adapter ({ADAPTER_CONFIG}); drop the --lora_* "
+                        "flags to train it merged, or merge it first (a merged save, without --save_adapter_only)")
+    if getattr(args, "save_adapter_only", False):
+        check_adapter_save(accelerator)
+    model = load_model(name_or_path, dtype=default_dtype(frozen=True) if lora else torch.float32)[0]
+    if getattr(args, "gradient_checkpointing", False):
+        model.config.use_cache = False
+        model.activation_checkpointing_enable(dict(CHECKPOINT_KWARGS))
+    if not lora:
+        return model
+    if is_peft(model) or getattr(model, "_hf_peft_config_loaded", False):
+        raise TofuError(f"{name_or_path} already carries an adapter; drop the --lora_* flags or merge it first")
+    model = _peft().get_peft_model(model, lora_config(args, model))
+    if getattr(args, "gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    model.save_adapter_only = bool(getattr(args, "save_adapter_only", False))
+    return model
+
+
+class AdapterView(torch.nn.Module):
+    """A frozen model that is a LoRA-trained model's own base: adapter=BASE runs it with every adapter
+    off (the starting model), another name with that adapter alone (RKLD's strengthened model). It
+    chooses the adapter per call (peft's adapter_names) in eval mode under no_grad, so the trained
+    adapter's state is never touched: disable_adapter() and set_adapter() would switch its
+    requires_grad off and on again between the student's forward and its backward, on parameters
+    that DDP and FSDP2 have registered. Holds no weights: it is not the model's owner (no submodule)."""
+
+    def __init__(self, model, adapter: str = BASE):
+        super().__init__()
+        self.__dict__["model"] = model  # a plain attribute, not a registered submodule
+        self.adapter, self.config = adapter, model.config
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        was = self.model.training
+        self.model.eval()  # dropout off, as in a frozen copy; peft refuses adapter_names in training mode
+        try:
+            with torch.no_grad():
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  adapter_names=[self.adapter] * input_ids.shape[0])
+        finally:
+            self.model.train(was)
+
+
+def starting_model(args, accelerator, frozen: dict):
+    """The frozen starting model (a reference or KL target). Full fine-tuning: a copy loaded and placed
+    (load_frozen, at --ref_precision). LoRA: no copy: the trained model is built here (load_trained),
+    handed to main() as frozen['model'], and the starting model is its base with the adapter off
+    (AdapterView), the same weights and precision as the trained model's, so log-ratios are 0 at the
+    first step whatever --ref_precision says."""
+    if not getattr(args, "lora_r", 0):
+        return load_frozen(args.model, accelerator, args.ref_precision == "match")
+    frozen["model"] = frozen.get("model") or load_trained(args, accelerator)
+    return AdapterView(frozen["model"])
+
+
+def merged_state_dict(model, state: dict, adapter: str = TRAINED) -> dict:
+    """A PeftModel's gathered state dict as the plain model's, in fp32: each LoRA layer's weight with
+    `adapter` folded in, W + scaling * B @ A (peft's LoRA update; transposed for fan_in_fan_out
+    layers), every other adapter dropped, keys as the base model names them."""
+    from peft.tuners.lora import LoraLayer
+    prefix = "base_model.model."
+    strip = lambda k: k[len(prefix):] if k.startswith(prefix) else k  # noqa: E731
+    out = {strip(k).replace(".base_layer.", "."): v.float() for k, v in state.items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and adapter in m.lora_A:
+            a, b = (state[f"{name}.lora_{x}.{adapter}.weight"].float() for x in "AB")
+            delta = (b @ a) * m.scaling[adapter]
+            key = f"{strip(name)}.weight"
+            out[key] = out[key] + (delta.T if m.fan_in_fan_out else delta)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -693,21 +855,32 @@ def release(accelerator, *objects) -> None:
         torch.cuda.empty_cache()
 
 
-def save_model(accelerator, model, tokenizer, fmt: PromptFormat, out: Path, log_dir: Path | None = None) -> None:
+def save_model(accelerator, model, tokenizer, fmt: PromptFormat, out: Path, log_dir: Path | None = None,
+               adapter_only: bool | None = None) -> None:
     """Save a prepared model to `out` atomically: every rank gathers the state dict (a collective under
     FSDP2 and ZeRO-3, where ZeRO-3 gathers 16-bit weights), rank 0 writes a temp folder beside `out`
     with normal permissions and renames it over `out`. The files of `log_dir` (a training stage's
-    args.json and metrics.jsonl) move in with the model."""
+    args.json and metrics.jsonl) move in with the model. A LoRA model is saved as a plain model with
+    its trained adapter merged (merged_state_dict), which every tool loads; adapter_only=True (default:
+    the model's --save_adapter_only) writes the trained adapter alone, which load_model merges into
+    the base named in its adapter_config.json."""
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         unwrapped = accelerator.unwrap_model(model)
-        if getattr(unwrapped.config, "tie_word_embeddings", False):  # FSDP2 gathers the tied head as a copy
-            head = unwrapped.get_output_embeddings()
-            state.pop(next(f"{n}.weight" for n, m in unwrapped.named_modules() if m is head), None)
-        unwrapped.save_pretrained(tmp, state_dict=state)
+        plain = unwrapped.get_base_model() if is_peft(unwrapped) else unwrapped
+        adapter_only = getattr(unwrapped, "save_adapter_only", False) if adapter_only is None else adapter_only
+        if is_peft(unwrapped) and adapter_only:
+            unwrapped.save_pretrained(tmp, state_dict=state, selected_adapters=[TRAINED], save_embedding_layers=False)
+        else:
+            if is_peft(unwrapped):
+                state = merged_state_dict(unwrapped, state)
+            if getattr(plain.config, "tie_word_embeddings", False):  # FSDP2 gathers the tied head as a copy
+                head = plain.get_output_embeddings()
+                state.pop(next(f"{n}.weight" for n, m in plain.named_modules() if m is head), None)
+            plain.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         save_prompt_format(fmt, tmp)
         if log_dir is not None and Path(log_dir).exists():
@@ -858,7 +1031,28 @@ def _f(default, help):
 
 
 @dataclasses.dataclass
-class MethodArgs:
+class MemoryArgs:
+    """LoRA and memory flags, shared by finetune.py and every method script (load_trained, save_model)."""
+    lora_r: int = _f(0, "LoRA rank (peft): 0 (default) trains every weight, as the papers' main tables do; Closer-Look App. E.8 uses 8. The adapter trains on a frozen base (bf16 weights under mixed precision, fp32 on CPU); the starting model that references and KL terms need (NPO, DPO, KTO, UNDIAL, +KL, RKLD's original) is that base with the adapter off, and rkld.py builds the strengthened model as a second adapter, so no frozen copy is loaded.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (the update is lora_alpha / lora_r x B A): 32, Closer-Look App. E.8.")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter's input. Closer-Look App. E.8 states none; 0 is peft's default and keeps a step deterministic (two processes give one's result).")
+    lora_target_modules: str = _f("all-linear", "Modules that get an adapter: comma-separated names (peft matches a module's name or its last dotted parts, e.g. q_proj,v_proj), each of which must match a module, or 'all-linear' (peft's keyword: every linear layer but the output head). Closer-Look App. E.8 names none; all-linear is our choice.")
+    save_adapter_only: bool = _f(False, "With LoRA, save the trained adapter alone (peft's adapter_config.json + adapter_model.safetensors, with the tokenizer) instead of the default: the adapter merged into the base, a plain model that every tool loads. The evaluator and the scripts load an adapter folder as its base (named in adapter_config.json) plus the adapter.")
+    gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass instead of storing them (transformers' activation checkpointing, non-reentrant): about a third more compute for activation memory of one layer instead of all. Off by default, as in the references. Works with LoRA (the embeddings' output requires grad).")
+
+
+def check_memory_args(args) -> None:
+    """The LoRA flags at parse time: numbers in range, and --save_adapter_only only with an adapter."""
+    check_numbers(args, (("lora_r", *NON_NEGATIVE), ("lora_alpha", *POSITIVE),
+                         ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")))
+    if args.save_adapter_only and not args.lora_r:
+        raise TofuError("--save_adapter_only needs a LoRA adapter to save: set --lora_r (e.g. 8, Closer-Look App. E.8)")
+    if not args.lora_target_modules.strip():
+        raise TofuError("--lora_target_modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
+
+
+@dataclasses.dataclass
+class _MethodFlags:
     split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
@@ -891,8 +1085,13 @@ class MethodArgs:
     gen_max_length: int = _f(200, "Greedy generation stops at EOS or at this many tokens in total, prompt included (TOFU and Closer-Look: max_length=200); --max_new_tokens replaces it.")
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
-    ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match.")
+    ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match. With --lora_r the reference is the trained model's own base (no copy), exact at the first step, and this flag does not apply.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
+
+
+@dataclasses.dataclass
+class MethodArgs(MemoryArgs, _MethodFlags):
+    """The flags every method script shares: the run's first (in --help too), then LoRA and memory."""
 
 
 # Numeric flags, checked at parse time (before any model loads): (flag, test, what it must be).
@@ -945,6 +1144,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     if args.split not in FORGET_SPLITS:
         raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
     check_numbers(args)
+    check_memory_args(args)
     quick, given_model = args.model == QUICK, args.model
     # What every flag would be if only the split, task, method and model had been given: the script's
     # own resolution (__post_init__) and the recipe, so a default filled in is never named as a choice.
@@ -974,7 +1174,8 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
 UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
-           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak"}
+           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
+           "gradient_checkpointing", "save_adapter_only"}
 
 
 def _path_part(value) -> str:

@@ -33,7 +33,7 @@ from common import TofuError
 # ARGUMENTS
 # ====================================================================
 @dataclasses.dataclass
-class Args:
+class _Flags:
     model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "Base model: HF id, local folder, or the embedded preset 'smollm2-135m' (SmolLM2-135M-Instruct, offline)."})
     split: str = dataclasses.field(default="forget01", metadata={"help": "Forget split whose target/retain pair to build: forget01, forget05 or forget10 (retain model trains on retain99/95/90)."})
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
@@ -58,6 +58,11 @@ class Args:
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
 
+@dataclasses.dataclass
+class Args(common.MemoryArgs, _Flags):
+    """finetune.py's flags, then the LoRA and memory flags every script shares."""
+
+
 EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}
 TOFU_RECIPE = {"lr": 1e-5, "epochs": 5, "batch_size": 32}
 
@@ -72,6 +77,7 @@ def resolve(args: Args) -> Args:
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
     common.check_numbers(args)
+    common.check_memory_args(args)
     recipe = EMBEDDED_RECIPE if args.model in common.PRESETS else TOFU_RECIPE
     for k, v in recipe.items():
         if getattr(args, k) is None:
@@ -136,7 +142,7 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     """Fine-tune args.model on `rows` (named `data` in logs), save it atomically to `out` and release
     everything the stage prepared, so the next model trains alone."""
     set_seed(args.seed)
-    model, tok = common.load_model(args.model)
+    model, tok = common.load_trained(args, accelerator), common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     ds = common.QADataset(rows, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,

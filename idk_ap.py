@@ -31,6 +31,8 @@ Reproducing the paper:
     lr 1e-5, wd 0.01, effective batch 32, 5 epochs, one warmup epoch then linear decay (App. D).
   DPO+AP (App. E.2): --forget_loss dpo (needs the frozen reference model).
   IDK+GD / IDK+KL baselines: --retain_loss gd / --retain_loss kl.
+  LoRA (App. E.8, Table 9): --lora_r 8 --lora_alpha 32 --epochs 5 and --lr from {5e-5, 1e-4, 2e-4,
+    5e-4} (the paper reports the best-balanced one); the reference is the base with the adapter off.
   Continual unlearning (section 5.2): --forget_task k, with --model set to the previous
     task's model/ folder (which is then also the DPO/KL reference, as in the reference code);
     scripts/continual.py runs the whole sequence.
@@ -187,7 +189,9 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.forget_loss != "dpo" and args.retain_loss != "kl":
         return {"ref": None}
-    return {"ref": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
+    frozen = {}
+    frozen["ref"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+    return frozen
 
 
 def _logits(model, part: dict) -> torch.Tensor:
@@ -301,7 +305,7 @@ def main():
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:

@@ -28,6 +28,8 @@ Reproducing the paper:
     batch 32, 5 epochs, one warmup epoch then linear decay (App. D).
   ME+KL (App. E.2): --retain_loss kl.
   Loss over answer tokens only (App. E.5 ablation): --mask_question.
+  LoRA (App. E.8, Table 9): --lora_r 8 --lora_alpha 32 --epochs 5 and --lr from {5e-5, 1e-4, 2e-4,
+    5e-4} (the paper reports the best-balanced one); the reference is the base with the adapter off.
   Continual unlearning (section 5.2): --forget_task k (alpha then defaults to 1.0), with --model
     set to the previous task's model/ folder; scripts/continual.py runs the whole sequence.
   alpha = 0.1 was tuned for the reference code's ME: log(softmax + 1e-12), averaged over every
@@ -212,7 +214,9 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     if args.retain_loss != "kl":
         return {"ori": None}
-    return {"ori": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
+    frozen = {}
+    frozen["ori"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+    return frozen
 
 
 def padded_parts(args) -> tuple[str, ...]:
@@ -316,7 +320,7 @@ def main():
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:

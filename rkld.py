@@ -192,7 +192,9 @@ def strengthen(args, tok, fmt, accelerator) -> str:
     """The strengthened model (RKLD §3): --model trained further on the forget set (answer NLL) for
     --strengthen_epochs at --strengthen_lr with the run's batch settings, saved in OUTPUT_DIR/strengthened.
     A later run reuses it only when it was built with the same settings (strengthened/strengthen.json);
-    otherwise it is rebuilt. This stage trains its own model and releases it before unlearning starts."""
+    otherwise it is rebuilt. This stage trains its own model and releases it before unlearning starts.
+    With --lora_r it trains a LoRA adapter on --model and saves the adapter alone: the teacher then
+    needs no second model (setup_frozen)."""
     if args.strengthened_model:
         return common.resolve_model_path(args.strengthened_model)
     out = Path(args.output_dir) / "strengthened"
@@ -201,7 +203,8 @@ def strengthen(args, tok, fmt, accelerator) -> str:
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
-                                         "max_grad_norm", "max_length", "seed")}}))
+                                         "max_grad_norm", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                                         "lora_target_modules")}}))
     if (out / "strengthen.json").exists():
         if json.loads((out / "strengthen.json").read_text()) == settings:
             if accelerator.is_main_process:
@@ -216,34 +219,62 @@ def strengthen(args, tok, fmt, accelerator) -> str:
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
     log = common.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
-    model = fit(accelerator, common.load_model(args.model)[0], loader,
+    model = fit(accelerator, common.load_trained(args, accelerator), loader,
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},
                 args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
-    common.save_model(accelerator, model, tok, fmt, out, log.dir)
+    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=bool(args.lora_r))
     if accelerator.is_main_process:  # written last: a folder without it is never reused
         common.atomic_write_json(out / "strengthen.json", settings)
     common.release(accelerator, model)
     return str(out)
 
 
+STRENGTHENED = "strengthened"  # the strengthening adapter's name in the one-base (LoRA) model
+
+
+def _same_model(base: str | None, model: str) -> bool:
+    """True when an adapter's base (None: not an adapter) is --model, so the adapter can share its base."""
+    if base is None:
+        return False
+    a, b = common.resolve_model_path(base), common.resolve_model_path(model)
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """Strengthening (its own training stage, released when done), then the frozen models placed for
     the backend: the original model (teacher and KL retain term) and the strengthened model; with
     --precompute_teacher, the teacher's log-probs over the forget set instead, after which only what
-    the retain term needs stays in memory."""
+    the retain term needs stays in memory.
+    With --lora_r, one base model: the student (base + trained adapter) is built here and handed to
+    main() as frozen['model']; the original model is its base with adapters off and the strengthened
+    model its base with the strengthening adapter alone (common.AdapterView). A --strengthened_model
+    that is a full model, or an adapter on another base, is loaded beside it (merged) as before."""
     if args.retain_loss != "none" and not ds.retain:
         raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
                         f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
     str_path = strengthen(args, tok, ds.fmt, accelerator)
-    ori, strong = common.load_model(args.model, frozen=True)[0], common.load_model(str_path, frozen=True)[0]
+    frozen = {"store": None}
+    if args.lora_r:
+        frozen["model"] = common.load_trained(args, accelerator)
+        ori = common.AdapterView(frozen["model"])
+    else:
+        ori = common.load_model(args.model, frozen=True)[0]
+    if args.lora_r and _same_model(common.adapter_base(str_path), args.model):
+        frozen["model"].load_adapter(str_path, adapter_name=STRENGTHENED)  # frozen (is_trainable=False)
+        strong = common.AdapterView(frozen["model"], STRENGTHENED)
+    else:
+        strong = common.load_model(str_path, frozen=True)[0]
     if strong.config.vocab_size != ori.config.vocab_size:
         raise TofuError(f"the strengthened model's vocabulary ({strong.config.vocab_size}) differs from the "
                         f"original's ({ori.config.vocab_size}); pass a model fine-tuned from --model")
     # bf16 weights under mixed precision, but logits from an fp32 output head: the teacher multiplies
-    # a difference of two logit vectors by alpha, which would amplify bf16 rounding (0.5-1 nat at alpha 8)
-    ori, strong = (common.place_frozen(common.fp32_output_head(m), accelerator) for m in (ori, strong))
-    frozen = {"ori": ori, "teacher": Teacher(ori, strong, args.alpha), "store": None}
+    # a difference of two logit vectors by alpha, which would amplify bf16 rounding (0.5-1 nat at alpha 8).
+    # With LoRA the head is the student's too, whose logits are then fp32 as well.
+    for m in (ori, strong):
+        common.fp32_output_head(m.model if isinstance(m, common.AdapterView) else m)
+    ori, strong = (m if isinstance(m, common.AdapterView) else common.place_frozen(m, accelerator) for m in (ori, strong))
+    frozen.update(ori=ori, teacher=Teacher(ori, strong, args.alpha))
     del strong
     if args.eval_teacher:
         frozen["eval/teacher"] = evaluator.run(frozen["teacher"], "teacher", compare_precision=False)
@@ -253,6 +284,8 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
                                                args.per_device_batch_size), teacher=None)
         if args.retain_loss != "kl":
             frozen["ori"] = None
+        if STRENGTHENED in getattr(frozen.get("model"), "peft_config", {}):
+            frozen["model"].delete_adapter(STRENGTHENED)
         del ori
         gc.collect()
     return frozen
@@ -417,7 +450,7 @@ def main():
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_model(args.model)[0]
+    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:

@@ -33,6 +33,13 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     # the teacher precomputed into a store that each rank fills with its own rows
     "rkld_pre": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--precompute_teacher",
                              "--eval", "false"]),
+    # LoRA: the reference is the trained model's base with the adapter off (a second forward through the
+    # prepared model), with activation checkpointing; the saved model is the merged one
+    "npo_kl_lora": ("baselines.py", ["--method", "npo_kl", *RUN, "--lora_r", 8, "--gradient_checkpointing",
+                                     "--eval", "false"]),
+    # RKLD on one base: strengthening trains an adapter, the live teacher runs the base with it on and off
+    "rkld_lora": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl",
+                              "--lora_r", 8, "--eval", "false"]),
 }
 
 
