@@ -381,6 +381,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
     out = Path(args.output_dir) / "strengthened"
     settings = json.loads(json.dumps({
         "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
+        **({"forget_data": common.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
@@ -393,7 +394,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
         if accelerator.is_main_process:
             print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
     set_seed(args.seed)
-    forget, _ = common.forget_retain_rows(args.split, None, args.forget_task)
+    forget = common.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
@@ -417,8 +418,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     "train" for zero steps, save and evaluate."""
     forget, retain = METHODS[args.method]
     if retain and not ds.retain:
-        raise TofuError(f"--method {args.method} needs retain rows, but {common.RETAIN_OF[args.split]} has none "
-                        f"for this subset (--quick_retain_authors {args.quick_retain_authors})")
+        raise TofuError(f"--method {args.method} needs retain rows, but {common.retain_source(args)} has none")
     frozen = {"ref": None}
     if forget == "ta":
         str_path = strengthen(args, tok, ds.fmt, accelerator)
@@ -505,7 +505,7 @@ def main():
 
     tok = common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    forget, retain = common.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),

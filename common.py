@@ -67,50 +67,105 @@ SPLIT_SIZES = {"full": 4000, "retain90": 3600, "retain95": 3800, "retain99": 396
                "real_authors_perturbed": 100, "world_facts_perturbed": 117}
 
 
-def _check_row(row, fields, where):
+def _check_row(row, fields, where, optional=()):
+    """One row of a data source: every field of `fields` present, and those and the `optional` ones
+    that are present of the right type (perturbed_answer: a non-empty list of strings; others: str).
+    A field that is null (what a table reader fills in for a row that lacks it) counts as missing."""
     if not isinstance(row, dict):
         raise TofuError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for f in fields:
-        if f not in row:
-            raise TofuError(f"{where}: missing field '{f}'")
-        v = row[f]
+    for f in (*fields, *optional):
+        v = row.get(f)
+        if v is None:
+            if f in fields:
+                raise TofuError(f"{where}: missing field '{f}'")
+            continue
         ok = (isinstance(v, list) and v and all(isinstance(x, str) for x in v)) if f == "perturbed_answer" \
             else isinstance(v, str)
         if not ok:
             raise TofuError(f"{where}: field '{f}' has the wrong type ({type(v).__name__})")
 
 
-def _read_jsonl(path: Path, fields) -> list[dict]:
-    if not path.exists():
-        raise TofuError(f"data file {path} is missing; the repo ships it under data/tofu/")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _json_lines(path: Path) -> list[int] | None:
+    """Line numbers of the non-blank lines of a JSON-lines file (row i is on line lines[i]), or None
+    when the file is one JSON document (an array) rather than one object a line."""
+    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if lines and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return None
+    return lines
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
             try:
-                row = json.loads(line)
+                json.loads(line)
             except json.JSONDecodeError as e:
-                raise TofuError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            _check_row(row, fields, f"{path}:{n}")
-            rows.append(row)
-    return rows
+                return f"{path}:{n}: malformed JSON ({e.msg})"
+    return None
 
 
-def _load_hub(name: str, fields) -> list[dict]:
+def read_rows(source, fields=QA, optional=(), name: str | None = None) -> list[dict]:
+    """Rows of a data source, each checked at the edge (_check_row, naming the file and line).
+
+    One `datasets.load_dataset` call reads them all: a local JSON-lines (or JSON array), CSV or
+    Parquet file through the matching packaged builder, anything else as a hub dataset id (with
+    config `name`, or `org/name:config`), split "train". Local files are cached under
+    CACHE_DIR/datasets, keyed by datasets on the file's path and modification time. Null fields
+    (a row lacking a column others have) are dropped from the row."""
     try:
         import datasets
     except ImportError:
-        raise TofuError("loading from the hub needs the `datasets` package (pip install datasets)") from None
+        raise TofuError("reading data needs the `datasets` package: pip install -r requirements.txt") from None
+    datasets.disable_progress_bars()
+    path = Path(str(source)).expanduser()
+    local = path.suffix.lower() in TABLE_BUILDERS or path.exists() or str(source).startswith((".", "/", "~"))
+    if local:
+        if not path.is_file():
+            raise TofuError(f"data file {path} does not exist")
+        builder = TABLE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise TofuError(f"{path}: unknown data format '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+        if builder != "parquet" and not path.read_text(encoding="utf-8").strip():
+            return []
+        call, where = dict(path=builder, data_files=str(path), cache_dir=str(CACHE_DIR / "datasets")), str(path)
+    else:
+        repo, _, config = str(source).partition(":")
+        call, where = dict(path=repo, name=name or config or None), f"{source}{'/' + name if name else ''}"
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error line would precede ours
     try:
-        ds = datasets.load_dataset(HUB_DATASET, name, split="train")
-    except Exception as e:  # network errors come in many types
-        raise TofuError(f"could not load {HUB_DATASET}/{name} from the hub ({type(e).__name__}); "
-                        "use the local copy (source='local')") from None
-    rows = [dict(r) for r in ds]
+        ds = datasets.load_dataset(**call, split="train")
+    except Exception as e:  # malformed files and network errors come in many types
+        bad = _first_bad_json_line(path) if local and path.suffix.lower() in (".json", ".jsonl") else None
+        if bad:
+            raise TofuError(bad) from None
+        detail = str(e.__cause__ or e).splitlines()[0][:160] if str(e.__cause__ or e) else ""
+        if local:
+            raise TofuError(f"could not read {path} ({type(e).__name__}: {detail})") from None
+        raise TofuError(f"could not load {where} from the hub ({type(e).__name__}); no network, or no such "
+                        "dataset: pass a local file instead") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+    rows = [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()]
+    lines = _json_lines(path) if local and builder == "json" else None
     for i, r in enumerate(rows):
-        _check_row(r, fields, f"{HUB_DATASET}/{name} row {i}")
+        at = (f"{where}:{lines[i]}" if lines is not None and i < len(lines)
+              else f"{where}:{i + 2}" if local and builder == "csv" else f"{where} row {i}")
+        _check_row(r, fields, at, optional)
     return rows
+
+
+def _read_jsonl(path: Path, fields) -> list[dict]:
+    if not path.exists():
+        raise TofuError(f"data file {path} is missing; the repo ships it under data/tofu/")
+    return read_rows(path, fields)
+
+
+def _load_hub(name: str, fields) -> list[dict]:
+    return read_rows(HUB_DATASET, fields, name=name)
 
 
 def _author_lookup() -> dict[str, int]:
@@ -199,6 +254,57 @@ def forget_retain_rows(split: str, authors: set[int] | None = None, forget_task:
     forget = load_split(split, forget_task=forget_task)
     retain = select_authors(load_split(RETAIN_OF[split], forget_task=forget_task), authors)
     return forget, retain
+
+
+CUSTOM = "custom"  # args.split of a run on --forget_data / --retain_data
+TR_FIELDS = ("paraphrased_answer", "perturbed_answer")  # what a custom set needs for the truth ratio
+
+
+def load_custom(source, flag: str = "--forget_data") -> list[dict]:
+    """Rows of a user's own forget or retain set: `question` and `answer`, optionally
+    `paraphrased_answer` and `perturbed_answer` (the truth ratio; on every row or on none) and `name`
+    (rows about one person share it; `author` numbers the names in order of appearance, None
+    without one). `index` is the row's position in the source. Any source read_rows reads."""
+    rows = read_rows(source, QA, optional=(*TR_FIELDS, "name"))
+    if not rows:
+        raise TofuError(f"{flag} {source} holds no rows; give at least one row with a question and an answer")
+    for f in TR_FIELDS:
+        n = sum(f in r for r in rows)
+        if 0 < n < len(rows):
+            raise TofuError(f"{flag} {source}: '{f}' is on {n} of {len(rows)} rows; give it on every row (the "
+                            "truth ratio needs it) or on none")
+    people: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        r["index"] = i
+        r["author"] = people.setdefault(r["name"], len(people)) if "name" in r else None
+    return rows
+
+
+def custom_fingerprint(*sources) -> str:
+    """A short hash of the given sources' bytes (local files) or names (hub ids), to key what a run
+    built from them (a strengthened model, an evaluation cache)."""
+    h = hashlib.sha1()
+    for src in sources:
+        if src:
+            p = Path(str(src)).expanduser()
+            h.update(p.read_bytes() if p.is_file() else str(src).encode())
+    return h.hexdigest()[:12]
+
+
+def method_rows(args) -> tuple[list[dict], list[dict]]:
+    """(forget rows, retain rows) of a method run: --forget_data / --retain_data when given, else the
+    TOFU split (restricted to the quick subset's authors, or continual task --forget_task)."""
+    if getattr(args, "forget_data", None):
+        return load_custom(args.forget_data), (load_custom(args.retain_data, "--retain_data")
+                                               if args.retain_data else [])
+    return forget_retain_rows(args.split, subset_authors(args), args.forget_task)
+
+
+def retain_source(args) -> str:
+    """Where a run's retain rows come from, for the sentence that says there are none."""
+    if getattr(args, "forget_data", None):
+        return f"--retain_data {args.retain_data}" if args.retain_data else "the run (no --retain_data given)"
+    return f"{RETAIN_OF[args.split]} for this subset (--quick_retain_authors {args.quick_retain_authors})"
 
 
 def select_authors(rows: list[dict], authors: set[int] | None) -> list[dict]:
@@ -386,7 +492,13 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     def __init__(self, forget, retain, tokenizer, fmt, max_length=512, seed=0, idk=None):
         self.forget, self.retain, self.idk = forget, retain or [], idk
         self.tok, self.fmt, self.max_length, self.seed, self.epoch = tokenizer, fmt, max_length, seed, 0
-        self.n_truncated = sum(self._enc(r["question"], r["answer"])["truncated"] for r in forget + self.retain)
+        self.n_truncated = 0
+        for name, rows in (("forget", forget), ("retain", self.retain)):
+            cut = sum(self._enc(r["question"], r["answer"])["truncated"] for r in rows)
+            if rows and cut == len(rows):  # training on them would train on cut-off answers only
+                raise TofuError(f"every {name} row is longer than --max_length {max_length} tokens; raise "
+                                "--max_length or give shorter rows")
+            self.n_truncated += cut
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -857,6 +969,8 @@ def _f(default, help):
 @dataclasses.dataclass
 class MethodArgs:
     split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
+    forget_data: str = _f(None, "Your own forget set instead of --split: a JSON-lines, CSV or Parquet file (or a hub dataset id, org/name[:config]) with `question` and `answer`; optional `paraphrased_answer` and `perturbed_answer` (a list) give the truth ratio, optional `name` groups rows by person.")
+    retain_data: str = _f(None, "Your own retain set, with --forget_data (same format); without it the run has no retain rows, so methods with a retain term refuse.")
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
     retain_model: str = _f("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
@@ -910,6 +1024,21 @@ def check_numbers(args, rules=NUMBER_RULES) -> None:
             raise TofuError(f"--{name} must be {must}, not {v}")
 
 
+def _check_custom(args) -> None:
+    """--forget_data replaces --split: the run's split becomes "custom" and what only TOFU has (the
+    quick models and subset, continual tasks) is refused with a sentence."""
+    if getattr(args, "retain_data", None) and not getattr(args, "forget_data", None):
+        raise TofuError("--retain_data goes with --forget_data; give both, or --split alone")
+    if not getattr(args, "forget_data", None):
+        return
+    for flag, bad in (("--forget_task", args.forget_task is not None), ("--model quick", args.model == QUICK),
+                      ("--subset quick", args.subset == "quick")):
+        if bad:
+            raise TofuError(f"{flag} is TOFU's; with --forget_data give --model (a model folder or hub id) and "
+                            "leave --forget_task and --subset unset")
+    args.split, args.subset = CUSTOM, "all"
+
+
 def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
     """The defaults that depend on the model: --subset, and the recipe (quick or paper) for unset flags."""
     quick = args.model == QUICK
@@ -936,7 +1065,8 @@ def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
 def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     """Validate args and fill the recipe defaults (quick recipe for the embedded model,
     the paper's otherwise). Returns args with resolved model paths and run folder."""
-    if args.split not in FORGET_SPLITS:
+    _check_custom(args)
+    if args.split not in FORGET_SPLITS and args.split != CUSTOM:
         raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
     check_numbers(args)
     quick, given_model = args.model == QUICK, args.model
@@ -947,7 +1077,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     for a in (args, defaults) if defaults is not None else (args,):
         _fill_defaults(a, quick_recipe, paper_recipe)
     if args.retain_model == "auto":
-        args.retain_model = QUICK if quick and args.forget_task is None else "none"
+        args.retain_model = QUICK if quick and args.forget_task is None and args.split != CUSTOM else "none"
     if args.retain_model == QUICK:
         args.retain_model = quick_model(args.split, "retain", args.quick_retain_authors)
     if args.retain_model == "none":
@@ -1028,4 +1158,6 @@ def check_run_folder(args) -> None:
 
 
 def subset_authors(args) -> set[int] | None:
+    if args.split == CUSTOM:
+        return None
     return quick_authors(args.split, args.quick_retain_authors) if args.subset == "quick" else None

@@ -183,8 +183,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """The frozen starting model as reference, loaded only for --forget_loss dpo or --retain_loss kl.
     In continual unlearning that is --model, the previous task's output, as in the reference code."""
     if not ds.retain:
-        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
-                        f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.retain_source(args)} has none")
     if args.forget_loss != "dpo" and args.retain_loss != "kl":
         return {"ref": None}
     return {"ref": common.load_frozen(args.model, accelerator, args.ref_precision == "match")}
@@ -286,7 +285,7 @@ def main():
 
     tok = common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    forget, retain = common.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),

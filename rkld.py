@@ -198,6 +198,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
     out = Path(args.output_dir) / "strengthened"
     settings = json.loads(json.dumps({
         "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
+        **({"forget_data": common.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
@@ -210,7 +211,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
         if accelerator.is_main_process:
             print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
     set_seed(args.seed)
-    forget, _ = common.forget_retain_rows(args.split, None, args.forget_task)
+    forget = common.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
@@ -233,8 +234,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     --precompute_teacher, the teacher's log-probs over the forget set instead, after which only what
     the retain term needs stays in memory."""
     if args.retain_loss != "none" and not ds.retain:
-        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
-                        f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.retain_source(args)} has none")
     str_path = strengthen(args, tok, ds.fmt, accelerator)
     ori, strong = common.load_model(args.model, frozen=True)[0], common.load_model(str_path, frozen=True)[0]
     if strong.config.vocab_size != ori.config.vocab_size:
@@ -402,7 +402,7 @@ def main():
 
     tok = common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    forget, retain = common.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
