@@ -683,7 +683,30 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool
 # ---------------------------------------------------------------------------
 # Distributed plumbing: the accelerator, frozen models, saving, logged losses
 # ---------------------------------------------------------------------------
-def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm: float | None = None):
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+TRACKER_PROJECT = "tofu-unlearn"  # wandb project; TensorBoard's subfolder of OUTPUT_DIR/tensorboard
+
+
+def trackers(report_to: str) -> list[str]:
+    """accelerate's tracker names for --report_to: none, tensorboard, wandb, or all (every one of the
+    two whose package is installed). A tracker whose package is missing is refused at parse time."""
+    if report_to not in REPORT_TO:
+        raise TofuError(f"--report_to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
+    if report_to == "none":
+        return []
+    installed = {"tensorboard": importlib.util.find_spec("tensorboard") is not None,
+                 "wandb": importlib.util.find_spec("wandb") is not None}
+    if report_to == "all":
+        if not any(installed.values()):
+            raise TofuError("--report_to all found neither tensorboard nor wandb; pip install tensorboard (or wandb)")
+        return [k for k, ok in installed.items() if ok]
+    if not installed[report_to]:
+        raise TofuError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")
+    return [report_to]
+
+
+def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm: float | None = None,
+                     report_to: str = "none", project_dir=None):
     """(Accelerator, grad_accum) for an effective batch of `batch_size` examples per optimizer step.
 
     Gradient accumulation goes to the Accelerator constructor (DeepSpeed reads it from there
@@ -692,7 +715,9 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
     per-device micro-batches x processes cannot make exactly is refused rather than rounded.
     On CPU, cpu=True makes a multi-process launch DDP over gloo (a plain Accelerator() would
     run independent single-process copies there). Under DeepSpeed, which clips inside its engine,
-    the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says."""
+    the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says.
+    report_to (--report_to) picks accelerate's experiment trackers; TensorBoard writes under
+    project_dir/tensorboard. RunLogger starts them and logs to them (main process only)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -703,8 +728,10 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
                         f"on {world} process(es); choose --per_device_batch_size so that per_device x {world} divides "
                         f"{batch_size}")
     ga = batch_size // (per_device_batch_size * world)
+    log_with = trackers(report_to)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=ga,
-                              mixed_precision=mixed_precision())
+                              mixed_precision=mixed_precision(), log_with=log_with or None,
+                              project_dir=str(Path(project_dir) / "tensorboard") if log_with and project_dir else None)
     if accelerator.num_processes != world:
         raise TofuError(f"WORLD_SIZE says {world} processes but accelerate sees {accelerator.num_processes}; "
                         "launch with accelerate launch or torchrun")
@@ -927,19 +954,55 @@ def run_info() -> dict:
     }
 
 
-class RunLogger:
-    """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder.
-    Only the main process writes or prints."""
+def _scalars(d: dict, prefix: str = "") -> dict:
+    """The numbers of a (nested) dict as {"a/b": float}: what a tracker can plot. Booleans and
+    None are left out, so are strings and lists."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
-    def __init__(self, out_dir, args, derived: dict, is_main: bool = True):
-        self.dir, self.is_main = Path(out_dir), is_main
+
+class RunLogger:
+    """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder, and, when the
+    accelerator was built with trackers (--report_to), the same to them: the arguments as the run's
+    config, every logged step, and each evaluation's numbers (log_eval). Only the main process
+    writes or prints; accelerate's trackers run on the main process only."""
+
+    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None):
+        self.dir, self.is_main, self.step = Path(out_dir), is_main, 0
+        self.acc = accelerator if accelerator is not None and accelerator.log_with else None
+        a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
             atomic_write_json(self.dir / "args.json", {"args": a, "derived": derived, "run": run_info()})
             (self.dir / "metrics.jsonl").write_text("")
+        if self.acc is not None:  # trackers take flat str/number/bool values
+            config = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
+                      for k, v in {**a, **{f"derived/{k}": v for k, v in derived.items()}}.items()}
+            self.acc.init_trackers(TRACKER_PROJECT, config=config,
+                                   init_kwargs={"wandb": {"name": self.dir.name, "dir": str(self.dir)}})
+
+    def log_eval(self, name: str, summary: dict | None) -> None:
+        """An evaluation's numbers to the trackers, at the last logged step: eval/<metric> for the
+        models along training (before, epoch<k>, after), eval_<name>/<metric> for any other."""
+        if self.acc is None or not summary:
+            return
+        prefix = "eval/" if name in ("before", "after") or re.fullmatch(r"epoch\d+", name) else f"eval_{name}/"
+        self.acc.log(_scalars({k: v for k, v in summary.items() if k != "settings"}, prefix), step=self.step)
+
+    def finish(self) -> None:
+        """End the trackers' runs (a no-op without --report_to)."""
+        if self.acc is not None:
+            self.acc.end_training()
 
     def log(self, step: int, metrics: dict, echo: bool = False):
+        self.step = step
+        if self.acc is not None:
+            self.acc.log(_scalars(metrics), step=step)
         if not self.is_main:
             return
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
@@ -1002,6 +1065,7 @@ class MethodArgs:
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match.")
+    report_to: str = _f("none", "Experiment trackers, through accelerate (main process only): tensorboard (OUTPUT_DIR/tensorboard), wandb, all (those installed) or none. They get the arguments as config, the losses and lr of every step and the numbers of every evaluation; metrics.jsonl is written either way.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 
@@ -1069,6 +1133,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     if args.split not in FORGET_SPLITS and args.split != CUSTOM:
         raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
     check_numbers(args)
+    trackers(args.report_to)
     quick, given_model = args.model == QUICK, args.model
     # What every flag would be if only the split, task, method and model had been given: the script's
     # own resolution (__post_init__) and the recipe, so a default filled in is never named as a choice.
@@ -1098,7 +1163,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
 UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
-           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
+           "report_to", "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
 
 
 def _path_part(value) -> str:

@@ -1149,10 +1149,11 @@ class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
     reused from runs/eval_cache); forget quality uses --retain_logs, or the retain model's
-    forget-split logs (computed once and cached); `report(rows)` prints the comparison."""
+    forget-split logs (computed once and cached); `report(rows)` prints the comparison. Each
+    evaluation's numbers also go to the run's trackers through `log` (common.RunLogger.log_eval)."""
 
-    def __init__(self, args, tokenizer, fmt, accelerator, out_dir):
-        self.args, self.tok, self.fmt, self.acc = args, tokenizer, fmt, accelerator
+    def __init__(self, args, tokenizer, fmt, accelerator, out_dir, log=None):
+        self.args, self.tok, self.fmt, self.acc, self.log = args, tokenizer, fmt, accelerator, log
         self.out = Path(out_dir) / "eval"
         cap = args.max_eval_samples or None
         if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
@@ -1205,6 +1206,12 @@ class MethodEval:
         return self.retain_logs
 
     def run(self, model, name: str, cache_key: str | None = None, compare_precision: bool = True) -> dict | None:
+        summary = self._run(model, name, cache_key, compare_precision)
+        if self.log is not None:
+            self.log.log_eval(name, summary)
+        return summary
+
+    def _run(self, model, name, cache_key, compare_precision) -> dict | None:
         if not self.args.eval:
             return None
         out = self.out / name
@@ -1239,6 +1246,8 @@ class MethodEval:
             summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
                                generation=False, retain_logs=self._retain(), verbose=False,
                                **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+            if self.log is not None:
+                self.log.log_eval(name, summary)
         if self.args.peak_epoch:
             self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
             if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)

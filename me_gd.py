@@ -294,7 +294,8 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 def main():
     args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                               args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
@@ -311,8 +312,8 @@ def main():
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
                **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                  args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or common.load_model(args.model)[0]
@@ -333,6 +334,7 @@ def main():
     common.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
+    log.finish()
 
 
 if __name__ == "__main__":
