@@ -1065,6 +1065,10 @@ class MethodArgs:
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match.")
+    benchmarks: str = _f("none", "General-capability benchmarks through lm-eval (optional package), on the model before and after unlearning: rkld (RKLD Table 1: PIQA, HellaSwag, ARC-E, ARC-C, COPA, WinoGrande, MathQA), closer_look (§5.3: MMLU, ARC-C, GSM8K, TriviaQA, TruthfulQA-MC1), a comma list of lm-eval task names, or none (evaluate_general.py).")
+    benchmark_limit: int = _f(None, "Rows per benchmark task (lm-eval's limit), for smoke runs. Default: every row.")
+    benchmark_batch_size: int = _f(8, "Sequences per lm-eval forward pass.")
+    benchmark_include_path: str = _f(None, "A folder of your own lm-eval task YAMLs, so --benchmarks can name them.")
     report_to: str = _f("none", "Experiment trackers, through accelerate (main process only): tensorboard (OUTPUT_DIR/tensorboard), wandb, all (those installed) or none. They get the arguments as config, the losses and lr of every step and the numbers of every evaluation; metrics.jsonl is written either way.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
@@ -1077,7 +1081,8 @@ NUMBER_RULES = (("lr", *POSITIVE), ("batch_size", *AT_LEAST_1), ("per_device_bat
                 ("epochs", *NON_NEGATIVE), ("max_length", *AT_LEAST_1), ("warmup_epochs", *NON_NEGATIVE),
                 ("weight_decay", *NON_NEGATIVE), ("max_grad_norm", *NON_NEGATIVE), ("max_steps", *NON_NEGATIVE),
                 ("quick_retain_authors", *NON_NEGATIVE), ("forget_task", *AT_LEAST_1),
-                ("max_eval_samples", *NON_NEGATIVE), ("gen_max_length", *AT_LEAST_1), ("max_new_tokens", *AT_LEAST_1))
+                ("max_eval_samples", *NON_NEGATIVE), ("benchmark_limit", *AT_LEAST_1),
+                ("benchmark_batch_size", *AT_LEAST_1), ("gen_max_length", *AT_LEAST_1), ("max_new_tokens", *AT_LEAST_1))
 
 
 def check_numbers(args, rules=NUMBER_RULES) -> None:
@@ -1163,7 +1168,8 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
 UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
-           "report_to", "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
+           "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
+           "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model"}
 
 
 def _path_part(value) -> str:

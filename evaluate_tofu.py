@@ -50,6 +50,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 import common
+import evaluate_general
 
 # ---------------------------------------------------------------------------
 # Arguments
@@ -1165,6 +1166,8 @@ class MethodEval:
         if args.split == common.CUSTOM:  # your own sets: forget, and retain when given
             forget, retain = common.method_rows(args)
             self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
+        self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
+        evaluate_general.check_available(getattr(args, "benchmarks", None))
         self.retain_logs = args.retain_logs
         self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
         if args.peak_epoch and not (args.retain_logs or args.retain_model):
@@ -1217,6 +1220,8 @@ class MethodEval:
         out = self.out / name
         cache = _cache_dir(cache_key, {"split": self.args.split, "retain": self.args.retain_logs or self.args.retain_model,
                                        **{k: v for k, v in self._key().items() if k != "accelerator"},
+                                       **({"benchmarks": self.bench, "limit": self.args.benchmark_limit,
+                                           "tasks_dir": self.args.benchmark_include_path} if self.bench else {}),
                                        "fmt": dataclasses.asdict(self.fmt)}) if cache_key else None
         if cache is not None and (cache / "summary.json").exists():
             if self.acc.is_main_process:
@@ -1227,6 +1232,13 @@ class MethodEval:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
                            compare_precision=compare_precision, **self.kw)
+        if self.bench:  # general capability, on the same model in memory (evaluate_general.py)
+            summary["benchmarks"] = evaluate_general.run_benchmarks(
+                model, self.tok, self.bench, self.acc, self.args.benchmark_batch_size, self.args.benchmark_limit,
+                self.args.benchmark_include_path, verbose=self.acc.is_main_process,
+                metrics=evaluate_general.score_metrics(self.args.benchmarks))
+        if self.bench and self.acc.is_main_process:
+            common.atomic_write_json(out / "summary.json", summary)
         if cache is not None and self.acc.is_main_process:
             shutil.copytree(out, cache, dirs_exist_ok=True)
         return summary
@@ -1302,6 +1314,12 @@ class MethodEval:
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
+        bench = evaluate_general.table(rows)
+        if bench:
+            print("\n" + bench)
+            for n, s in rows:
+                for t, why in (s.get("benchmarks") or {}).get("skipped", {}).items():
+                    print(f"benchmark {t} ({n}): {why}")
         last = next((n for n, _ in rows if n == "after"), rows[-1][0])  # the peak-epoch row may follow it
         s = dict(rows)[last]
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
