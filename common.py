@@ -280,6 +280,50 @@ def load_custom(source, flag: str = "--forget_data") -> list[dict]:
     return rows
 
 
+# Closer-Look's real-world scenario (§5.3, App. E.7), as its repository publishes the files
+# (sail-sg/closer-look-LLM-unlearning data/real_world/, config/real_world.yaml): the model unlearns
+# forget.json (20 people; `answer` is Llama-3's own response) with neighbor.json (20 other people) as
+# the retain set, and is evaluated against `golden_answer` on forget_perturbed.json and on
+# neighbor_perturbed.json, 20 further people held out from training, which alone give model utility.
+SCENARIOS = ("tofu", "real_world")
+REAL_WORLD_FILES = {"forget": "forget.json", "retain": "neighbor.json", "forget_eval": "forget_perturbed.json",
+                    "neighbour_eval": "neighbor_perturbed.json"}
+REAL_WORLD_EVAL = QA + ("golden_answer", "paraphrased_answer", "perturbed_answer", "name")
+
+
+def real_world_files(folder) -> dict[str, Path]:
+    """The four files of the real-world scenario in `folder`, refused with one sentence if one is missing."""
+    folder = Path(str(folder)).expanduser()
+    files = {k: folder / v for k, v in REAL_WORLD_FILES.items()}
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise TofuError(f"--real_world_dir {folder} lacks {', '.join(missing)}; download Closer-Look's "
+                        "data/real_world/ folder as the README says")
+    return files
+
+
+def real_world_eval_rows(folder) -> dict[str, list[dict]]:
+    """Evaluation rows of the real-world scenario: {"forget": the forget people, "retain": the held-out
+    neighbours}, each row's `answer` its `golden_answer` (what Closer-Look scores against). Refused
+    when a held-out neighbour is also a training neighbour or a forget person: model utility would
+    then not be measured on held-out people."""
+    files = real_world_files(folder)
+    out = {}
+    for task, key in (("forget", "forget_eval"), ("retain", "neighbour_eval")):
+        rows = read_rows(files[key], REAL_WORLD_EVAL)
+        if not rows:
+            raise TofuError(f"{files[key]} holds no rows")
+        people: dict[str, int] = {}
+        out[task] = [{**r, "answer": r["golden_answer"], "index": i,
+                      "author": people.setdefault(r["name"], len(people))} for i, r in enumerate(rows)]
+    trained = {r.get("name") for key in ("forget", "retain") for r in read_rows(files[key], QA, optional=("name",))}
+    seen = {r["name"] for r in out["retain"]} & (trained | {r["name"] for r in out["forget"]})
+    if seen:
+        raise TofuError(f"{files['neighbour_eval'].name} names people that training also uses "
+                        f"({', '.join(sorted(seen)[:3])}); the held-out neighbours must be other people")
+    return out
+
+
 def custom_fingerprint(*sources) -> str:
     """A short hash of the given sources' bytes (local files) or names (hub ids), to key what a run
     built from them (a strengthened model, an evaluation cache)."""
@@ -1033,6 +1077,8 @@ def _f(default, help):
 class MethodArgs:
     split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
     forget_data: str = _f(None, "Your own forget set instead of --split: a JSON-lines, CSV or Parquet file (or a hub dataset id, org/name[:config]) with `question` and `answer`; optional `paraphrased_answer` and `perturbed_answer` (a list) give the truth ratio, optional `name` groups rows by person.")
+    scenario: str = _f("tofu", "tofu (the TOFU splits, or --forget_data) or real_world: Closer-Look's real-world scenario (§5.3, App. E.7) from --real_world_dir; the --model is unlearned as is (no fine-tuning stage), model utility (MU, harmonic mean of six metrics) is measured on 20 held-out neighbours and forget efficacy (FE) on the forget people, ES in the generation => answer direction on both.")
+    real_world_dir: str = _f(None, "With --scenario real_world: the folder holding Closer-Look's forget.json, forget_perturbed.json, neighbor.json and neighbor_perturbed.json (its data/real_world/, downloaded as the README says).")
     retain_data: str = _f(None, "Your own retain set, with --forget_data (same format); without it the run has no retain rows, so methods with a retain term refuse.")
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
@@ -1096,6 +1142,17 @@ def check_numbers(args, rules=NUMBER_RULES) -> None:
 def _check_custom(args) -> None:
     """--forget_data replaces --split: the run's split becomes "custom" and what only TOFU has (the
     quick models and subset, continual tasks) is refused with a sentence."""
+    scenario = getattr(args, "scenario", "tofu")
+    if scenario not in SCENARIOS:
+        raise TofuError(f"--scenario must be one of {', '.join(SCENARIOS)}, not {scenario!r}")
+    if scenario == "real_world":
+        if not args.real_world_dir or args.forget_data or args.retain_data:
+            raise TofuError("--scenario real_world reads its sets from --real_world_dir DIR; give it, and not "
+                            "--forget_data / --retain_data")
+        files = real_world_files(args.real_world_dir)
+        args.forget_data, args.retain_data = str(files["forget"]), str(files["retain"])
+    elif getattr(args, "real_world_dir", None):
+        raise TofuError("--real_world_dir goes with --scenario real_world")
     if getattr(args, "retain_data", None) and not getattr(args, "forget_data", None):
         raise TofuError("--retain_data goes with --forget_data; give both, or --split alone")
     if not getattr(args, "forget_data", None):
@@ -1199,7 +1256,8 @@ def run_name(args, defaults, model: str = QUICK) -> str:
     if model != QUICK:
         parts.append(f"model_{_path_part(model)}")
     for f in sorted(f.name for f in dataclasses.fields(args)) if defaults is not None else []:
-        if f not in UNNAMED and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):
+        filled = getattr(args, "scenario", "tofu") == "real_world" and f in ("forget_data", "retain_data")
+        if f not in UNNAMED and not filled and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):
             parts.append(f"{f}_{_path_part(getattr(args, f))}")
     name = "-".join(parts)
     if len(name) > 150:  # file systems allow 255 bytes; keep the start readable and the whole distinct

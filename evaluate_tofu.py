@@ -513,7 +513,8 @@ def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_m
         out["rows"][task] = row_ranges(idx)
     nine = [out.get(f"{t}_{k}") for t in UTILITY_TASKS for k in ("prob", "rouge", "truth_ratio")]
     if None in nine:
-        out["model_utility_reason"] = "not computed: needs Prob, ROUGE and TR on TOFU's retain, real authors, world facts"
+        out["model_utility_reason"] = ("not computed: needs Prob, ROUGE and TR on TOFU's retain, real authors, "
+                                       "world facts")
     else:
         out["model_utility"] = harmonic_mean(nine)
     if "forget" not in logs:
@@ -883,7 +884,8 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
         for rec, c in zip(recs, F.cosine_similarity(encoder(texts), encoder(refs)).clamp(min=0).tolist()):
             rec["cs"] = c
     if classifier is not None:
-        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier)):
+        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier,
+                                           opts.get("es_setting", "tofu"))):
             rec["es"] = e
 
 
@@ -933,7 +935,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
              row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True,
-             data: dict[str, list[dict]] | None = None) -> dict:
+             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu") -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -948,7 +950,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     data={"forget": rows, "retain": rows} (common.load_custom) evaluates your own sets instead of
     TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
     and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
-    says what was left out and why).
+    says what was left out and why). es_setting: the direction of ES (entailment()).
     """
     if data is not None:
         tasks = tuple(t for t in tasks if t in data)
@@ -985,7 +987,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
                 "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
                 "gen_max_length": None if max_new_tokens is not None else gen_max_length,
                 "generation": generation, "precision": precision, "compare_precision": compare_precision,
-                "ks_method": ks_method, "world_size": world}
+                "ks_method": ks_method, "world_size": world, "es_setting": es_setting}
     if retain_log is not None and "forget" in rows:  # bad retain logs fail before the evaluation, not after
         check_retain_settings(settings, retain_settings)
         check_retain_rows({"split": split, "forget_task": forget_task, "rows": [r["index"] for r in rows["forget"]],
@@ -995,6 +997,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     if hasattr(model, "eval"):
         model.eval()
     opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
+            "es_setting": es_setting,
             "synced": common.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
@@ -1163,7 +1166,10 @@ class MethodEval:
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
                        gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
                        row_order=getattr(args, "row_order", "tofu"))
-        if args.split == common.CUSTOM:  # your own sets: forget, and retain when given
+        self.real_world = getattr(args, "scenario", "tofu") == "real_world"
+        if self.real_world:  # forget people and held-out neighbours, scored against golden answers
+            self.kw["data"], self.kw["es_setting"] = common.real_world_eval_rows(args.real_world_dir), "real_world"
+        elif args.split == common.CUSTOM:  # your own sets: forget, and retain when given
             forget, retain = common.method_rows(args)
             self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
         self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
@@ -1187,7 +1193,8 @@ class MethodEval:
         """The evaluation settings that key a cached evaluation; your own sets by their contents."""
         if "data" not in self.kw:
             return self.kw
-        return {**self.kw, "data": common.custom_fingerprint(self.args.forget_data, self.args.retain_data)}
+        files = common.real_world_files(self.args.real_world_dir).values() if self.real_world else ()
+        return {**self.kw, "data": common.custom_fingerprint(self.args.forget_data, self.args.retain_data, *files)}
 
     def _retain(self):
         if self.retain_logs or not self.args.retain_model:
@@ -1232,12 +1239,14 @@ class MethodEval:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
                            compare_precision=compare_precision, **self.kw)
+        if self.real_world:  # MU over the held-out neighbours, FE over the forget people
+            summary.update(evaluate_general.real_world_scores(summary))
         if self.bench:  # general capability, on the same model in memory (evaluate_general.py)
             summary["benchmarks"] = evaluate_general.run_benchmarks(
                 model, self.tok, self.bench, self.acc, self.args.benchmark_batch_size, self.args.benchmark_limit,
                 self.args.benchmark_include_path, verbose=self.acc.is_main_process,
                 metrics=evaluate_general.score_metrics(self.args.benchmarks))
-        if self.bench and self.acc.is_main_process:
+        if (self.bench or self.real_world) and self.acc.is_main_process:
             common.atomic_write_json(out / "summary.json", summary)
         if cache is not None and self.acc.is_main_process:
             shutil.copytree(out, cache, dirs_exist_ok=True)
@@ -1314,6 +1323,10 @@ class MethodEval:
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
+        if getattr(self, "real_world", False):
+            print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + common.table(
+                [(n, _fmt(s.get("real_world_mu")), _fmt(s.get("real_world_fe"))) for n, s in rows],
+                ("model", "MU", "FE")))
         bench = evaluate_general.table(rows)
         if bench:
             print("\n" + bench)
