@@ -148,3 +148,24 @@ def test_evaluator_cli_on_own_sets(monkeypatch, tmp_path, tiny_model_dir):
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert s["n_forget"] == 5 and "n_retain" not in s and s["settings"]["split"] == "custom"
     assert s["forget_quality"] == pytest.approx(1.0)  # the model against itself
+
+
+@pytest.mark.parametrize("script,flags", [("rkld", ["--strengthen_epochs", 1]), ("idk_ap", []),
+                                          ("baselines", ["--method", "ta"]), ("baselines", ["--method", "npo_gd"])])
+def test_every_method_script_trains_on_own_sets(monkeypatch, tmp_path, tiny_model_dir, script, flags):
+    """Each script's main() reads --forget_data / --retain_data (rkld's and ta's strengthening too)."""
+    import importlib
+    mod = importlib.import_module(script)
+    forget = write_jsonl(tmp_path / "forget.jsonl", qa_rows(3, perturbed=False))
+    retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(5, perturbed=False, prefix="r"))
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", [f"{script}.py", "--model", str(tiny_model_dir), "--forget_data", str(forget),
+                                     "--retain_data", str(retain), "--output_dir", str(out), "--eval", "false",
+                                     "--max_steps", "2", "--batch_size", "2", "--per_device_batch_size", "2",
+                                     *map(str, flags)])
+    mod.main()
+    derived = json.loads((out / "args.json").read_text())["derived"]
+    assert derived["forget_rows"] == 3 and derived["retain_rows"] == 5
+    if script == "rkld" or flags == ["--method", "ta"]:  # strengthened on your forget set, keyed by its contents
+        settings = json.loads((out / "strengthened" / "strengthen.json").read_text())
+        assert settings["forget_data"] == common.custom_fingerprint(forget)
