@@ -384,6 +384,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
     out = Path(args.output_dir) / "strengthened"
     settings = json.loads(json.dumps({
         "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
+        **({"forget_data": common.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
@@ -397,7 +398,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
         if accelerator.is_main_process:
             print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
     set_seed(args.seed)
-    forget, _ = common.forget_retain_rows(args.split, None, args.forget_task)
+    forget = common.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
@@ -421,8 +422,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     "train" for zero steps, save and evaluate."""
     forget, retain = METHODS[args.method]
     if retain and not ds.retain:
-        raise TofuError(f"--method {args.method} needs retain rows, but {common.RETAIN_OF[args.split]} has none "
-                        f"for this subset (--quick_retain_authors {args.quick_retain_authors})")
+        raise TofuError(f"--method {args.method} needs retain rows, but {common.retain_source(args)} has none")
     frozen = {"ref": None}
     if forget == "ta":
         str_path = strengthen(args, tok, ds.fmt, accelerator)
@@ -503,13 +503,14 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 def main():
     args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                               args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
     tok = common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    forget, retain = common.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -520,8 +521,8 @@ def main():
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
                **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                  args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
@@ -542,6 +543,7 @@ def main():
     common.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
+    log.finish()
 
 
 if __name__ == "__main__":

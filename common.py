@@ -67,50 +67,105 @@ SPLIT_SIZES = {"full": 4000, "retain90": 3600, "retain95": 3800, "retain99": 396
                "real_authors_perturbed": 100, "world_facts_perturbed": 117}
 
 
-def _check_row(row, fields, where):
+def _check_row(row, fields, where, optional=()):
+    """One row of a data source: every field of `fields` present, and those and the `optional` ones
+    that are present of the right type (perturbed_answer: a non-empty list of strings; others: str).
+    A field that is null (what a table reader fills in for a row that lacks it) counts as missing."""
     if not isinstance(row, dict):
         raise TofuError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for f in fields:
-        if f not in row:
-            raise TofuError(f"{where}: missing field '{f}'")
-        v = row[f]
+    for f in (*fields, *optional):
+        v = row.get(f)
+        if v is None:
+            if f in fields:
+                raise TofuError(f"{where}: missing field '{f}'")
+            continue
         ok = (isinstance(v, list) and v and all(isinstance(x, str) for x in v)) if f == "perturbed_answer" \
             else isinstance(v, str)
         if not ok:
             raise TofuError(f"{where}: field '{f}' has the wrong type ({type(v).__name__})")
 
 
-def _read_jsonl(path: Path, fields) -> list[dict]:
-    if not path.exists():
-        raise TofuError(f"data file {path} is missing; the repo ships it under data/tofu/")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _json_lines(path: Path) -> list[int] | None:
+    """Line numbers of the non-blank lines of a JSON-lines file (row i is on line lines[i]), or None
+    when the file is one JSON document (an array) rather than one object a line."""
+    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if lines and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return None
+    return lines
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
             try:
-                row = json.loads(line)
+                json.loads(line)
             except json.JSONDecodeError as e:
-                raise TofuError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            _check_row(row, fields, f"{path}:{n}")
-            rows.append(row)
-    return rows
+                return f"{path}:{n}: malformed JSON ({e.msg})"
+    return None
 
 
-def _load_hub(name: str, fields) -> list[dict]:
+def read_rows(source, fields=QA, optional=(), name: str | None = None) -> list[dict]:
+    """Rows of a data source, each checked at the edge (_check_row, naming the file and line).
+
+    One `datasets.load_dataset` call reads them all: a local JSON-lines (or JSON array), CSV or
+    Parquet file through the matching packaged builder, anything else as a hub dataset id (with
+    config `name`, or `org/name:config`), split "train". Local files are cached under
+    CACHE_DIR/datasets, keyed by datasets on the file's path and modification time. Null fields
+    (a row lacking a column others have) are dropped from the row."""
     try:
         import datasets
     except ImportError:
-        raise TofuError("loading from the hub needs the `datasets` package (pip install datasets)") from None
+        raise TofuError("reading data needs the `datasets` package: pip install -r requirements.txt") from None
+    datasets.disable_progress_bars()
+    path = Path(str(source)).expanduser()
+    local = path.suffix.lower() in TABLE_BUILDERS or path.exists() or str(source).startswith((".", "/", "~"))
+    if local:
+        if not path.is_file():
+            raise TofuError(f"data file {path} does not exist")
+        builder = TABLE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise TofuError(f"{path}: unknown data format '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+        if builder != "parquet" and not path.read_text(encoding="utf-8").strip():
+            return []
+        call, where = dict(path=builder, data_files=str(path), cache_dir=str(CACHE_DIR / "datasets")), str(path)
+    else:
+        repo, _, config = str(source).partition(":")
+        call, where = dict(path=repo, name=name or config or None), f"{source}{'/' + name if name else ''}"
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error line would precede ours
     try:
-        ds = datasets.load_dataset(HUB_DATASET, name, split="train")
-    except Exception as e:  # network errors come in many types
-        raise TofuError(f"could not load {HUB_DATASET}/{name} from the hub ({type(e).__name__}); "
-                        "use the local copy (source='local')") from None
-    rows = [dict(r) for r in ds]
+        ds = datasets.load_dataset(**call, split="train")
+    except Exception as e:  # malformed files and network errors come in many types
+        bad = _first_bad_json_line(path) if local and path.suffix.lower() in (".json", ".jsonl") else None
+        if bad:
+            raise TofuError(bad) from None
+        detail = str(e.__cause__ or e).splitlines()[0][:160] if str(e.__cause__ or e) else ""
+        if local:
+            raise TofuError(f"could not read {path} ({type(e).__name__}: {detail})") from None
+        raise TofuError(f"could not load {where} from the hub ({type(e).__name__}); no network, or no such "
+                        "dataset: pass a local file instead") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+    rows = [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()]
+    lines = _json_lines(path) if local and builder == "json" else None
     for i, r in enumerate(rows):
-        _check_row(r, fields, f"{HUB_DATASET}/{name} row {i}")
+        at = (f"{where}:{lines[i]}" if lines is not None and i < len(lines)
+              else f"{where}:{i + 2}" if local and builder == "csv" else f"{where} row {i}")
+        _check_row(r, fields, at, optional)
     return rows
+
+
+def _read_jsonl(path: Path, fields) -> list[dict]:
+    if not path.exists():
+        raise TofuError(f"data file {path} is missing; the repo ships it under data/tofu/")
+    return read_rows(path, fields)
+
+
+def _load_hub(name: str, fields) -> list[dict]:
+    return read_rows(HUB_DATASET, fields, name=name)
 
 
 def _author_lookup() -> dict[str, int]:
@@ -199,6 +254,101 @@ def forget_retain_rows(split: str, authors: set[int] | None = None, forget_task:
     forget = load_split(split, forget_task=forget_task)
     retain = select_authors(load_split(RETAIN_OF[split], forget_task=forget_task), authors)
     return forget, retain
+
+
+CUSTOM = "custom"  # args.split of a run on --forget_data / --retain_data
+TR_FIELDS = ("paraphrased_answer", "perturbed_answer")  # what a custom set needs for the truth ratio
+
+
+def load_custom(source, flag: str = "--forget_data") -> list[dict]:
+    """Rows of a user's own forget or retain set: `question` and `answer`, optionally
+    `paraphrased_answer` and `perturbed_answer` (the truth ratio; on every row or on none) and `name`
+    (rows about one person share it; `author` numbers the names in order of appearance, None
+    without one). `index` is the row's position in the source. Any source read_rows reads."""
+    rows = read_rows(source, QA, optional=(*TR_FIELDS, "name"))
+    if not rows:
+        raise TofuError(f"{flag} {source} holds no rows; give at least one row with a question and an answer")
+    for f in TR_FIELDS:
+        n = sum(f in r for r in rows)
+        if 0 < n < len(rows):
+            raise TofuError(f"{flag} {source}: '{f}' is on {n} of {len(rows)} rows; give it on every row (the "
+                            "truth ratio needs it) or on none")
+    people: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        r["index"] = i
+        r["author"] = people.setdefault(r["name"], len(people)) if "name" in r else None
+    return rows
+
+
+# Closer-Look's real-world scenario (§5.3, App. E.7), as its repository publishes the files
+# (sail-sg/closer-look-LLM-unlearning data/real_world/, config/real_world.yaml): the model unlearns
+# forget.json (20 people; `answer` is Llama-3's own response) with neighbor.json (20 other people) as
+# the retain set, and is evaluated against `golden_answer` on forget_perturbed.json and on
+# neighbor_perturbed.json, 20 further people held out from training, which alone give model utility.
+SCENARIOS = ("tofu", "real_world")
+REAL_WORLD_FILES = {"forget": "forget.json", "retain": "neighbor.json", "forget_eval": "forget_perturbed.json",
+                    "neighbour_eval": "neighbor_perturbed.json"}
+REAL_WORLD_EVAL = QA + ("golden_answer", "paraphrased_answer", "perturbed_answer", "name")
+
+
+def real_world_files(folder) -> dict[str, Path]:
+    """The four files of the real-world scenario in `folder`, refused with one sentence if one is missing."""
+    folder = Path(str(folder)).expanduser()
+    files = {k: folder / v for k, v in REAL_WORLD_FILES.items()}
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise TofuError(f"--real_world_dir {folder} lacks {', '.join(missing)}; download Closer-Look's "
+                        "data/real_world/ folder as the README says")
+    return files
+
+
+def real_world_eval_rows(folder) -> dict[str, list[dict]]:
+    """Evaluation rows of the real-world scenario: {"forget": the forget people, "retain": the held-out
+    neighbours}, each row's `answer` its `golden_answer` (what Closer-Look scores against). Refused
+    when a held-out neighbour is also a training neighbour or a forget person: model utility would
+    then not be measured on held-out people."""
+    files = real_world_files(folder)
+    out = {}
+    for task, key in (("forget", "forget_eval"), ("retain", "neighbour_eval")):
+        rows = read_rows(files[key], REAL_WORLD_EVAL)
+        if not rows:
+            raise TofuError(f"{files[key]} holds no rows")
+        people: dict[str, int] = {}
+        out[task] = [{**r, "answer": r["golden_answer"], "index": i,
+                      "author": people.setdefault(r["name"], len(people))} for i, r in enumerate(rows)]
+    trained = {r.get("name") for key in ("forget", "retain") for r in read_rows(files[key], QA, optional=("name",))}
+    seen = {r["name"] for r in out["retain"]} & (trained | {r["name"] for r in out["forget"]})
+    if seen:
+        raise TofuError(f"{files['neighbour_eval'].name} names people that training also uses "
+                        f"({', '.join(sorted(seen)[:3])}); the held-out neighbours must be other people")
+    return out
+
+
+def custom_fingerprint(*sources) -> str:
+    """A short hash of the given sources' bytes (local files) or names (hub ids), to key what a run
+    built from them (a strengthened model, an evaluation cache)."""
+    h = hashlib.sha1()
+    for src in sources:
+        if src:
+            p = Path(str(src)).expanduser()
+            h.update(p.read_bytes() if p.is_file() else str(src).encode())
+    return h.hexdigest()[:12]
+
+
+def method_rows(args) -> tuple[list[dict], list[dict]]:
+    """(forget rows, retain rows) of a method run: --forget_data / --retain_data when given, else the
+    TOFU split (restricted to the quick subset's authors, or continual task --forget_task)."""
+    if getattr(args, "forget_data", None):
+        return load_custom(args.forget_data), (load_custom(args.retain_data, "--retain_data")
+                                               if args.retain_data else [])
+    return forget_retain_rows(args.split, subset_authors(args), args.forget_task)
+
+
+def retain_source(args) -> str:
+    """Where a run's retain rows come from, for the sentence that says there are none."""
+    if getattr(args, "forget_data", None):
+        return f"--retain_data {args.retain_data}" if args.retain_data else "the run (no --retain_data given)"
+    return f"{RETAIN_OF[args.split]} for this subset (--quick_retain_authors {args.quick_retain_authors})"
 
 
 def select_authors(rows: list[dict], authors: set[int] | None) -> list[dict]:
@@ -386,7 +536,13 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     def __init__(self, forget, retain, tokenizer, fmt, max_length=512, seed=0, idk=None):
         self.forget, self.retain, self.idk = forget, retain or [], idk
         self.tok, self.fmt, self.max_length, self.seed, self.epoch = tokenizer, fmt, max_length, seed, 0
-        self.n_truncated = sum(self._enc(r["question"], r["answer"])["truncated"] for r in forget + self.retain)
+        self.n_truncated = 0
+        for name, rows in (("forget", forget), ("retain", self.retain)):
+            cut = sum(self._enc(r["question"], r["answer"])["truncated"] for r in rows)
+            if rows and cut == len(rows):  # training on them would train on cut-off answers only
+                raise TofuError(f"every {name} row is longer than --max_length {max_length} tokens; raise "
+                                "--max_length or give shorter rows")
+            self.n_truncated += cut
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -733,7 +889,30 @@ def merged_state_dict(model, state: dict, adapter: str = TRAINED) -> dict:
 # ---------------------------------------------------------------------------
 # Distributed plumbing: the accelerator, frozen models, saving, logged losses
 # ---------------------------------------------------------------------------
-def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm: float | None = None):
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+TRACKER_PROJECT = "tofu-unlearn"  # wandb project; TensorBoard's subfolder of OUTPUT_DIR/tensorboard
+
+
+def trackers(report_to: str) -> list[str]:
+    """accelerate's tracker names for --report_to: none, tensorboard, wandb, or all (every one of the
+    two whose package is installed). A tracker whose package is missing is refused at parse time."""
+    if report_to not in REPORT_TO:
+        raise TofuError(f"--report_to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
+    if report_to == "none":
+        return []
+    installed = {"tensorboard": importlib.util.find_spec("tensorboard") is not None,
+                 "wandb": importlib.util.find_spec("wandb") is not None}
+    if report_to == "all":
+        if not any(installed.values()):
+            raise TofuError("--report_to all found neither tensorboard nor wandb; pip install tensorboard (or wandb)")
+        return [k for k, ok in installed.items() if ok]
+    if not installed[report_to]:
+        raise TofuError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")
+    return [report_to]
+
+
+def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm: float | None = None,
+                     report_to: str = "none", project_dir=None):
     """(Accelerator, grad_accum) for an effective batch of `batch_size` examples per optimizer step.
 
     Gradient accumulation goes to the Accelerator constructor (DeepSpeed reads it from there
@@ -742,7 +921,9 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
     per-device micro-batches x processes cannot make exactly is refused rather than rounded.
     On CPU, cpu=True makes a multi-process launch DDP over gloo (a plain Accelerator() would
     run independent single-process copies there). Under DeepSpeed, which clips inside its engine,
-    the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says."""
+    the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says.
+    report_to (--report_to) picks accelerate's experiment trackers; TensorBoard writes under
+    project_dir/tensorboard. RunLogger starts them and logs to them (main process only)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -753,8 +934,10 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
                         f"on {world} process(es); choose --per_device_batch_size so that per_device x {world} divides "
                         f"{batch_size}")
     ga = batch_size // (per_device_batch_size * world)
+    log_with = trackers(report_to)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=ga,
-                              mixed_precision=mixed_precision())
+                              mixed_precision=mixed_precision(), log_with=log_with or None,
+                              project_dir=str(Path(project_dir) / "tensorboard") if log_with and project_dir else None)
     if accelerator.num_processes != world:
         raise TofuError(f"WORLD_SIZE says {world} processes but accelerate sees {accelerator.num_processes}; "
                         "launch with accelerate launch or torchrun")
@@ -991,19 +1174,55 @@ def run_info() -> dict:
     }
 
 
-class RunLogger:
-    """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder.
-    Only the main process writes or prints."""
+def _scalars(d: dict, prefix: str = "") -> dict:
+    """The numbers of a (nested) dict as {"a/b": float}: what a tracker can plot. Booleans and
+    None are left out, so are strings and lists."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
-    def __init__(self, out_dir, args, derived: dict, is_main: bool = True):
-        self.dir, self.is_main = Path(out_dir), is_main
+
+class RunLogger:
+    """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder, and, when the
+    accelerator was built with trackers (--report_to), the same to them: the arguments as the run's
+    config, every logged step, and each evaluation's numbers (log_eval). Only the main process
+    writes or prints; accelerate's trackers run on the main process only."""
+
+    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None):
+        self.dir, self.is_main, self.step = Path(out_dir), is_main, 0
+        self.acc = accelerator if accelerator is not None and accelerator.log_with else None
+        a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
             atomic_write_json(self.dir / "args.json", {"args": a, "derived": derived, "run": run_info()})
             (self.dir / "metrics.jsonl").write_text("")
+        if self.acc is not None:  # trackers take flat str/number/bool values
+            config = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
+                      for k, v in {**a, **{f"derived/{k}": v for k, v in derived.items()}}.items()}
+            self.acc.init_trackers(TRACKER_PROJECT, config=config,
+                                   init_kwargs={"wandb": {"name": self.dir.name, "dir": str(self.dir)}})
+
+    def log_eval(self, name: str, summary: dict | None) -> None:
+        """An evaluation's numbers to the trackers, at the last logged step: eval/<metric> for the
+        models along training (before, epoch<k>, after), eval_<name>/<metric> for any other."""
+        if self.acc is None or not summary:
+            return
+        prefix = "eval/" if name in ("before", "after") or re.fullmatch(r"epoch\d+", name) else f"eval_{name}/"
+        self.acc.log(_scalars({k: v for k, v in summary.items() if k != "settings"}, prefix), step=self.step)
+
+    def finish(self) -> None:
+        """End the trackers' runs (a no-op without --report_to)."""
+        if self.acc is not None:
+            self.acc.end_training()
 
     def log(self, step: int, metrics: dict, echo: bool = False):
+        self.step = step
+        if self.acc is not None:
+            self.acc.log(_scalars(metrics), step=step)
         if not self.is_main:
             return
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
@@ -1054,6 +1273,10 @@ def check_memory_args(args) -> None:
 @dataclasses.dataclass
 class _MethodFlags:
     split: str = _f("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
+    forget_data: str = _f(None, "Your own forget set instead of --split: a JSON-lines, CSV or Parquet file (or a hub dataset id, org/name[:config]) with `question` and `answer`; optional `paraphrased_answer` and `perturbed_answer` (a list) give the truth ratio, optional `name` groups rows by person.")
+    scenario: str = _f("tofu", "tofu (the TOFU splits, or --forget_data) or real_world: Closer-Look's real-world scenario (§5.3, App. E.7) from --real_world_dir; the --model is unlearned as is (no fine-tuning stage), model utility (MU, harmonic mean of six metrics) is measured on 20 held-out neighbours and forget efficacy (FE) on the forget people, ES in the generation => answer direction on both.")
+    real_world_dir: str = _f(None, "With --scenario real_world: the folder holding Closer-Look's forget.json, forget_perturbed.json, neighbor.json and neighbor_perturbed.json (its data/real_world/, downloaded as the README says).")
+    retain_data: str = _f(None, "Your own retain set, with --forget_data (same format); without it the run has no retain rows, so methods with a retain term refuse.")
     forget_task: int = _f(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
     model: str = _f(QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
     retain_model: str = _f("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
@@ -1086,6 +1309,11 @@ class _MethodFlags:
     max_new_tokens: int = _f(None, "If set, generate up to this many new tokens instead of --gen_max_length in total (open-unlearning: 200).")
     cs_model: str = _f("auto", "Sentence model for cosine similarity (closer-look): 'auto' (paper's paraphrase-MiniLM-L6-v2, else the offline all-MiniLM-L6-v2), a folder, or 'none'.")
     ref_precision: str = _f("match", "Precision of the frozen reference model (NPO, DPO, KTO, UNDIAL, the +KL terms) under mixed precision (GPUs): match = the trained model's fp32 weights under the same bf16 autocast, so log-ratios are exactly 0 at theta = theta_ref (4 bytes a parameter); bf16 = bf16 weights (2 bytes; log-ratios are off 0 by bf16 rounding at the first step). The retain model is always evaluated at match. With --lora_r the reference is the trained model's own base (no copy), exact at the first step, and this flag does not apply.")
+    benchmarks: str = _f("none", "General-capability benchmarks through lm-eval (optional package), on the model before and after unlearning: rkld (RKLD Table 1: PIQA, HellaSwag, ARC-E, ARC-C, COPA, WinoGrande, MathQA), closer_look (§5.3: MMLU, ARC-C, GSM8K, TriviaQA, TruthfulQA-MC1), a comma list of lm-eval task names, or none (evaluate_general.py).")
+    benchmark_limit: int = _f(None, "Rows per benchmark task (lm-eval's limit), for smoke runs. Default: every row.")
+    benchmark_batch_size: int = _f(8, "Sequences per lm-eval forward pass.")
+    benchmark_include_path: str = _f(None, "A folder of your own lm-eval task YAMLs, so --benchmarks can name them.")
+    report_to: str = _f("none", "Experiment trackers, through accelerate (main process only): tensorboard (OUTPUT_DIR/tensorboard), wandb, all (those installed) or none. They get the arguments as config, the losses and lr of every step and the numbers of every evaluation; metrics.jsonl is written either way.")
     nli_model: str = _f("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 
@@ -1102,7 +1330,8 @@ NUMBER_RULES = (("lr", *POSITIVE), ("batch_size", *AT_LEAST_1), ("per_device_bat
                 ("epochs", *NON_NEGATIVE), ("max_length", *AT_LEAST_1), ("warmup_epochs", *NON_NEGATIVE),
                 ("weight_decay", *NON_NEGATIVE), ("max_grad_norm", *NON_NEGATIVE), ("max_steps", *NON_NEGATIVE),
                 ("quick_retain_authors", *NON_NEGATIVE), ("forget_task", *AT_LEAST_1),
-                ("max_eval_samples", *NON_NEGATIVE), ("gen_max_length", *AT_LEAST_1), ("max_new_tokens", *AT_LEAST_1))
+                ("max_eval_samples", *NON_NEGATIVE), ("benchmark_limit", *AT_LEAST_1),
+                ("benchmark_batch_size", *AT_LEAST_1), ("gen_max_length", *AT_LEAST_1), ("max_new_tokens", *AT_LEAST_1))
 
 
 def check_numbers(args, rules=NUMBER_RULES) -> None:
@@ -1111,6 +1340,32 @@ def check_numbers(args, rules=NUMBER_RULES) -> None:
         v = getattr(args, name, None)
         if v is not None and not ok(v):
             raise TofuError(f"--{name} must be {must}, not {v}")
+
+
+def _check_custom(args) -> None:
+    """--forget_data replaces --split: the run's split becomes "custom" and what only TOFU has (the
+    quick models and subset, continual tasks) is refused with a sentence."""
+    scenario = getattr(args, "scenario", "tofu")
+    if scenario not in SCENARIOS:
+        raise TofuError(f"--scenario must be one of {', '.join(SCENARIOS)}, not {scenario!r}")
+    if scenario == "real_world":
+        if not args.real_world_dir or args.forget_data or args.retain_data:
+            raise TofuError("--scenario real_world reads its sets from --real_world_dir DIR; give it, and not "
+                            "--forget_data / --retain_data")
+        files = real_world_files(args.real_world_dir)
+        args.forget_data, args.retain_data = str(files["forget"]), str(files["retain"])
+    elif getattr(args, "real_world_dir", None):
+        raise TofuError("--real_world_dir goes with --scenario real_world")
+    if getattr(args, "retain_data", None) and not getattr(args, "forget_data", None):
+        raise TofuError("--retain_data goes with --forget_data; give both, or --split alone")
+    if not getattr(args, "forget_data", None):
+        return
+    for flag, bad in (("--forget_task", args.forget_task is not None), ("--model quick", args.model == QUICK),
+                      ("--subset quick", args.subset == "quick")):
+        if bad:
+            raise TofuError(f"{flag} is TOFU's; with --forget_data give --model (a model folder or hub id) and "
+                            "leave --forget_task and --subset unset")
+    args.split, args.subset = CUSTOM, "all"
 
 
 def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
@@ -1141,10 +1396,12 @@ def _fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
 def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     """Validate args and fill the recipe defaults (quick recipe for the embedded model,
     the paper's otherwise). Returns args with resolved model paths and run folder."""
-    if args.split not in FORGET_SPLITS:
+    _check_custom(args)
+    if args.split not in FORGET_SPLITS and args.split != CUSTOM:
         raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(FORGET_SPLITS)}")
     check_numbers(args)
     check_memory_args(args)
+    trackers(args.report_to)
     quick, given_model = args.model == QUICK, args.model
     # What every flag would be if only the split, task, method and model had been given: the script's
     # own resolution (__post_init__) and the recipe, so a default filled in is never named as a choice.
@@ -1153,7 +1410,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     for a in (args, defaults) if defaults is not None else (args,):
         _fill_defaults(a, quick_recipe, paper_recipe)
     if args.retain_model == "auto":
-        args.retain_model = QUICK if quick and args.forget_task is None else "none"
+        args.retain_model = QUICK if quick and args.forget_task is None and args.split != CUSTOM else "none"
     if args.retain_model == QUICK:
         args.retain_model = quick_model(args.split, "retain", args.quick_retain_authors)
     if args.retain_model == "none":
@@ -1174,6 +1431,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
 UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
+           "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
            "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
            "gradient_checkpointing", "save_adapter_only"}
 
@@ -1205,7 +1463,8 @@ def run_name(args, defaults, model: str = QUICK) -> str:
     if model != QUICK:
         parts.append(f"model_{_path_part(model)}")
     for f in sorted(f.name for f in dataclasses.fields(args)) if defaults is not None else []:
-        if f not in UNNAMED and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):
+        filled = getattr(args, "scenario", "tofu") == "real_world" and f in ("forget_data", "retain_data")
+        if f not in UNNAMED and not filled and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):
             parts.append(f"{f}_{_path_part(getattr(args, f))}")
     name = "-".join(parts)
     if len(name) > 150:  # file systems allow 255 bytes; keep the start readable and the whole distinct
@@ -1235,4 +1494,6 @@ def check_run_folder(args) -> None:
 
 
 def subset_authors(args) -> set[int] | None:
+    if args.split == CUSTOM:
+        return None
     return quick_authors(args.split, args.quick_retain_authors) if args.subset == "quick" else None

@@ -50,6 +50,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 import common
+import evaluate_general
 
 # ---------------------------------------------------------------------------
 # Arguments
@@ -87,6 +88,11 @@ class Args:
                 "0-159). Closer-Look's tables (FE, ES...) use its first 300 forget10 rows, TOFU rows 0-99 and 200-399: "
                 "--max_eval_samples 300 --row_order closer_look evaluates those. Whole splits and the other "
                 "splits are the same rows either way; logs keep the HF row index."})
+    forget_data: str = field(default="", metadata={
+        "help": "Your own forget set instead of --split: JSON lines, CSV or Parquet (or a hub dataset id) with "
+                "question and answer; optional paraphrased_answer + perturbed_answer (a list) add the truth ratio "
+                "and, with --retain_model/--retain_logs, forget quality; optional name groups rows by person."})
+    retain_data: str = field(default="", metadata={"help": "Your own retain set (same format), with --forget_data."})
     quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
                                                          "(common.quick_authors)."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
@@ -425,7 +431,7 @@ def check_retain_rows(model: dict, retain: dict) -> list[str]:
             retain["split"], retain["forget_task"]):
         raise common.TofuError(f"the retain logs hold {_split_name(retain)} rows, not {_split_name(model)} rows; "
                                f"use the logs of {_split_name(model)}'s retain model "
-                               f"({common.RETAIN_OF[model['split']]} in TOFU)")
+                               f"({common.RETAIN_OF.get(model['split'], 'its retain set')} in TOFU)")
     if "not all forget10" in model["split_from"] + retain["split_from"] and (model["split"] or retain["split"]):
         raise common.TofuError("the retain logs' forget rows and this model's have ground-truth answers from "
                                "different sets; they come from a different forget split")
@@ -488,24 +494,33 @@ def aggregate(logs: dict[str, dict], retain_forget_log: dict | None = None, ks_m
     for task, log in logs.items():
         where = TASKS[task].log_file
         idx = _indices(log, where)
-        for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss"):
-            if key not in log:
-                raise common.TofuError(f"{where} has no '{key}'; is it a TOFU-format log?")
+        if "avg_gt_loss" not in log:
+            raise common.TofuError(f"{where} has no 'avg_gt_loss'; is it a TOFU-format log?")
         pert = _column(log, "average_perturb_loss", idx)
-        tr = _log_tr(log, idx)
+        has_ratio = "avg_paraphrased_loss" in log and pert is not None
         rouge = _column(log, "rougeL_recall", idx)
         out[f"{task}_prob"] = probability(_column(log, "avg_gt_loss", idx), pert if TASKS[task].options else None)
         out[f"{task}_rouge"] = float(np.mean(rouge)) if rouge is not None else None
-        out[f"{task}_truth_ratio"] = tr_forget(tr) if task == "forget" else tr_utility(tr)
+        if rouge is None:
+            out[f"{task}_rouge_reason"] = "not computed: no generation"
+        if has_ratio:
+            tr = _log_tr(log, idx)
+            out[f"{task}_truth_ratio"] = tr_forget(tr) if task == "forget" else tr_utility(tr)
+        else:
+            out[f"{task}_truth_ratio"] = None
+            out[f"{task}_truth_ratio_reason"] = "not computed: the rows have no paraphrased_answer / perturbed_answer"
         out[f"n_{task}"] = len(idx)
         out["rows"][task] = row_ranges(idx)
     nine = [out.get(f"{t}_{k}") for t in UTILITY_TASKS for k in ("prob", "rouge", "truth_ratio")]
     if None in nine:
-        out["model_utility_reason"] = "not computed: needs Prob, ROUGE and TR on retain, real authors, world facts"
+        out["model_utility_reason"] = ("not computed: needs Prob, ROUGE and TR on TOFU's retain, real authors, "
+                                       "world facts")
     else:
         out["model_utility"] = harmonic_mean(nine)
     if "forget" not in logs:
         out["forget_quality_reason"] = "not computed: no forget-split log"
+    elif out.get("forget_truth_ratio") is None:
+        out["forget_quality_reason"] = "not computed: the forget rows have no paraphrased_answer / perturbed_answer"
     elif retain_forget_log is None:
         out["forget_quality_reason"] = f"not computed: {no_retain_reason}"
     else:
@@ -799,13 +814,18 @@ def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source
     return rows[:max_eval_samples] if max_eval_samples is not None else rows
 
 
+def has_tr(row: dict, task: str) -> bool:
+    """Whether a row carries the truth ratio's answers (always on TOFU; optional on your own data)."""
+    return TASKS[task].base_key in row and "perturbed_answer" in row
+
+
 def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], device, opts, bar) -> dict[str, list]:
     """Per-sample TOFU records (plus TE, CS, ES, leakage) for this process's rows of every task.
     All tasks' sequences are scored in one length-sorted pool and all prompts generated in one
     pool: a decoding step is bound by reading the weights, so on CPU it costs little more at
     batch 32 than at batch 2, and small evaluations would otherwise run many near-empty batches."""
-    answers = {t: [[r["answer"], r[TASKS[t].base_key], *r["perturbed_answer"]] for r in rows]
-               for t, rows in shards.items()}
+    answers = {t: [[r["answer"], *([r[TASKS[t].base_key], *r["perturbed_answer"]] if has_tr(r, t) else [])]
+                   for r in rows] for t, rows in shards.items()}
     slot = {}  # (question, answer) -> pool index; RA/WF's base answer is `answer`, scored once
     for t, rows in shards.items():
         for r, ans in zip(rows, answers[t]):
@@ -832,13 +852,16 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
     for t, rows in shards.items():
         recs = []
         for r, ans in zip(rows, answers[t]):
-            gt, para, *perts = [nll(r["question"], a) for a in ans]
+            gt, *others = [nll(r["question"], a) for a in ans]
             rec = {"index": r["index"], "avg_gt_loss": gt[0], "gt_loss": gt[1], "num_token_gt": gt[2],
-                   "average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
-                   "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])), "paraphrased_loss": para[1],
-                   "perturb_loss": [p[1] for p in perts], "num_token_paraphrased": para[2],
-                   "num_token_perturb": [p[2] for p in perts], "leak": scores[slot[r["question"], ans[0]]]["hits"],
+                   "leak": scores[slot[r["question"], ans[0]]]["hits"],
                    "truncated": any(seqs[slot[r["question"], a]]["truncated"] for a in ans)}
+            if others:  # the truth ratio's paraphrased and perturbed answers
+                para, *perts = others
+                rec.update({"average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
+                            "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])),
+                            "paraphrased_loss": para[1], "perturb_loss": [p[1] for p in perts],
+                            "num_token_paraphrased": para[2], "num_token_perturb": [p[2] for p in perts]})
             if TASKS[t].options:  # -log p/(p + sum q): TOFU's standalone-run extra for RA/WF (§2)
                 rec["normalized_gt_loss"] = gt[0] + math.log1p(sum(math.exp(gt[0] - p[0]) for p in perts))
             recs.append(rec)
@@ -861,7 +884,8 @@ def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
         for rec, c in zip(recs, F.cosine_similarity(encoder(texts), encoder(refs)).clamp(min=0).tolist()):
             rec["cs"] = c
     if classifier is not None:
-        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier)):
+        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier,
+                                           opts.get("es_setting", "tofu"))):
             rec["es"] = e
 
 
@@ -910,7 +934,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
              max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
-             row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True) -> dict:
+             row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True,
+             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu") -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -922,8 +947,14 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     after max_new_tokens new tokens when that is given (open-unlearning). row_order: see task_rows.
     summary["settings"] records the prompt format, generation budget and precision, which a
     later evaluation that reads these logs as retain logs compares with its own.
+    data={"forget": rows, "retain": rows} (common.load_custom) evaluates your own sets instead of
+    TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
+    and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
+    says what was left out and why). es_setting: the direction of ES (entailment()).
     """
-    if split not in common.FORGET_SPLITS:
+    if data is not None:
+        tasks = tuple(t for t in tasks if t in data)
+    elif split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if unknown := set(tasks) - set(TASKS):
         raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
@@ -945,7 +976,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         print("[eval] warning: fp16 evaluation is unreliable (a known cause of truth ratios stuck at 1); use bf16/fp32")
     logs, extras = {}, {}
     caps = max_eval_samples if isinstance(max_eval_samples, dict) else {t: max_eval_samples for t in TASKS}
-    rows = {t: task_rows(t, split, authors, caps.get(t), source, forget_task, row_order) for t in TASKS if t in tasks}
+    rows = {t: (data[t][:caps.get(t)] if data is not None else
+                task_rows(t, split, authors, caps.get(t), source, forget_task, row_order)) for t in TASKS if t in tasks}
     for task, r in rows.items():
         if not r:
             raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
@@ -955,7 +987,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
                 "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
                 "gen_max_length": None if max_new_tokens is not None else gen_max_length,
                 "generation": generation, "precision": precision, "compare_precision": compare_precision,
-                "ks_method": ks_method, "world_size": world}
+                "ks_method": ks_method, "world_size": world, "es_setting": es_setting}
     if retain_log is not None and "forget" in rows:  # bad retain logs fail before the evaluation, not after
         check_retain_settings(settings, retain_settings)
         check_retain_rows({"split": split, "forget_task": forget_task, "rows": [r["index"] for r in rows["forget"]],
@@ -965,6 +997,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     if hasattr(model, "eval"):
         model.eval()
     opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
+            "es_setting": es_setting,
             "synced": common.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
@@ -1017,7 +1050,17 @@ def summarize(logs, extras, retain_log, ks_method, opts, retain_logs=None, setti
     s.update(closer_look_provenance(s["cs_model"], s["nli_model"]))
     s["retain_logs"] = str(retain_logs) if retain_logs else None
     s["nan_flags"] = nan_flags(logs, s)
+    s["skipped"] = skipped(s)
     return s
+
+
+def skipped(s: dict) -> dict[str, str]:
+    """{metric: why it was not computed}, from the aggregates' reasons and the CS/ES models."""
+    out = {k[:-len("_reason")]: v for k, v in s.items() if k.endswith("_reason") and v}
+    for metric, model in (("cs", s.get("cs_model")), ("es", s.get("nli_model"))):
+        if str(model).startswith("not computed"):
+            out[metric] = str(model)
+    return out
 
 
 def _fmt(v):
@@ -1064,6 +1107,8 @@ def print_summary(s: dict, logs: dict | None = None):
         lines.append(("rows with truncated answers", truncated))
     if s.get("nan_flags"):
         lines.append(("NaN flags", "; ".join(s["nan_flags"])))
+    lines += [(f"skipped {k}", v.removeprefix("not computed: ")) for k, v in (s.get("skipped") or {}).items()
+              if k not in ("model_utility", "forget_quality", "mu18", "fe", "cs", "es")]  # those have a line
     for k, v in lines:
         print(f"{k:>26}: {v:.4f}" if isinstance(v, float) else f"{k:>26}: {v}")
     for ex in list((logs or {}).get("forget", {}).get("generated_text", {}).values())[:2]:
@@ -1108,10 +1153,11 @@ class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
     reused from runs/eval_cache); forget quality uses --retain_logs, or the retain model's
-    forget-split logs (computed once and cached); `report(rows)` prints the comparison."""
+    forget-split logs (computed once and cached); `report(rows)` prints the comparison. Each
+    evaluation's numbers also go to the run's trackers through `log` (common.RunLogger.log_eval)."""
 
-    def __init__(self, args, tokenizer, fmt, accelerator, out_dir):
-        self.args, self.tok, self.fmt, self.acc = args, tokenizer, fmt, accelerator
+    def __init__(self, args, tokenizer, fmt, accelerator, out_dir, log=None):
+        self.args, self.tok, self.fmt, self.acc, self.log = args, tokenizer, fmt, accelerator, log
         self.out = Path(out_dir) / "eval"
         cap = args.max_eval_samples or None
         if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
@@ -1120,6 +1166,14 @@ class MethodEval:
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
                        gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
                        row_order=getattr(args, "row_order", "tofu"))
+        self.real_world = getattr(args, "scenario", "tofu") == "real_world"
+        if self.real_world:  # forget people and held-out neighbours, scored against golden answers
+            self.kw["data"], self.kw["es_setting"] = common.real_world_eval_rows(args.real_world_dir), "real_world"
+        elif args.split == common.CUSTOM:  # your own sets: forget, and retain when given
+            forget, retain = common.method_rows(args)
+            self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
+        self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
+        evaluate_general.check_available(getattr(args, "benchmarks", None))
         self.retain_logs = args.retain_logs
         self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
         if args.peak_epoch and not (args.retain_logs or args.retain_model):
@@ -1135,10 +1189,18 @@ class MethodEval:
                   f"{args.max_eval_samples} rows of retain (authors {retain_authors}), real_authors and world_facts; "
                   "--max_eval_samples 0 evaluates every row", flush=True)
 
+    def _key(self) -> dict:
+        """The evaluation settings that key a cached evaluation; your own sets by their contents."""
+        if "data" not in self.kw:
+            return self.kw
+        files = common.real_world_files(self.args.real_world_dir).values() if self.real_world else ()
+        return {**self.kw, "data": common.custom_fingerprint(self.args.forget_data, self.args.retain_data, *files)}
+
     def _retain(self):
         if self.retain_logs or not self.args.retain_model:
             return self.retain_logs
-        settings = {k: v for k, v in self.kw.items() if k in ("max_eval_samples", "forget_task", "row_order")}
+        settings = {k: v for k, v in self._key().items() if k in ("max_eval_samples", "forget_task", "row_order",
+                                                                       "data")}
         cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
                                                     "fmt": dataclasses.asdict(self.fmt)})
         if not (cache / "eval_log_forget.json").exists():
@@ -1154,11 +1216,19 @@ class MethodEval:
         return self.retain_logs
 
     def run(self, model, name: str, cache_key: str | None = None, compare_precision: bool = True) -> dict | None:
+        summary = self._run(model, name, cache_key, compare_precision)
+        if self.log is not None:
+            self.log.log_eval(name, summary)
+        return summary
+
+    def _run(self, model, name, cache_key, compare_precision) -> dict | None:
         if not self.args.eval:
             return None
         out = self.out / name
         cache = _cache_dir(cache_key, {"split": self.args.split, "retain": self.args.retain_logs or self.args.retain_model,
-                                       **{k: v for k, v in self.kw.items() if k != "accelerator"},
+                                       **{k: v for k, v in self._key().items() if k != "accelerator"},
+                                       **({"benchmarks": self.bench, "limit": self.args.benchmark_limit,
+                                           "tasks_dir": self.args.benchmark_include_path} if self.bench else {}),
                                        "fmt": dataclasses.asdict(self.fmt)}) if cache_key else None
         if cache is not None and (cache / "summary.json").exists():
             if self.acc.is_main_process:
@@ -1169,6 +1239,15 @@ class MethodEval:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
                            compare_precision=compare_precision, **self.kw)
+        if self.real_world:  # MU over the held-out neighbours, FE over the forget people
+            summary.update(evaluate_general.real_world_scores(summary))
+        if self.bench:  # general capability, on the same model in memory (evaluate_general.py)
+            summary["benchmarks"] = evaluate_general.run_benchmarks(
+                model, self.tok, self.bench, self.acc, self.args.benchmark_batch_size, self.args.benchmark_limit,
+                self.args.benchmark_include_path, verbose=self.acc.is_main_process,
+                metrics=evaluate_general.score_metrics(self.args.benchmarks))
+        if (self.bench or self.real_world) and self.acc.is_main_process:
+            common.atomic_write_json(out / "summary.json", summary)
         if cache is not None and self.acc.is_main_process:
             shutil.copytree(out, cache, dirs_exist_ok=True)
         return summary
@@ -1188,6 +1267,8 @@ class MethodEval:
             summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
                                generation=False, retain_logs=self._retain(), verbose=False,
                                **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+            if self.log is not None:
+                self.log.log_eval(name, summary)
         if self.args.peak_epoch:
             self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
             if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
@@ -1242,6 +1323,16 @@ class MethodEval:
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
+        if getattr(self, "real_world", False):
+            print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + common.table(
+                [(n, _fmt(s.get("real_world_mu")), _fmt(s.get("real_world_fe"))) for n, s in rows],
+                ("model", "MU", "FE")))
+        bench = evaluate_general.table(rows)
+        if bench:
+            print("\n" + bench)
+            for n, s in rows:
+                for t, why in (s.get("benchmarks") or {}).get("skipped", {}).items():
+                    print(f"benchmark {t} ({n}): {why}")
         last = next((n for n, _ in rows if n == "after"), rows[-1][0])  # the peak-epoch row may follow it
         s = dict(rows)[last]
         fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
@@ -1259,8 +1350,9 @@ class MethodEval:
             log = self.out / n / "eval_log_forget.json"
             if log.exists():
                 gens[n] = json.loads(log.read_text())["generated_text"]
-        questions = {str(r["index"]): r["question"] for r in task_rows("forget", self.args.split,
-                                                                        forget_task=self.args.forget_task)}
+        rows = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
+            task_rows("forget", self.args.split, forget_task=self.args.forget_task)
+        questions = {str(r["index"]): r["question"] for r in rows}
         for i in list(gens.get(last, {}))[:3]:  # rows by index: --row_order may not start at row 0
             _, g_last, gold = gens[last][i]
             print(f"\nQ: {questions[i]}\n  gold:   {gold!r}")
@@ -1298,7 +1390,17 @@ def main():
         raise common.TofuError("give --model PATH and --output_dir DIR (or --aggregate_only --logs DIR)")
     if args.retain_model and args.retain_logs:
         raise common.TofuError("give either --retain_model or --retain_logs, not both")
-    if args.split not in common.FORGET_SPLITS:
+    data = None
+    if args.retain_data and not args.forget_data:
+        raise common.TofuError("--retain_data goes with --forget_data; give both, or --split alone")
+    if args.forget_data:
+        if args.quick or args.forget_task is not None:
+            raise common.TofuError("--quick and --forget_task are TOFU's; leave them unset with --forget_data")
+        data = {"forget": common.load_custom(args.forget_data)}
+        if args.retain_data:
+            data["retain"] = common.load_custom(args.retain_data, "--retain_data")
+        args.split = common.CUSTOM
+    elif args.split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{args.split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if args.row_order not in ROW_ORDERS:
         raise common.TofuError(f"unknown --row_order '{args.row_order}'; valid: {', '.join(ROW_ORDERS)}")
@@ -1310,7 +1412,7 @@ def main():
     common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
                      ks_method=args.ks_method, source=args.source, row_order=args.row_order,
-                     verbose=accelerator.is_main_process)
+                     verbose=accelerator.is_main_process, data=data)
 
     def load(name):
         model, tok = common.load_model(name, frozen=True)

@@ -185,8 +185,7 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """The frozen starting model as reference, loaded only for --forget_loss dpo or --retain_loss kl.
     In continual unlearning that is --model, the previous task's output, as in the reference code."""
     if not ds.retain:
-        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.RETAIN_OF[args.split]} "
-                        f"has none for this subset (--quick_retain_authors {args.quick_retain_authors})")
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.retain_source(args)} has none")
     if args.forget_loss != "dpo" and args.retain_loss != "kl":
         return {"ref": None}
     frozen = {}
@@ -284,13 +283,14 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 def main():
     args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
+    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                               args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
     tok = common.load_tokenizer(args.model)
     fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args), args.forget_task)
+    forget, retain = common.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -301,8 +301,8 @@ def main():
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
                **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                  args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir)
+    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
@@ -323,6 +323,7 @@ def main():
     common.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
+    log.finish()
 
 
 if __name__ == "__main__":
