@@ -1192,19 +1192,19 @@ class RunLogger:
     config, every logged step, and each evaluation's numbers (log_eval). Only the main process
     writes or prints; accelerate's trackers run on the main process only."""
 
-    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None):
-        self.dir, self.is_main, self.step = Path(out_dir), is_main, 0
+    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None, prefix: str = ""):
+        self.dir, self.is_main, self.step, self.prefix = Path(out_dir), is_main, 0, prefix
         self.acc = accelerator if accelerator is not None and accelerator.log_with else None
         a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.dir / "args.json", {"args": a, "derived": derived, "run": run_info()})
             (self.dir / "metrics.jsonl").write_text("")
-        if self.acc is not None:  # trackers take flat str/number/bool values
+        if self.acc is not None and not self.acc.trackers:  # one run per launch; trackers take flat values
             config = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
                       for k, v in {**a, **{f"derived/{k}": v for k, v in derived.items()}}.items()}
             self.acc.init_trackers(TRACKER_PROJECT, config=config,
-                                   init_kwargs={"wandb": {"name": self.dir.name, "dir": str(self.dir)}})
+                                   init_kwargs={"wandb": {"name": self.dir.name.strip("."), "dir": str(self.dir)}})
 
     def log_eval(self, name: str, summary: dict | None) -> None:
         """An evaluation's numbers to the trackers, at the last logged step: eval/<metric> for the
@@ -1222,7 +1222,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict, echo: bool = False):
         self.step = step
         if self.acc is not None:
-            self.acc.log(_scalars(metrics), step=step)
+            self.acc.log(_scalars(metrics, self.prefix), step=step)
         if not self.is_main:
             return
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)

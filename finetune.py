@@ -55,6 +55,7 @@ class _Flags:
     schedule: str = dataclasses.field(default="epochs", metadata={"help": "epochs: every epoch in full, --warmup_epochs of warmup (TOFU finetune.py's floor(5 x 4000 / 32) = 625 steps is the same on the full set); reference: floor(epochs x N / batch) steps, as the unlearning scripts' --schedule."})
     last_window: str = dataclasses.field(default="mean", metadata={"help": "The last, short accumulation window of an epoch: mean = the mean over its own micro-batches; reference = divided by the full accumulation, as TOFU's HF Trainer does."})
     max_steps: int = dataclasses.field(default=0, metadata={"help": "Stop each model after this many optimizer steps (0: every epoch); for smoke tests."})
+    report_to: str = dataclasses.field(default="none", metadata={"help": "Experiment trackers through accelerate (main process only): tensorboard (OUTPUT_ROOT/tensorboard), wandb, all (those installed) or none; they get the arguments and each model's losses under <data>/loss."})
     report_rows: int = dataclasses.field(default=20, metadata={"help": "Questions per group (forget authors, retain authors) in the end-of-run ROUGE report; 0 skips it."})
 
 
@@ -155,7 +156,8 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
                "effective_batch": args.per_device_batch_size * accelerator.gradient_accumulation_steps
                * accelerator.num_processes, "distributed_type": str(accelerator.distributed_type), **sizes,
                "prompt_format": dataclasses.asdict(fmt)}
-    log = common.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process)
+    log = common.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process, accelerator,
+                           prefix=f"{data}/")  # one tracker run, each model's losses under its data's name
     if accelerator.is_main_process:
         print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
               f"{sizes['total_steps']} steps of batch {derived['effective_batch']}, lr {args.lr}")
@@ -185,7 +187,8 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40)
 
 def main():
     args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
-    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
+    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                             args.report_to, args.output_root)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
     if args.build != "both":
         builds = {args.build: builds[args.build]}
@@ -212,6 +215,7 @@ def main():
         print("\nHow well each model learned its answers (ROUGE-L recall of greedy answers to training questions;"
               "\nthe retain model never saw the forget authors, so its forget-author score is the floor):")
         print(common.table(summary, ("model", "folder", "questions", "n", "ROUGE-L", "train time")))
+    accelerator.end_training()  # the --report_to trackers, if any
 
 
 if __name__ == "__main__":

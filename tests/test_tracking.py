@@ -62,3 +62,32 @@ def test_missing_tracker_package_is_one_sentence(monkeypatch, tmp_path):
         common.trackers("all")
     with pytest.raises(TofuError, match="--report_to must be one of"):
         common.trackers("mlflow")
+
+
+def test_finetune_logs_each_models_losses_in_one_run(monkeypatch, tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    import finetune
+    monkeypatch.setattr("sys.argv", ["finetune.py", "--model", str(tiny_model_dir), "--subset", "quick",
+                                     "--quick_retain_authors", "1", "--epochs", "1", "--max_steps", "2", "--lr", "1e-3",
+                                     "--batch_size", "8", "--per_device_batch_size", "4", "--output_root",
+                                     str(tmp_path), "--report_rows", "0", "--report_to", "tensorboard"])
+    finetune.main()
+    tb = scalars(tmp_path / "tensorboard")
+    for data in ("full", "retain99"):
+        path = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", data, 1, tmp_path)
+        metrics = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        assert tb[f"{data}/loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
+
+
+def test_evaluator_cli_reports_its_summary(monkeypatch, tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    import evaluate_tofu
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}."}) + "\n"
+                                              for i in range(3)))
+    monkeypatch.setattr("sys.argv", ["evaluate_tofu.py", "--model", str(tiny_model_dir), "--forget_data",
+                                     str(tmp_path / "f.jsonl"), "--output_dir", str(tmp_path / "ev"),
+                                     "--max_new_tokens", "2", "--nli_model", "none", "--cs_model", "none",
+                                     "--report_to", "tensorboard"])
+    evaluate_tofu.main()
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert scalars(tmp_path / "ev" / "tensorboard")["eval/forget_prob"] == [(0, pytest.approx(s["forget_prob"]))]
