@@ -374,11 +374,13 @@ def negate_task_vector(model, str_path: str, lam: float) -> None:
                 t.copy_(task_arithmetic({name: t}, {name: strong[name]}, lam)[name])
 
 
-def strengthen(args, tok, fmt, accelerator) -> str:
+def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     """The strengthened model (RKLD §3): --model trained further on the forget set (answer NLL) for
     --strengthen_epochs at --strengthen_lr with the run's batch settings, saved in OUTPUT_DIR/strengthened.
     A later run reuses it only when it was built with the same settings (strengthened/strengthen.json);
-    otherwise it is rebuilt. This stage trains its own model and releases it before unlearning starts."""
+    otherwise it is rebuilt. This stage trains its own model and releases it before unlearning starts.
+    adapter_only (RKLD with --lora_r): save the trained LoRA adapter alone, so the teacher needs no
+    second model (setup_frozen); task arithmetic needs the full strengthened weights."""
     if args.strengthened_model:
         return common.resolve_model_path(args.strengthened_model)
     out = Path(args.output_dir) / "strengthened"
@@ -408,7 +410,7 @@ def strengthen(args, tok, fmt, accelerator) -> str:
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},
                 args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
-    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=False)
+    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=adapter_only)
     if accelerator.is_main_process:  # written last: a folder without it is never reused
         common.atomic_write_json(out / "strengthen.json", settings)
     common.release(accelerator, model)

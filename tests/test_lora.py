@@ -49,7 +49,7 @@ def test_adapter_trains_and_base_stays(checkpointing, reentrant, monkeypatch, ti
     if reentrant:
         monkeypatch.setattr(common, "CHECKPOINT_KWARGS", {"use_reentrant": True})
     args = lora_args(tiny_model_dir, gradient_checkpointing=checkpointing, warmup_epochs=0, max_steps=3,
-                     schedule="epochs", weight_decay=0.0, max_grad_norm=0.0)
+                     schedule="epochs", last_window="mean", weight_decay=0.0, max_grad_norm=0.0)
     acc = accelerator()
     model = common.load_trained(args, acc)
     assert common.is_peft(model) and model.is_activation_checkpointing == checkpointing
@@ -208,7 +208,6 @@ def test_merged_save_is_a_plain_model_with_the_adapters_logits(tiny_model_dir, t
 
 
 def test_save_adapter_only_run_is_evaluated_from_base_plus_adapter(monkeypatch, tiny_model_dir, tmp_path):
-    import evaluate_tofu  # noqa: F401  (the evaluator loads models through common.load_model)
     import me_gd
     monkeypatch.setattr("sys.argv", ["me_gd.py", *map(str, [
         "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size",
