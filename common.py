@@ -233,17 +233,27 @@ def load_idk() -> list[str]:
 QUICK_RETAIN_AUTHORS = 4  # retain authors on the quick path (the quick recipes were tuned with 4)
 
 
-def quick_authors(split: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> set[int]:
+def quick_authors(split: str, n_retain: int = QUICK_RETAIN_AUTHORS, continual: bool = False) -> set[int]:
     """The CPU quick subset: every author of the forget split plus authors 0..n_retain-1.
 
     Authors 0..19 open `full`, `retain*` and `retain_perturbed`, so the retain authors kept
     are the ones whose retain_perturbed rows evaluation scores. forget01 is authors 198-199,
-    forget05 190-199, forget10 180-199.
+    forget05 190-199, forget10 180-199. continual=True adds every author of the split's continual
+    tasks (closer-look §5.2), so each task unlearns authors the quick target learned and the
+    retain set (authors 0..n_retain-1 + the tasks not yet unlearned) shrinks task by task.
     """
     if split not in FORGET_SPLITS:
         raise TofuError(f"unknown forget split '{split}'; valid: {', '.join(FORGET_SPLITS)}")
     n_forget = SPLIT_SIZES[split] // AUTHOR_ROWS
-    return set(range(n_retain)) | set(range(200 - n_forget, 200))
+    authors = set(range(n_retain)) | set(range(200 - n_forget, 200))
+    return authors | continual_authors(split) if continual else authors
+
+
+def continual_authors(split: str) -> set[int]:
+    """Every author of the forget split's continual task sequence (data/tofu/continual)."""
+    lookup = _author_lookup()
+    tasks = _read_jsonl(DATA_DIR / "continual" / f"{split}_tasks.json", SPLITS[split] + ("task_id",))
+    return {lookup[r["question"]] for r in tasks}
 
 
 def forget_retain_rows(split: str, authors: set[int] | None = None, forget_task: int | None = None):
@@ -646,22 +656,23 @@ QUICK = "quick"
 
 
 def finetuned_dir(model: str, split: str, subset: str, data: str, n_retain: int = QUICK_RETAIN_AUTHORS,
-                  root=None) -> Path:
+                  root=None, continual: bool = False) -> Path:
     """Where finetune.py writes a model: <root>/<model>_<subset>_<data>. The quick subset
-    depends on the forget split, so its folder name carries the split."""
+    depends on the forget split (and on --continual), so its folder name carries them."""
     tag = Path(model).name if Path(model).exists() else model.replace("/", "--")
-    sub = f"quick{n_retain}-{split}" if subset == "quick" else "all"
+    sub = f"quick{n_retain}-{split}{'-continual' if continual else ''}" if subset == "quick" else "all"
     return Path(root or RUNS_DIR / "models") / f"{tag}_{sub}_{data}"
 
 
-def quick_model(split: str, role: str, n_retain: int = QUICK_RETAIN_AUTHORS) -> str:
+def quick_model(split: str, role: str, n_retain: int = QUICK_RETAIN_AUTHORS, continual: bool = False) -> str:
     """The quick target (role='target') or retain model that `python finetune.py --split
-    SPLIT` builds from the embedded SmolLM2-135M; a clear error if it is not built yet."""
+    SPLIT` builds from the embedded SmolLM2-135M (continual=True: the continual scenario's target,
+    `--continual true`); a clear error if it is not built yet."""
     data = "full" if role == "target" else RETAIN_OF[split]
-    path = finetuned_dir("smollm2-135m", split, "quick", data, n_retain)
+    path = finetuned_dir("smollm2-135m", split, "quick", data, n_retain, continual=continual)
     if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
-        raise TofuError(f"the quick {role} model for {split} is not built yet ({path}); "
-                        f"run: python finetune.py --split {split}")
+        raise TofuError(f"the quick {role} model for {split}{' (continual)' if continual else ''} is not built "
+                        f"yet ({path}); run: python finetune.py --split {split}{' --continual true' * continual}")
     return str(path)
 
 
@@ -1415,8 +1426,8 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
         args.retain_model = quick_model(args.split, "retain", args.quick_retain_authors)
     if args.retain_model == "none":
         args.retain_model = None
-    if quick:
-        args.model = quick_model(args.split, "target", args.quick_retain_authors)
+    if quick:  # continual tasks start from the target that learned every task's authors
+        args.model = quick_model(args.split, "target", args.quick_retain_authors, args.forget_task is not None)
     if args.max_eval_samples is None and args.subset == "quick":
         args.max_eval_samples = 20
     if args.output_dir is None:  # baselines.py names the folder after its --method
@@ -1494,6 +1505,6 @@ def check_run_folder(args) -> None:
 
 
 def subset_authors(args) -> set[int] | None:
-    if args.split == CUSTOM:
+    if args.split == CUSTOM or args.subset != "quick":
         return None
-    return quick_authors(args.split, args.quick_retain_authors) if args.subset == "quick" else None
+    return quick_authors(args.split, args.quick_retain_authors, getattr(args, "forget_task", None) is not None)

@@ -39,6 +39,7 @@ class _Flags:
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
     subset: str = dataclasses.field(default="auto", metadata={"help": "Authors to train on: 'quick' (forget-split authors + authors 0..quick_retain_authors-1), 'all' (the TOFU benchmark), or 'auto' (quick for the embedded preset, all otherwise)."})
     quick_retain_authors: int = dataclasses.field(default=common.QUICK_RETAIN_AUTHORS, metadata={"help": "Retain authors kept by the quick subset (authors 0..N-1, 20 questions each)."})
+    continual: bool = dataclasses.field(default=False, metadata={"help": "Build the continual scenario's quick target (scripts/continual.py on the quick path): the quick subset plus every author of the split's continual tasks (closer-look §5.2; forget01: authors 180-199, 480 questions with authors 0-3), so every task unlearns authors the model learned. Target only: continual tasks have no retain model."})
     lr: float = dataclasses.field(default=None, metadata={"help": "Learning rate. Default: 1e-5 (TOFU, Llama-2-7B); 2e-4 for the embedded preset (measured here: ROUGE-L recall 0.93 on forget-author and 0.86 on retain-author training answers after 4 epochs)."})
     epochs: int = dataclasses.field(default=None, metadata={"help": "Epochs. Default: 5 (TOFU); 4 for the embedded preset."})
     batch_size: int = dataclasses.field(default=None, metadata={"help": "Effective batch size (per device x grad accumulation x processes). Default: 32 (TOFU); 8 for the embedded preset."})
@@ -79,6 +80,11 @@ def resolve(args: Args) -> Args:
         raise TofuError("--subset must be auto, quick or all")
     common.check_numbers(args)
     common.check_memory_args(args)
+    if args.continual and args.subset != "quick":
+        raise TofuError("--continual builds the quick subset's continual target; with --subset all the target "
+                        "already learned every author")
+    if args.continual and args.build == "retain":
+        raise TofuError("--continual builds the target only (continual tasks have no retain model)")
     recipe = EMBEDDED_RECIPE if args.model in common.PRESETS else TOFU_RECIPE
     for k, v in recipe.items():
         if getattr(args, k) is None:
@@ -190,17 +196,19 @@ def main():
     accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
                                              args.report_to, args.output_root)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
-    if args.build != "both":
-        builds = {args.build: builds[args.build]}
+    if args.build != "both" or args.continual:
+        builds = {"target": builds["target"]} if args.continual else {args.build: builds[args.build]}
     Path(args.output_root).mkdir(parents=True, exist_ok=True)
     built = []
     for role, data in builds.items():
-        out = common.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors, args.output_root)
+        out = common.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors, args.output_root,
+                                   args.continual)
         if (out / "config.json").exists() and not args.overwrite:
             if accelerator.is_main_process:
                 print(f"[finetune] {role} model exists: {out} (use --overwrite to rebuild)")
             continue
-        authors = common.quick_authors(args.split, args.quick_retain_authors) if args.subset == "quick" else None
+        authors = (common.quick_authors(args.split, args.quick_retain_authors, args.continual)
+                   if args.subset == "quick" else None)
         res = train_one(args, common.select_authors(common.load_split(data), authors), data, out, accelerator)
         built.append((role, out, res["rows"], res["train_s"]))
         del res

@@ -7,6 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import continual  # noqa: E402
+import common  # noqa: E402
+import pytest  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
 import me_gd  # noqa: E402
 
 
@@ -44,15 +47,49 @@ def test_two_task_run(monkeypatch, tmp_path, tiny_model_dir):
         return 0
 
     monkeypatch.setattr(continual, "launch", in_process)
-    # --subset all: the quick subset keeps only the forget authors of task 1, so evaluating task 2 would find no rows
+    # --subset quick with --forget_task: authors 0-3 plus every task's authors (the continual quick subset)
     continual.main(["--method", "me_gd", "--split", "forget01", "--tasks", "2", "--model", str(tiny_model_dir),
-                    "--out", str(tmp_path), "--launcher", "python", "--", "--subset", "all", "--max_steps", "1",
+                    "--out", str(tmp_path), "--launcher", "python", "--", "--subset", "quick", "--max_steps", "1",
                     "--batch_size", "2", "--per_device_batch_size", "2", "--max_eval_samples", "2",
                     "--max_new_tokens", "2", "--nli_model", "none", "--cs_model", "none"])
-    second = json.loads((tmp_path / "task2" / "args.json").read_text())["args"]
+    first, second = (json.loads((tmp_path / f"task{k}" / "args.json").read_text()) for k in (1, 2))
+    assert [r["derived"]["retain_rows"] for r in (first, second)] == [440, 400]  # the retain set shrinks
+    second = second["args"]
     assert second["model"] == str(tmp_path / "task1" / "model") and second["forget_task"] == 2
     assert second["alpha"] == 1.0
     rows = (tmp_path / "continual.md").read_text().splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
     # MU is computed; FQ is not (continual runs have no retain model)
     assert all(r.split(" | ")[1] != "n/a" and r.endswith("| n/a |") for r in rows)
+
+
+def test_continual_quick_subset_learns_every_task_and_shrinks_the_retain_set():
+    """The continual quick target learns authors 0-3 and every task's authors, and task k retains
+    authors 0-3 plus the tasks after k (closer-look §5.2: the retain set loses a task per round)."""
+    authors = common.quick_authors("forget01", 4, continual=True)
+    assert authors == set(range(4)) | set(range(180, 200))
+    seen = set()
+    for k in range(1, 11):
+        forget, retain = common.forget_retain_rows("forget01", authors, k)
+        task = {r["author"] for r in forget}
+        later = {r["author"] for j in range(k + 1, 11) for r in common.load_split("forget01", forget_task=j)}
+        assert task <= authors and not task & seen and {r["author"] for r in retain} == set(range(4)) | later
+        assert len(retain) == 20 * (4 + len(later))
+        seen |= task
+    assert len(seen) == 20
+
+
+def parse(argv):
+    args = HfArgumentParser(me_gd.Args).parse_args_into_dataclasses(argv)[0]
+    return common.finalize_args(args, me_gd.METHOD, me_gd.QUICK, me_gd.PAPER)
+
+
+def test_quick_model_of_a_continual_task_is_the_continual_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    with pytest.raises(common.TofuError, match="--continual true"):
+        parse(["--split", "forget01", "--forget_task", "1"])
+    path = common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    assert parse(["--split", "forget01", "--forget_task", "1"]).model == str(path)
+    assert path.name == "smollm2-135m_quick4-forget01-continual_full"

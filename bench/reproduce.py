@@ -1,0 +1,329 @@
+"""Regenerate RESULTS.md: run a named grid of (method, learning rate, seed) on the embedded quick
+path, collect every run into results/results.json, then write RESULTS.md and its plots.
+
+  python bench/reproduce.py                       # every grid, in order, then the report
+  python bench/reproduce.py --grid sweep --jobs 2 # one grid, two runs at a time (one thread each)
+  python bench/reproduce.py --list                # what each grid holds and what is done
+  python bench/reproduce.py --report_only         # RESULTS.md and plots from results/results.json
+
+Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has its first-peak epoch):
+  reference  the quick retain model evaluated like every run (the target's row is each run's "before")
+  sweep      every method at lr 1e-4 (the quick recipe), 5e-5 and 2e-5, seed 42
+  seeds      seeds 1 and 2 for every method at its chosen lr (see LR RULE); waits for the sweep
+  curves     RKLD, ME+GD, IDK+AP, GA+GD, NPO+GD at their chosen lr with a full evaluation every epoch
+  continual  the continual quick target (finetune.py --continual true), then ME+GD, IDK+AP, NPO+GD
+             and GA+GD over forget01's 10 tasks (scripts/continual.py), MU and FE after every task
+
+LR RULE (closer-look App. E.8 picks each method's best balance; we write the rule down): among the
+swept rates, the highest forget quality whose model utility keeps at least 90% of the target's; if
+none keeps 90%, the highest model utility.
+
+Resuming: a run recorded in results/results.json is never run again (run folders do not outlive a
+machine; the results file is committed), and a run whose folder already holds
+eval/after/summary.json is collected without training. Each run's log is runs/grid/<name>.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "results" / "results.json"
+GRID_DIR = REPO / "runs" / "grid"
+
+METHODS = {  # name -> (script, flags); paper names: RKLD Table 4 and closer-look Table 4
+    "rkld": ("rkld.py", []), "rkld_fkl": ("rkld.py", ["--divergence", "fkl"]),
+    "me_gd": ("me_gd.py", []), "idk_ap": ("idk_ap.py", []),
+    **{m: ("baselines.py", ["--method", m]) for m in ("ga_gd", "npo_gd", "idk_gd", "ga", "npo", "dpo", "kto", "idk")},
+}
+SWEEP_LRS = (1e-4, 5e-5, 2e-5)
+FIRST_SEED, MORE_SEEDS = 42, (1, 2)
+CURVES = ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd")
+CONTINUAL = ("me_gd", "idk_ap", "npo_gd", "ga_gd")
+CONTINUAL_TASKS = 10
+MU_KEPT = 0.9
+LR_RULE = ("among the swept rates, the highest forget quality (last epoch, seed 42) whose model utility keeps at "
+           f"least {MU_KEPT:.0%} of the target's; if none does, the highest model utility. Closer-Look App. E.8 "
+           "picks each method's best balance without a stated rule; this is ours, fixed before the runs")
+BASE = ["--split", "forget01", "--peak_epoch", "true"]
+
+
+def run_name(method: str, lr: float, seed: int, tag: str = "") -> str:
+    return f"{method}-lr{lr:g}-seed{seed}{'-' + tag if tag else ''}"
+
+
+def load_results() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+
+
+def save_results(records: list[dict]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(records, key=lambda r: r["name"]), indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def target_mu(records: list[dict]) -> float | None:
+    return next((r["before"]["model_utility"] for r in records if r.get("before")), None)
+
+
+def chosen_lr(method: str, records: list[dict]) -> float | None:
+    """LR RULE over the method's seed-42 sweep; None until every swept rate is recorded."""
+    runs = {r["lr"]: r for r in records if r["grid"] == "sweep" and r["method"] == method}
+    if set(runs) != set(SWEEP_LRS) or target_mu(records) is None:
+        return None
+    kept = [r for r in runs.values() if r["last"]["model_utility"] >= MU_KEPT * target_mu(records)]
+    if kept:
+        return max(kept, key=lambda r: (r["last"]["forget_quality"], r["last"]["model_utility"]))["lr"]
+    return max(runs.values(), key=lambda r: r["last"]["model_utility"])["lr"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The grids: each item is a dict with name, grid, method, lr, seed, command, and what it needs
+# ----------------------------------------------------------------------------------------------
+def method_item(grid: str, method: str, lr: float, seed: int, extra=(), tag: str = "") -> dict:
+    script, flags = METHODS[method]
+    name = run_name(method, lr, seed, tag)
+    cmd = [sys.executable, script, *BASE, *flags, "--lr", f"{lr:g}", "--seed", str(seed),
+           "--output_dir", str(GRID_DIR / name), *extra]
+    return {"name": name, "grid": grid, "method": method, "lr": lr, "seed": seed, "command": cmd}
+
+
+def share_teacher(items: list[dict]) -> list[dict]:
+    """Every RKLD-family run of a seed reuses the strengthened model (the teacher's second half) of
+    that seed's first RKLD run when its folder is still here: strengthening does not depend on the
+    student's lr or divergence, and on CPU it is deterministic, so this only saves its 3 minutes."""
+    first = {}
+    for it in items:
+        if it["method"].startswith("rkld"):
+            first.setdefault(it["seed"], it["name"])
+            if first[it["seed"]] != it["name"]:
+                it["teacher_from"] = first[it["seed"]]
+    return items
+
+
+def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
+    """(items, reasons some items cannot be listed yet)."""
+    waiting = []
+    if grid == "reference":
+        import common
+        retain = common.finetuned_dir("smollm2-135m", "forget01", "quick", "retain99")
+        return [{"name": "retain-model", "grid": grid, "method": "retain", "lr": None, "seed": None,
+                 "command": [sys.executable, "evaluate_tofu.py", "--model", str(retain), "--split", "forget01",
+                             "--quick", "true", "--retain_model", str(retain), "--max_eval_samples", "20",
+                             "--output_dir", str(GRID_DIR / "retain-model" / "eval" / "after")]}], waiting
+    if grid == "sweep":
+        items = [method_item("sweep", m, lr, FIRST_SEED, ["--eval_teacher", "true"] if (m, lr) == ("rkld", 1e-4) else ())
+                 for lr in SWEEP_LRS for m in METHODS]
+        return share_teacher(items), waiting
+    if grid in ("seeds", "curves"):
+        items = []
+        for m in METHODS if grid == "seeds" else CURVES:
+            lr = chosen_lr(m, records)
+            if lr is None:
+                waiting.append(f"{m}: its sweep is not complete")
+                continue
+            if grid == "seeds":
+                items += [method_item("seeds", m, lr, s) for s in MORE_SEEDS]
+            else:
+                items.append(method_item("curves", m, lr, FIRST_SEED, ["--eval_every_epoch", "true"], "curves"))
+        return share_teacher(items), waiting
+    if grid == "continual":
+        items = [{"name": "continual-target", "grid": grid, "method": "finetune", "lr": None, "seed": None,
+                  "command": [sys.executable, "finetune.py", "--split", "forget01", "--continual", "true"],
+                  "collect": "target"}]
+        for m in CONTINUAL:
+            script = m if m in ("me_gd", "idk_ap") else "baselines"
+            out = GRID_DIR / f"continual-{m}"
+            cmd = [sys.executable, "scripts/continual.py", "--method", script, "--split", "forget01",
+                   "--tasks", str(CONTINUAL_TASKS), "--out", str(out)]
+            items.append({"name": f"continual-{m}", "grid": grid, "method": m, "lr": None, "seed": FIRST_SEED,
+                          "command": cmd + (["--", "--method", m] if script == "baselines" else []),
+                          "needs": "continual-target", "collect": "continual"})
+        return items, waiting
+    raise SystemExit(f"error: unknown grid {grid!r}; choose from {', '.join(GRIDS)} or all")
+
+
+GRIDS = ("reference", "sweep", "seeds", "curves", "continual")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collecting a finished run folder into one record
+# ----------------------------------------------------------------------------------------------
+def scalars(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    s = json.loads(path.read_text())
+    out = {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out["settings"] = {k: s.get("settings", {}).get(k) for k in ("precision", "max_eval_samples", "world_size")}
+    return out
+
+
+def collect(item: dict, wall_s: float | None, jobs: int) -> dict:
+    rec = {k: v for k, v in item.items() if k not in ("command", "teacher_from", "needs", "collect")}
+    rec["command"] = shlex.join([Path(c).name if c == sys.executable else c for c in item["command"]])
+    rec.update(wall_s=None if wall_s is None else round(wall_s, 1), jobs=jobs,
+               finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    out = GRID_DIR / item["name"]
+    kind = item.get("collect", "method")
+    if kind == "target":
+        import common
+        rec["model"] = str(common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True))
+        rec["info"] = info_of(Path(rec["model"]) / "args.json")
+        return rec
+    if kind == "continual":
+        tasks = [("0", out / "task1" / "eval" / "before")] + [
+            (str(k), out / f"task{k}" / "eval" / "after") for k in range(1, CONTINUAL_TASKS + 1)]
+        rec["tasks"] = {k: scalars(d / "summary.json") for k, d in tasks}
+        rec["info"] = info_of(out / "task1" / "args.json")
+        return rec
+    rec["info"] = info_of(out / "args.json")
+    rec["before"] = scalars(out / "eval" / "before" / "summary.json")
+    rec["last"] = scalars(out / "eval" / "after" / "summary.json")
+    rec["teacher"] = scalars(out / "eval" / "teacher" / "summary.json")
+    peak = json.loads((out / "peak_epoch.json").read_text()) if (out / "peak_epoch.json").exists() else None
+    if peak:
+        rec["peak_epoch"] = peak["peak_epoch"]
+        rec["peak"] = scalars(out / "eval" / "peak" / "summary.json") or rec["last"]
+        rec["selection"] = peak["selection"]
+    rec["epochs"] = []
+    last_epoch = json.loads((out / "args.json").read_text())["args"]["epochs"] if (out / "args.json").exists() else 0
+    for e in range(1, last_epoch + 1):
+        s = scalars(out / "eval" / (f"epoch{e}" if e < last_epoch else "after") / "summary.json")
+        if s:
+            rec["epochs"].append({"epoch": e, **{k: v for k, v in s.items() if k != "settings"}})
+    return rec
+
+
+def info_of(args_json: Path) -> dict:
+    """Git commit, versions and hardware as the run recorded them in args.json (for a run that
+    writes none, the evaluator's: this process's, on the same machine)."""
+    import common
+    info = json.loads(args_json.read_text())["run"] if args_json.exists() else common.run_info()
+    return {k: info.get(k) for k in ("git_commit", "python", "torch", "transformers", "accelerate", "platform",
+                                      "cpu_count", "cuda")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+def launch(item: dict, threads: int) -> subprocess.Popen:
+    cmd = list(item["command"])
+    src = GRID_DIR / item.get("teacher_from", "") / "strengthened"
+    if item.get("teacher_from") and (src / "config.json").exists():
+        cmd += ["--strengthened_model", str(src)]
+    GRID_DIR.mkdir(parents=True, exist_ok=True)
+    log = open(GRID_DIR / f"{item['name']}.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finished(item: dict) -> bool:
+    out = GRID_DIR / item["name"]
+    if item.get("collect") == "target":
+        import common
+        return (common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True) / "config.json").exists()
+    if item.get("collect") == "continual":
+        return (out / f"task{CONTINUAL_TASKS}" / "eval" / "after" / "summary.json").exists()
+    return (out / "eval" / "after" / "summary.json").exists() and (item["grid"] == "reference" or (out / "model").exists())
+
+
+def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
+    records = load_results()
+    done = {r["name"] for r in records}
+    todo = []
+    for it in items:
+        if it["name"] in done:
+            continue
+        if finished(it):  # a folder from an interrupted sitting: collect it without training
+            records.append(collect(it, None, jobs))
+            save_results(records)
+            done.add(it["name"])
+            print(f"[reproduce] {it['name']}: collected from its folder", flush=True)
+        else:
+            todo.append(it)
+    todo = todo[:max_runs] if max_runs is not None else todo
+    print(f"[reproduce] {len(items)} runs in the grid, {len(items) - len(todo)} done, {len(todo)} to run "
+          f"({jobs} at a time)", flush=True)
+    running, failed, t_start, n_done = {}, 0, time.time(), 0
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    while todo or running:
+        ready = [it for it in todo if it.get("needs") in (None, *done)]
+        # a grid's first run goes alone: it fills the shared caches (starting model's evaluation, retain logs)
+        slots = 1 if not n_done else jobs
+        while ready and len(running) < slots:
+            it = ready.pop(0)
+            todo.remove(it)
+            print(f"[reproduce] start {it['name']}: {shlex.join(it['command'][1:])}", flush=True)
+            running[it["name"]] = (it, launch(it, threads if slots > 1 else os.cpu_count() or 2), time.time())
+        if not running:
+            raise SystemExit(f"error: {len(todo)} runs wait for runs that failed: {[t['name'] for t in todo]}")
+        time.sleep(5)
+        for name, (it, proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            n_done += 1
+            if proc.returncode == 0 and finished(it):
+                records = load_results()
+                records.append(collect(it, time.time() - t0, len(running) + 1 if slots > 1 else 1))
+                save_results(records)
+                done.add(name)
+                status = "done"
+            else:
+                failed += 1
+                status = f"FAILED (exit {proc.returncode}; see {GRID_DIR / (name + '.log')})"
+            elapsed = time.time() - t_start
+            left = len(todo) + len(running)
+            eta = elapsed / n_done * left  # runs finish at the rate seen so far (parallel included)
+            print(f"[reproduce] {name}: {status} in {(time.time() - t0) / 60:.1f} min; {n_done} finished, "
+                  f"{left} left; elapsed {elapsed / 60:.1f} min, about {eta / 60:.0f} min to go", flush=True)
+    print(f"[reproduce] grid finished: {n_done} runs in {(time.time() - t_start) / 60:.1f} min wall time, "
+          f"{failed} failed", flush=True)
+    return failed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="all", help=f"one of {', '.join(GRIDS)}, a comma list, or all (in that order)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1)")
+    p.add_argument("--max_runs", type=int, default=None, help="stop after starting this many runs (default: all)")
+    p.add_argument("--list", action="store_true", help="print each grid's runs and whether they are done, and exit")
+    p.add_argument("--report_only", action="store_true", help="write RESULTS.md and plots from the results file")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit("error: --jobs must be at least 1")
+    grids = GRIDS if args.grid == "all" else tuple(args.grid.split(","))
+    if bad := [g for g in grids if g not in GRIDS]:
+        raise SystemExit(f"error: unknown grid {bad[0]!r}; choose from {', '.join(GRIDS)} or all")
+    t0 = time.time()
+    if not args.report_only:
+        for g in grids:
+            items, waiting = grid_items(g, load_results())
+            done = {r["name"] for r in load_results()}
+            if args.list:
+                print(f"{g}: {sum(i['name'] in done for i in items)}/{len(items)} done")
+                for it in items:
+                    print(f"  {'done' if it['name'] in done else 'todo'}  {it['name']}")
+                for w in waiting:
+                    print(f"  waiting: {w}")
+                continue
+            print(f"[reproduce] grid {g}" + (f" (waiting: {'; '.join(waiting)})" if waiting else ""), flush=True)
+            run_grid(items, args.jobs, args.max_runs)
+        if args.list:
+            return
+    import results_report
+    results_report.main([])
+    print(f"[reproduce] total wall time {(time.time() - t0) / 60:.1f} min on {platform.node()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

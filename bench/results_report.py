@@ -1,0 +1,386 @@
+"""Write RESULTS.md and its plots (results/*.png) from results/results.json, the file that
+bench/reproduce.py fills run by run. Every number and verdict below comes from that file; rerun
+`python bench/reproduce.py --report_only` after editing this script.
+
+Verdict rule (written down before the runs): a comparison of two methods is *separated* when
+their means over seeds differ by more than the sum of their standard deviations (forget quality
+compared as log10); with fewer than two seeds on either side it is at best *inconclusive*, and
+the direction seen is reported. Model utility counts as comparable within 0.05.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import reproduce  # noqa: E402
+
+OUT = REPO / "RESULTS.md"
+PLOTS = REPO / "results"
+NAMES = {"rkld": "RKLD", "rkld_fkl": "RKLD with FKL", "me_gd": "ME+GD", "idk_ap": "IDK+AP", "ga_gd": "GA+GD",
+         "npo_gd": "NPO+GD", "idk_gd": "IDK+GD", "ga": "GA", "npo": "NPO", "dpo": "DPO", "kto": "KTO", "idk": "IDK"}
+COLS = [("FQ", "forget_quality"), ("MU", "model_utility"), ("FE", "fe"), ("MU-18", "mu18"),
+        ("forget ROUGE-L", "forget_rouge"), ("forget Prob", "forget_prob"), ("retain ROUGE-L", "retain_rouge"),
+        ("retain Prob", "retain_prob"), ("top-5 leak", "forget_leak_top5")]
+MU_TOL = 0.05
+
+
+def runs_at(records, method, lr):
+    """The trained runs of a method at one lr, one per seed (the curves grid repeats seed 42)."""
+    return [r for r in records if r["method"] == method and r["lr"] == lr and r["grid"] in ("sweep", "seeds")]
+
+
+def values(runs, key, where="last"):
+    return [r[where][key] for r in runs if r.get(where) and isinstance(r[where].get(key), (int, float))]
+
+
+def log_fq(v):
+    return math.log10(max(v, 1e-300))
+
+
+def mean_sd(vals):
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def cell(vals, digits=3):
+    m, s = mean_sd(vals)
+    if m is None:
+        return "n/a"
+    fmt = (lambda x: f"{x:.2g}") if digits == "g" else (lambda x: f"{x:.{digits}f}")
+    return fmt(m) + (f" ± {fmt(s)}" if len(vals) > 1 else "")
+
+
+def compare(a, b):
+    """'higher' / 'lower' (a vs b, separated), 'overlap', or 'one seed: higher/lower' (not enough seeds)."""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    if ma is None or mb is None:
+        return "missing"
+    sign = "higher" if ma > mb else "lower" if ma < mb else "equal"
+    if len(a) < 2 or len(b) < 2:
+        return f"one seed: {sign}"
+    return sign if abs(ma - mb) > sa + sb else "overlap"
+
+
+def chosen(records):
+    return {m: reproduce.chosen_lr(m, records) for m in reproduce.METHODS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def sweep_table(records, lrs):
+    lines = ["| method | " + " | ".join(f"lr {lr:g}: FQ / MU" for lr in reproduce.SWEEP_LRS) + " | chosen lr |",
+             "|---" * (len(reproduce.SWEEP_LRS) + 2) + "|"]
+    for m in reproduce.METHODS:
+        cells = []
+        for lr in reproduce.SWEEP_LRS:
+            r = next((r for r in records if r["grid"] == "sweep" and r["method"] == m and r["lr"] == lr), None)
+            cells.append(f"{r['last']['forget_quality']:.3g} / {r['last']['model_utility']:.3f}" if r else "not run")
+        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {lrs[m]:g} |" if lrs[m] else
+                     f"| {NAMES[m]} | " + " | ".join(cells) + " | sweep incomplete |")
+    return "\n".join(lines)
+
+
+def main_table(records, lrs, where):
+    head = "| model | lr | seeds | " + " | ".join(c for c, _ in COLS) + " |"
+    lines = [head, "|---" * (len(COLS) + 3) + "|"]
+    before = [r["before"] for r in records if r.get("before")][:1]
+    retain = next((r["last"] for r in records if r["name"] == "retain-model" and r.get("last")), None)
+    teacher = next((r["teacher"] for r in records if r.get("teacher")), None)
+    for name, s in (("target (before unlearning)", before[0] if before else None), ("retain model", retain),
+                    ("RKLD's unlearning teacher alone", teacher)):
+        if s:
+            lines.append(f"| {name} | | | " + " | ".join(cell([s[k]] if isinstance(s.get(k), (int, float)) else [],
+                                                              "g" if k == "forget_quality" else 3)
+                                                         for _, k in COLS) + " |")
+    for m in reproduce.METHODS:
+        lr = lrs[m] or reproduce.SWEEP_LRS[0]
+        runs = runs_at(records, m, lr)
+        if not runs:
+            continue
+        tag = "" if lrs[m] else " (sweep incomplete: quick-recipe lr)"
+        lines.append(f"| {NAMES[m]}{tag} | {lr:g} | {len(runs)} | " + " | ".join(
+            cell(values(runs, k, where), "g" if k == "forget_quality" else 3) for _, k in COLS) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims
+# ----------------------------------------------------------------------------------------------
+def verdict_pairs(results, supports, contradicts):
+    """reproduced when every comparison supports the claim with separated seeds, not reproduced when
+    any separated comparison contradicts it, inconclusive otherwise."""
+    if any(contradicts(r) for r in results):
+        return "not reproduced"
+    if results and all(supports(r) for r in results):
+        return "reproduced"
+    return "inconclusive"
+
+
+def claim_rkld_vs_baselines(records, lrs):
+    rk = runs_at(records, "rkld", lrs["rkld"] or reproduce.SWEEP_LRS[0])
+    rows, res = [], []
+    for b in ("ga", "npo", "dpo", "kto", "idk"):
+        br = runs_at(records, b, lrs[b] or reproduce.SWEEP_LRS[0])
+        fq = compare([log_fq(v) for v in values(rk, "forget_quality", "peak")],
+                     [log_fq(v) for v in values(br, "forget_quality", "peak")])
+        mu_gap = (mean_sd(values(rk, "model_utility", "peak"))[0] or 0) - (mean_sd(values(br, "model_utility", "peak"))[0] or 0)
+        res.append((fq, mu_gap))
+        rows.append(f"{NAMES[b]}: FQ {cell(values(br, 'forget_quality', 'peak'), 'g')}, MU "
+                    f"{cell(values(br, 'model_utility', 'peak'))} (RKLD's FQ {fq}, MU gap {mu_gap:+.3f})")
+    v = verdict_pairs(res, lambda r: r[0] == "higher" and r[1] >= -MU_TOL, lambda r: r[0] == "lower")
+    head = f"RKLD: FQ {cell(values(rk, 'forget_quality', 'peak'), 'g')}, MU {cell(values(rk, 'model_utility', 'peak'))}"
+    return v, [head, *rows]
+
+
+def claim_rkl_vs_fkl(records):
+    pairs = []
+    for r in records:
+        if r["method"] == "rkld" and r["grid"] in ("sweep", "seeds"):
+            f = next((x for x in records if x["method"] == "rkld_fkl" and x["lr"] == r["lr"]
+                      and x["seed"] == r["seed"] and x["grid"] in ("sweep", "seeds")), None)
+            if f:
+                pairs.append((r["lr"], r["seed"], r["peak"]["forget_quality"], f["peak"]["forget_quality"],
+                              r["peak"]["model_utility"], f["peak"]["model_utility"]))
+    wins = sum(p[2] > p[3] for p in pairs)
+    losses = sum(p[2] < p[3] for p in pairs)
+    v = ("reproduced" if len(pairs) >= 3 and wins == len(pairs) else
+         "not reproduced" if len(pairs) >= 3 and losses == len(pairs) else "inconclusive")
+    rows = [f"lr {p[0]:g}, seed {p[1]}: RKL FQ {p[2]:.3g} (MU {p[4]:.3f}) vs FKL FQ {p[3]:.3g} (MU {p[5]:.3f})"
+            for p in sorted(pairs)]
+    return v, [f"RKL higher in {wins} of {len(pairs)} paired runs (same teacher, lr and seed), lower in {losses}",
+               *rows]
+
+
+def claim_teacher(records, lrs):
+    t = next((r for r in records if r.get("teacher")), None)
+    rk = runs_at(records, "rkld", lrs["rkld"] or reproduce.SWEEP_LRS[0])
+    if not t or not rk:
+        return "inconclusive", ["not run yet"]
+    s, fq, mu = t["teacher"], mean_sd(values(rk, "forget_quality", "peak"))[0], mean_sd(values(rk, "model_utility", "peak"))[0]
+    poor = s["model_utility"] < mu - MU_TOL or log_fq(s["forget_quality"]) < log_fq(fq) - 1
+    good = s["model_utility"] >= mu and s["forget_quality"] >= fq
+    v = "reproduced" if poor else "not reproduced" if good else "inconclusive"
+    return v, [f"teacher alone: FQ {s['forget_quality']:.3g}, MU {s['model_utility']:.3f}, forget ROUGE-L "
+               f"{s['forget_rouge']:.3f}, retain ROUGE-L {s['retain_rouge']:.3f}",
+               f"RKLD student at its first-peak epoch: FQ {fq:.3g}, MU {mu:.3f} (one teacher: seed 42)"]
+
+
+def claim_keeps_utility(records, lrs, good, bad):
+    g = runs_at(records, good, lrs[good] or reproduce.SWEEP_LRS[0])
+    b = runs_at(records, bad, lrs[bad] or reproduce.SWEEP_LRS[0])
+    mu, fe = compare(values(g, "model_utility"), values(b, "model_utility")), compare(values(g, "fe"), values(b, "fe"))
+    fe_gap = (mean_sd(values(g, "fe"))[0] or 0) - (mean_sd(values(b, "fe"))[0] or 0)
+    v = ("reproduced" if mu == "higher" and fe_gap >= -MU_TOL else "not reproduced" if mu == "lower" else "inconclusive")
+    target = next((r["before"]["model_utility"] for r in records if r.get("before")), float("nan"))
+    return v, [f"{NAMES[x]} (lr {lrs[x] or reproduce.SWEEP_LRS[0]:g}, {len(r)} seeds, last epoch): MU "
+               f"{cell(values(r, 'model_utility'))} ({(mean_sd(values(r, 'model_utility'))[0] or 0) / target:.0%} of the "
+               f"target's {target:.3f}), FE {cell(values(r, 'fe'))}" for x, r in ((good, g), (bad, b))] + [
+               f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE {fe}"]
+
+
+def continual_rows(records):
+    return {r["method"]: r["tasks"] for r in records if r["grid"] == "continual" and r.get("tasks")}
+
+
+def claim_continual(records):
+    c = continual_rows(records)
+    if not all(m in c for m in reproduce.CONTINUAL):
+        return "inconclusive", [f"not run yet: {', '.join(NAMES[m] for m in reproduce.CONTINUAL if m not in c)}"]
+    last = str(reproduce.CONTINUAL_TASKS)
+    mu = {m: (c[m]["0"]["model_utility"], c[m][last]["model_utility"]) for m in reproduce.CONTINUAL}
+    keep = min(mu["me_gd"][1], mu["idk_ap"][1]) > max(mu["ga_gd"][1], mu["npo_gd"][1])
+    decline = all(mu[m][1] < 0.8 * mu[m][0] for m in ("ga_gd", "npo_gd"))
+    v = "reproduced" if keep and decline else "not reproduced" if not keep else "inconclusive"
+    return v, [f"{NAMES[m]}: MU {a:.3f} → {b:.3f} after task {last}, FE {c[m][last].get('fe', float('nan')):.3f}"
+               for m, (a, b) in mu.items()] + ["one sequence per method (seed 42)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib is optional: without it the report says the plots were not drawn)
+# ----------------------------------------------------------------------------------------------
+def plots(records, lrs) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, m in enumerate(reproduce.METHODS):
+        runs = [r for r in records if r["method"] == m and r["grid"] in ("sweep", "seeds") and r.get("peak")]
+        if runs:
+            xs, ys = values(runs, "model_utility", "peak"), values(runs, "forget_quality", "peak")
+            ax.scatter(xs, ys, s=40 if m.startswith("rkld") else 20, marker="*" if m == "rkld" else "o",
+                       label=NAMES[m], color=plt.cm.tab20(i))
+    before = next((r["before"] for r in records if r.get("before")), None)
+    retain = next((r["last"] for r in records if r["name"] == "retain-model"), None)
+    teacher = next((r["teacher"] for r in records if r.get("teacher")), None)
+    for name, s, mk in (("target", before, "s"), ("retain model", retain, "D"), ("RKLD teacher alone", teacher, "x")):
+        if s:
+            ax.scatter([s["model_utility"]], [s["forget_quality"]], marker=mk, color="black", s=50, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (log scale)")
+    ax.set_title("forget01, SmolLM2-135M quick path: every run at its first-peak epoch")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(PLOTS / "fq_vs_mu.png", dpi=110)
+    plt.close(fig)
+    made.append("fq_vs_mu.png")
+    curves = [r for r in records if r["grid"] == "curves" and r.get("epochs")]
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for r in curves:
+            ep = [e["epoch"] for e in r["epochs"]]
+            a1.plot(ep, [e["forget_quality"] for e in r["epochs"]], marker="o", label=NAMES[r["method"]])
+            a2.plot(ep, [e.get("model_utility") for e in r["epochs"]], marker="o", label=NAMES[r["method"]])
+        a1.set_yscale("log")
+        a1.set_title("forget quality per epoch")
+        a2.set_title("model utility per epoch")
+        for a in (a1, a2):
+            a.set_xlabel("epoch")
+            a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(PLOTS / "epoch_curves.png", dpi=110)
+        plt.close(fig)
+        made.append("epoch_curves.png")
+    c = continual_rows(records)
+    if c:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for m, tasks in c.items():
+            ks = sorted((int(k) for k, s in tasks.items() if s), key=int)
+            a1.plot(ks, [tasks[str(k)]["model_utility"] for k in ks], marker="o", label=NAMES[m])
+            a2.plot(ks, [tasks[str(k)].get("fe") for k in ks], marker="o", label=NAMES[m])
+        a1.set_title("model utility after each task")
+        a2.set_title("forget efficacy (FE) after each task")
+        for a in (a1, a2):
+            a.set_xlabel("task")
+            a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(PLOTS / "continual.png", dpi=110)
+        plt.close(fig)
+        made.append("continual.png")
+    return made
+
+
+def main(argv=None):
+    records = reproduce.load_results()
+    PLOTS.mkdir(exist_ok=True)
+    lrs = chosen(records)
+    made = plots(records, lrs)
+    claims = [
+        ("RKLD reaches higher forget quality than GA, NPO, DPO, KTO and IDK at comparable model utility "
+         "(RKLD Table 4 / Fig. 3; first-peak epoch)", claim_rkld_vs_baselines(records, lrs)),
+        ("RKL beats FKL in forget quality with the same teacher (RKLD Table 2; first-peak epoch)",
+         claim_rkl_vs_fkl(records)),
+        ("The unlearning teacher alone is a poor unlearned model (RKLD §4, Fig. 3)", claim_teacher(records, lrs)),
+        ("ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch)",
+         claim_keeps_utility(records, lrs, "me_gd", "ga_gd")),
+        ("IDK+AP keeps utility where IDK+GD does not (Closer-Look Table 4; last epoch)",
+         claim_keeps_utility(records, lrs, "idk_ap", "idk_gd")),
+        ("Continual: ME+GD and IDK+AP keep MU over tasks where GA+GD and NPO+GD decline (Closer-Look Fig. 6)",
+         claim_continual(records)),
+    ]
+    text = render(records, lrs, made, claims)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(OUT)
+    print(f"[report] wrote {OUT} and {len(made)} plots from {len(records)} runs", flush=True)
+    for title, (v, _) in claims:
+        print(f"[report] {v:>14}: {title}")
+
+
+def render(records, lrs, made, claims) -> str:
+    trained = [r for r in records if r.get("wall_s")]
+    hours = sum(r["wall_s"] for r in trained) / 3600
+    infos = [r["info"] for r in records if r.get("info")]
+    commits = sorted({(i.get("git_commit") or "unknown")[:10] for i in infos})
+    hw = sorted({f"{i.get('platform')}, {i.get('cpu_count')} CPUs" + (f", {i['cuda']}" if i.get("cuda") else "")
+                 for i in infos})
+    ver = sorted({f"torch {i.get('torch')}, transformers {i.get('transformers')}, accelerate {i.get('accelerate')}, "
+                  f"Python {i.get('python')}" for i in infos})
+    grids = {g: sum(r["grid"] == g for r in records) for g in reproduce.GRIDS}
+    parts = [
+        "# Results: the papers' claims on our own runs",
+        "",
+        "Generated by `python bench/reproduce.py` (runs what is missing, then writes this file and its plots) "
+        "from `results/results.json`; `python bench/reproduce.py --report_only` rewrites it from that file "
+        "alone. Do not edit by hand.",
+        "",
+        "**Setting: far from the papers'.** Every run here is the CPU quick path: SmolLM2-135M-Instruct "
+        "fine-tuned on 6 TOFU authors (the quick target), unlearning forget01 (2 authors, 40 questions) "
+        "with lr 1e-4-scale recipes, batch 8, 5 epochs; evaluation on the whole forget split and the first "
+        "20 rows of retain, real authors and world facts. The papers use Llama-2-7B fine-tuned on all "
+        "200 authors, lr 1e-5, batch 32, and evaluate up to 300 rows per split. A 135M model that memorised "
+        "6 authors in 60 steps forgets and degrades differently, forget quality over 40 rows moves in "
+        "coarse steps (a KS test of 40 against 40 values), and model utility over 20 rows per split is "
+        "noisy. Read the verdicts as *does the direction hold at small scale*, not as a replication.",
+        "",
+        f"Runs recorded: {len(records)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
+        f"compute {hours:.1f} h of wall time for the runs timed here.",
+        "",
+        "## The papers' claims",
+        "",
+        "Verdict rule: a comparison is *separated* when the means over seeds differ by more than the sum of "
+        "their standard deviations (forget quality as log10); one seed on either side is at best "
+        "*inconclusive* and the direction seen is given. Model utility counts as comparable within "
+        f"{MU_TOL}. RKLD's claims use each run's first-peak epoch (the RKLD paper's protocol), "
+        "Closer-Look's the last epoch (as that paper reports).",
+        "",
+    ]
+    for title, (v, lines) in claims:
+        parts += [f"- **{title}: {v}.**", *[f"  - {x}" for x in lines]]
+    parts += [
+        "",
+        "What would settle an inconclusive claim: three seeds per method at its chosen lr (the `seeds` grid), "
+        "and, for the size of the effect, the papers' setting (a 7B target on all 200 authors, forget05/10, "
+        "300 evaluation rows), which needs GPUs (README, *On GPUs*).",
+        "",
+        "## Learning-rate sweep (seed 42, last epoch: forget quality / model utility)",
+        "",
+        f"Chosen lr per method: {reproduce.LR_RULE}.",
+        "",
+        sweep_table(records, lrs),
+        "",
+        "## Main table at the first-peak epoch (RKLD protocol)",
+        "",
+        "Mean ± standard deviation over seeds at each method's chosen lr; FQ = forget quality, MU = model "
+        "utility, FE and MU-18 as Closer-Look (its CS model is replaced offline by all-MiniLM-L6-v2 and its "
+        "NLI model is not available offline, so FE and MU-18 are not comparable with the paper's numbers), "
+        "top-5 leak = share of forget-answer tokens in the model's top 5.",
+        "",
+        main_table(records, lrs, "peak"),
+        "",
+        "## Main table at the last epoch",
+        "",
+        main_table(records, lrs, "last"),
+        "",
+        "## Plots",
+        "",
+        *(f"![{m}](results/{m})" for m in made),
+        *([] if made else ["(matplotlib is not installed: `pip install matplotlib`, then rerun with --report_only)"]),
+        "",
+        "## Hardware, versions, commits",
+        "",
+        *(f"- {h}" for h in hw), *(f"- {v}" for v in ver),
+        f"- git commits of the runs: {', '.join(commits) or 'none yet'}",
+        "",
+        "## Commands",
+        "",
+        "Every run's exact command is in `results/results.json` (`command`); the grids are defined in "
+        "`bench/reproduce.py`.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

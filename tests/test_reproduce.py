@@ -1,0 +1,142 @@
+"""bench/reproduce.py and bench/results_report.py: the lr rule, collecting a run folder, resuming
+without rerunning, and the verdicts, on hand-made records (no training)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import reproduce  # noqa: E402
+import results_report  # noqa: E402
+
+
+def rec(method, lr, fq, mu, seed=42, grid="sweep", fe=0.5, peak=None):
+    s = {"forget_quality": fq, "model_utility": mu, "fe": fe}
+    return {"name": reproduce.run_name(method, lr, seed), "grid": grid, "method": method, "lr": lr, "seed": seed,
+            "before": {"forget_quality": 0.01, "model_utility": 0.4}, "last": s, "peak": peak or s}
+
+
+def test_lr_rule_takes_the_best_forget_quality_that_keeps_utility():
+    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    # the target's MU is 0.4: 0.36 is 90%. hi forgets best but loses utility; mid is the best kept
+    records = [rec("ga", hi, 0.9, 0.2), rec("ga", mid, 0.5, 0.37), rec("ga", lo, 0.1, 0.39)]
+    assert reproduce.chosen_lr("ga", records) == mid
+    # nobody keeps 90%: the highest utility
+    records = [rec("ga", hi, 0.9, 0.2), rec("ga", mid, 0.5, 0.3), rec("ga", lo, 0.1, 0.35)]
+    assert reproduce.chosen_lr("ga", records) == lo
+    assert reproduce.chosen_lr("ga", records[:2]) is None  # the sweep is not complete
+    # the rule reads the last epoch, not the peak one
+    records = [rec("ga", hi, 0.9, 0.38, peak={"forget_quality": 0.01, "model_utility": 0.38}),
+               rec("ga", mid, 0.5, 0.38), rec("ga", lo, 0.1, 0.38)]
+    assert reproduce.chosen_lr("ga", records) == hi
+
+
+def write(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def fake_run(folder: Path, peak_epoch=2):
+    write(folder / "args.json", {"args": {"epochs": 3}, "run": {"git_commit": "abc", "torch": "2.13.0"}})
+    (folder / "model").mkdir(parents=True)
+    for name, fq in (("before", 0.01), ("epoch1", 0.2), ("epoch2", 0.6), ("after", 0.3), ("peak", 0.6)):
+        s = {"forget_quality": fq, "settings": {"precision": "fp32"}}
+        if name not in ("epoch1", "epoch2"):
+            s["model_utility"] = 0.4
+        write(folder / "eval" / name / "summary.json", s)
+    write(folder / "peak_epoch.json", {"peak_epoch": peak_epoch, "epochs": [], "selection": {"seconds": 1}})
+
+
+def test_collect_reads_every_epoch_the_peak_and_the_versions(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path)
+    item = reproduce.method_item("sweep", "ga", 1e-4, 42)
+    fake_run(tmp_path / item["name"])
+    r = reproduce.collect(item, 12.0, 1)
+    assert [e["forget_quality"] for e in r["epochs"]] == [0.2, 0.6, 0.3]  # the last epoch is "after"
+    assert r["peak_epoch"] == 2 and r["peak"]["forget_quality"] == 0.6 and r["last"]["forget_quality"] == 0.3
+    assert r["info"]["git_commit"] == "abc" and r["before"]["forget_quality"] == 0.01
+    assert "--lr 0.0001" in r["command"] and "--seed 42" in r["command"]
+
+
+def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
+    reproduce.save_results([rec("ga", 1e-4, 0.5, 0.4)])  # recorded in an earlier sitting
+    fake_run(tmp_path / "grid" / items[1]["name"])        # finished, not yet recorded
+    launched = []
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def launch(item, threads):
+        launched.append(item["name"])
+        fake_run(tmp_path / "grid" / item["name"])
+        return Done()
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
+    assert launched == [items[2]["name"]]
+    assert sorted(r["name"] for r in reproduce.load_results()) == sorted(i["name"] for i in items)
+
+
+def test_share_teacher_points_later_rkld_runs_at_the_first_of_their_seed():
+    items = reproduce.share_teacher([reproduce.method_item("sweep", m, lr, s)
+                                     for s in (42, 1) for lr in (1e-4, 5e-5) for m in ("rkld", "rkld_fkl", "ga")])
+    first = {s: reproduce.run_name("rkld", 1e-4, s) for s in (42, 1)}
+    for it in items:
+        if it["method"].startswith("rkld") and it["name"] != first[it["seed"]]:
+            assert it["teacher_from"] == first[it["seed"]]
+        else:
+            assert "teacher_from" not in it
+
+
+def test_compare_needs_two_seeds_and_separation():
+    assert results_report.compare([0.5, 0.52, 0.51], [0.3, 0.31, 0.29]) == "higher"
+    assert results_report.compare([0.3, 0.31], [0.5, 0.52]) == "lower"
+    assert results_report.compare([0.5, 0.3, 0.4], [0.45, 0.35, 0.4]) == "overlap"
+    assert results_report.compare([0.5], [0.3, 0.31]) == "one seed: higher"
+    assert results_report.compare([], [0.3]) == "missing"
+
+
+def test_rkl_vs_fkl_pairs_runs_of_the_same_lr_and_seed():
+    rs = []
+    for lr, seed, a, b in ((1e-4, 42, 0.9, 0.5), (5e-5, 42, 0.6, 0.2), (2e-5, 42, 0.3, 0.1), (1e-4, 1, 0.8, 0.4)):
+        rs += [rec("rkld", lr, a, 0.4, seed), rec("rkld_fkl", lr, b, 0.4, seed)]
+    verdict, lines = results_report.claim_rkl_vs_fkl(rs)
+    assert verdict == "reproduced" and lines[0].startswith("RKL higher in 4 of 4")
+    rs[-2]["peak"] = {"forget_quality": 0.1, "model_utility": 0.4}  # one pair against: RKL 0.1 < FKL 0.4
+    assert results_report.claim_rkl_vs_fkl(rs)[0] == "inconclusive"
+    for r in rs:  # every pair against
+        if r["method"] == "rkld":
+            r["peak"] = {"forget_quality": 0.01, "model_utility": 0.4}
+    assert results_report.claim_rkl_vs_fkl(rs)[0] == "not reproduced"
+
+
+def test_keeps_utility_verdict_and_the_report_renders(tmp_path, monkeypatch):
+    rs = [rec("me_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.40), (1, 0.39), (2, 0.41))]
+    rs += [rec("ga_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.1), (1, 0.12), (2, 0.08))]
+    lrs = {m: 1e-4 for m in reproduce.METHODS}
+    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "reproduced"
+    assert results_report.claim_keeps_utility(rs, lrs, "ga_gd", "me_gd")[0] == "not reproduced"
+    for r in rs[3:]:  # GA+GD forgets far more: a utility win bought with forgetting is not the claim
+        r["last"]["fe"] = 0.9
+    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "inconclusive"
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    reproduce.save_results(rs)
+    results_report.main([])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch): inconclusive" in text
+    assert "| ME+GD (sweep incomplete: quick-recipe lr) | 0.0001 | 3 |" in text
+
+
+def test_unknown_grid_is_one_sentence():
+    with pytest.raises(SystemExit, match="unknown grid 'swep'"):
+        reproduce.main(["--grid", "swep", "--list"])
