@@ -231,6 +231,7 @@ def load_idk() -> list[str]:
 
 
 QUICK_RETAIN_AUTHORS = 4  # retain authors on the quick path (the quick recipes were tuned with 4)
+QUICK_EVAL_SAMPLES = 20  # rows of retain, real authors and world facts evaluated on the quick path (forget: all)
 
 
 def quick_authors(split: str, n_retain: int = QUICK_RETAIN_AUTHORS, continual: bool = False) -> set[int]:
@@ -1429,7 +1430,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     if quick:  # continual tasks start from the target that learned every task's authors
         args.model = quick_model(args.split, "target", args.quick_retain_authors, args.forget_task is not None)
     if args.max_eval_samples is None and args.subset == "quick":
-        args.max_eval_samples = 20
+        args.max_eval_samples = QUICK_EVAL_SAMPLES
     if args.output_dir is None:  # baselines.py names the folder after its --method
         args.output_dir = str(RUNS_DIR / (getattr(args, "method", None) or method) / run_name(args, defaults, given_model))
     if Path(args.output_dir).resolve() == Path(resolve_model_path(args.model)).resolve():

@@ -94,7 +94,9 @@ class Args:
                 "and, with --retain_model/--retain_logs, forget quality; optional name groups rows by person."})
     retain_data: str = field(default="", metadata={"help": "Your own retain set (same format), with --forget_data."})
     quick: bool = field(default=False, metadata={"help": "CPU quick subset: forget authors + retain authors 0-3 "
-                                                         "(common.quick_authors)."})
+                                                         "(common.quick_authors), evaluated as the method scripts' "
+                                                         "quick path does: the whole forget split and the first 20 "
+                                                         "rows of the others unless --max_eval_samples says otherwise."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
                                                                     "(closer-look §5.2)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (common.prompt_format)."})
@@ -1152,6 +1154,13 @@ def first_peak(epochs: list[dict]) -> dict | None:
     return best
 
 
+def eval_caps(max_eval_samples: int | None, quick: bool) -> int | dict | None:
+    """--max_eval_samples as evaluate() takes it: on the quick subset the forget split stays whole
+    (forget quality needs every row) and the cap applies to the other splits."""
+    cap = max_eval_samples or None
+    return {t: None if t == "forget" else cap for t in TASKS} if quick and cap else cap
+
+
 class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
@@ -1162,9 +1171,7 @@ class MethodEval:
     def __init__(self, args, tokenizer, fmt, accelerator, out_dir, log=None):
         self.args, self.tok, self.fmt, self.acc, self.log = args, tokenizer, fmt, accelerator, log
         self.out = Path(out_dir) / "eval"
-        cap = args.max_eval_samples or None
-        if args.subset == "quick" and cap:  # the quick path keeps the forget split whole: forget quality needs it
-            cap = {t: None if t == "forget" else cap for t in TASKS}
+        cap = eval_caps(args.max_eval_samples, args.subset == "quick")
         self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
                        gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
@@ -1416,7 +1423,10 @@ def main():
     accelerator.init_trackers(common.TRACKER_PROJECT, config={k: str(v) if v is None else v
                                                                 for k, v in dataclasses.asdict(args).items()})
     authors = common.quick_authors(args.split) if args.quick else None
-    common_kw = dict(accelerator=accelerator, max_eval_samples=args.max_eval_samples, authors=authors,
+    if args.quick and args.max_eval_samples is None:  # the method scripts' quick evaluation
+        args.max_eval_samples = common.QUICK_EVAL_SAMPLES
+    common_kw = dict(accelerator=accelerator, max_eval_samples=eval_caps(args.max_eval_samples, args.quick),
+                     authors=authors,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
                      ks_method=args.ks_method, source=args.source, row_order=args.row_order,
                      verbose=accelerator.is_main_process, data=data)

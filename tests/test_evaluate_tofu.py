@@ -712,12 +712,13 @@ def test_cli_smoke(tiny_model_dir, tmp_path):
                 "--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", *cs,
                 "--output_dir", tmp_path / "ev")
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert {s[f"n_{t}"] for t in E.TASKS} == {2}
+    # --quick evaluates as the method scripts' quick path: the cap spares the forget split (forget quality)
+    assert {s[f"n_{t}"] for t in E.TASKS if t != "forget"} == {2} and s["n_forget"] == 40
     # the same model as its own retain model: equal truth ratios up to batching noise, so p = 1
     ev, rt = (json.loads((tmp_path / d / "eval_log_forget.json").read_text())["truth_ratio"]
               for d in ("ev", "ev/retain_model"))
     np.testing.assert_allclose(list(ev.values()), list(rt.values()), rtol=1e-5)
-    assert s["forget_quality"] == pytest.approx(1.0) and s["n_forget_retain"] == 2
+    assert s["forget_quality"] == pytest.approx(1.0) and s["n_forget_retain"] == 40
     assert 0 <= s["model_utility"] <= 1 and s["nan_flags"] == []
     assert s["retain_es"] is None and s["nli_model"] == "not computed: --nli_model none"
     if cs[1] != "none":
