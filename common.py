@@ -858,13 +858,13 @@ class AdapterView(torch.nn.Module):
     def device(self):
         return next(self.model.parameters()).device
 
-    def forward(self, input_ids, attention_mask=None, **_):
+    def forward(self, input_ids, attention_mask=None, **kw):
         was = self.model.training
         self.model.eval()  # dropout off, as in a frozen copy; peft refuses adapter_names in training mode
         try:
-            with torch.no_grad():
+            with torch.no_grad():  # kw: position_ids, past_key_values, use_cache (cached decoding)
                 return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  adapter_names=[self.adapter] * input_ids.shape[0])
+                                  adapter_names=[self.adapter] * input_ids.shape[0], **kw)
         finally:
             self.model.train(was)
 

@@ -187,6 +187,37 @@ class Teacher(torch.nn.Module):
                                     self.alpha)
         return out
 
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_token_id,
+                 synced_gpus: bool = False, **_) -> torch.Tensor:
+        """Greedy decoding of the teacher on a left-padded batch with both models' KV caches, returning
+        prompt + new tokens (pad after EOS), as the evaluator calls `generate`; without the caches every
+        new token would rerun both models over the whole sequence (--eval_teacher took hours on CPU).
+        synced_gpus: keep stepping until every rank's rows have ended (FSDP2/ZeRO-3 forwards are collectives)."""
+        eos = torch.tensor(sorted(eos_token_id) if isinstance(eos_token_id, (list, set, tuple)) else [eos_token_id],
+                           device=input_ids.device)
+        mask = attention_mask.clone()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+        seq, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        step, cache, new = dict(input_ids=input_ids, attention_mask=mask, position_ids=pos), {}, 0
+        # the count is a collective when synced: a rank whose rows have ended (or whose budget is spent)
+        # keeps running both models on a pad token until every rank's have
+        while evaluate_tofu._synced_count(int((~done).sum()) if new < max_new_tokens else 0, input_ids.device,
+                                          synced_gpus):
+            outs = {}
+            for name, m in (("ori", self.ori), ("strong", self.strong)):
+                outs[name] = m(**step, past_key_values=cache.get(name), use_cache=True)
+                cache[name] = outs[name].past_key_values
+            nxt = torch.full_like(done, pad_token_id, dtype=seq.dtype)
+            if new < max_new_tokens and not done.all():
+                best = teacher_logits(outs["ori"].logits[:, -1], outs["strong"].logits[:, -1], self.alpha).argmax(-1)
+                nxt = torch.where(done, nxt, best)
+                seq, done, new = torch.cat([seq, nxt[:, None]], 1), done | torch.isin(nxt, eos), new + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+            step = dict(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos)
+        return seq
+
 
 def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     """The strengthened model (RKLD §3): --model trained further on the forget set (answer NLL) for

@@ -194,7 +194,7 @@ def collect(item: dict, wall_s: float | None, jobs: int) -> dict:
         rec["peak_epoch"] = peak["peak_epoch"]
         rec["peak"] = scalars(out / "eval" / "peak" / "summary.json") or rec["last"]
         rec["selection"] = peak["selection"]
-    rec["epochs"] = []
+    rec["epochs"] = [{"epoch": 0, **{k: v for k, v in rec["before"].items() if k != "settings"}}] if rec["before"] else []
     last_epoch = json.loads((out / "args.json").read_text())["args"]["epochs"] if (out / "args.json").exists() else 0
     for e in range(1, last_epoch + 1):
         s = scalars(out / "eval" / (f"epoch{e}" if e < last_epoch else "after") / "summary.json")
@@ -322,7 +322,8 @@ def main(argv=None):
             return
     import results_report
     results_report.main([])
-    print(f"[reproduce] total wall time {(time.time() - t0) / 60:.1f} min on {platform.node()}", flush=True)
+    if not args.report_only:
+        print(f"[reproduce] total wall time {(time.time() - t0) / 60:.1f} min on {platform.node()}", flush=True)
 
 
 if __name__ == "__main__":

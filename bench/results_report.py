@@ -23,10 +23,33 @@ OUT = REPO / "RESULTS.md"
 PLOTS = REPO / "results"
 NAMES = {"rkld": "RKLD", "rkld_fkl": "RKLD with FKL", "me_gd": "ME+GD", "idk_ap": "IDK+AP", "ga_gd": "GA+GD",
          "npo_gd": "NPO+GD", "idk_gd": "IDK+GD", "ga": "GA", "npo": "NPO", "dpo": "DPO", "kto": "KTO", "idk": "IDK"}
-COLS = [("FQ", "forget_quality"), ("MU", "model_utility"), ("FE", "fe"), ("MU-18", "mu18"),
+COLS = [("FQ", "forget_quality"), ("MU", "model_utility"), ("FE w/o ES", "fe_wo_es"),
         ("forget ROUGE-L", "forget_rouge"), ("forget Prob", "forget_prob"), ("retain ROUGE-L", "retain_rouge"),
         ("retain Prob", "retain_prob"), ("top-5 leak", "forget_leak_top5")]
+PAPER_COLS = [("FE", "fe"), ("MU-18", "mu18")]  # shown when a run had Closer-Look's NLI model (hub access)
+FE = "fe_wo_es"
 MU_TOL = 0.05
+
+
+def fe_wo_es(s: dict) -> float | None:
+    """Closer-Look's forget efficacy without its ES term: 1 - mean(forget ROUGE-L, Prob, 1 - min(TR, 1/TR),
+    CS) (evaluate_tofu.closer_look drops only ES). ES needs the NLI model sileod/deberta-v3-base-tasksource-nli
+    from the hub, which the offline runs cannot load, so FE itself is not computed there."""
+    keys = ("forget_rouge", "forget_prob", "forget_truth_ratio", "forget_cs")
+    if any(not isinstance(s.get(k), (int, float)) for k in keys):
+        return None
+    return 1.0 - statistics.fmean([1.0 - s[k] if k == "forget_truth_ratio" else s[k] for k in keys])
+
+
+def derive(records: list[dict]) -> list[dict]:
+    """Add fe_wo_es to every evaluation of every record (before, last, peak, teacher, epochs, tasks)."""
+    for r in records:
+        evals = [r.get(k) for k in ("before", "last", "peak", "teacher")] + list(r.get("epochs") or [])
+        evals += list((r.get("tasks") or {}).values())
+        for s in evals:
+            if isinstance(s, dict) and FE not in s:
+                s[FE] = fe_wo_es(s)
+    return records
 
 
 def runs_at(records, method, lr):
@@ -88,8 +111,9 @@ def sweep_table(records, lrs):
 
 
 def main_table(records, lrs, where):
-    head = "| model | lr | seeds | " + " | ".join(c for c, _ in COLS) + " |"
-    lines = [head, "|---" * (len(COLS) + 3) + "|"]
+    cols = COLS + [c for c in PAPER_COLS if any(isinstance((r.get(where) or {}).get(c[1]), float) for r in records)]
+    head = "| model | lr | seeds | " + " | ".join(c for c, _ in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 3) + "|"]
     before = [r["before"] for r in records if r.get("before")][:1]
     retain = next((r["last"] for r in records if r["name"] == "retain-model" and r.get("last")), None)
     teacher = next((r["teacher"] for r in records if r.get("teacher")), None)
@@ -98,7 +122,7 @@ def main_table(records, lrs, where):
         if s:
             lines.append(f"| {name} | | | " + " | ".join(cell([s[k]] if isinstance(s.get(k), (int, float)) else [],
                                                               "g" if k == "forget_quality" else 3)
-                                                         for _, k in COLS) + " |")
+                                                         for _, k in cols) + " |")
     for m in reproduce.METHODS:
         lr = lrs[m] or reproduce.SWEEP_LRS[0]
         runs = runs_at(records, m, lr)
@@ -106,7 +130,7 @@ def main_table(records, lrs, where):
             continue
         tag = "" if lrs[m] else " (sweep incomplete: quick-recipe lr)"
         lines.append(f"| {NAMES[m]}{tag} | {lr:g} | {len(runs)} | " + " | ".join(
-            cell(values(runs, k, where), "g" if k == "forget_quality" else 3) for _, k in COLS) + " |")
+            cell(values(runs, k, where), "g" if k == "forget_quality" else 3) for _, k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -175,14 +199,14 @@ def claim_teacher(records, lrs):
 def claim_keeps_utility(records, lrs, good, bad):
     g = runs_at(records, good, lrs[good] or reproduce.SWEEP_LRS[0])
     b = runs_at(records, bad, lrs[bad] or reproduce.SWEEP_LRS[0])
-    mu, fe = compare(values(g, "model_utility"), values(b, "model_utility")), compare(values(g, "fe"), values(b, "fe"))
-    fe_gap = (mean_sd(values(g, "fe"))[0] or 0) - (mean_sd(values(b, "fe"))[0] or 0)
+    mu, fe = compare(values(g, "model_utility"), values(b, "model_utility")), compare(values(g, FE), values(b, FE))
+    fe_gap = (mean_sd(values(g, FE))[0] or 0) - (mean_sd(values(b, FE))[0] or 0)
     v = ("reproduced" if mu == "higher" and fe_gap >= -MU_TOL else "not reproduced" if mu == "lower" else "inconclusive")
     target = next((r["before"]["model_utility"] for r in records if r.get("before")), float("nan"))
     return v, [f"{NAMES[x]} (lr {lrs[x] or reproduce.SWEEP_LRS[0]:g}, {len(r)} seeds, last epoch): MU "
                f"{cell(values(r, 'model_utility'))} ({(mean_sd(values(r, 'model_utility'))[0] or 0) / target:.0%} of the "
-               f"target's {target:.3f}), FE {cell(values(r, 'fe'))}" for x, r in ((good, g), (bad, b))] + [
-               f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE {fe}"]
+               f"target's {target:.3f}), FE w/o ES {cell(values(r, FE))}" for x, r in ((good, g), (bad, b))] + [
+               f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE w/o ES {fe}"]
 
 
 def continual_rows(records):
@@ -198,7 +222,7 @@ def claim_continual(records):
     keep = min(mu["me_gd"][1], mu["idk_ap"][1]) > max(mu["ga_gd"][1], mu["npo_gd"][1])
     decline = all(mu[m][1] < 0.8 * mu[m][0] for m in ("ga_gd", "npo_gd"))
     v = "reproduced" if keep and decline else "not reproduced" if not keep else "inconclusive"
-    return v, [f"{NAMES[m]}: MU {a:.3f} → {b:.3f} after task {last}, FE {c[m][last].get('fe', float('nan')):.3f}"
+    return v, [f"{NAMES[m]}: MU {a:.3f} → {b:.3f} after task {last}, FE w/o ES {c[m][last].get(FE) or float('nan'):.3f}"
                for m, (a, b) in mu.items()] + ["one sequence per method (seed 42)"]
 
 
@@ -235,32 +259,43 @@ def plots(records, lrs) -> list[str]:
     fig.savefig(PLOTS / "fq_vs_mu.png", dpi=110)
     plt.close(fig)
     made.append("fq_vs_mu.png")
-    curves = [r for r in records if r["grid"] == "curves" and r.get("epochs")]
-    if curves:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for r in curves:
-            ep = [e["epoch"] for e in r["epochs"]]
-            a1.plot(ep, [e["forget_quality"] for e in r["epochs"]], marker="o", label=NAMES[r["method"]])
-            a2.plot(ep, [e.get("model_utility") for e in r["epochs"]], marker="o", label=NAMES[r["method"]])
+    # forget quality after every epoch comes with every run (--peak_epoch); model utility after every
+    # epoch only with the curves grid's --eval_every_epoch (otherwise epoch 0 and the last)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for m in reproduce.CURVES:
+        lr = lrs[m] or reproduce.SWEEP_LRS[0]
+        full = next((r for r in records if r["grid"] == "curves" and r["method"] == m), None)
+        base = next((r for r in records if r["grid"] == "sweep" and r["method"] == m and r["lr"] == lr), None)
+        r = full or base
+        if not r or not r.get("epochs"):
+            continue
+        drawn = True
+        ep = [e for e in r["epochs"] if e.get("forget_quality") is not None]
+        a1.plot([e["epoch"] for e in ep], [e["forget_quality"] for e in ep], marker="o", label=f"{NAMES[m]} (lr {lr:g})")
+        mu = [e for e in r["epochs"] if e.get("model_utility") is not None]
+        a2.plot([e["epoch"] for e in mu], [e["model_utility"] for e in mu], marker="o",
+                linestyle="-" if full else ":", label=f"{NAMES[m]}" + ("" if full else " (epochs 0 and last only)"))
+    if drawn:
         a1.set_yscale("log")
-        a1.set_title("forget quality per epoch")
-        a2.set_title("model utility per epoch")
+        a1.set_title("forget quality after each epoch (seed 42)")
+        a2.set_title("model utility after each epoch (seed 42)")
         for a in (a1, a2):
             a.set_xlabel("epoch")
             a.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(PLOTS / "epoch_curves.png", dpi=110)
-        plt.close(fig)
         made.append("epoch_curves.png")
+    plt.close(fig)
     c = continual_rows(records)
     if c:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for m, tasks in c.items():
             ks = sorted((int(k) for k, s in tasks.items() if s), key=int)
             a1.plot(ks, [tasks[str(k)]["model_utility"] for k in ks], marker="o", label=NAMES[m])
-            a2.plot(ks, [tasks[str(k)].get("fe") for k in ks], marker="o", label=NAMES[m])
+            a2.plot(ks, [tasks[str(k)].get(FE) for k in ks], marker="o", label=NAMES[m])
         a1.set_title("model utility after each task")
-        a2.set_title("forget efficacy (FE) after each task")
+        a2.set_title("forget efficacy without ES after each task")
         for a in (a1, a2):
             a.set_xlabel("task")
             a.legend(fontsize=7)
@@ -272,7 +307,7 @@ def plots(records, lrs) -> list[str]:
 
 
 def main(argv=None):
-    records = reproduce.load_results()
+    records = derive(reproduce.load_results())
     PLOTS.mkdir(exist_ok=True)
     lrs = chosen(records)
     made = plots(records, lrs)
@@ -353,9 +388,10 @@ def render(records, lrs, made, claims) -> str:
         "## Main table at the first-peak epoch (RKLD protocol)",
         "",
         "Mean ± standard deviation over seeds at each method's chosen lr; FQ = forget quality, MU = model "
-        "utility, FE and MU-18 as Closer-Look (its CS model is replaced offline by all-MiniLM-L6-v2 and its "
-        "NLI model is not available offline, so FE and MU-18 are not comparable with the paper's numbers), "
-        "top-5 leak = share of forget-answer tokens in the model's top 5.",
+        "utility (TOFU), FE w/o ES = Closer-Look's forget efficacy without its entailment term (its NLI model "
+        "is on the hub, out of reach offline, so FE and MU-18 themselves are not computed; its CS model is "
+        "replaced offline by all-MiniLM-L6-v2, so even this part is not the paper's number), top-5 leak = "
+        "share of forget-answer tokens ranked in the model's top 5 (teacher-forced).",
         "",
         main_table(records, lrs, "peak"),
         "",

@@ -12,7 +12,7 @@ import results_report  # noqa: E402
 
 
 def rec(method, lr, fq, mu, seed=42, grid="sweep", fe=0.5, peak=None):
-    s = {"forget_quality": fq, "model_utility": mu, "fe": fe}
+    s = {"forget_quality": fq, "model_utility": mu, "fe_wo_es": fe}
     return {"name": reproduce.run_name(method, lr, seed), "grid": grid, "method": method, "lr": lr, "seed": seed,
             "before": {"forget_quality": 0.01, "model_utility": 0.4}, "last": s, "peak": peak or s}
 
@@ -53,7 +53,7 @@ def test_collect_reads_every_epoch_the_peak_and_the_versions(tmp_path, monkeypat
     item = reproduce.method_item("sweep", "ga", 1e-4, 42)
     fake_run(tmp_path / item["name"])
     r = reproduce.collect(item, 12.0, 1)
-    assert [e["forget_quality"] for e in r["epochs"]] == [0.2, 0.6, 0.3]  # the last epoch is "after"
+    assert [e["forget_quality"] for e in r["epochs"]] == [0.01, 0.2, 0.6, 0.3]  # epoch 0 "before", 3 "after"
     assert r["peak_epoch"] == 2 and r["peak"]["forget_quality"] == 0.6 and r["last"]["forget_quality"] == 0.3
     assert r["info"]["git_commit"] == "abc" and r["before"]["forget_quality"] == 0.01
     assert "--lr 0.0001" in r["command"] and "--seed 42" in r["command"]
@@ -125,7 +125,7 @@ def test_keeps_utility_verdict_and_the_report_renders(tmp_path, monkeypatch):
     assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "reproduced"
     assert results_report.claim_keeps_utility(rs, lrs, "ga_gd", "me_gd")[0] == "not reproduced"
     for r in rs[3:]:  # GA+GD forgets far more: a utility win bought with forgetting is not the claim
-        r["last"]["fe"] = 0.9
+        r["last"]["fe_wo_es"] = 0.9
     assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "inconclusive"
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
@@ -140,3 +140,12 @@ def test_keeps_utility_verdict_and_the_report_renders(tmp_path, monkeypatch):
 def test_unknown_grid_is_one_sentence():
     with pytest.raises(SystemExit, match="unknown grid 'swep'"):
         reproduce.main(["--grid", "swep", "--list"])
+
+
+def test_fe_without_es_by_hand():
+    # 1 - mean(ROUGE 0.2, Prob 0.1, 1 - TR 0.2, CS 0.5) = 1 - 0.25; TR enters as 1 - min(TR, 1/TR)
+    s = {"forget_rouge": 0.2, "forget_prob": 0.1, "forget_truth_ratio": 0.8, "forget_cs": 0.5}
+    assert results_report.fe_wo_es(s) == pytest.approx(0.75)
+    assert results_report.fe_wo_es({**s, "forget_cs": None}) is None
+    recs = results_report.derive([{"last": dict(s), "tasks": {"0": dict(s)}}])
+    assert recs[0]["last"]["fe_wo_es"] == recs[0]["tasks"]["0"]["fe_wo_es"] == pytest.approx(0.75)

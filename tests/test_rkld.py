@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import common
+import evaluate_tofu
 import rkld
 
 
@@ -110,6 +112,26 @@ def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir, tmp_path):
     pre = rkld.step_losses(student, batch, {"teacher": None, "store": store, "ori": None}, args)["loss"]
     assert live.item() > 0.01
     assert pre.item() == pytest.approx(live.item(), abs=1e-5)
+
+
+def test_teacher_generate_with_kv_caches_matches_decoding_without(tiny_model_dir):
+    """Teacher.generate (both models' KV caches, left padding) gives the tokens of the cache-free loop
+    (whole sequence rerun every token, right padding) on prompts of different lengths; red with one
+    model's cache dropped. (RoPE makes a constant position shift harmless, so left-padded positions
+    starting at the pad count would pass here; they start at 0 as HF's generate does.)"""
+    ori, tok = common.load_model(str(tiny_model_dir), frozen=True)
+    strong, _ = common.load_model(str(tiny_model_dir), frozen=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in strong.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher = rkld.Teacher(ori, strong, 8.0)
+    prompts = [[5, 9, 13, 2, 7, 11, 3], [4, 8], [6, 10, 12, 14]]
+    eos = {int(tok.eos_token_id)}
+    want = evaluate_tofu._greedy_loop(teacher, prompts, tok.pad_token_id, eos, 12, "cpu")
+    got = evaluate_tofu.greedy_generate(teacher, prompts, tok.pad_token_id, eos, 12, 8, "cpu", False)
+    assert sum(map(len, want)) > 12  # the rows generate (not an immediate EOS)
+    assert got == want
 
 
 # ---------------------------------------------------------------- smoke runs of the script
