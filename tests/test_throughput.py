@@ -1,0 +1,38 @@
+"""bench/throughput.py on the tiny model: both sides compute the same per-step losses on the same
+batches, every method gets a ratio, and a Trainer fed the batches in another order is caught.
+Timings are not asserted (a tiny model on a shared CPU measures noise)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import throughput  # noqa: E402
+
+QUICK_RUN = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "2"]
+
+
+def test_both_sides_compute_the_same_steps(tmp_path, tiny_model_dir, capsys):
+    out = throughput.main(["--model", str(tiny_model_dir), "--methods", "me_gd,npo_gd", *QUICK_RUN,
+                           "--json", str(tmp_path / "tp.json")])
+    assert json.loads((tmp_path / "tp.json").read_text())["methods"].keys() == {"me_gd", "npo_gd"}
+    for name, r in out["methods"].items():
+        assert len(r["losses_ours"]) == len(r["losses_trainer"]) == 4  # warmup + steps + the step that ends the timing
+        assert r["losses_trainer"] == pytest.approx(r["losses_ours"], rel=1e-4)
+        assert len(set(r["losses_ours"])) > 1  # the weights moved: agreement is not just the starting model's
+        assert r["same_tokens"] and all(t > 0 for t in r["tokens_per_step"])
+        assert r["ratio"] > 0 and r["ratio"] == pytest.approx(r["ours_tok_s"] / r["trainer_tok_s"])
+    assert out["methods"]["me_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 0}
+    assert out["methods"]["npo_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 1}  # the reference model
+    table = capsys.readouterr().out.split("ours/Trainer")[1]
+    assert "me_gd" in table and "npo_gd" in table
+
+
+def test_trainer_given_other_batch_order_is_a_mismatch(tmp_path, tiny_model_dir, monkeypatch):
+    run_trainer = throughput.run_trainer
+    monkeypatch.setattr(throughput, "run_trainer", lambda s, a, out: run_trainer({**s, "batches": s["batches"][::-1]},
+                                                                                   a, out))
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN])
+    assert e.value.code == 1
