@@ -1226,6 +1226,8 @@ class MethodEval:
         return self.retain_logs
 
     def run(self, model, name: str, cache_key: str | None = None, compare_precision: bool = True) -> dict | None:
+        if name == "before" and not getattr(self.args, "eval_before", True):
+            return None
         summary = self._run(model, name, cache_key, compare_precision)
         if self.log is not None:
             self.log.log_eval(name, summary)

@@ -250,9 +250,11 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
             print(f"[reproduce] {it['name']}: collected from its folder", flush=True)
         else:
             todo.append(it)
+    n_todo = len(todo)
     todo = todo[:max_runs] if max_runs is not None else todo
-    print(f"[reproduce] {len(items)} runs in the grid, {len(items) - len(todo)} done, {len(todo)} to run "
-          f"({jobs} at a time)", flush=True)
+    later = f", {n_todo - len(todo)} left for a later sitting (--max_runs)" if n_todo > len(todo) else ""
+    print(f"[reproduce] {len(items)} runs in the grid, {len(items) - n_todo} done, {len(todo)} to run "
+          f"({jobs} at a time){later}", flush=True)
     running, failed, t_start, n_done = {}, 0, time.time(), 0
     threads = max(1, (os.cpu_count() or 2) // jobs)
     while todo or running:

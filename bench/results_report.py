@@ -152,6 +152,10 @@ def claim_rkld_vs_baselines(records, lrs):
     rows, res = [], []
     for b in ("ga", "npo", "dpo", "kto", "idk"):
         br = runs_at(records, b, lrs[b] or reproduce.SWEEP_LRS[0])
+        if not br or not rk:
+            res.append(("missing", 0.0))
+            rows.append(f"{NAMES[b]}: not run yet")
+            continue
         fq = compare([log_fq(v) for v in values(rk, "forget_quality", "peak")],
                      [log_fq(v) for v in values(br, "forget_quality", "peak")])
         mu_gap = (mean_sd(values(rk, "model_utility", "peak"))[0] or 0) - (mean_sd(values(br, "model_utility", "peak"))[0] or 0)
@@ -203,7 +207,9 @@ def claim_keeps_utility(records, lrs, good, bad):
     fe_gap = (mean_sd(values(g, FE))[0] or 0) - (mean_sd(values(b, FE))[0] or 0)
     v = ("reproduced" if mu == "higher" and fe_gap >= -MU_TOL else "not reproduced" if mu == "lower" else "inconclusive")
     target = next((r["before"]["model_utility"] for r in records if r.get("before")), float("nan"))
-    return v, [f"{NAMES[x]} (lr {lrs[x] or reproduce.SWEEP_LRS[0]:g}, {len(r)} seeds, last epoch): MU "
+    seeds = lambda r: f"{len(r)} seed{'s' if len(r) != 1 else ''}"
+    return v, [f"{NAMES[x]}: not run yet" if not r else
+               f"{NAMES[x]} (lr {lrs[x] or reproduce.SWEEP_LRS[0]:g}, {seeds(r)}, last epoch): MU "
                f"{cell(values(r, 'model_utility'))} ({(mean_sd(values(r, 'model_utility'))[0] or 0) / target:.0%} of the "
                f"target's {target:.3f}), FE w/o ES {cell(values(r, FE))}" for x, r in ((good, g), (bad, b))] + [
                f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE w/o ES {fe}"]
@@ -306,24 +312,52 @@ def plots(records, lrs) -> list[str]:
     return made
 
 
+def paper_lines() -> dict[str, str]:
+    """The papers' own numbers for each claim (forget01, Llama-2-7B), from results/paper_numbers.json, which
+    quotes each table with its line in ../shared/papers/. Keys are the claims' short names."""
+    path = PLOTS / "paper_numbers.json"
+    if not path.exists():
+        return {}
+    p = json.loads(path.read_text())
+    t4 = p["rkld_table4"]["rows"]["forget01"]
+    rk = ", ".join(f"{m} {t4[m]['F-Qual']:.3g} / {t4[m]['M-Util']:.3f}" for m in ("RKLD", "GA", "NPO", "DPO", "KTO", "IDK")
+                   if m in t4)
+    t2 = p["rkld_table2"]["rows"]
+    fkl = "; ".join(f"{sp}: RKL {t2['RKL'][sp]['F-Quality']:.3g} vs FKL {t2['FKL'][sp]['F-Quality']:.3g}"
+                    for sp in ("forget01", "forget05", "forget10"))
+    cl = p["closer_look_table4"]["rows"]
+    mufe = lambda m: f"{m.replace('(Ours)', '')} {cl[m]['forget01']['MU']:.3f} / {cl[m]['forget01']['FE']:.3f}"
+    quote = lambda q: f"\"{q['quote']}\" (line {q['line']})"
+    return {
+        "rkld": f"paper, forget01 FQ / MU (RKLD Table 4, Llama-2-7B): {rk}",
+        "fkl": f"paper, FQ at the first-peak epoch (RKLD Table 2): {fkl}",
+        "teacher": "paper: no numbers; " + quote(p["rkld_teacher"]["quotes"][0]),
+        "me_gd": f"paper, forget01 MU / FE (Closer-Look Table 4): {mufe('ME+GD(Ours)')}, {mufe('GA+GD')}",
+        "idk_ap": f"paper, forget01 MU / FE (Closer-Look Table 4): {mufe('IDK+AP(Ours)')}, {mufe('IDK+GD')}",
+        "continual": "paper: no per-task numbers (Fig. 6 only); " + quote(p["closer_look_continual"]["quotes"][0]),
+    }
+
+
 def main(argv=None):
     records = derive(reproduce.load_results())
     PLOTS.mkdir(exist_ok=True)
     lrs = chosen(records)
     made = plots(records, lrs)
+    paper = paper_lines()
     claims = [
-        ("RKLD reaches higher forget quality than GA, NPO, DPO, KTO and IDK at comparable model utility "
+        ("rkld", "RKLD reaches higher forget quality than GA, NPO, DPO, KTO and IDK at comparable model utility "
          "(RKLD Table 4 / Fig. 3; first-peak epoch)", claim_rkld_vs_baselines(records, lrs)),
-        ("RKL beats FKL in forget quality with the same teacher (RKLD Table 2; first-peak epoch)",
+        ("fkl", "RKL beats FKL in forget quality with the same teacher (RKLD Table 2; first-peak epoch)",
          claim_rkl_vs_fkl(records)),
-        ("The unlearning teacher alone is a poor unlearned model (RKLD §4, Fig. 3)", claim_teacher(records, lrs)),
-        ("ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch)",
+        ("teacher", "The unlearning teacher alone is a poor unlearned model (RKLD §3.2)", claim_teacher(records, lrs)),
+        ("me_gd", "ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch)",
          claim_keeps_utility(records, lrs, "me_gd", "ga_gd")),
-        ("IDK+AP keeps utility where IDK+GD does not (Closer-Look Table 4; last epoch)",
+        ("idk_ap", "IDK+AP keeps utility where IDK+GD does not (Closer-Look Table 4; last epoch)",
          claim_keeps_utility(records, lrs, "idk_ap", "idk_gd")),
-        ("Continual: ME+GD and IDK+AP keep MU over tasks where GA+GD and NPO+GD decline (Closer-Look Fig. 6)",
-         claim_continual(records)),
+        ("continual", "Continual: ME+GD and IDK+AP keep MU over tasks where GA+GD and NPO+GD decline "
+         "(Closer-Look Fig. 6)", claim_continual(records)),
     ]
+    claims = [(title, (v, lines + ([paper[key]] if key in paper else []))) for key, title, (v, lines) in claims]
     text = render(records, lrs, made, claims)
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(text)
@@ -331,6 +365,37 @@ def main(argv=None):
     print(f"[report] wrote {OUT} and {len(made)} plots from {len(records)} runs", flush=True)
     for title, (v, _) in claims:
         print(f"[report] {v:>14}: {title}")
+
+
+def throughput_section() -> list[str]:
+    """results/throughput.json (bench/throughput.py --json): ours/Trainer per method, same batches."""
+    path = PLOTS / "throughput.json"
+    if not path.exists():
+        return ["Not measured yet: `python bench/throughput.py --batch 8 --json results/throughput.json`."]
+    t = json.loads(path.read_text())
+    c = t["config"]
+    lines = [f"Our `fit()` against a `transformers.Trainer` loop computing the same `step_losses` on the identical "
+             f"pre-collated batches in the identical order, from the same fresh weights (per-step losses compared: "
+             f"they must agree to {c['rtol']:g}). Quick target, batch {c['batch']}, {c['steps']} timed steps after "
+             f"{c['warmup']} per side and round, median of {c['rounds']} rounds alternating which side goes first, "
+             f"{c['threads']} thread, {c.get('platform')}, commit {str(c.get('git_commit'))[:10]}.",
+             "", "| method | forwards a step (trained + frozen) | tokens a step | ours tok/s | Trainer tok/s | "
+             "ours / Trainer | largest loss difference |", "|---|---|---|---|---|---|---|"]
+    for n, r in t["methods"].items():
+        f = r["forwards_per_step"]
+        lines.append(f"| {NAMES.get(n, n)} | {f['trained']} + {f['frozen']} | {statistics.fmean(r['tokens_per_step']):.0f} "
+                     f"| {r['ours_tok_s']:.1f} | {r['trainer_tok_s']:.1f} | {r['ratio']:.3f} | "
+                     f"{r['max_rel_loss_diff']:.1e} |")
+    low = [NAMES.get(n, n) for n, r in t["methods"].items() if r["ratio"] < 1.0]
+    lines += ["", ("Every ratio is at least 1.0." if not low else
+                   f"Below 1.0: {', '.join(low)}. Both sides run the same step function; what differs is the loop "
+                   "around it. On this shared 2-core CPU the same side varies by 5-35% from round to round, so "
+                   "ratios between about 0.9 and 1.1 do not separate the loops; a quiet machine or a GPU with more "
+                   "steps and rounds would."),
+              "No method runs a forward pass its objective does not need (the bench counts them): NPO's one frozen "
+              "forward is its reference model's log-probs on the forget batch, which the paper's method needs; "
+              "RKLD's teacher is precomputed once before training (2 frozen forwards a step with `--rkld_teacher live`)."]
+    return lines
 
 
 def render(records, lrs, made, claims) -> str:
@@ -398,6 +463,10 @@ def render(records, lrs, made, claims) -> str:
         "## Main table at the last epoch",
         "",
         main_table(records, lrs, "last"),
+        "",
+        "## Training throughput (`bench/throughput.py`)",
+        "",
+        *throughput_section(),
         "",
         "## Plots",
         "",

@@ -33,7 +33,8 @@ def task_command(method: str, split: str, k: int, model: str, out: Path, launche
            "--output_dir", str(out / f"task{k}")]
     if k == 1:
         return cmd + ["--model", model, *extra]
-    cmd += ["--model", str(out / f"task{k - 1}" / "model")]
+    # the start, task k-1's model, was evaluated at the end of task k-1: no "before" evaluation again
+    cmd += ["--model", str(out / f"task{k - 1}" / "model"), "--eval_before", "false"]
     if model == "quick":  # keep task 1's data subset and recipe (extra flags still override them)
         recipe = importlib.import_module(method).QUICK
         cmd += ["--subset", "quick", *[x for k_, v in recipe.items() for x in (f"--{k_}", str(v))]]

@@ -280,7 +280,7 @@ def test_embedded_preset_loads_and_scores():
 # ---------------------------------------------------------------- arguments and run folders
 def _finalize(monkeypatch, tiny_model_dir, **flags):
     """finalize_args of rkld-like arguments; the quick models are the tiny one (no finetune.py needed)."""
-    monkeypatch.setattr(common, "quick_model", lambda split, role, n=4: str(tiny_model_dir))
+    monkeypatch.setattr(common, "quick_model", lambda split, role, n=4, continual=False: str(tiny_model_dir))
     quick = {"lr": 1e-4, "epochs": 5, "batch_size": 8}
     return common.finalize_args(common.MethodArgs(**flags), "rkld", quick, {"lr": 1e-5, "epochs": 5, "batch_size": 32})
 

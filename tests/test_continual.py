@@ -23,6 +23,7 @@ def test_task_commands_chain_models_and_keep_the_quick_recipe(tmp_path):
     assert third[third.index("--model") + 1] == str(tmp_path / "task2" / "model")
     assert third[third.index("--subset") + 1] == "quick" and third[-2:] == ["--lr", "3e-4"]   # extra flags win
     assert third[third.index("--batch_size") + 1] == str(me_gd.QUICK["batch_size"])
+    assert third[third.index("--eval_before") + 1] == "false" and "--eval_before" not in first
     real = continual.task_command("idk_ap", "forget01", 2, "org/model", tmp_path, "python", [])
     assert "--subset" not in real and "--lr" not in real
 
@@ -59,6 +60,9 @@ def test_two_task_run(monkeypatch, tmp_path, tiny_model_dir):
     assert second["alpha"] == 1.0
     rows = (tmp_path / "continual.md").read_text().splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
+    # task 2 starts from task 1's evaluated model: no "before" evaluation of it again (a quarter of the cost)
+    assert (tmp_path / "task1" / "eval" / "before" / "summary.json").exists()
+    assert not (tmp_path / "task2" / "eval" / "before").exists()
     # MU is computed; FQ is not (continual runs have no retain model)
     assert all(r.split(" | ")[1] != "n/a" and r.endswith("| n/a |") for r in rows)
 

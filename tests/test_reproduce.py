@@ -149,3 +149,26 @@ def test_fe_without_es_by_hand():
     assert results_report.fe_wo_es({**s, "forget_cs": None}) is None
     recs = results_report.derive([{"last": dict(s), "tasks": {"0": dict(s)}}])
     assert recs[0]["last"]["fe_wo_es"] == recs[0]["tasks"]["0"]["fe_wo_es"] == pytest.approx(0.75)
+
+
+def test_papers_numbers_beside_each_claim():
+    """The papers' numbers RESULTS.md quotes (results/paper_numbers.json), checked against the tables by hand:
+    RKLD Table 4 forget01 row RKLD (0.9659, 0.5913), Table 2 FKL forget01 (0.4786), Closer-Look Table 4
+    ME+GD forget01 (MU 0.7271, FE 0.9204). Catches a column or row read off by one."""
+    lines = results_report.paper_lines()
+    assert "RKLD 0.966 / 0.591" in lines["rkld"] and "KTO 0.579 / 0.506" in lines["rkld"]
+    assert "forget01: RKL 0.966 vs FKL 0.479" in lines["fkl"]
+    assert "ME+GD 0.727 / 0.920" in lines["me_gd"] and "IDK+AP 0.758 / 0.762" in lines["idk_ap"]
+    assert set(lines) == {"rkld", "fkl", "teacher", "me_gd", "idk_ap", "continual"}
+
+
+def test_plots_are_drawn_from_the_records(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    rs = [rec("rkld", 1e-4, 0.9, 0.37), rec("ga", 1e-4, 0.01, 0.2)]
+    rs[0]["epochs"] = [{"epoch": 1, "forget_quality": 0.1}, {"epoch": 2, "forget_quality": 0.9, "model_utility": 0.37}]
+    rs.append({"name": "continual-me_gd", "grid": "continual", "method": "me_gd", "lr": None, "seed": 42,
+               "tasks": {"0": {"model_utility": 0.4, "fe_wo_es": 0.3}, "1": {"model_utility": 0.38, "fe_wo_es": 0.6}}})
+    made = results_report.plots(rs, {m: None for m in reproduce.METHODS})
+    assert made == ["fq_vs_mu.png", "epoch_curves.png", "continual.png"]
+    assert all((tmp_path / m).stat().st_size > 10_000 for m in made)
