@@ -16,7 +16,9 @@ Both sides start from the model loaded fresh from disk. Warmup is 0 (the lr deca
 the batches), so every step moves the weights and the per-step losses of the two sides (which must agree
 to --rtol) show they compute the same thing. A step's time runs from the start of its loss computation
 to the start of the next one; the first --warmup steps are not timed. Rounds alternate which side goes
-first, and the medians over rounds are reported. Tokens: non-padding tokens (attention-mask sum) of every
+first, and the medians over rounds are reported, per wall second and per second of the process's CPU
+time (on a shared machine the CPU-time ratio is the steadier one: it leaves out the time other processes
+held the cores). Tokens: non-padding tokens (attention-mask sum) of every
 forward pass through the trained model, counted by a forward hook; frozen-model forwards are counted and
 compared with what the method's objective needs per step. rkld runs with --strengthened_model = --model
 (no strengthening stage: the teacher's cost does not depend on its weights). Not measured, by design:
@@ -57,6 +59,7 @@ class Probe:
 
     def __init__(self, loss_fn, model, frozen_models):
         self.loss_fn, self.starts, self.losses, self.tokens, self.trained, self.frozen = loss_fn, [], [], [], [], []
+        self.cpu = []  # process CPU time: what the step cost this process, whatever else the machine runs
         self.hooks = [model.register_forward_pre_hook(self._count_trained, with_kwargs=True)]
         self.hooks += [m.register_forward_pre_hook(self._count_frozen, with_kwargs=True) for m in frozen_models]
 
@@ -70,6 +73,7 @@ class Probe:
 
     def __call__(self, model, batch):
         self.starts.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         for counts in (self.tokens, self.trained, self.frozen):
             counts.append(0)
         out = self.loss_fn(model, batch)
@@ -80,7 +84,9 @@ class Probe:
         for h in self.hooks:
             h.remove()
         seconds = self.starts[warmup + steps] - self.starts[warmup]
-        return {"tok_s": sum(self.tokens[warmup:warmup + steps]) / seconds, "s_step": seconds / steps,
+        cpu = self.cpu[warmup + steps] - self.cpu[warmup]
+        tokens = sum(self.tokens[warmup:warmup + steps])
+        return {"tok_s": tokens / seconds, "s_step": seconds / steps, "tok_cpu_s": tokens / cpu,
                 "losses": self.losses, "tokens": self.tokens, "trained": self.trained, "frozen": self.frozen}
 
 
@@ -178,7 +184,9 @@ def bench(name: str, a, out: Path) -> dict:
     for r in range(a.rounds):  # alternate who goes first, so drifting machine load hits both
         for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
             rounds[side].append(run_ours(s, a) if side == "ours" else run_trainer(s, a, out))
-            print(f"[throughput] {name} round {r + 1} {side}: {rounds[side][-1]['tok_s']:.1f} tokens/s", flush=True)
+            last = rounds[side][-1]
+            print(f"[throughput] {name} round {r + 1} {side}: {last['tok_s']:.1f} tokens/s, "
+                  f"{last['tok_cpu_s']:.1f} tokens/CPU-s", flush=True)
     s["frozen"].clear()
     common.release(s["accelerator"])
     ours, trainer = rounds["ours"][-1], rounds["trainer"][-1]
@@ -188,7 +196,9 @@ def bench(name: str, a, out: Path) -> dict:
     need_frozen = 2 if name == "rkld" and a.rkld_teacher == "live" else need_frozen
     trained, frozen = max(ours["trained"]), max(ours["frozen"])
     med = {k: statistics.median(r["tok_s"] for r in v) for k, v in rounds.items()}
+    cpu = {k: statistics.median(r["tok_cpu_s"] for r in v) for k, v in rounds.items()}
     return {"ours_tok_s": med["ours"], "trainer_tok_s": med["trainer"], "ratio": med["ours"] / med["trainer"],
+            "ours_tok_cpu_s": cpu["ours"], "trainer_tok_cpu_s": cpu["trainer"], "ratio_cpu": cpu["ours"] / cpu["trainer"],
             "ours_s_step": statistics.median(r["s_step"] for r in rounds["ours"]),
             "trainer_s_step": statistics.median(r["s_step"] for r in rounds["trainer"]),
             "ours_rounds_tok_s": [r["tok_s"] for r in rounds["ours"]],
@@ -231,10 +241,10 @@ def main(argv=None) -> dict:
           f"{torch.get_num_threads()} thread(s)")
     print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
-                         f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['max_rel_loss_diff']:.1e}")
-                        for n, r in res.items()],
+                         f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",
+                         f"{r['max_rel_loss_diff']:.1e}") for n, r in res.items()],
                        ("method", "fwd trained+frozen", "tokens/step", "ours tok/s", "Trainer tok/s", "ours/Trainer",
-                        "loss rel diff")))
+                        "same, CPU time", "loss rel diff")))
     for n, r in res.items():
         if r["extra_forwards"]:
             print(f"{n}: {r['extra_forwards']} forward pass(es) a step beyond what the objective needs "

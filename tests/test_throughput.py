@@ -23,6 +23,7 @@ def test_both_sides_compute_the_same_steps(tmp_path, tiny_model_dir, capsys):
         assert len(set(r["losses_ours"])) > 1  # the weights moved: agreement is not just the starting model's
         assert r["same_tokens"] and all(t > 0 for t in r["tokens_per_step"])
         assert r["ratio"] > 0 and r["ratio"] == pytest.approx(r["ours_tok_s"] / r["trainer_tok_s"])
+        assert r["ratio_cpu"] == pytest.approx(r["ours_tok_cpu_s"] / r["trainer_tok_cpu_s"]) and r["ratio_cpu"] > 0
     assert out["methods"]["me_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 0}
     assert out["methods"]["npo_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 1}  # the reference model
     table = capsys.readouterr().out.split("ours/Trainer")[1]
