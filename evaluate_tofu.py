@@ -1186,6 +1186,7 @@ class MethodEval:
         evaluate_general.check_available(getattr(args, "benchmarks", None))
         self.retain_logs = args.retain_logs
         self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
+        self.full = {}  # epoch -> its full evaluation (--eval_every_epoch), which the peak row then reuses
         if args.peak_epoch and not (args.retain_logs or args.retain_model):
             raise common.TofuError("--peak_epoch chooses the epoch by forget quality, which needs --retain_model or "
                                    "--retain_logs")
@@ -1272,7 +1273,7 @@ class MethodEval:
             return []
         name, t0 = f"epoch{epoch}", time.time()
         if self.args.eval_every_epoch:
-            summary = self.run(model, name)
+            summary = self.full[epoch] = self.run(model, name)
         else:
             if self.acc.is_main_process:
                 print(f"[eval] {name}: forget quality", flush=True)
@@ -1302,6 +1303,12 @@ class MethodEval:
         t0 = time.time()
         if best["epoch"] == last_epoch:
             summary = last
+        elif best["epoch"] in self.full:  # --eval_every_epoch evaluated that epoch's weights in full already
+            summary = self.full[best["epoch"]]
+            if self.acc.is_main_process:
+                shutil.copytree(self.out / f"epoch{best['epoch']}", self.out / "peak", dirs_exist_ok=True)
+            if self.log is not None:
+                self.log.log_eval("peak", summary)
         else:
             model = common.load_frozen(str(self.run_dir / "peak_model"), self.acc)
             summary = self.run(model, "peak")

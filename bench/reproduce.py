@@ -9,8 +9,9 @@ path, collect every run into results/results.json, then write RESULTS.md and its
 Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has its first-peak epoch):
   reference  the quick retain model evaluated like every run (the target's row is each run's "before")
   sweep      every method at lr 1e-4 (the quick recipe), 5e-5 and 2e-5, seed 42
-  seeds      seeds 1 and 2 for every method at its chosen lr (see LR RULE); waits for the sweep
-  curves     RKLD, ME+GD, IDK+AP, GA+GD, NPO+GD at their chosen lr with a full evaluation every epoch
+  seeds      seeds 1 and 2 for every method at its chosen lr (see LR RULE); waits for the sweep. The
+             seed-1 runs of RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD evaluate in full after every epoch
+             (--eval_every_epoch): the per-epoch curves, without training those runs a second time
   continual  the continual quick target (finetune.py --continual true), then ME+GD, IDK+AP, NPO+GD
              and GA+GD over forget01's 10 tasks (scripts/continual.py), MU and FE after every task
 
@@ -30,6 +31,7 @@ import os
 import platform
 import shlex
 import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,7 +48,7 @@ METHODS = {  # name -> (script, flags); paper names: RKLD Table 4 and closer-loo
 }
 SWEEP_LRS = (1e-4, 5e-5, 2e-5)
 FIRST_SEED, MORE_SEEDS = 42, (1, 2)
-CURVES = ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd")
+CURVES, CURVE_SEED = ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd"), MORE_SEEDS[0]
 CONTINUAL = ("me_gd", "idk_ap", "npo_gd", "ga_gd")
 CONTINUAL_TASKS = 10
 MU_KEPT = 0.9
@@ -124,17 +126,15 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
         items = [method_item("sweep", m, lr, FIRST_SEED, ["--eval_teacher", "true"] if (m, lr) == ("rkld", 1e-4) else ())
                  for lr in SWEEP_LRS for m in METHODS]
         return share_teacher(items), waiting
-    if grid in ("seeds", "curves"):
+    if grid == "seeds":
         items = []
-        for m in METHODS if grid == "seeds" else CURVES:
+        for m in METHODS:
             lr = chosen_lr(m, records)
             if lr is None:
                 waiting.append(f"{m}: its sweep is not complete")
                 continue
-            if grid == "seeds":
-                items += [method_item("seeds", m, lr, s) for s in MORE_SEEDS]
-            else:
-                items.append(method_item("curves", m, lr, FIRST_SEED, ["--eval_every_epoch", "true"], "curves"))
+            items += [method_item("seeds", m, lr, s, ["--eval_every_epoch", "true"] if (m in CURVES and s == CURVE_SEED)
+                                  else ()) for s in MORE_SEEDS]
         return share_teacher(items), waiting
     if grid == "continual":
         items = [{"name": "continual-target", "grid": grid, "method": "finetune", "lr": None, "seed": None,
@@ -152,7 +152,7 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
     raise SystemExit(f"error: unknown grid {grid!r}; choose from {', '.join(GRIDS)} or all")
 
 
-GRIDS = ("reference", "sweep", "seeds", "curves", "continual")
+GRIDS = ("reference", "sweep", "seeds", "continual")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +293,18 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     return failed
 
 
+def cost(grid: str, items: list[dict], done: set) -> str:
+    """What the grid's remaining runs should cost, from the machine time (wall time / jobs) of its recorded
+    runs: the estimate --list gives before a sitting is planned."""
+    per = [r["wall_s"] / max(1, r.get("jobs") or 1) for r in load_results()
+           if r["grid"] == grid and r.get("wall_s") and r["method"] != "finetune"]
+    todo = sum(i["name"] not in done for i in items)
+    if not todo or not per:
+        return ""
+    m = statistics.median(per)
+    return f"; the {todo} left: about {todo * m / 3600:.1f} h of this machine ({m / 60:.0f} min a run, recorded)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default="all", help=f"one of {', '.join(GRIDS)}, a comma list, or all (in that order)")
@@ -312,7 +324,7 @@ def main(argv=None):
             items, waiting = grid_items(g, load_results())
             done = {r["name"] for r in load_results()}
             if args.list:
-                print(f"{g}: {sum(i['name'] in done for i in items)}/{len(items)} done")
+                print(f"{g}: {sum(i['name'] in done for i in items)}/{len(items)} done{cost(g, items, done)}")
                 for it in items:
                     print(f"  {'done' if it['name'] in done else 'todo'}  {it['name']}")
                 for w in waiting:

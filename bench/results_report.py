@@ -53,7 +53,7 @@ def derive(records: list[dict]) -> list[dict]:
 
 
 def runs_at(records, method, lr):
-    """The trained runs of a method at one lr, one per seed (the curves grid repeats seed 42)."""
+    """The trained runs of a method at one lr, one per seed."""
     return [r for r in records if r["method"] == method and r["lr"] == lr and r["grid"] in ("sweep", "seeds")]
 
 
@@ -266,26 +266,28 @@ def plots(records, lrs) -> list[str]:
     plt.close(fig)
     made.append("fq_vs_mu.png")
     # forget quality after every epoch comes with every run (--peak_epoch); model utility after every
-    # epoch only with the curves grid's --eval_every_epoch (otherwise epoch 0 and the last)
+    # epoch only in the seeds grid's curve runs (--eval_every_epoch; otherwise epoch 0 and the last)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     drawn = False
     for m in reproduce.CURVES:
         lr = lrs[m] or reproduce.SWEEP_LRS[0]
-        full = next((r for r in records if r["grid"] == "curves" and r["method"] == m), None)
+        full = next((r for r in runs_at(records, m, lr) if "--eval_every_epoch" in r.get("command", [])), None)
         base = next((r for r in records if r["grid"] == "sweep" and r["method"] == m and r["lr"] == lr), None)
         r = full or base
         if not r or not r.get("epochs"):
             continue
         drawn = True
         ep = [e for e in r["epochs"] if e.get("forget_quality") is not None]
-        a1.plot([e["epoch"] for e in ep], [e["forget_quality"] for e in ep], marker="o", label=f"{NAMES[m]} (lr {lr:g})")
+        a1.plot([e["epoch"] for e in ep], [e["forget_quality"] for e in ep], marker="o",
+                label=f"{NAMES[m]} (lr {lr:g}, seed {r['seed']})")
         mu = [e for e in r["epochs"] if e.get("model_utility") is not None]
         a2.plot([e["epoch"] for e in mu], [e["model_utility"] for e in mu], marker="o",
-                linestyle="-" if full else ":", label=f"{NAMES[m]}" + ("" if full else " (epochs 0 and last only)"))
+                linestyle="-" if full else ":",
+                label=f"{NAMES[m]} (seed {r['seed']})" + ("" if full else ", epochs 0 and last only"))
     if drawn:
         a1.set_yscale("log")
-        a1.set_title("forget quality after each epoch (seed 42)")
-        a2.set_title("model utility after each epoch (seed 42)")
+        a1.set_title("forget quality after each epoch")
+        a2.set_title("model utility after each epoch")
         for a in (a1, a2):
             a.set_xlabel("epoch")
             a.legend(fontsize=7)

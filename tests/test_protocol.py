@@ -103,3 +103,22 @@ def test_closer_look_paper_defaults_train_the_reference_steps(monkeypatch, tmp_p
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]
     assert metrics[0]["lr"] == pytest.approx(1e-5 * 5 / 6)  # no warmup: decay from the first step
+
+
+def test_with_every_epoch_evaluated_the_peak_reuses_its_epoch(monkeypatch, tmp_path, tiny_model_dir):
+    """--eval_every_epoch with --peak_epoch: the peak epoch was evaluated in full during training, so its
+    row is that evaluation (copied to eval/peak), not a second evaluation of peak_model. Catches the
+    peak evaluated twice (a full evaluation wasted per run of the curves) or the wrong epoch copied."""
+    import evaluate_tofu
+    names, real = [], evaluate_tofu.MethodEval.run
+    monkeypatch.setattr(evaluate_tofu.MethodEval, "run",
+                        lambda self, model, name, *a, **k: names.append(name) or real(self, model, name, *a, **k))
+    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, [
+        "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--epochs", 3,
+        "--batch_size", 20, "--per_device_batch_size", 20, "--lr", 3e-3, "--strengthen_epochs", 1, *EVAL,
+        "--eval_every_epoch", "true", "--output_dir", tmp_path])])
+    rkld.main()
+    record = json.loads((tmp_path / "peak_epoch.json").read_text())
+    assert record["peak_epoch"] == 2 and names == ["before", "epoch1", "epoch2", "after"]
+    peak, epoch2 = (json.loads((tmp_path / "eval" / n / "summary.json").read_text()) for n in ("peak", "epoch2"))
+    assert peak == epoch2 and (tmp_path / "eval" / "peak" / "eval_log.json").exists()

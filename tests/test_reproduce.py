@@ -172,3 +172,14 @@ def test_plots_are_drawn_from_the_records(tmp_path, monkeypatch):
     made = results_report.plots(rs, {m: None for m in reproduce.METHODS})
     assert made == ["fq_vs_mu.png", "epoch_curves.png", "continual.png"]
     assert all((tmp_path / m).stat().st_size > 10_000 for m in made)
+
+
+def test_seeds_grid_draws_the_curves_from_its_seed_1_runs():
+    """The per-epoch curves come from the seeds grid (seed 1 of the five curve methods evaluated every
+    epoch) rather than a grid that trains those runs again; the other runs keep the cheap protocol."""
+    records = [rec(m, lr, 0.5, 0.39) for m in reproduce.METHODS for lr in reproduce.SWEEP_LRS]
+    items, waiting = reproduce.grid_items("seeds", records)
+    assert not waiting and len(items) == 2 * len(reproduce.METHODS)
+    every = sorted((i["method"], i["seed"]) for i in items if "--eval_every_epoch" in i["command"])
+    assert every == sorted((m, 1) for m in reproduce.CURVES)
+    assert "curves" not in reproduce.GRIDS
