@@ -233,7 +233,11 @@ def finished(item: dict) -> bool:
         return (common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True) / "config.json").exists()
     if item.get("collect") == "continual":
         return (out / f"task{CONTINUAL_TASKS}" / "eval" / "after" / "summary.json").exists()
-    return (out / "eval" / "after" / "summary.json").exists() and (item["grid"] == "reference" or (out / "model").exists())
+    if item["grid"] == "reference":
+        return (out / "eval" / "after" / "summary.json").exists()
+    # with --peak_epoch the run ends after the peak epoch's evaluation (peak_epoch.json), not the last epoch's
+    return all((out / f).exists() for f in ("model", "eval/after/summary.json")) and \
+        ("--peak_epoch" not in item["command"] or (out / "peak_epoch.json").exists())
 
 
 def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -402,6 +403,14 @@ def throughput_section() -> list[str]:
     return lines
 
 
+def command_line(cmd: list[str]) -> str:
+    """A recorded command as one would type it in the repository root (python, paths relative)."""
+    cmd = shlex.split(cmd) if isinstance(cmd, str) else cmd
+    cmd = ["python", *cmd] if cmd[0].endswith(".py") else cmd  # recorded without the interpreter
+    out = ["python" if i == 0 and Path(c).name.startswith("python") else c for i, c in enumerate(cmd)]
+    return " ".join(x.replace(str(REPO) + "/", "") for x in out)
+
+
 def render(records, lrs, made, claims) -> str:
     trained = [r for r in records if r.get("wall_s")]
     hours = sum(r["wall_s"] for r in trained) / 3600
@@ -484,8 +493,14 @@ def render(records, lrs, made, claims) -> str:
         "",
         "## Commands",
         "",
-        "Every run's exact command is in `results/results.json` (`command`); the grids are defined in "
-        "`bench/reproduce.py`.",
+        "Each run's exact command (also in `results/results.json`, `command`); the grids are defined in "
+        "`bench/reproduce.py`, which runs them from the repository root.",
+        "",
+        "<details><summary>" + f"{len(records)} commands" + "</summary>",
+        "",
+        *(f"- `{r['name']}`: `{command_line(r['command'])}`" for r in records if r.get("command")),
+        "",
+        "</details>",
         "",
     ]
     return "\n".join(parts)

@@ -39,7 +39,7 @@ def write(path: Path, obj):
 
 def fake_run(folder: Path, peak_epoch=2):
     write(folder / "args.json", {"args": {"epochs": 3}, "run": {"git_commit": "abc", "torch": "2.13.0"}})
-    (folder / "model").mkdir(parents=True)
+    (folder / "model").mkdir(parents=True, exist_ok=True)
     for name, fq in (("before", 0.01), ("epoch1", 0.2), ("epoch2", 0.6), ("after", 0.3), ("peak", 0.6)):
         s = {"forget_quality": fq, "settings": {"precision": "fp32"}}
         if name not in ("epoch1", "epoch2"):
@@ -83,6 +83,13 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
     assert launched == [items[2]["name"]]
     assert sorted(r["name"] for r in reproduce.load_results()) == sorted(i["name"] for i in items)
+    # a folder stopped between its last epoch's evaluation and its peak epoch's (no peak_epoch.json) is
+    # run again, not collected without its peak row (what happened to a sitting's GA+GD run)
+    more = [reproduce.method_item("sweep", "kto", 1e-4, 42)]
+    fake_run(tmp_path / "grid" / more[0]["name"])
+    (tmp_path / "grid" / more[0]["name"] / "peak_epoch.json").unlink()
+    launched.clear()
+    assert reproduce.run_grid(more, jobs=1, max_runs=None) == 0 and launched == [more[0]["name"]]
 
 
 def test_share_teacher_points_later_rkld_runs_at_the_first_of_their_seed():
