@@ -67,9 +67,12 @@ def load_results() -> list[dict]:
 
 
 def save_results(records: list[dict]) -> None:
+    """Write the records merged into what the file holds now (a record of the same name is replaced), so
+    two sittings of different grids running at once do not drop each other's runs."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(records, key=lambda r: r["name"]), indent=1) + "\n")
+    merged = {r["name"]: r for r in load_results()} | {r["name"]: r for r in records}
+    tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sorted(merged.values(), key=lambda r: r["name"]), indent=1) + "\n")
     tmp.replace(RESULTS)
 
 

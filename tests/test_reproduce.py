@@ -190,3 +190,13 @@ def test_seeds_grid_draws_the_curves_from_its_seed_1_runs():
     every = sorted((i["method"], i["seed"]) for i in items if "--eval_every_epoch" in i["command"])
     assert every == sorted((m, 1) for m in reproduce.CURVES)
     assert "curves" not in reproduce.GRIDS
+
+
+def test_two_sittings_saving_at_once_keep_each_others_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    mine = [rec("ga", 1e-4, 0.5, 0.4)]
+    reproduce.save_results(mine)
+    reproduce.save_results([rec("npo", 1e-4, 0.5, 0.4)])  # another process, which never loaded "ga"
+    mine.append(rec("dpo", 1e-4, 0.5, 0.4))
+    reproduce.save_results(mine)
+    assert [r["name"] for r in reproduce.load_results()] == sorted(reproduce.run_name(m, 1e-4, 42) for m in ("dpo", "ga", "npo"))
