@@ -13,6 +13,14 @@ import rkld
 EVAL = ["--max_eval_samples", 2, "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none"]
 
 
+def _rkld_peak_run(monkeypatch, model, out, epochs, lr, *extra):
+    """rkld.py on the quick subset with --peak_epoch (on by default for a model folder)."""
+    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, [
+        "--model", model, "--retain_model", model, "--subset", "quick", "--epochs", epochs, "--batch_size", 20,
+        "--per_device_batch_size", 20, "--lr", lr, "--strengthen_epochs", 1, *EVAL, *extra, "--output_dir", out])])
+    rkld.main()
+
+
 def _parse(module, *argv):
     args = HfArgumentParser(module.Args).parse_args_into_dataclasses([str(a) for a in argv])[0]
     return common.finalize_args(args, module.METHOD, module.QUICK, module.PAPER)
@@ -44,11 +52,7 @@ def test_peak_epoch_keeps_and_evaluates_the_first_epoch_of_peak_forget_quality(m
     row's truth ratios are epoch 2's, not the last epoch's; epochs 1-2 are scored on the forget split
     only (no generation). Catches: a later tie replacing the first peak, saving the wrong epoch's
     weights, evaluating the last model as the peak, generating at every epoch."""
-    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, [
-        "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--epochs", 3,
-        "--batch_size", 20, "--per_device_batch_size", 20, "--lr", 3e-3, "--strengthen_epochs", 1, *EVAL,
-        "--output_dir", tmp_path])])
-    rkld.main()
+    _rkld_peak_run(monkeypatch, tiny_model_dir, tmp_path, 3, 3e-3)
     record = json.loads((tmp_path / "peak_epoch.json").read_text())
     fqs = [e["forget_quality"] for e in record["epochs"]]
     assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3] and fqs[1] == fqs[2] > fqs[0]
@@ -65,11 +69,7 @@ def test_peak_epoch_keeps_and_evaluates_the_first_epoch_of_peak_forget_quality(m
 
 
 def test_without_save_peak_the_checkpoint_goes_after_its_evaluation(monkeypatch, tmp_path, tiny_model_dir):
-    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, [
-        "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--epochs", 2,
-        "--batch_size", 20, "--per_device_batch_size", 20, "--lr", 1e-12, "--strengthen_epochs", 1, *EVAL,
-        "--save_peak", "false", "--output_dir", tmp_path])])
-    rkld.main()
+    _rkld_peak_run(monkeypatch, tiny_model_dir, tmp_path, 2, 1e-12, "--save_peak", "false")
     record = json.loads((tmp_path / "peak_epoch.json").read_text())
     assert record["peak_epoch"] == 1 and record["weights"] is None and not (tmp_path / "peak_model").exists()
     assert (tmp_path / "eval" / "peak" / "summary.json").exists()
@@ -113,11 +113,7 @@ def test_with_every_epoch_evaluated_the_peak_reuses_its_epoch(monkeypatch, tmp_p
     names, real = [], evaluate_tofu.MethodEval.run
     monkeypatch.setattr(evaluate_tofu.MethodEval, "run",
                         lambda self, model, name, *a, **k: names.append(name) or real(self, model, name, *a, **k))
-    monkeypatch.setattr("sys.argv", ["rkld.py", *map(str, [
-        "--model", tiny_model_dir, "--retain_model", tiny_model_dir, "--subset", "quick", "--epochs", 3,
-        "--batch_size", 20, "--per_device_batch_size", 20, "--lr", 3e-3, "--strengthen_epochs", 1, *EVAL,
-        "--eval_every_epoch", "true", "--output_dir", tmp_path])])
-    rkld.main()
+    _rkld_peak_run(monkeypatch, tiny_model_dir, tmp_path, 3, 3e-3, "--eval_every_epoch", "true")
     record = json.loads((tmp_path / "peak_epoch.json").read_text())
     assert record["peak_epoch"] == 2 and names == ["before", "epoch1", "epoch2", "after"]
     peak, epoch2 = (json.loads((tmp_path / "eval" / n / "summary.json").read_text()) for n in ("peak", "epoch2"))
