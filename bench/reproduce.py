@@ -227,10 +227,18 @@ def launch(item: dict, threads: int) -> subprocess.Popen:
     src = GRID_DIR / item.get("teacher_from", "") / "strengthened"
     if item.get("teacher_from") and (src / "config.json").exists():
         cmd += ["--strengthened_model", str(src)]
+    if item["grid"] in ("sweep", "seeds") and (GRID_DIR / item["name"] / "args.json").exists():
+        cmd += ["--overwrite", "true"]  # the grid's own folder of a run that did not finish: redo it
     GRID_DIR.mkdir(parents=True, exist_ok=True)
     log = open(GRID_DIR / f"{item['name']}.log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def done_names(records: list[dict]) -> set[str]:
+    """Runs recorded in full: a --peak_epoch run recorded without its peak row (collected from a folder of
+    an earlier version that stopped before the peak evaluation) is run again, and its record replaced."""
+    return {r["name"] for r in records if "--peak_epoch" not in str(r.get("command")) or r.get("peak")}
 
 
 def finished(item: dict) -> bool:
@@ -249,7 +257,7 @@ def finished(item: dict) -> bool:
 
 def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     records = load_results()
-    done = {r["name"] for r in records}
+    done = done_names(records)
     todo = []
     for it in items:
         if it["name"] in done:
@@ -333,7 +341,7 @@ def main(argv=None):
     if not args.report_only:
         for g in grids:
             items, waiting = grid_items(g, load_results())
-            done = {r["name"] for r in load_results()}
+            done = done_names(load_results())
             if args.list:
                 print(f"{g}: {sum(i['name'] in done for i in items)}/{len(items)} done{cost(g, items, done)}")
                 for it in items:

@@ -200,3 +200,22 @@ def test_two_sittings_saving_at_once_keep_each_others_runs(tmp_path, monkeypatch
     mine.append(rec("dpo", 1e-4, 0.5, 0.4))
     reproduce.save_results(mine)
     assert [r["name"] for r in reproduce.load_results()] == sorted(reproduce.run_name(m, 1e-4, 42) for m in ("dpo", "ga", "npo"))
+
+
+def test_an_unfinished_run_is_redone_over_its_folder_and_an_incomplete_record_rerun(tmp_path, monkeypatch):
+    """A run folder left without its peak evaluation holds args.json and model/, which the method scripts
+    keep unless --overwrite when their arguments changed since (a flag added): the grid passes it for
+    its own unfinished folders only. A record without the peak row it was run for is not 'done'."""
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path)
+    item = reproduce.method_item("sweep", "ga_gd", 1e-4, 42)
+    seen = []
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: seen.append(cmd))
+    reproduce.launch(item, 1)
+    fake_run(tmp_path / item["name"])
+    reproduce.launch(item, 1)
+    assert "--overwrite" not in seen[0] and seen[1][-2:] == ["--overwrite", "true"]
+    r = rec("ga_gd", 1e-4, 0.5, 0.4)
+    r["command"] = " ".join(item["command"][1:])
+    assert reproduce.done_names([r]) == {r["name"]}
+    del r["peak"]
+    assert reproduce.done_names([r]) == set()
