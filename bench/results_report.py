@@ -130,6 +130,10 @@ def main_table(records, lrs, where):
         if not runs:
             continue
         tag = "" if lrs[m] else " (sweep incomplete: quick-recipe lr)"
+        if not any(r.get(where) for r in runs):  # a run recorded before its peak row was evaluated
+            lines.append(f"| {NAMES[m]}{tag} | {lr:g} | 0 | " + " | ".join("not evaluated" for _ in cols) + " |")
+            continue
+        runs = [r for r in runs if r.get(where)]
         lines.append(f"| {NAMES[m]}{tag} | {lr:g} | {len(runs)} | " + " | ".join(
             cell(values(runs, k, where), "g" if k == "forget_quality" else 3) for _, k in cols) + " |")
     return "\n".join(lines)
@@ -414,6 +418,7 @@ def command_line(cmd: list[str]) -> str:
 def render(records, lrs, made, claims) -> str:
     trained = [r for r in records if r.get("wall_s")]
     hours = sum(r["wall_s"] for r in trained) / 3600
+    machine = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in trained) / 3600
     infos = [r["info"] for r in records if r.get("info")]
     commits = sorted({(i.get("git_commit") or "unknown")[:10] for i in infos})
     hw = sorted({f"{i.get('platform')}, {i.get('cpu_count')} CPUs" + (f", {i['cuda']}" if i.get("cuda") else "")
@@ -438,7 +443,8 @@ def render(records, lrs, made, claims) -> str:
         "noisy. Read the verdicts as *does the direction hold at small scale*, not as a replication.",
         "",
         f"Runs recorded: {len(records)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
-        f"compute {hours:.1f} h of wall time for the runs timed here.",
+        f"compute: {hours:.1f} h of run wall time, about {machine:.1f} h of this machine (runs two at a time count "
+        "half), for the runs timed here.",
         "",
         "## The papers' claims",
         "",
