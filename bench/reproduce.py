@@ -274,7 +274,7 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     later = f", {n_todo - len(todo)} left for a later sitting (--max_runs)" if n_todo > len(todo) else ""
     print(f"[reproduce] {len(items)} runs in the grid, {len(items) - n_todo} done, {len(todo)} to run "
           f"({jobs} at a time){later}", flush=True)
-    running, failed, t_start, n_done = {}, 0, time.time(), 0
+    running, failed, t_start, n_done, took = {}, 0, time.time(), 0, []
     threads = max(1, (os.cpu_count() or 2) // jobs)
     while todo or running:
         ready = [it for it in todo if it.get("needs") in (None, *done)]
@@ -302,9 +302,9 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
             else:
                 failed += 1
                 status = f"FAILED (exit {proc.returncode}; see {GRID_DIR / (name + '.log')})"
-            elapsed = time.time() - t_start
-            left = len(todo) + len(running)
-            eta = elapsed / n_done * left  # runs finish at the rate seen so far (parallel included)
+            elapsed, left = time.time() - t_start, len(todo) + len(running)
+            took.append(time.time() - t0)
+            eta = statistics.fmean(took) * left / jobs  # the mean run so far, jobs at a time
             print(f"[reproduce] {name}: {status} in {(time.time() - t0) / 60:.1f} min; {n_done} finished, "
                   f"{left} left; elapsed {elapsed / 60:.1f} min, about {eta / 60:.0f} min to go", flush=True)
     print(f"[reproduce] grid finished: {n_done} runs in {(time.time() - t_start) / 60:.1f} min wall time, "
