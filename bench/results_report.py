@@ -396,13 +396,18 @@ def throughput_section() -> list[str]:
                      f"| {r['ours_tok_s']:.1f} | {r['trainer_tok_s']:.1f} | {r['ratio']:.3f} | {cpu} | "
                      f"{r['max_rel_loss_diff']:.1e} |")
     low = [NAMES.get(n, n) for n, r in t["methods"].items() if r.get("ratio_cpu", r["ratio"]) < 1.0]
+    spread = [max(v) / min(v) - 1 for r in t["methods"].values() for v in (r["ours_rounds_tok_s"], r["trainer_rounds_tok_s"])]
+    lo, hi = min(spread), max(spread)
     lines += ["", ("Every ratio (CPU time) is at least 1.0." if not low else
                    f"Below 1.0 (CPU time where measured): {', '.join(low)}. Both sides run the same step function; what differs is the loop "
-                   "around it. On this shared 2-core CPU the same side varies by 5-35% from round to round, so "
-                   "ratios between about 0.9 and 1.1 do not separate the loops; a quiet machine or a GPU with more "
-                   "steps and rounds would."),
+                   f"around it. On this shared 2-core CPU the same side of the same method varied by {lo:.0%} to {hi:.0%} "
+                   "between rounds (wall time, max/min - 1; this run shared the machine with the results grid), so "
+                   "ratios this close to 1 do not separate the loops; "
+                   "a quiet machine or a GPU with more steps and rounds would."),
               "No method runs a forward pass its objective does not need (the bench counts them): NPO's one frozen "
-              "forward is its reference model's log-probs on the forget batch, which the paper's method needs; "
+              "forward is its reference model's log-probs on the forget batch, which the paper's method needs "
+              "(they are constant over training, so computing them once per row, as RKLD's teacher is, would "
+              "save that forward; the reference code computes them every step, and so do we); "
               "RKLD's teacher is precomputed once before training (2 frozen forwards a step with `--rkld_teacher live`)."]
     return lines
 

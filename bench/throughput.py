@@ -203,6 +203,8 @@ def bench(name: str, a, out: Path) -> dict:
             "trainer_s_step": statistics.median(r["s_step"] for r in rounds["trainer"]),
             "ours_rounds_tok_s": [r["tok_s"] for r in rounds["ours"]],
             "trainer_rounds_tok_s": [r["tok_s"] for r in rounds["trainer"]],
+            "ours_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["ours"]],
+            "trainer_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["trainer"]],
             "losses_ours": ours["losses"], "losses_trainer": trainer["losses"], "max_rel_loss_diff": rel,
             "losses_agree": rel <= a.rtol, "same_tokens": ours["tokens"] == trainer["tokens"],
             "tokens_per_step": ours["tokens"], "forwards_per_step": {"trained": trained, "frozen": frozen},
