@@ -18,8 +18,11 @@ to --rtol) show they compute the same thing. A step's time runs from the start o
 to the start of the next one; the first --warmup steps are not timed. Rounds alternate which side goes
 first, and the medians over rounds are reported, per wall second and per second of the process's CPU
 time (on a shared machine the CPU-time ratio is the steadier one: it leaves out the time other processes
-held the cores). Tokens: non-padding tokens (attention-mask sum) of every
-forward pass through the trained model, counted by a forward hook; frozen-model forwards are counted and
+held the cores), with each round's own ratio (its two sides ran back to back, under the same load). The
+cores this process may use and the load average are recorded: pin it to a core of its own on a shared
+machine (taskset -c 1 python bench/throughput.py ..., other work on the other core). Tokens: non-padding
+tokens (attention-mask sum) of every forward pass through the trained model, counted by a forward hook;
+frozen-model forwards are counted and
 compared with what the method's objective needs per step. rkld runs with --strengthened_model = --model
 (no strengthening stage: the teacher's cost does not depend on its weights). Not measured, by design:
 the cost of making the batches (main()'s loader tokenizes in the training process).
@@ -30,6 +33,7 @@ the cost of making the batches (main()'s loader tokenizes in the training proces
 import argparse
 import importlib
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -205,6 +209,9 @@ def bench(name: str, a, out: Path) -> dict:
             "trainer_rounds_tok_s": [r["tok_s"] for r in rounds["trainer"]],
             "ours_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["ours"]],
             "trainer_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["trainer"]],
+            # each round's two sides ran back to back under the same machine load: their ratio is the paired one
+            "ratio_rounds": [o["tok_s"] / t["tok_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
+            "ratio_cpu_rounds": [o["tok_cpu_s"] / t["tok_cpu_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
             "losses_ours": ours["losses"], "losses_trainer": trainer["losses"], "max_rel_loss_diff": rel,
             "losses_agree": rel <= a.rtol, "same_tokens": ours["tokens"] == trainer["tokens"],
             "tokens_per_step": ours["tokens"], "forwards_per_step": {"trained": trained, "frozen": frozen},
@@ -236,6 +243,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if a.model == common.QUICK:
         a.model = common.quick_model(a.split, "target")
+    # what the measurement shared the machine with: the cores this process may run on, the load before it
+    machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
         res = {n: bench(n, a, Path(tmp)) for n in names}
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
@@ -244,9 +253,10 @@ def main(argv=None) -> dict:
     print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
                          f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",
+                         f"{min(r['ratio_cpu_rounds']):.3f}-{max(r['ratio_cpu_rounds']):.3f}",
                          f"{r['max_rel_loss_diff']:.1e}") for n, r in res.items()],
                        ("method", "fwd trained+frozen", "tokens/step", "ours tok/s", "Trainer tok/s", "ours/Trainer",
-                        "same, CPU time", "loss rel diff")))
+                        "same, CPU time", "CPU time, per round", "loss rel diff")))
     for n, r in res.items():
         if r["extra_forwards"]:
             print(f"{n}: {r['extra_forwards']} forward pass(es) a step beyond what the objective needs "
@@ -256,7 +266,8 @@ def main(argv=None) -> dict:
         if not (r["losses_agree"] and r["same_tokens"]):
             print(f"{n}: MISMATCH: per-step losses differ by {r['max_rel_loss_diff']:.1e} (rtol {a.rtol}) or the "
                   "token counts differ: the two sides did not compute the same steps")
-    out = {"config": {**vars(a), "threads": torch.get_num_threads(), **common.run_info()}, "methods": res}
+    out = {"config": {**vars(a), "threads": torch.get_num_threads(), **machine, "load_after": os.getloadavg(),
+                      **common.run_info()}, "methods": res}
     if a.json:
         common.atomic_write_json(a.json, out)
     if not all(r["losses_agree"] and r["same_tokens"] for r in res.values()):

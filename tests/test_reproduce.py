@@ -219,3 +219,18 @@ def test_an_unfinished_run_is_redone_over_its_folder_and_an_incomplete_record_re
     assert reproduce.done_names([r]) == {r["name"]}
     del r["peak"]
     assert reproduce.done_names([r]) == set()
+
+
+def test_throughput_verdict_reads_each_rounds_paired_ratio():
+    def m(ratios):  # a method's record: the per-round paired CPU-time ratios and its round speeds
+        return {"ratio_cpu_rounds": ratios, "ours_rounds_tok_s": [10.0, 11.0], "trainer_rounds_tok_s": [10.0, 12.0]}
+    t = {"config": {"cores_allowed": [1], "cpu_count": 2, "load_before": [1.0, 1, 1], "load_after": [1.5, 1, 1]},
+         "methods": {"rkld": m([1.01, 1.02]), "me_gd": m([0.97, 0.99]), "ga_gd": m([0.99, 1.01])}}
+    v = results_report.throughput_verdict(t)
+    assert "at least 1.0 in every round: RKLD;" in v
+    assert "below 1.0 in every round: ME+GD;" in v
+    assert "not separated from 1.0: GA+GD." in v
+    assert "cores 1 of 2, load average 1.0 before and 1.5 after" in v and "by 10% to 20%" in v
+    old = {"config": {}, "methods": {"rkld": {**m([1.0]), "ratio_cpu": 0.98, "ratio": 0.9}}}
+    del old["methods"]["rkld"]["ratio_cpu_rounds"]  # a file from before per-round ratios
+    assert "Below 1.0 (median, CPU time): RKLD; this file predates" in results_report.throughput_verdict(old)

@@ -24,6 +24,9 @@ def test_both_sides_compute_the_same_steps(tmp_path, tiny_model_dir, capsys):
         assert r["same_tokens"] and all(t > 0 for t in r["tokens_per_step"])
         assert r["ratio"] > 0 and r["ratio"] == pytest.approx(r["ours_tok_s"] / r["trainer_tok_s"])
         assert r["ratio_cpu"] == pytest.approx(r["ours_tok_cpu_s"] / r["trainer_tok_cpu_s"]) and r["ratio_cpu"] > 0
+        assert r["ratio_cpu_rounds"] == [pytest.approx(o / t) for o, t in  # one round: its pair is the median's
+                                         zip(r["ours_rounds_tok_cpu_s"], r["trainer_rounds_tok_cpu_s"])]
+    assert out["config"]["cores_allowed"] and len(out["config"]["load_before"]) == 3
     assert out["methods"]["me_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 0}
     assert out["methods"]["npo_gd"]["forwards_per_step"] == {"trained": 2, "frozen": 1}  # the reference model
     table = capsys.readouterr().out.split("ours/Trainer")[1]
