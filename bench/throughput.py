@@ -29,6 +29,7 @@ the cost of making the batches (main()'s loader tokenizes in the training proces
 
   python bench/throughput.py                                  # quick forget01 target (finetune.py first)
   python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2 --json tp.json
+  python bench/throughput.py --model tiny --batch 1 --steps 150 --rounds 4 --json results/throughput_tiny.json
 """
 import argparse
 import importlib
@@ -220,11 +221,28 @@ def bench(name: str, a, out: Path) -> dict:
             "note": NOTES.get(name, "") if name != "rkld" else f"teacher {a.rkld_teacher}"}
 
 
+def tiny_model(folder: Path, tokenizer_from: str) -> str:
+    """A random 2-layer Llama of hidden size 32 with the quick target's tokenizer (--model tiny): its compute
+    is a few milliseconds a step, so what the two sides' times show is the cost of the loops around it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = common.load_tokenizer(tokenizer_from)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common.save_prompt_format(common.prompt_format(tok, tokenizer_from), folder)
+    return str(folder)
+
+
 def main(argv=None) -> dict:
     class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    p.add_argument("--model", default=common.QUICK, help="model folder; quick = the quick target of --split")
+    p.add_argument("--model", default=common.QUICK, help="model folder; quick = the quick target of --split; tiny = "
+                   "a random 2-layer model with its tokenizer, to time the loops themselves")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--split", default="forget01", help="forget split (quick subset of its authors)")
     p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
@@ -243,6 +261,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if a.model == common.QUICK:
         a.model = common.quick_model(a.split, "target")
+    tiny = tempfile.TemporaryDirectory(prefix="throughput_tiny_") if a.model == "tiny" else None
+    if tiny:
+        a.model = tiny_model(Path(tiny.name), common.quick_model(a.split, "target"))
     # what the measurement shared the machine with: the cores this process may run on, the load before it
     machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
@@ -270,6 +291,8 @@ def main(argv=None) -> dict:
                       **common.run_info()}, "methods": res}
     if a.json:
         common.atomic_write_json(a.json, out)
+    if tiny:
+        tiny.cleanup()
     if not all(r["losses_agree"] and r["same_tokens"] for r in res.values()):
         raise SystemExit(1)
     return out

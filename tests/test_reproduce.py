@@ -230,7 +230,17 @@ def test_throughput_verdict_reads_each_rounds_paired_ratio():
     assert "at least 1.0 in every round: RKLD;" in v
     assert "below 1.0 in every round: ME+GD;" in v
     assert "not separated from 1.0: GA+GD." in v
+    assert "median paired ratio is 1.000 (3 of 6 at least 1.0)" in v
     assert "cores 1 of 2, load average 1.0 before and 1.5 after" in v and "by 10% to 20%" in v
     old = {"config": {}, "methods": {"rkld": {**m([1.0]), "ratio_cpu": 0.98, "ratio": 0.9}}}
     del old["methods"]["rkld"]["ratio_cpu_rounds"]  # a file from before per-round ratios
     assert "Below 1.0 (median, CPU time): RKLD; this file predates" in results_report.throughput_verdict(old)
+
+
+def test_loop_cost_line_from_the_tiny_model_bench(tmp_path):
+    assert "not measured yet" in results_report.loop_cost_lines(tmp_path / "none.json")[0]
+    write(tmp_path / "t.json", {"config": {"batch": 1, "steps": 150, "rounds": 2},
+                                "methods": {"me_gd": {"ours_s_step": 0.020, "trainer_s_step": 0.025,
+                                                      "ratio_cpu_rounds": [1.3, 1.2]}}})
+    line = results_report.loop_cost_lines(tmp_path / "t.json")[1]
+    assert "ME+GD 20 vs 25 ms (1.20-1.30); median paired ratio 1.250 (2 of 2 rounds" in line and "batch 1, 150 steps" in line

@@ -40,3 +40,11 @@ def test_trainer_given_other_batch_order_is_a_mismatch(tmp_path, tiny_model_dir,
     with pytest.raises(SystemExit) as e:
         throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN])
     assert e.value.code == 1
+
+
+def test_tiny_model_keeps_the_tokenizer_and_its_prompt_format(tmp_path, tiny_model_dir):
+    import common
+    folder = throughput.tiny_model(tmp_path / "tiny", str(tiny_model_dir))
+    model, tok = common.load_model(folder)[0], common.load_tokenizer(folder)
+    assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok) == len(common.load_tokenizer(str(tiny_model_dir)))
+    assert (tmp_path / "tiny" / common.FORMAT_FILE).exists()
