@@ -221,18 +221,25 @@ def bench(name: str, a, out: Path) -> dict:
             "note": NOTES.get(name, "") if name != "rkld" else f"teacher {a.rkld_teacher}"}
 
 
-def tiny_model(folder: Path, tokenizer_from: str) -> str:
-    """A random 2-layer Llama of hidden size 32 with the quick target's tokenizer (--model tiny): its compute
-    is a few milliseconds a step, so what the two sides' times show is the cost of the loops around it."""
+def tiny_llama(tok, folder: Path) -> Path:
+    """A random 2-layer Llama of hidden size 32 over tok's vocabulary, saved with tok (also the tests' model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = common.load_tokenizer(tokenizer_from)
     torch.manual_seed(0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad,
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_model(folder: Path, tokenizer_from: str) -> str:
+    """--model tiny: tiny_llama with the quick target's tokenizer and prompt format. Its compute is a few
+    milliseconds a step, so what the two sides' times show is the cost of the loops around it."""
+    tok = common.load_tokenizer(tokenizer_from)
+    tiny_llama(tok, folder)
     common.save_prompt_format(common.prompt_format(tok, tokenizer_from), folder)
     return str(folder)
 

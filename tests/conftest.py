@@ -16,6 +16,9 @@ sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+import throughput  # noqa: E402  (tiny_llama: the tests' model is the bench's --model tiny)
+
 torch.set_num_threads(1)  # tiny models gain nothing from threads; spinning threads slow a shared 2-core box
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -43,25 +46,7 @@ def _tokenizer(chat: bool):
 
 
 def _save_tiny(path: Path, chat: bool) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = _tokenizer(chat)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_runs_dir(tmp_path_factory):
-    """Runs, caches and default output folders of the tests go to a temp dir, not the repo's runs/."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(common, "RUNS_DIR", tmp_path_factory.mktemp("runs"))
-    yield common.RUNS_DIR
-    mp.undo()
+    return throughput.tiny_llama(_tokenizer(chat), path)
 
 
 @pytest.fixture(scope="session")
