@@ -22,10 +22,10 @@ held the cores), with each round's own ratio (its two sides ran back to back, un
 cores this process may use and the load average are recorded: pin it to a core of its own on a shared
 machine (taskset -c 1 python bench/throughput.py ..., other work on the other core). Tokens: non-padding
 tokens (attention-mask sum) of every forward pass through the trained model, counted by a forward hook;
-frozen-model forwards are counted and
-compared with what the method's objective needs per step. rkld runs with --strengthened_model = --model
-(no strengthening stage: the teacher's cost does not depend on its weights). Not measured, by design:
-the cost of making the batches (main()'s loader tokenizes in the training process).
+frozen-model forwards are counted and compared with what the method's objective needs per step. rkld runs
+with --strengthened_model = --model (no strengthening stage: the teacher's cost does not depend on its
+weights). Not measured, by design: the cost of making the batches (main()'s loader tokenizes in the
+training process).
 
   python bench/throughput.py                                  # quick forget01 target (finetune.py first)
   python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2 --json tp.json
