@@ -49,6 +49,15 @@ def _save_tiny(path: Path, chat: bool) -> Path:
     return throughput.tiny_llama(_tokenizer(chat), path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_runs_dir(tmp_path_factory):
+    """Runs, caches and default output folders of the tests go to a temp dir, not the repo's runs/."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(common, "RUNS_DIR", tmp_path_factory.mktemp("runs"))
+    yield common.RUNS_DIR
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny_chat"), chat=True)

@@ -300,6 +300,13 @@ def test_numeric_flags_are_checked_at_parse_time(monkeypatch, tiny_model_dir, fl
     _finalize(monkeypatch, tiny_model_dir, epochs=0, max_steps=0, warmup_epochs=0.0)  # zero is allowed there
 
 
+def test_tests_write_no_run_into_the_repository():
+    """conftest's isolated_runs_dir is in force: a test's default run folders and caches are temporary
+    (a conftest edit that dropped it once let the tests write runs/rkld/forget01 into the checkout)."""
+    repo_runs = Path(common.__file__).resolve().parent / "runs"
+    assert common.RUNS_DIR.resolve() != repo_runs.resolve() and not common.RUNS_DIR.resolve().is_relative_to(repo_runs)
+
+
 def test_default_run_folder_names_the_flags_that_change_the_run(monkeypatch, tiny_model_dir):
     """Catches the old runs/<method>/<split> for every setting (an ablation overwrote the default run),
     naming a default that the recipe filled in (the same run under two names), and unsorted flags."""
