@@ -255,6 +255,13 @@ def finished(item: dict) -> bool:
         ("--peak_epoch" not in item["command"] or (out / "peak_epoch.json").exists())
 
 
+def caches_filled(running: dict) -> bool:
+    """Whether a running sweep or seeds run has written its starting evaluation (eval/before/summary.json),
+    which comes after the retain logs: from then on the runs beside it find both in runs/eval_cache."""
+    return any(it["grid"] in ("sweep", "seeds") and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists()
+               for it, _, _ in running.values())
+
+
 def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     records = load_results()
     done = done_names(records)
@@ -278,13 +285,14 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     threads = max(1, (os.cpu_count() or 2) // jobs)
     while todo or running:
         ready = [it for it in todo if it.get("needs") in (None, *done)]
-        # a grid's first run goes alone: it fills the shared caches (starting model's evaluation, retain logs)
-        slots = 1 if not n_done else jobs
+        # a grid's first run goes alone until it has filled the shared caches (retain logs, then the starting
+        # model's evaluation): the others would compute them again, side by side
+        slots = jobs if n_done or caches_filled(running) else 1
         while ready and len(running) < slots:
             it = ready.pop(0)
             todo.remove(it)
             print(f"[reproduce] start {it['name']}: {shlex.join(it['command'][1:])}", flush=True)
-            running[it["name"]] = (it, launch(it, threads if slots > 1 else os.cpu_count() or 2), time.time())
+            running[it["name"]] = (it, launch(it, threads), time.time())  # cores/jobs each, the first too
         if not running:
             raise SystemExit(f"error: {len(todo)} runs wait for runs that failed: {[t['name'] for t in todo]}")
         time.sleep(5)
@@ -295,7 +303,7 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
             n_done += 1
             if proc.returncode == 0 and finished(it):
                 records = load_results()
-                records.append(collect(it, time.time() - t0, len(running) + 1 if slots > 1 else 1))
+                records.append(collect(it, time.time() - t0, jobs))
                 save_results(records)
                 done.add(name)
                 status = "done"

@@ -92,6 +92,44 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     assert reproduce.run_grid(more, jobs=1, max_runs=None) == 0 and launched == [more[0]["name"]]
 
 
+def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp_path, monkeypatch):
+    """The second slot opens when the first run has written its starting evaluation (the retain logs come
+    before it), not when the first run ends: a whole run on one idle core was the earlier cost."""
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
+    first_before = tmp_path / "grid" / items[0]["name"] / "eval" / "before" / "summary.json"
+    ticks, launched = [0], []
+
+    class Proc:
+        def __init__(self, item, end):
+            self.item, self.end, self.returncode = item, end, 0
+
+        def poll(self):
+            if ticks[0] < self.end:
+                return None
+            fake_run(tmp_path / "grid" / self.item["name"])
+            return 0
+
+    def launch(item, threads):
+        launched.append((item["name"], ticks[0], first_before.exists(), threads))
+        return Proc(item, ticks[0] + 10)
+
+    def sleep(s):
+        ticks[0] += 1
+        if ticks[0] == 3:  # the first run has evaluated its starting model
+            first_before.parent.mkdir(parents=True, exist_ok=True)
+            first_before.write_text("{}")
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", sleep)
+    assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
+    (n0, t0, _, th0), (n1, t1, cached1, _), _ = launched
+    assert n0 == items[0]["name"] and n1 == items[1]["name"]
+    assert cached1 and t1 < t0 + 10  # after the caches, before the first run ends
+    assert th0 == max(1, (reproduce.os.cpu_count() or 2) // 2)  # the first run has its share of the cores
+
+
 def test_share_teacher_points_later_rkld_runs_at_the_first_of_their_seed():
     items = reproduce.share_teacher([reproduce.method_item("sweep", m, lr, s)
                                      for s in (42, 1) for lr in (1e-4, 5e-5) for m in ("rkld", "rkld_fkl", "ga")])
