@@ -32,6 +32,22 @@ def test_lr_rule_takes_the_best_forget_quality_that_keeps_utility():
     assert reproduce.chosen_lr("ga", records) == hi
 
 
+def test_lr_rule_skips_a_rate_that_unlearned_nothing_and_fkl_takes_rkld_rate():
+    """The sweep's RKLD: lr 2e-5 kept utility because its forget quality stayed at the target's (0.01 here);
+    the rule takes the highest utility among the rates that moved it. FKL follows RKLD (Table 2's ablation)."""
+    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    records = [rec("rkld", hi, 0.9, 0.34), rec("rkld", mid, 0.4, 0.35), rec("rkld", lo, 0.01, 0.39),
+               rec("rkld_fkl", hi, 0.1, 0.3), rec("rkld_fkl", mid, 0.2, 0.3), rec("rkld_fkl", lo, 0.05, 0.38)]
+    assert reproduce.chosen_lr("rkld", records) == mid
+    assert reproduce.chosen_lr("rkld_fkl", records) == mid  # its own sweep alone would choose lo
+    # a rate that unlearned and kept 90% of utility wins over the highest utility
+    records[0] = rec("rkld", hi, 0.9, 0.37)
+    assert reproduce.chosen_lr("rkld", records) == hi
+    # no rate unlearned anything: the rule as before over every rate
+    records = [rec("ga", hi, 0.01, 0.2), rec("ga", mid, 0.01, 0.3), rec("ga", lo, 0.01, 0.39)]
+    assert reproduce.chosen_lr("ga", records) == lo
+
+
 def write(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
