@@ -295,6 +295,7 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     print(f"[reproduce] {len(items)} runs in the grid, {len(items) - n_todo} done, {len(todo)} to run "
           f"({jobs} at a time){later}", flush=True)
     running, failed, t_start, n_done, took = {}, 0, time.time(), 0, []
+    n_done_before = len(done)
     threads = max(1, (os.cpu_count() or 2) // jobs)
     while todo or running:
         ready = [it for it in todo if it.get("needs") in (None, *done)]
@@ -323,6 +324,11 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
             else:
                 failed += 1
                 status = f"FAILED (exit {proc.returncode}; see {GRID_DIR / (name + '.log')})"
+                if len(done) == n_done_before:  # nothing has succeeded yet: the rest would fail the same way
+                    for _, other, _ in running.values():
+                        other.terminate()
+                    raise SystemExit(f"error: {name}, the grid's first run this sitting, failed (exit "
+                                     f"{proc.returncode}: {last_line(GRID_DIR / (name + '.log'))}); the grid stopped")
             elapsed, left = time.time() - t_start, len(todo) + len(running)
             took.append(time.time() - t0)
             eta = statistics.fmean(took) * left / jobs  # the mean run so far, jobs at a time
@@ -331,6 +337,42 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     print(f"[reproduce] grid finished: {n_done} runs in {(time.time() - t_start) / 60:.1f} min wall time, "
           f"{failed} failed", flush=True)
     return failed
+
+
+def last_line(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+    return lines[-1][:300] if lines else "no output"
+
+
+QUICK_MODELS = ("target", "retain")
+
+
+def ensure_quick_models(split: str = "forget01") -> None:
+    """The sweep, seeds and reference grids start from the quick target and score against the quick
+    retain model, which live in runs/models and so do not outlive a machine: build them when missing
+    (`finetune.py --split forget01`, about 13 minutes here), so that a sitting on a new machine does
+    not see every run fail at once."""
+    import common
+    missing = []
+    for role in QUICK_MODELS:
+        try:
+            common.quick_model(split, role)
+        except common.TofuError:
+            missing.append(role)
+    if not missing:
+        return
+    GRID_DIR.mkdir(parents=True, exist_ok=True)
+    log = GRID_DIR / "quick-models.log"
+    cmd = [sys.executable, "finetune.py", "--split", split]
+    print(f"[reproduce] the quick {' and '.join(missing)} model{'s' * (len(missing) > 1)} for {split} "
+          f"{'are' if len(missing) > 1 else 'is'} not on this machine: building them first ({shlex.join(cmd[1:])}, "
+          f"about 13 min on 2 cores; log {log})", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"error: building the quick models failed (exit {rc}: {last_line(log)})")
+    print(f"[reproduce] quick models built in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
 def cost(grid: str, items: list[dict], done: set) -> str:
@@ -371,6 +413,8 @@ def main(argv=None):
                     print(f"  waiting: {w}")
                 continue
             print(f"[reproduce] grid {g}" + (f" (waiting: {'; '.join(waiting)})" if waiting else ""), flush=True)
+            if g != "continual" and any(i["name"] not in done for i in items):
+                ensure_quick_models()
             run_grid(items, args.jobs, args.max_runs)
         if args.list:
             return

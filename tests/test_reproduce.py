@@ -298,3 +298,81 @@ def test_loop_cost_line_from_the_tiny_model_bench(tmp_path):
                                                       "ratio_cpu_rounds": [1.3, 1.2]}}})
     line = results_report.loop_cost_lines(tmp_path / "t.json")[1]
     assert "ME+GD 20 vs 25 ms (1.20-1.30); median paired ratio 1.250 (2 of 2 rounds" in line and "batch 1, 150 steps" in line
+
+
+def test_a_first_run_that_fails_stops_the_grid_in_one_sentence(tmp_path, monkeypatch):
+    """A sitting on a new machine once saw all 22 runs of a grid fail in 40 s, one after another, on the same
+    missing model: the grid stops at its first failure when nothing has succeeded yet."""
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
+    launched = []
+
+    class Failed:
+        returncode = 2
+
+        def poll(self):
+            return 2
+
+    def launch(item, threads):
+        launched.append(item["name"])
+        (tmp_path / "grid").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "grid" / f"{item['name']}.log").write_text("loading\nError: the quick retain model is missing\n")
+        return Failed()
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    with pytest.raises(SystemExit, match="first run this sitting, failed .*quick retain model is missing"):
+        reproduce.run_grid(items, jobs=2, max_runs=None)
+    assert launched == [items[0]["name"]]
+    # once a run has succeeded, a later failure is counted and the grid goes on
+    launched.clear()
+    calls = iter([0, 2, 0])
+
+    def launch_mixed(item, threads):
+        launched.append(item["name"])
+        rc = next(calls)
+        if rc == 0:
+            fake_run(tmp_path / "grid" / item["name"])
+        return type("P", (), {"returncode": rc, "poll": lambda self: rc})()
+
+    monkeypatch.setattr(reproduce, "launch", launch_mixed)
+    more = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("kto", "idk", "rkld")]
+    assert reproduce.run_grid(more, jobs=1, max_runs=None) == 1 and len(launched) == 3
+
+
+def test_missing_quick_models_are_built_before_a_grid(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    built, present = [], {"target": True, "retain": False}
+
+    def quick_model(split, role, *a, **k):
+        if not present[role]:
+            raise common.TofuError(f"the quick {role} model for {split} is not built yet")
+        return str(tmp_path / role)
+
+    def run(cmd, **kw):
+        built.append(cmd[1:])
+        return type("R", (), {"returncode": 0})()
+
+    monkeypatch.setattr(common, "quick_model", quick_model)
+    monkeypatch.setattr(reproduce.subprocess, "run", run)
+    reproduce.ensure_quick_models()
+    assert built == [["finetune.py", "--split", "forget01"]]
+    present["retain"] = True
+    reproduce.ensure_quick_models()
+    assert len(built) == 1  # both there: nothing built
+    present["target"] = False
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: type("R", (), {"returncode": 1})())
+    with pytest.raises(SystemExit, match="building the quick models failed"):
+        reproduce.ensure_quick_models()
+
+
+def test_main_builds_the_quick_models_before_a_grid_that_needs_them(monkeypatch):
+    order = []
+    monkeypatch.setattr(reproduce, "ensure_quick_models", lambda: order.append("models"))
+    monkeypatch.setattr(reproduce, "run_grid", lambda items, jobs, max_runs: order.append(items[0]["grid"]) or 0)
+    monkeypatch.setattr(reproduce, "load_results", lambda: [])
+    monkeypatch.setitem(sys.modules, "results_report", type("M", (), {"main": staticmethod(lambda argv: None)}))
+    reproduce.main(["--grid", "sweep"])
+    assert order == ["models", "sweep"]
