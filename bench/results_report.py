@@ -220,21 +220,41 @@ def claim_keeps_utility(records, lrs, good, bad):
                f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE w/o ES {fe}"]
 
 
+DECLINE = 0.8  # a continual run declines when its lowest MU is below this share of the start's
+CONTINUAL_LR = 1e-4  # scripts/continual.py on the quick path: each method script's QUICK recipe
+
+
 def continual_rows(records):
     return {r["method"]: r["tasks"] for r in records if r["grid"] == "continual" and r.get("tasks")}
 
 
 def claim_continual(records):
+    """Closer-Look Fig. 6 on our sequences: a method "declines" when its lowest MU over tasks 1..N falls below
+    80% of the starting model's (the paper: the baselines' MU "nearly zero on a certain subtask", at any task,
+    not only the last), and "keeps" it otherwise. Reproduced: ME+GD and IDK+AP keep and GA+GD and NPO+GD
+    decline; not reproduced: ME+GD or IDK+AP declines, or neither baseline does; else inconclusive."""
     c = continual_rows(records)
     if not all(m in c for m in reproduce.CONTINUAL):
         return "inconclusive", [f"not run yet: {', '.join(NAMES[m] for m in reproduce.CONTINUAL if m not in c)}"]
-    last = str(reproduce.CONTINUAL_TASKS)
-    mu = {m: (c[m]["0"]["model_utility"], c[m][last]["model_utility"]) for m in reproduce.CONTINUAL}
-    keep = min(mu["me_gd"][1], mu["idk_ap"][1]) > max(mu["ga_gd"][1], mu["npo_gd"][1])
-    decline = all(mu[m][1] < 0.8 * mu[m][0] for m in ("ga_gd", "npo_gd"))
-    v = "reproduced" if keep and decline else "not reproduced" if not keep else "inconclusive"
-    return v, [f"{NAMES[m]}: MU {a:.3f} → {b:.3f} after task {last}, FE w/o ES {c[m][last].get(FE) or float('nan'):.3f}"
-               for m, (a, b) in mu.items()] + ["one sequence per method (seed 42)"]
+    tasks = [str(k) for k in range(1, reproduce.CONTINUAL_TASKS + 1)]
+    low, start = {}, {}
+    for m in reproduce.CONTINUAL:
+        start[m] = c[m]["0"]["model_utility"]
+        mus = [(c[m][k]["model_utility"], k) for k in tasks if (c[m].get(k) or {}).get("model_utility") is not None]
+        low[m] = min(mus) if mus else (float("nan"), "none")
+    declines = {m: not low[m][0] >= DECLINE * start[m] for m in reproduce.CONTINUAL}  # nan (no task) declines
+    kept = not declines["me_gd"] and not declines["idk_ap"]
+    base = [declines["ga_gd"], declines["npo_gd"]]
+    v = "reproduced" if kept and all(base) else "not reproduced" if not kept or not any(base) else "inconclusive"
+    last = tasks[-1]
+    return v, [f"{NAMES[m]}: MU {start[m]:.3f} at the start, lowest {low[m][0]:.3f} (task {low[m][1]}), "
+               f"{(c[m].get(last) or {}).get('model_utility') or float('nan'):.3f} after task {last}; FE w/o ES "
+               f"{(c[m].get(last) or {}).get(FE) or float('nan'):.3f} after task {last}: "
+               f"{'declines' if declines[m] else 'keeps'} (lowest {'below' if declines[m] else 'at least'} "
+               f"{DECLINE:.0%} of the start)" for m in reproduce.CONTINUAL] + [
+        f"one sequence per method (seed 42), tasks 1-{last} of forget01's 10, lr {CONTINUAL_LR:g} for every method "
+        "(the quick recipe: Closer-Look §5.2 also trains every method at one lr, 1e-5), ME+GD with alpha 1.0 "
+        "(Closer-Look §5.2)"]
 
 
 # ----------------------------------------------------------------------------------------------

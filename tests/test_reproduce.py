@@ -376,3 +376,30 @@ def test_main_builds_the_quick_models_before_a_grid_that_needs_them(monkeypatch)
     monkeypatch.setitem(sys.modules, "results_report", type("M", (), {"main": staticmethod(lambda argv: None)}))
     reproduce.main(["--grid", "sweep"])
     assert order == ["models", "sweep"]
+
+
+def test_continual_verdict_reads_the_lowest_task_not_only_the_last():
+    """MU per task, start 0.4: GA+GD falls to 0.05 at task 2 and recovers to 0.35 by task 3 (Closer-Look:
+    'nearly zero on a certain subtask'); a verdict on the last task alone would call it kept."""
+    def seq(m, *mus):
+        return {"name": f"continual-{m}", "grid": "continual", "method": m, "lr": None, "seed": 42,
+                "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
+
+    keep, dip, fall = (0.39, 0.38, 0.37), (0.3, 0.05, 0.35), (0.3, 0.2, 0.1)
+    assert reproduce.CONTINUAL_TASKS >= 3
+    pad = lambda t: t + (t[-1],) * (reproduce.CONTINUAL_TASKS - 3)
+    recs = lambda **mus: [seq(m, *pad(mus[m])) for m in reproduce.CONTINUAL]
+    v, lines = results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=dip, npo_gd=fall))
+    ga_line = next(ln for ln in lines if ln.startswith("GA+GD"))
+    assert v == "reproduced" and "lowest 0.050 (task 2)" in ga_line and ga_line.endswith("declines (lowest below 80% of the start)")
+    assert results_report.claim_continual(recs(me_gd=dip, idk_ap=keep, ga_gd=fall, npo_gd=fall))[0] == "not reproduced"
+    assert results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=keep, npo_gd=keep))[0] == "not reproduced"
+    assert results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=keep, npo_gd=fall))[0] == "inconclusive"
+    assert results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=fall, npo_gd=fall)[:3])[0] == "inconclusive"
+
+
+def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
+    import baselines
+    import idk_ap
+    import me_gd
+    assert {me_gd.QUICK["lr"], idk_ap.QUICK["lr"], baselines.QUICK["lr"]} == {results_report.CONTINUAL_LR}
