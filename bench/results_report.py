@@ -469,6 +469,40 @@ def throughput_section() -> list[str]:
     return lines
 
 
+START_TOL = 1e-3  # what separates two starting models' evaluations; float noise (thread counts) is ~1e-5
+
+
+def starts_line(records) -> str:
+    """Whether every sweep and seeds run started from the same quick target, read off their "before"
+    evaluations: run folders do not outlive a machine, so a later sitting rebuilds the target, and a rebuild
+    that differed would mix runs of two targets in one table. Evaluations within START_TOL on each of the
+    keys count as one start (the sweep's own records differ by ~6e-6 in MU between one and two threads)."""
+    runs = [r for r in records if r["grid"] in ("sweep", "seeds") and r.get("before")]
+    keys = ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")
+    groups: list[tuple[dict, list[str]]] = []
+    worst = 0.0
+    for r in runs:
+        b = r["before"]
+        for first, names in groups:
+            gap = max(abs(b.get(k, 0) - first.get(k, 0)) for k in keys)
+            if gap <= START_TOL:
+                names.append(r["name"])
+                worst = max(worst, gap)
+                break
+        else:
+            groups.append((b, [r["name"]]))
+    if len(groups) <= 1:
+        b = groups[0][0] if groups else {}
+        return (f"Every sweep and seeds run ({len(runs)}) started from the same quick target: its evaluation before "
+                f"unlearning agrees in all of them (FQ {b.get('forget_quality', float('nan')):.4g}, MU "
+                f"{b.get('model_utility', float('nan')):.4g}; largest difference {worst:.1g}, float-level noise"
+                f"); a sitting on a new machine rebuilds the target, which `finetune.py` does deterministically "
+                f"on CPU.")
+    parts = "; ".join(f"FQ {b['forget_quality']:.4g}, MU {b['model_utility']:.4g}: {len(v)} runs "
+                      f"({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for b, v in groups)
+    return f"**Warning: the runs started from {len(groups)} different quick targets** ({parts}); compare within a group."
+
+
 def command_line(cmd: list[str]) -> str:
     """A recorded command as one would type it in the repository root (python, paths relative)."""
     cmd = shlex.split(cmd) if isinstance(cmd, str) else cmd
@@ -507,6 +541,8 @@ def render(records, lrs, made, claims) -> str:
         f"Runs recorded: {len(records)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
         f"compute: {hours:.1f} h of run wall time, about {machine:.1f} h of this machine (runs two at a time count "
         "half), for the runs timed here.",
+        "",
+        starts_line(records),
         "",
         "## The papers' claims",
         "",

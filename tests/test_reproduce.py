@@ -403,3 +403,14 @@ def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
     import idk_ap
     import me_gd
     assert {me_gd.QUICK["lr"], idk_ap.QUICK["lr"], baselines.QUICK["lr"]} == {results_report.CONTINUAL_LR}
+
+
+def test_report_warns_when_runs_started_from_different_targets():
+    """A later sitting on a new machine rebuilds the quick target; a rebuild that differed must show, not mix."""
+    a, b = rec("ga", 1e-4, 0.5, 0.4), rec("npo", 1e-4, 0.5, 0.4, seed=1, grid="seeds")
+    assert results_report.starts_line([a, b]).startswith("Every sweep and seeds run (2) started from the same")
+    b["before"] = {**b["before"], "model_utility": 0.4 + 6e-6}  # the sweep's own float noise: one start
+    assert results_report.starts_line([a, b]).startswith("Every sweep and seeds run (2)")
+    b["before"] = {**b["before"], "model_utility": 0.41}
+    line = results_report.starts_line([a, b])
+    assert line.startswith("**Warning: the runs started from 2 different quick targets**") and "npo-lr0.0001-seed1" in line
