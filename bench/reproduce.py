@@ -307,8 +307,13 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
         while ready and len(running) < slots:
             it = ready.pop(0)
             todo.remove(it)
-            print(f"[reproduce] start {it['name']}: {shlex.join(it['command'][1:])}", flush=True)
-            running[it["name"]] = (it, launch(it, threads), time.time())  # cores/jobs each, the first too
+            # cores/jobs each, the first too; a run that nothing else can join (the continual target, which the
+            # sequences wait for) gets every core, or the other slots would idle through it
+            alone = not running and not ready and all(t.get("needs") == it["name"] for t in todo)
+            n = (os.cpu_count() or 2) if alone else threads
+            print(f"[reproduce] start {it['name']} ({n} thread{'s' * (n > 1)}): {shlex.join(it['command'][1:])}",
+                  flush=True)
+            running[it["name"]] = (it, launch(it, n), time.time())
         if not running:
             raise SystemExit(f"error: {len(todo)} runs wait for runs that failed: {[t['name'] for t in todo]}")
         time.sleep(5)

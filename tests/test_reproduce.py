@@ -414,3 +414,23 @@ def test_report_warns_when_runs_started_from_different_targets():
     b["before"] = {**b["before"], "model_utility": 0.41}
     line = results_report.starts_line([a, b])
     assert line.startswith("**Warning: the runs started from 2 different quick targets**") and "npo-lr0.0001-seed1" in line
+
+
+def test_the_continual_target_gets_every_core_while_the_sequences_wait_for_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
+    items, _ = reproduce.grid_items("continual", [])
+    launched = []
+
+    def launch(item, threads):
+        launched.append((item["name"], threads))
+        return type("P", (), {"returncode": 0, "poll": lambda self: 0})()
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce, "finished", lambda item: bool(launched) and item["name"] in dict(launched))
+    monkeypatch.setattr(reproduce, "collect", lambda item, wall, jobs: {"name": item["name"], "grid": "continual"})
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
+    assert launched[0] == ("continual-target", 2)
+    assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + len(reproduce.CONTINUAL)
