@@ -4,6 +4,7 @@ path, collect every run into results/results.json, then write RESULTS.md and its
   python bench/reproduce.py                       # every grid, in order, then the report
   python bench/reproduce.py --grid sweep --jobs 2 # one grid, two runs at a time (one thread each)
   python bench/reproduce.py --list                # what each grid holds and what is done
+  python bench/reproduce.py --jobs 2 --hours 2.5  # start no run after 2.5 h (those under way finish)
   python bench/reproduce.py --report_only         # RESULTS.md and plots from results/results.json
 
 Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has its first-peak epoch):
@@ -277,7 +278,7 @@ def caches_filled(running: dict) -> bool:
                for it, _, _ in running.values())
 
 
-def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
+def run_grid(items: list[dict], jobs: int, max_runs: int | None, start_by: float | None = None) -> int:
     records = load_results()
     done = done_names(records)
     todo = []
@@ -300,6 +301,10 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None) -> int:
     n_done_before = len(done)
     threads = max(1, (os.cpu_count() or 2) // jobs)
     while todo or running:
+        if todo and start_by is not None and time.time() >= start_by:  # --hours: the runs under way finish
+            print(f"[reproduce] --hours reached: no new runs; {len(todo)} left for a later sitting", flush=True)
+            todo = []
+            continue
         ready = [it for it in todo if it.get("needs") in (None, *done)]
         # a grid's first run goes alone until it has filled the shared caches (retain logs, then the starting
         # model's evaluation): the others would compute them again, side by side
@@ -399,6 +404,9 @@ def main(argv=None):
     p.add_argument("--grid", default="all", help=f"one of {', '.join(GRIDS)}, a comma list, or all (in that order)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1)")
     p.add_argument("--max_runs", type=int, default=None, help="stop after starting this many runs (default: all)")
+    p.add_argument("--hours", type=float, default=None,
+                   help="start no run after this many hours from now; the runs under way finish and are recorded (for "
+                        "a sitting of fixed length: a run stopped halfway is lost with its machine; default: no limit)")
     p.add_argument("--list", action="store_true", help="print each grid's runs and whether they are done, and exit")
     p.add_argument("--report_only", action="store_true", help="write RESULTS.md and plots from the results file")
     args = p.parse_args(argv)
@@ -408,6 +416,9 @@ def main(argv=None):
     if bad := [g for g in grids if g not in GRIDS]:
         raise SystemExit(f"error: unknown grid {bad[0]!r}; choose from {', '.join(GRIDS)} or all")
     t0 = time.time()
+    if args.hours is not None and args.hours <= 0:
+        raise SystemExit("error: --hours must be positive")
+    start_by = None if args.hours is None else t0 + 3600 * args.hours
     if not args.report_only:
         for g in grids:
             items, waiting = grid_items(g, load_results())
@@ -422,7 +433,7 @@ def main(argv=None):
             print(f"[reproduce] grid {g}" + (f" (waiting: {'; '.join(waiting)})" if waiting else ""), flush=True)
             if g != "continual" and any(i["name"] not in done for i in items):
                 ensure_quick_models()
-            run_grid(items, args.jobs, args.max_runs)
+            run_grid(items, args.jobs, args.max_runs, start_by)
         if args.list:
             return
     import results_report

@@ -371,7 +371,7 @@ def test_missing_quick_models_are_built_before_a_grid(tmp_path, monkeypatch):
 def test_main_builds_the_quick_models_before_a_grid_that_needs_them(monkeypatch):
     order = []
     monkeypatch.setattr(reproduce, "ensure_quick_models", lambda: order.append("models"))
-    monkeypatch.setattr(reproduce, "run_grid", lambda items, jobs, max_runs: order.append(items[0]["grid"]) or 0)
+    monkeypatch.setattr(reproduce, "run_grid", lambda items, jobs, max_runs, start_by: order.append(items[0]["grid"]) or 0)
     monkeypatch.setattr(reproduce, "load_results", lambda: [])
     monkeypatch.setitem(sys.modules, "results_report", type("M", (), {"main": staticmethod(lambda argv: None)}))
     reproduce.main(["--grid", "sweep"])
@@ -434,3 +434,37 @@ def test_the_continual_target_gets_every_core_while_the_sequences_wait_for_it(tm
     assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
     assert launched[0] == ("continual-target", 2)
     assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + len(reproduce.CONTINUAL)
+
+
+def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
+    clock, launched = [1000.0], []
+
+    class Proc:
+        def __init__(self, item):
+            self.item, self.end, self.returncode = item, clock[0] + 50, 0
+
+        def poll(self):
+            if clock[0] < self.end:
+                return None
+            fake_run(tmp_path / "grid" / self.item["name"])
+            return 0
+
+    def launch(item, threads):
+        launched.append(item["name"])
+        return Proc(item)
+
+    def sleep(s):
+        clock[0] += 10
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", sleep)
+    monkeypatch.setattr(reproduce.time, "time", lambda: clock[0])
+    assert reproduce.run_grid(items, jobs=1, max_runs=None, start_by=1030.0) == 0
+    assert launched == [items[0]["name"]]  # started before the limit, finished after it: recorded
+    assert [r["name"] for r in reproduce.load_results()] == [items[0]["name"]]
+    assert "--hours reached: no new runs; 2 left for a later sitting" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--hours must be positive"):
+        reproduce.main(["--hours", "0", "--list"])
