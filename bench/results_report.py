@@ -365,8 +365,40 @@ def paper_lines() -> dict[str, str]:
     }
 
 
+def gpu_section(gpu: list[dict]) -> list[str]:
+    """The full benchmark of the embedded model on a GPU (`--grid gpu`): one table per split, each method
+    at its first-peak and last epoch, marked with the GPU and the date it ran on."""
+    if not any(r.get("last") for r in gpu):
+        return ["Not run yet: it needs a GPU (`python bench/reproduce.py --grid gpu` on a machine with one: every "
+                "author, forget05 and forget10, up to 300 evaluation rows, RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD at "
+                "seed 42; about 3 minutes for the models and 5 a method on one H100, measured for RKLD)."]
+    lines = []
+    for split in reproduce.GPU_SPLITS:
+        runs = [r for r in gpu if r.get("split") == split and r.get("last")]
+        if not runs:
+            lines += [f"**{split}**: not run yet.", ""]
+            continue
+        devices = sorted({(r.get("info") or {}).get("cuda") or "no GPU recorded" for r in runs})
+        days = sorted({r["finished"][:10] for r in runs if r.get("finished")})
+        lines += [f"**{split}** ({len(runs)} methods; {', '.join(devices)}; {', '.join(days)}; seed 42, lr as "
+                  "chosen on the CPU sweep):", "",
+                  "| model | epoch | lr | " + " | ".join(c for c, _ in COLS) + " |", "|---" * (len(COLS) + 3) + "|"]
+        num = lambda s, k: cell([s[k]] if isinstance(s.get(k), (int, float)) else [], "g" if k == "forget_quality" else 3)
+        lines.append("| target (before unlearning) | | | " + " | ".join(num(runs[0]["before"] or {}, k) for _, k in COLS) + " |")
+        for m in reproduce.GPU_METHODS:
+            for r in (r for r in runs if r["method"] == m):
+                for label, where in ((f"first peak ({r.get('peak_epoch')})", "peak"), ("last", "last")):
+                    if r.get(where):
+                        lines.append(f"| {NAMES[m]} | {label} | {r['lr']:g} | " +
+                                     " | ".join(num(r[where], k) for _, k in COLS) + " |")
+        lines.append("")
+    return lines
+
+
 def main(argv=None):
-    records = derive(reproduce.load_results())
+    everything = derive(reproduce.load_results())
+    gpu = [r for r in everything if r["grid"] == "gpu"]
+    records = [r for r in everything if r["grid"] != "gpu"]  # the CPU quick path: the claims, tables, plots
     PLOTS.mkdir(exist_ok=True)
     lrs = chosen(records)
     made = plots(records, lrs)
@@ -385,7 +417,7 @@ def main(argv=None):
          "(Closer-Look Fig. 6)", claim_continual(records)),
     ]
     claims = [(title, (v, lines + ([paper[key]] if key in paper else []))) for key, title, (v, lines) in claims]
-    text = render(records, lrs, made, claims)
+    text = render(records, lrs, made, claims, gpu)
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(OUT)
@@ -511,17 +543,17 @@ def command_line(cmd: list[str]) -> str:
     return " ".join(x.replace(str(REPO) + "/", "") for x in out)
 
 
-def render(records, lrs, made, claims) -> str:
-    trained = [r for r in records if r.get("wall_s")]
+def render(records, lrs, made, claims, gpu=()) -> str:
+    trained = [r for r in [*records, *gpu] if r.get("wall_s")]
     hours = sum(r["wall_s"] for r in trained) / 3600
     machine = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in trained) / 3600
-    infos = [r["info"] for r in records if r.get("info")]
+    infos = [r["info"] for r in [*records, *gpu] if r.get("info")]
     commits = sorted({(i.get("git_commit") or "unknown")[:10] for i in infos})
     hw = sorted({f"{i.get('platform')}, {i.get('cpu_count')} CPUs" + (f", {i['cuda']}" if i.get("cuda") else "")
                  for i in infos})
     ver = sorted({f"torch {i.get('torch')}, transformers {i.get('transformers')}, accelerate {i.get('accelerate')}, "
                   f"Python {i.get('python')}" for i in infos})
-    grids = {g: sum(r["grid"] == g for r in records) for g in reproduce.GRIDS}
+    grids = {g: sum(r["grid"] == g for r in [*records, *gpu]) for g in (*reproduce.GRIDS, "gpu")}
     parts = [
         "# Results: the papers' claims on our own runs",
         "",
@@ -538,7 +570,7 @@ def render(records, lrs, made, claims) -> str:
         "coarse steps (a KS test of 40 against 40 values), and model utility over 20 rows per split is "
         "noisy. Read the verdicts as *does the direction hold at small scale*, not as a replication.",
         "",
-        f"Runs recorded: {len(records)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
+        f"Runs recorded: {len(records) + len(gpu)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
         f"compute: {hours:.1f} h of run wall time, about {machine:.1f} h of this machine (runs two at a time count "
         "half), for the runs timed here.",
         "",
@@ -581,6 +613,10 @@ def render(records, lrs, made, claims) -> str:
         "",
         main_table(records, lrs, "last"),
         "",
+        "## On a GPU: the full benchmark of the embedded model",
+        "",
+        *gpu_section(list(gpu)),
+        "",
         "## Training throughput (`bench/throughput.py`)",
         "",
         *throughput_section(),
@@ -600,9 +636,9 @@ def render(records, lrs, made, claims) -> str:
         "Each run's exact command (also in `results/results.json`, `command`); the grids are defined in "
         "`bench/reproduce.py`, which runs them from the repository root.",
         "",
-        "<details><summary>" + f"{len(records)} commands" + "</summary>",
+        "<details><summary>" + f"{len(records) + len(gpu)} commands" + "</summary>",
         "",
-        *(f"- `{r['name']}`: `{command_line(r['command'])}`" for r in records if r.get("command")),
+        *(f"- `{r['name']}`: `{command_line(r['command'])}`" for r in [*records, *gpu] if r.get("command")),
         "",
         "</details>",
         "",

@@ -468,3 +468,46 @@ def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_
     assert "--hours reached: no new runs; 2 left for a later sitting" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--hours must be positive"):
         reproduce.main(["--hours", "0", "--list"])
+
+
+def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatch):
+    """`--grid gpu` runs only on a machine with a GPU; here its commands are checked against each script's own
+    parser (a flag renamed in a script would otherwise fail only there), its order (models before methods,
+    forget10's retain model after the target) and its lr (the CPU sweep's choice, not the papers' 1e-5)."""
+    import importlib
+    from transformers import HfArgumentParser
+    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    records = [rec(m, lr, fq, mu) for m in reproduce.METHODS for lr, fq, mu in ((hi, 0.9, 0.2), (mid, 0.5, 0.39), (lo, 0.1, 0.39))]
+    items = reproduce.gpu_items(records)
+    assert [i["name"] for i in items][:2] == ["gpu-models-forget05", "gpu-rkld-forget05"]
+    assert len(items) == len(reproduce.GPU_SPLITS) * (1 + len(reproduce.GPU_METHODS))
+    ten = next(i for i in items if i["name"] == "gpu-models-forget10")
+    assert ten["needs"] == "gpu-models-forget05" and ten["command"][-2:] == ["--build", "retain"]
+    for it in items:
+        script = Path(it["command"][1]).stem
+        args = HfArgumentParser(importlib.import_module(script).Args).parse_args_into_dataclasses(args=it["command"][2:])[0]
+        if it["method"] == "finetune":
+            assert args.subset == "all" and args.batch_size == 32
+            continue
+        assert it["needs"] == f"gpu-models-{it['split']}" and args.split == it["split"]
+        assert args.lr == mid and args.max_eval_samples == 300 and args.peak_epoch
+        assert args.model.endswith("smollm2-135m_all_full") and args.retain_model.endswith(
+            "smollm2-135m_all_" + {"forget05": "retain95", "forget10": "retain90"}[it["split"]])
+        if it["method"] == "ga_gd":
+            assert args.method == "ga_gd"
+    # the gpu runs' records do not feed the CPU tables or the lr rule
+    gpu_rec = {**rec("rkld", mid, 0.99, 0.9), "name": "a-gpu-run", "grid": "gpu",
+               "before": {"forget_quality": 0.5, "model_utility": 0.2}}  # read as the target's, hi would keep 90%
+    assert reproduce.chosen_lr("ga", [gpu_rec, *records]) == mid
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    gpu_rec.update(split="forget05", peak_epoch=3, info={"cuda": "NVIDIA H200"}, finished="2026-12-03 08:00 UTC",
+                   last={"forget_quality": 0.3, "model_utility": 0.8})
+    reproduce.save_results([*records, gpu_rec])
+    results_report.main([])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "**forget05** (1 methods; NVIDIA H200; 2026-12-03;" in text and "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
+    cpu_table = text.split("## Main table at the first-peak")[1]
+    assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
+    assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
