@@ -335,6 +335,18 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None, start_by: float
             print(f"[reproduce] {it['name']}: collected from its folder", flush=True)
         else:
             todo.append(it)
+    # a model the runs still to do start from (the continual target, the gpu grid's models) is recorded but lives
+    # in runs/, which does not outlive a machine: build it again here first (its record is replaced)
+    rebuild, grew = [], True
+    while grew:  # what the rebuilt ones need in turn (forget10's retain model needs the gpu target)
+        needed = {t.get("needs") for t in todo + rebuild}
+        more = [it for it in items if it["name"] in needed and it["name"] in done and it not in rebuild
+                and not finished(it)]
+        rebuild, grew = more + rebuild, bool(more)
+    for it in rebuild:
+        done.discard(it["name"])
+        print(f"[reproduce] {it['name']}: recorded, but its model is not on this machine: building it again", flush=True)
+    todo = rebuild + todo
     n_todo = len(todo)
     todo = todo[:max_runs] if max_runs is not None else todo
     later = f", {n_todo - len(todo)} left for a later sitting (--max_runs)" if n_todo > len(todo) else ""

@@ -511,3 +511,36 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     cpu_table = text.split("## Main table at the first-peak")[1]
     assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
     assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
+
+
+def test_a_recorded_model_missing_on_this_machine_is_built_again_before_the_runs_that_need_it(tmp_path, monkeypatch):
+    """The continual target and the gpu grid's models are recorded in results.json, but live in runs/: on a new
+    machine the sequences or method runs would start from a folder that is not there."""
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    records = [rec(m, lr, 0.5, 0.39) for m in reproduce.METHODS for lr in reproduce.SWEEP_LRS]
+    items = reproduce.gpu_items(records)
+    for it in items:
+        if it["method"] == "finetune":
+            it["models"] = [str(tmp_path / Path(m).name) for m in it["models"]]
+    done = ["gpu-models-forget05", "gpu-models-forget10", *(f"gpu-{m}-forget05" for m in reproduce.GPU_METHODS)]
+    reproduce.save_results([{"name": n, "grid": "gpu", "method": "x", "lr": None, "seed": None} for n in done])
+    launched = []
+
+    def launch(item, threads):
+        launched.append(item["name"])
+        for m in item.get("models", []):
+            write(Path(m) / "config.json", {})
+        if item["method"] != "finetune":
+            fake_run(tmp_path / "grid" / item["name"])
+        return type("P", (), {"returncode": 0, "poll": lambda self: 0})()
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    assert reproduce.run_grid(items, jobs=1, max_runs=None) == 0
+    assert launched[:2] == ["gpu-models-forget05", "gpu-models-forget10"]  # the target first, then forget10's retain
+    assert sorted(launched[2:]) == sorted(f"gpu-{m}-forget10" for m in reproduce.GPU_METHODS)
+    # models on this machine: nothing is built again
+    launched.clear()
+    write(tmp_path / "results.json", [r for r in reproduce.load_results() if r["name"] != "gpu-rkld-forget05"])
+    assert reproduce.run_grid(items[:2], jobs=1, max_runs=None) == 0 and launched == ["gpu-rkld-forget05"]
