@@ -32,7 +32,8 @@ stayed at the target's (nothing unlearned).
 Resuming: a run recorded in results/results.json is never run again (run folders do not outlive a
 machine; the results file is committed), and a run whose folder already holds
 eval/after/summary.json is collected without training. Each run's log is runs/grid/<name>.log.
-On a new machine the quick target and retain models are built first (finetune.py), and a grid whose
+On a new machine the quick target and retain models are built first (finetune.py), and so is a recorded
+model that runs still to do start from (the continual target, the gpu grid's models); a grid whose
 first run fails before any has succeeded stops with that run's error.
 """
 from __future__ import annotations
