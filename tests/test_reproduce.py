@@ -166,16 +166,24 @@ def test_compare_needs_two_seeds_and_separation():
 
 
 def test_rkl_vs_fkl_pairs_runs_of_the_same_lr_and_seed():
-    rs = []
-    for lr, seed, a, b in ((1e-4, 42, 0.9, 0.5), (5e-5, 42, 0.6, 0.2), (2e-5, 42, 0.3, 0.1), (1e-4, 1, 0.8, 0.4)):
-        rs += [rec("rkld", lr, a, 0.4, seed), rec("rkld_fkl", lr, b, 0.4, seed)]
+    """The verdict compares the seeds at RKLD's chosen lr (the other claims' rule); every paired run at every
+    swept lr is listed, with the reading of the rule as first written (RKL higher in every pair)."""
+    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    # RKLD's sweep (target MU 0.4): hi loses utility, mid keeps it -> chosen mid; lo unlearned nothing
+    rs = [rec("rkld", hi, 0.9, 0.3), rec("rkld", mid, 0.4, 0.39), rec("rkld", lo, 0.01, 0.4),
+          rec("rkld_fkl", hi, 0.2, 0.3), rec("rkld_fkl", mid, 0.17, 0.39), rec("rkld_fkl", lo, 0.05, 0.4)]
+    assert results_report.claim_rkl_vs_fkl(rs)[0] == "inconclusive"  # one seed at the chosen lr
+    for seed, a, b in ((1, 0.4, 0.17), (2, 0.5, 0.1)):
+        rs += [rec("rkld", mid, a, 0.39, seed, "seeds"), rec("rkld_fkl", mid, b, 0.39, seed, "seeds")]
     verdict, lines = results_report.claim_rkl_vs_fkl(rs)
-    assert verdict == "reproduced" and lines[0].startswith("RKL higher in 4 of 4")
-    rs[-2]["peak"] = {"forget_quality": 0.1, "model_utility": 0.4}  # one pair against: RKL 0.1 < FKL 0.4
+    assert verdict == "reproduced" and lines[0].startswith(f"at the chosen lr {mid:g} (3 seeds)")
+    assert lines[1] == "every paired run (same teacher, lr and seed): RKL higher in 4 of 5, lower in 1"
+    assert lines[-1].endswith("which reads inconclusive here")
+    rs[-2]["peak"] = {"forget_quality": 0.01, "model_utility": 0.39}  # seed 2 against: the seeds overlap
     assert results_report.claim_rkl_vs_fkl(rs)[0] == "inconclusive"
-    for r in rs:  # every pair against
-        if r["method"] == "rkld":
-            r["peak"] = {"forget_quality": 0.01, "model_utility": 0.4}
+    for r in rs:  # every seed at the chosen lr against
+        if r["method"] == "rkld" and r["lr"] == mid:
+            r["peak"] = {"forget_quality": 0.01, "model_utility": 0.39}
     assert results_report.claim_rkl_vs_fkl(rs)[0] == "not reproduced"
 
 
