@@ -226,7 +226,22 @@ def claim_keeps_utility(records, lrs, good, bad):
                f"{NAMES[x]} (lr {lrs[x] or reproduce.SWEEP_LRS[0]:g}, {seeds(r)}, last epoch): MU "
                f"{cell(values(r, 'model_utility'))} ({(mean_sd(values(r, 'model_utility'))[0] or 0) / target:.0%} of the "
                f"target's {target:.3f}), FE w/o ES {cell(values(r, FE))}" for x, r in ((good, g), (bad, b))] + [
-               f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE w/o ES {fe}"]
+               f"{NAMES[good]} vs {NAMES[bad]}: MU {mu}, FE w/o ES {fe}"] + shared_lr_lines(records, good, bad)
+
+
+def shared_lr_lines(records, good, bad) -> list[str]:
+    """The two methods at each swept lr (seed 42, last epoch): Closer-Look Table 4 trains every method at one
+    lr (1e-5), where the verdict above takes each method's own chosen lr."""
+    out = []
+    for lr in sorted(reproduce.SWEEP_LRS, reverse=True):
+        pair = [next((r["last"] for r in records if r["grid"] == "sweep" and r["method"] == m and r["lr"] == lr
+                      and r.get("last")), None) for m in (good, bad)]
+        if all(pair):
+            out.append(f"lr {lr:g}: " + " vs ".join(
+                f"{NAMES[m]} MU {x['model_utility']:.3f}, FE w/o ES {x.get(FE) or float('nan'):.3f}"
+                for m, x in zip((good, bad), pair)))
+    head = "at one shared lr (Closer-Look Table 4 trains every method at one lr, 1e-5; seed 42, last epoch):"
+    return [head + " " + "; ".join(out)] if out else []
 
 
 DECLINE = 0.8  # a continual run declines when its lowest MU is below this share of the start's

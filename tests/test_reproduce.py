@@ -552,3 +552,13 @@ def test_a_recorded_model_missing_on_this_machine_is_built_again_before_the_runs
     launched.clear()
     write(tmp_path / "results.json", [r for r in reproduce.load_results() if r["name"] != "gpu-rkld-forget05"])
     assert reproduce.run_grid(items[:2], jobs=1, max_runs=None) == 0 and launched == ["gpu-rkld-forget05"]
+
+
+def test_keeps_utility_claim_lists_both_methods_at_each_shared_lr():
+    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    rs = [rec("me_gd", lr, 0.5, mu, fe=0.7) for lr, mu in ((hi, 0.40), (mid, 0.41), (lo, 0.42))]
+    rs += [rec("ga_gd", lr, 0.5, mu, fe=0.6) for lr, mu in ((hi, 0.10), (mid, 0.39), (lo, 0.42))]
+    rs.insert(0, rec("ga_gd", hi, 0.5, 0.35, seed=1, grid="seeds"))  # a seeds run is not the sweep's seed-42 row
+    line = results_report.shared_lr_lines(rs, "me_gd", "ga_gd")[0]
+    assert f"lr {hi:g}: ME+GD MU 0.400, FE w/o ES 0.700 vs GA+GD MU 0.100, FE w/o ES 0.600; lr {mid:g}:" in line
+    assert results_report.shared_lr_lines(rs[1:4], "me_gd", "ga_gd") == []
