@@ -258,24 +258,30 @@ def claim_continual(records):
     not only the last), and "keeps" it otherwise. Reproduced: ME+GD and IDK+AP keep and GA+GD and NPO+GD
     decline; not reproduced: ME+GD or IDK+AP declines, or neither baseline does; else inconclusive."""
     c = continual_rows(records)
-    if not all(m in c for m in reproduce.CONTINUAL):
-        return "inconclusive", [f"not run yet: {', '.join(NAMES[m] for m in reproduce.CONTINUAL if m not in c)}"]
+    ran = [m for m in reproduce.CONTINUAL if m in c]
+    missing = [NAMES[m] for m in reproduce.CONTINUAL if m not in c]
+    if not ran:
+        return "inconclusive", [f"not run yet: {', '.join(missing)}"]
     tasks = [str(k) for k in range(1, reproduce.CONTINUAL_TASKS + 1)]
     low, start = {}, {}
-    for m in reproduce.CONTINUAL:
+    for m in ran:
         start[m] = c[m]["0"]["model_utility"]
         mus = [(c[m][k]["model_utility"], k) for k in tasks if (c[m].get(k) or {}).get("model_utility") is not None]
         low[m] = min(mus) if mus else (float("nan"), "none")
-    declines = {m: not low[m][0] >= DECLINE * start[m] for m in reproduce.CONTINUAL}  # nan (no task) declines
-    kept = not declines["me_gd"] and not declines["idk_ap"]
-    base = [declines["ga_gd"], declines["npo_gd"]]
-    v = "reproduced" if kept and all(base) else "not reproduced" if not kept or not any(base) else "inconclusive"
+    declines = {m: not low[m][0] >= DECLINE * start[m] for m in ran}  # nan (no task) declines
+    ours, base = [declines[m] for m in ("me_gd", "idk_ap") if m in ran], [declines[m] for m in ("ga_gd", "npo_gd") if m in ran]
+    if any(ours):  # one of ours declining settles it whatever the sequences still to run show
+        v = "not reproduced"
+    elif missing:
+        v = "inconclusive"
+    else:
+        v = "reproduced" if all(base) else "not reproduced" if not any(base) else "inconclusive"
     last = tasks[-1]
     return v, [f"{NAMES[m]}: MU {start[m]:.3f} at the start, lowest {low[m][0]:.3f} (task {low[m][1]}), "
                f"{(c[m].get(last) or {}).get('model_utility') or float('nan'):.3f} after task {last}; FE w/o ES "
                f"{(c[m].get(last) or {}).get(FE) or float('nan'):.3f} after task {last}: "
                f"{'declines' if declines[m] else 'keeps'} (lowest {'below' if declines[m] else 'at least'} "
-               f"{DECLINE:.0%} of the start)" for m in reproduce.CONTINUAL] + [
+               f"{DECLINE:.0%} of the start)" for m in ran] + ([f"not run yet: {', '.join(missing)}"] if missing else []) + [
         f"one sequence per method (seed 42), tasks 1-{last} of forget01's 10, lr {CONTINUAL_LR:g} for every method "
         "(the quick recipe: Closer-Look §5.2 also trains every method at one lr, 1e-5), ME+GD with alpha 1.0 "
         "(Closer-Look §5.2)"]

@@ -406,6 +406,22 @@ def test_continual_verdict_reads_the_lowest_task_not_only_the_last():
     assert results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=fall, npo_gd=fall)[:3])[0] == "inconclusive"
 
 
+def test_continual_verdict_on_the_sequences_run_so_far_shows_their_numbers():
+    """A sitting that runs two of the four sequences: their lines in the report, the others named as not run,
+    the verdict inconclusive unless one of ours already declines (which no later sequence can undo)."""
+    def seq(m, *mus):
+        return {"name": f"continual-{m}", "grid": "continual", "method": m, "lr": None, "seed": 42,
+                "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
+    keep, fall = (0.39,) * reproduce.CONTINUAL_TASKS, (0.1,) * reproduce.CONTINUAL_TASKS
+    v, lines = results_report.claim_continual([seq("me_gd", *keep), seq("ga_gd", *fall)])
+    assert v == "inconclusive"
+    assert any(ln.startswith("ME+GD: MU 0.400 at the start, lowest 0.390") and ln.endswith("keeps (lowest at least 80% of the start)") for ln in lines)
+    assert any(ln.startswith("GA+GD: MU 0.400 at the start, lowest 0.100") and ln.endswith("declines (lowest below 80% of the start)") for ln in lines)
+    assert "not run yet: IDK+AP, NPO+GD" in lines
+    assert results_report.claim_continual([seq("me_gd", *fall), seq("ga_gd", *fall)])[0] == "not reproduced"
+    assert results_report.claim_continual([seq("ga_gd", *keep)])[0] == "inconclusive"
+
+
 def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
     import baselines
     import idk_ap
