@@ -76,7 +76,7 @@ def cell(vals, digits=3):
     m, s = mean_sd(vals)
     if m is None:
         return "n/a"
-    fmt = (lambda x: f"{x:.2g}") if digits == "g" else (lambda x: f"{x:.{digits}f}")
+    fmt = (lambda x: f"{x:.3g}") if digits == "g" else (lambda x: f"{x:.{digits}f}")
     return fmt(m) + (f" ± {fmt(s)}" if len(vals) > 1 else "")
 
 

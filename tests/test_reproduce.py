@@ -578,3 +578,9 @@ def test_keeps_utility_claim_lists_both_methods_at_each_shared_lr():
     line = results_report.shared_lr_lines(rs, "me_gd", "ga_gd")[0]
     assert f"lr {hi:g}: ME+GD MU 0.400, FE w/o ES 0.700 vs GA+GD MU 0.100, FE w/o ES 0.600; lr {mid:g}:" in line
     assert results_report.shared_lr_lines(rs[1:4], "me_gd", "ga_gd") == []
+
+
+def test_forget_quality_cells_keep_three_significant_figures():
+    """0.405 (RKLD's first-peak FQ on the quick path) against 0.165 (FKL's) must not both print as 0.4 / 0.2."""
+    assert results_report.cell([0.405] * 3, "g") == "0.405 ± 0"
+    assert results_report.cell([0.0286], "g") == "0.0286"
