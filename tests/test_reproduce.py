@@ -420,6 +420,8 @@ def test_continual_verdict_on_the_sequences_run_so_far_shows_their_numbers():
     assert "not run yet: IDK+AP, NPO+GD" in lines
     assert results_report.claim_continual([seq("me_gd", *fall), seq("ga_gd", *fall)])[0] == "not reproduced"
     assert results_report.claim_continual([seq("ga_gd", *keep)])[0] == "inconclusive"
+    zero = results_report.claim_continual([seq("ga_gd", *(0.0,) * reproduce.CONTINUAL_TASKS)])[1][0]
+    assert f"lowest 0.000 (task 1), 0.000 after task {reproduce.CONTINUAL_TASKS}" in zero  # 0.0 is not missing
 
 
 def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
