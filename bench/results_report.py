@@ -32,7 +32,7 @@ FE = "fe_wo_es"
 MU_TOL = 0.05
 
 
-def num(s: dict | None, key: str) -> float:
+def metric(s: dict | None, key: str) -> float:
     """A metric of one evaluation, nan when absent (0.0 stays 0.0: MU reaches exactly 0 in collapsed runs)."""
     v = (s or {}).get(key)
     return v if isinstance(v, (int, float)) else float("nan")
@@ -244,7 +244,7 @@ def shared_lr_lines(records, good, bad) -> list[str]:
                       and r.get("last")), None) for m in (good, bad)]
         if all(pair):
             out.append(f"lr {lr:g}: " + " vs ".join(
-                f"{NAMES[m]} MU {x['model_utility']:.3f}, FE w/o ES {num(x, FE):.3f}"
+                f"{NAMES[m]} MU {x['model_utility']:.3f}, FE w/o ES {metric(x, FE):.3f}"
                 for m, x in zip((good, bad), pair)))
     head = "at one shared lr (Closer-Look Table 4 trains every method at one lr, 1e-5; seed 42, last epoch):"
     return [head + " " + "; ".join(out)] if out else []
@@ -284,15 +284,15 @@ def claim_continual(records):
         v = "reproduced" if all(base) else "not reproduced" if not any(base) else "inconclusive"
     last = tasks[-1]
     return v, [f"{NAMES[m]}: MU {start[m]:.3f} at the start, lowest {low[m][0]:.3f} (task {low[m][1]}), "
-               f"{num(c[m].get(last), 'model_utility'):.3f} after task {last}; FE w/o ES "
-               f"{num(c[m].get(last), FE):.3f} after task {last}: "
+               f"{metric(c[m].get(last), 'model_utility'):.3f} after task {last}; FE w/o ES "
+               f"{metric(c[m].get(last), FE):.3f} after task {last}: "
                f"{'declines' if declines[m] else 'keeps'} (lowest {'below' if declines[m] else 'at least'} "
                f"{DECLINE:.0%} of the start)" for m in ran] + [
-        "ROUGE-L after task " + last + " (MU is the harmonic mean of 9 values over 20 rows per split, so one split "
-        "at 0 sets it to 0): " + "; ".join(
-            f"{NAMES[m]} retain {num(c[m].get(last), 'retain_rouge'):.3f}, real authors "
-            f"{num(c[m].get(last), 'real_authors_rouge'):.3f}, world facts {num(c[m].get(last), 'world_facts_rouge'):.3f}, "
-            f"forget {num(c[m].get(last), 'forget_rouge'):.3f}" for m in ran)] + (
+        "ROUGE-L after task " + last + " (MU is the harmonic mean of 9 values, 3 splits of 20 rows, so any one "
+        "of them at 0 sets it to 0): " + "; ".join(
+            f"{NAMES[m]} retain {metric(c[m].get(last), 'retain_rouge'):.3f}, real authors "
+            f"{metric(c[m].get(last), 'real_authors_rouge'):.3f}, world facts {metric(c[m].get(last), 'world_facts_rouge'):.3f}, "
+            f"forget {metric(c[m].get(last), 'forget_rouge'):.3f}" for m in ran)] + (
         [f"not run yet: {', '.join(missing)}"] if missing else []) + [
         f"one sequence per method (seed 42), tasks 1-{last} of forget01's 10, lr {CONTINUAL_LR:g} for every method "
         "(the quick recipe: Closer-Look §5.2 also trains every method at one lr, 1e-5), ME+GD with alpha 1.0 "

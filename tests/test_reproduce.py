@@ -422,6 +422,11 @@ def test_continual_verdict_on_the_sequences_run_so_far_shows_their_numbers():
     assert results_report.claim_continual([seq("ga_gd", *keep)])[0] == "inconclusive"
     zero = results_report.claim_continual([seq("ga_gd", *(0.0,) * reproduce.CONTINUAL_TASKS)])[1][0]
     assert f"lowest 0.000 (task 1), 0.000 after task {reproduce.CONTINUAL_TASKS}" in zero  # 0.0 is not missing
+    parts = seq("me_gd", *keep)
+    parts["tasks"][str(reproduce.CONTINUAL_TASKS)].update(retain_rouge=0.6, real_authors_rouge=0.0, world_facts_rouge=0.3,
+                                                           forget_rouge=0.2)
+    rouge = next(ln for ln in results_report.claim_continual([parts])[1] if ln.startswith("ROUGE-L after task"))
+    assert rouge.endswith("ME+GD retain 0.600, real authors 0.000, world facts 0.300, forget 0.200")
 
 
 def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
