@@ -191,18 +191,19 @@ def test_keeps_utility_verdict_and_the_report_renders(tmp_path, monkeypatch):
     rs = [rec("me_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.40), (1, 0.39), (2, 0.41))]
     rs += [rec("ga_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.1), (1, 0.12), (2, 0.08))]
     lrs = {m: 1e-4 for m in reproduce.METHODS}
-    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "reproduced"
-    assert results_report.claim_keeps_utility(rs, lrs, "ga_gd", "me_gd")[0] == "not reproduced"
+    both = lambda v: f"{v} at each method's chosen lr; {v} at one shared lr, 0.0001 (Table 4's protocol)"
+    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == both("reproduced")
+    assert results_report.claim_keeps_utility(rs, lrs, "ga_gd", "me_gd")[0] == both("not reproduced")
     for r in rs[3:]:  # GA+GD forgets far more: a utility win bought with forgetting is not the claim
         r["last"]["fe_wo_es"] = 0.9
-    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == "inconclusive"
+    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == both("inconclusive")
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)
     reproduce.save_results(rs)
     results_report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch): inconclusive" in text
+    assert "ME+GD keeps model utility where GA+GD collapses (Closer-Look Table 4; last epoch): " + both("inconclusive") in text
     assert "| ME+GD (sweep incomplete: quick-recipe lr) | 0.0001 | 3 |" in text
 
 
@@ -591,3 +592,34 @@ def test_forget_quality_cells_keep_three_significant_figures():
     """0.405 (RKLD's first-peak FQ on the quick path) against 0.165 (FKL's) must not both print as 0.4 / 0.2."""
     assert results_report.cell([0.405] * 3, "g") == "0.405 ± 0"
     assert results_report.cell([0.0286], "g") == "0.0286"
+
+
+def test_keeps_utility_has_a_second_verdict_at_the_shared_lr_once_it_has_seeds():
+    """Closer-Look Table 4 trains every method at one lr: the claim keeps its verdict at each method's chosen
+    lr and adds the same rule at SHARED_LR, read from every grid's runs there (sweep seed 42, seeds, shared)."""
+    shared, other = reproduce.SHARED_LR, next(lr for lr in reproduce.SWEEP_LRS if lr != reproduce.SHARED_LR)
+    lrs = {m: other for m in reproduce.METHODS} | {"me_gd": shared}
+    rs = [rec("me_gd", shared, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.7) for s, mu in ((42, 0.40), (1, 0.39), (2, 0.41))]
+    rs += [rec("ga_gd", other, 0.5, mu, s, "sweep" if s == 42 else "seeds", fe=0.5) for s, mu in ((42, 0.40), (1, 0.38), (2, 0.42))]
+    rs += [rec("ga_gd", shared, 0.9, 0.10, 42, "sweep", fe=0.71)]
+    v, lines = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
+    assert v == "inconclusive" and any("seeds 1 and 2 not all run yet" in x for x in lines)
+    rs += [rec("ga_gd", shared, 0.9, mu, s, "shared", fe=0.71) for s, mu in ((1, 0.12), (2, 0.08))]
+    v, lines = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
+    assert v == f"inconclusive at each method's chosen lr; reproduced at one shared lr, {shared:g} (Table 4's protocol)"
+    line = next(x for x in lines if x.startswith(f"at one shared lr {shared:g}, the verdict's second half"))
+    assert "GA+GD (lr 0.0001, 3 seeds, last epoch): MU 0.100 ± 0.020" in line and line.endswith("MU higher, FE w/o ES lower")
+    for r in rs[-3:]:  # the baseline forgets far more at the shared lr: not the claim
+        r["last"]["fe_wo_es"] = 0.9
+    assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0].endswith("inconclusive at one shared lr, "
+                                                                                     f"{shared:g} (Table 4's protocol)")
+    assert "ga_gd-lr0.0001-seed1" not in {r["name"] for r in rs[:6]}  # the shared runs are not the chosen-lr ones
+
+
+def test_shared_grid_runs_the_closer_look_pairs_at_one_lr_and_reuses_me_gds_seeds():
+    items = reproduce.grid_items("shared", [])[0]
+    assert {(it["method"], it["lr"], it["seed"]) for it in items} == {
+        (m, reproduce.SHARED_LR, s) for m in ("me_gd", "ga_gd", "idk_ap", "idk_gd") for s in reproduce.MORE_SEEDS}
+    # ME+GD's chosen lr is the shared one: its seeds-grid runs have the same names, so they are not run twice
+    assert "me_gd-lr0.0001-seed1" in {it["name"] for it in items}
+    assert all(it["command"][it["command"].index("--lr") + 1] == f"{reproduce.SHARED_LR:g}" for it in items)
