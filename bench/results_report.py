@@ -545,7 +545,7 @@ def throughput_section() -> list[str]:
              f"pre-collated batches in the identical order, from the same fresh weights (per-step losses compared: "
              f"they must agree to {c['rtol']:g}). Quick target, batch {c['batch']}, {c['steps']} timed steps after "
              f"{c['warmup']} per side and round, median of {c['rounds']} rounds alternating which side goes first, "
-             f"{c['threads']} thread, {c.get('platform')}, commit {str(c.get('git_commit'))[:10]}.",
+             f"{c['threads']} thread{'s' * (c['threads'] != 1)}, {c.get('platform')}, commit {str(c.get('git_commit'))[:10]}.",
              "", "| method | forwards a step (trained + frozen) | tokens a step | ours tok/s | Trainer tok/s | "
              "ours / Trainer (wall) | ours / Trainer (CPU time) | same, each round | largest loss difference |",
              "|---|---|---|---|---|---|---|---|---|"]
