@@ -737,7 +737,20 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, frozen: bool
         model.config.pad_token_id = tok.pad_token_id
     if frozen:
         model.eval().requires_grad_(False)
+        no_kv_cache(model)
     return model, tok
+
+
+def no_kv_cache(model) -> None:
+    """Forward passes that build no KV cache (config.use_cache False), as transformers.Trainer sets for
+    training (trainer.py, "Finalize": use_cache from TrainingArguments, default False): a training or
+    scoring forward never reads the cache, and building it copies every layer's keys and values (into
+    the autograd graph when training), which cost our loop ~5% of the Trainer's tokens/s on the quick
+    target (bench/throughput.py, 2026-12-03). Decoding still caches: generate() takes use_cache from the
+    generation config, and rkld's teacher decoding passes it. save_model writes the value as loaded."""
+    if not hasattr(model, "_use_cache_as_loaded"):
+        model._use_cache_as_loaded = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
 
 
 # ---------------------------------------------------------------------------
@@ -827,8 +840,8 @@ def load_trained(args, accelerator=None, name_or_path: str | None = None):
     if getattr(args, "save_adapter_only", False):
         check_adapter_save(accelerator)
     model = load_model(name_or_path, dtype=default_dtype(frozen=True) if lora else torch.float32)[0]
+    no_kv_cache(model)
     if getattr(args, "gradient_checkpointing", False):
-        model.config.use_cache = False
         model.activation_checkpointing_enable(dict(CHECKPOINT_KWARGS))
     if not lora:
         return model
@@ -1075,7 +1088,10 @@ def save_model(accelerator, model, tokenizer, fmt: PromptFormat, out: Path, log_
             if getattr(plain.config, "tie_word_embeddings", False):  # FSDP2 gathers the tied head as a copy
                 head = plain.get_output_embeddings()
                 state.pop(next(f"{n}.weight" for n, m in plain.named_modules() if m is head), None)
+            loaded, trained = getattr(plain, "_use_cache_as_loaded", None), plain.config.use_cache
+            plain.config.use_cache = trained if loaded is None else loaded  # the config as loaded (no_kv_cache)
             plain.save_pretrained(tmp, state_dict=state)
+            plain.config.use_cache = trained
         tokenizer.save_pretrained(tmp)
         save_prompt_format(fmt, tmp)
         if log_dir is not None and Path(log_dir).exists():
