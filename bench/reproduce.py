@@ -225,6 +225,7 @@ def gpu_items(records: list[dict]) -> list[dict]:
 
 
 GRIDS = ("reference", "sweep", "seeds", "shared", "continual")  # "all"; the gpu grid runs only when named (--grid gpu)
+METHOD_GRIDS = ("sweep", "seeds", "shared")  # runs of a method script from the quick target: they share its caches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def launch(item: dict, threads: int) -> subprocess.Popen:
     src = GRID_DIR / item.get("teacher_from", "") / "strengthened"
     if item.get("teacher_from") and (src / "config.json").exists():
         cmd += ["--strengthened_model", str(src)]
-    if item["grid"] in ("sweep", "seeds", "gpu") and item.get("collect") is None and (GRID_DIR / item["name"] / "args.json").exists():
+    if item["grid"] in (*METHOD_GRIDS, "gpu") and item.get("collect") is None and (GRID_DIR / item["name"] / "args.json").exists():
         cmd += ["--overwrite", "true"]  # the grid's own folder of a run that did not finish: redo it
     GRID_DIR.mkdir(parents=True, exist_ok=True)
     log = open(GRID_DIR / f"{item['name']}.log", "w")
@@ -329,7 +330,7 @@ def finished(item: dict) -> bool:
 def caches_filled(running: dict) -> bool:
     """Whether a running sweep or seeds run has written its starting evaluation (eval/before/summary.json),
     which comes after the retain logs: from then on the runs beside it find both in runs/eval_cache."""
-    return any(it["grid"] in ("sweep", "seeds") and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists()
+    return any(it["grid"] in METHOD_GRIDS and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists()
                for it, _, _ in running.values())
 
 

@@ -61,7 +61,7 @@ def derive(records: list[dict]) -> list[dict]:
 
 def runs_at(records, method, lr):
     """The trained runs of a method at one lr, one per seed."""
-    return [r for r in records if r["method"] == method and r["lr"] == lr and r["grid"] in ("sweep", "seeds", "shared")]
+    return [r for r in records if r["method"] == method and r["lr"] == lr and r["grid"] in reproduce.METHOD_GRIDS]
 
 
 def values(runs, key, where="last"):
@@ -334,7 +334,7 @@ def plots(records, lrs) -> list[str]:
     made = []
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, m in enumerate(reproduce.METHODS):
-        runs = [r for r in records if r["method"] == m and r["grid"] in ("sweep", "seeds") and r.get("peak")]
+        runs = [r for r in records if r["method"] == m and r["grid"] in reproduce.METHOD_GRIDS and r.get("peak")]
         if runs:
             xs, ys = values(runs, "model_utility", "peak"), values(runs, "forget_quality", "peak")
             ax.scatter(xs, ys, s=40 if m.startswith("rkld") else 20, marker="*" if m == "rkld" else "o",
@@ -585,11 +585,11 @@ START_TOL = 1e-3  # what separates two starting models' evaluations; float noise
 
 
 def starts_line(records) -> str:
-    """Whether every sweep and seeds run started from the same quick target, read off their "before"
+    """Whether every sweep, seeds and shared run started from the same quick target, read off their "before"
     evaluations: run folders do not outlive a machine, so a later sitting rebuilds the target, and a rebuild
     that differed would mix runs of two targets in one table. Evaluations within START_TOL on each of the
     keys count as one start (the sweep's own records differ by ~6e-6 in MU between one and two threads)."""
-    runs = [r for r in records if r["grid"] in ("sweep", "seeds") and r.get("before")]
+    runs = [r for r in records if r["grid"] in reproduce.METHOD_GRIDS and r.get("before")]
     keys = ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")
     groups: list[tuple[dict, list[str]]] = []
     worst = 0.0
@@ -605,7 +605,7 @@ def starts_line(records) -> str:
             groups.append((b, [r["name"]]))
     if len(groups) <= 1:
         b = groups[0][0] if groups else {}
-        return (f"Every sweep and seeds run ({len(runs)}) started from the same quick target: its evaluation before "
+        return (f"Every sweep, seeds and shared run ({len(runs)}) started from the same quick target: its evaluation before "
                 f"unlearning agrees in all of them (FQ {b.get('forget_quality', float('nan')):.4g}, MU "
                 f"{b.get('model_utility', float('nan')):.4g}; largest difference {worst:.1g}, float-level noise"
                 f"); a sitting on a new machine rebuilds the target, which `finetune.py` does deterministically "

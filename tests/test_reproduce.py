@@ -108,12 +108,14 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     assert reproduce.run_grid(more, jobs=1, max_runs=None) == 0 and launched == [more[0]["name"]]
 
 
-def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grid", reproduce.METHOD_GRIDS)
+def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp_path, monkeypatch, grid):
     """The second slot opens when the first run has written its starting evaluation (the retain logs come
-    before it), not when the first run ends: a whole run on one idle core was the earlier cost."""
+    before it), not when the first run ends: a whole run on one idle core was the earlier cost. In every grid
+    of method runs (the shared grid's first sitting ran its two runs one after the other)."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
-    items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
+    items = [reproduce.method_item(grid, m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
     first_before = tmp_path / "grid" / items[0]["name"] / "eval" / "before" / "summary.json"
     ticks, launched = [0], []
 
@@ -440,9 +442,9 @@ def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
 def test_report_warns_when_runs_started_from_different_targets():
     """A later sitting on a new machine rebuilds the quick target; a rebuild that differed must show, not mix."""
     a, b = rec("ga", 1e-4, 0.5, 0.4), rec("npo", 1e-4, 0.5, 0.4, seed=1, grid="seeds")
-    assert results_report.starts_line([a, b]).startswith("Every sweep and seeds run (2) started from the same")
+    assert results_report.starts_line([a, b]).startswith("Every sweep, seeds and shared run (2) started from the same")
     b["before"] = {**b["before"], "model_utility": 0.4 + 6e-6}  # the sweep's own float noise: one start
-    assert results_report.starts_line([a, b]).startswith("Every sweep and seeds run (2)")
+    assert results_report.starts_line([a, b]).startswith("Every sweep, seeds and shared run (2)")
     b["before"] = {**b["before"], "model_utility": 0.41}
     line = results_report.starts_line([a, b])
     assert line.startswith("**Warning: the runs started from 2 different quick targets**") and "npo-lr0.0001-seed1" in line
