@@ -174,7 +174,8 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
                                   else ()) for s in MORE_SEEDS]
         return share_teacher(items), waiting
     if grid == "shared":  # ME+GD's seeds at 1e-4 are the seeds grid's (its chosen lr): same names, done there
-        return [method_item("shared", m, SHARED_LR, s) for pair in SHARED for m in pair for s in MORE_SEEDS], waiting
+        # seed by seed, so that a sitting that runs two runs gives both methods of a pair a second seed
+        return [method_item("shared", m, SHARED_LR, s) for s in MORE_SEEDS for pair in SHARED for m in pair], waiting
     if grid == "continual":
         items = [{"name": "continual-target", "grid": grid, "method": "finetune", "lr": None, "seed": None,
                   "command": [sys.executable, "finetune.py", "--split", "forget01", "--continual", "true"],
