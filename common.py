@@ -745,8 +745,8 @@ def no_kv_cache(model) -> None:
     """Forward passes that build no KV cache (config.use_cache False), as transformers.Trainer sets for
     training (trainer.py, "Finalize": use_cache from TrainingArguments, default False): a training or
     scoring forward never reads the cache, and building it copies every layer's keys and values (into
-    the autograd graph when training), which cost our loop ~5% of the Trainer's tokens/s on the quick
-    target (bench/throughput.py, 2026-12-03). Decoding still caches: generate() takes use_cache from the
+    the autograd graph when training); on the quick target the saving was within bench/throughput.py's
+    noise (2026-12-03: SmolLM2 has 3 key-value heads). Decoding still caches: generate() takes use_cache from the
     generation config, and rkld's teacher decoding passes it. save_model writes the value as loaded."""
     if not hasattr(model, "_use_cache_as_loaded"):
         model._use_cache_as_loaded = getattr(model.config, "use_cache", None)

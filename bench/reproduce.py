@@ -14,7 +14,7 @@ Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has it
              seed-1 runs of RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD evaluate in full after every epoch
              (--eval_every_epoch): the per-epoch curves, without training those runs a second time
   shared     Closer-Look Table 4's pairs (ME+GD / GA+GD, IDK+AP / IDK+GD) at one shared lr, 1e-4, seeds 1
-             and 2, as that paper trains every method at one lr (see SHARED); 4 runs (ME+GD's are the seeds
+             and 2, as that paper trains every method at one lr (see SHARED); 6 runs (ME+GD's 2 are the seeds
              grid's); its own verdict beside the one at each method's chosen lr
   gpu        (named only, on a machine with a GPU) the full benchmark of the embedded model: every author,
              forget05 and forget10, RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD at seed 42 (see gpu_items)
@@ -329,7 +329,7 @@ def finished(item: dict) -> bool:
 
 
 def caches_filled(running: dict) -> bool:
-    """Whether a running sweep or seeds run has written its starting evaluation (eval/before/summary.json),
+    """Whether a running method run (METHOD_GRIDS) has written its starting evaluation (eval/before/summary.json),
     which comes after the retain logs: from then on the runs beside it find both in runs/eval_cache."""
     return any(it["grid"] in METHOD_GRIDS and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists()
                for it, _, _ in running.values())
