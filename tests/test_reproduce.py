@@ -625,3 +625,19 @@ def test_shared_grid_runs_the_closer_look_pairs_at_one_lr_and_reuses_me_gds_seed
     # ME+GD's chosen lr is the shared one: its seeds-grid runs have the same names, so they are not run twice
     assert "me_gd-lr0.0001-seed1" in {it["name"] for it in items}
     assert all(it["command"][it["command"].index("--lr") + 1] == f"{reproduce.SHARED_LR:g}" for it in items)
+
+
+def test_order_effect_splits_rounds_by_which_side_went_first(tmp_path):
+    # odd rounds run ours first: here the side that runs second is the faster one in every round
+    ours, trainer = [9.0, 11.0, 9.0, 11.0], [10.0, 10.0, 10.0, 10.0]
+    rec = {"ratio_cpu_rounds": [o / t for o, t in zip(ours, trainer)], "ours_rounds_tok_cpu_s": ours,
+           "trainer_rounds_tok_cpu_s": trainer}
+    path = tmp_path / "throughput_8rounds.json"
+    path.write_text(json.dumps({"config": {"rounds": 4, "batch": 8, "methods": "ga_gd", "git_commit": "abc", "load_before": [0.0, 0, 0]},
+                                "methods": {"ga_gd": rec}}))
+    line = " ".join(results_report.order_effect_lines(path))
+    assert "0.900 in the rounds ours ran first and 1.100 in those the Trainer ran first" in line
+    assert "the side that ran second was the faster in 4 of 4 rounds" in line
+    assert "2 of 4 rounds at least 1.0" in line and "GA+GD: median paired ratio 1.000" in line
+    assert "`python bench/throughput.py --batch 8 --rounds 4 --methods ga_gd --json results/throughput_8rounds.json`" in line
+    assert results_report.order_effect_lines(tmp_path / "none.json") == []
