@@ -35,8 +35,10 @@ training process).
 import argparse
 import importlib
 import itertools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,17 +186,44 @@ def run_trainer(s, a, out: Path) -> dict:
     return probe.result(a.warmup, a.steps)
 
 
-def bench(name: str, a, out: Path) -> dict:
+def one_side(name: str, side: str, a, out: Path) -> dict:
+    """--side: setup and one side's run in this (fresh) process, its result written to --result."""
     s = setup(name, a, out)
+    res = run_ours(s, a) if side == "ours" else run_trainer(s, a, out)
+    s["frozen"].clear()
+    common.release(s["accelerator"])
+    return res
+
+
+def isolated(name: str, side: str, a, out: Path) -> dict:
+    """One side of one round in a fresh Python process (--isolate): no allocator or accelerator state carries
+    over from the other side or from earlier rounds."""
+    result = out / f"{name}_{side}.json"
+    cmd = [sys.executable, __file__, "--model", a.model, "--methods", name, "--split", a.split, "--recipe", a.recipe,
+           "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--rkld_teacher", a.rkld_teacher, "--side", side, "--result", str(result)]
+    if subprocess.run(cmd).returncode:
+        raise common.TofuError(f"the {side} side of {name} failed in its own process (its output is above)")
+    res = json.loads(result.read_text())
+    result.unlink()
+    return res
+
+
+def bench(name: str, a, out: Path) -> dict:
+    s = None if a.isolate else setup(name, a, out)
     rounds = {"ours": [], "trainer": []}
     for r in range(a.rounds):  # alternate who goes first, so drifting machine load hits both
         for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
-            rounds[side].append(run_ours(s, a) if side == "ours" else run_trainer(s, a, out))
+            if a.isolate:
+                rounds[side].append(isolated(name, side, a, out))
+            else:
+                rounds[side].append(run_ours(s, a) if side == "ours" else run_trainer(s, a, out))
             last = rounds[side][-1]
             print(f"[throughput] {name} round {r + 1} {side}: {last['tok_s']:.1f} tokens/s, "
                   f"{last['tok_cpu_s']:.1f} tokens/CPU-s", flush=True)
-    s["frozen"].clear()
-    common.release(s["accelerator"])
+    if s:
+        s["frozen"].clear()
+        common.release(s["accelerator"])
     ours, trainer = rounds["ours"][-1], rounds["trainer"][-1]
     rel = max(abs(x - y) / max(abs(y), 1e-8) for o, t in zip(rounds["ours"], rounds["trainer"])
               for x, y in zip(o["losses"], t["losses"]))
@@ -263,9 +292,18 @@ def main(argv=None) -> dict:
     p.add_argument("--rkld_teacher", choices=["precomputed", "live"], default="precomputed",
                    help="rkld's teacher: log-probs computed once before training, or 2 frozen forwards a step")
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative per-step loss difference allowed")
+    p.add_argument("--isolate", action="store_true", help="run each side of each round in a fresh Python process "
+                   "(setup repeated each time; within one process the side that runs second tends to be faster)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)  # --isolate's child process
+    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     names = a.methods.split(",")
+    if a.side:
+        with tempfile.TemporaryDirectory(prefix="throughput_side_") as tmp:
+            res = one_side(names[0], a.side, a, Path(tmp))
+        common.atomic_write_json(a.result, res)
+        return res
     if unknown := [n for n in names if n not in METHODS]:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if a.model == common.QUICK:
@@ -279,7 +317,7 @@ def main(argv=None) -> dict:
         res = {n: bench(n, a, Path(tmp)) for n in names}
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
           f"{a.batch}, {a.steps} timed steps after {a.warmup}, median of {a.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s)")
+          f"{torch.get_num_threads()} thread(s){', each side in its own process' if a.isolate else ''}")
     print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
                          f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",

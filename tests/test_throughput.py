@@ -48,3 +48,13 @@ def test_tiny_model_keeps_the_tokenizer_and_its_prompt_format(tmp_path, tiny_mod
     model, tok = common.load_model(folder)[0], common.load_tokenizer(folder)
     assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok) == len(common.load_tokenizer(str(tiny_model_dir)))
     assert (tmp_path / "tiny" / common.FORMAT_FILE).exists()
+
+
+def test_isolated_sides_run_in_their_own_processes_and_agree_with_the_in_process_bench(tmp_path, tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN]
+    inproc = throughput.main(args)["methods"]["ga_gd"]
+    out = throughput.main([*args, "--isolate"])
+    r = out["methods"]["ga_gd"]
+    assert out["config"]["isolate"] and r["losses_agree"] and r["same_tokens"]
+    assert r["losses_ours"] == pytest.approx(inproc["losses_ours"], rel=1e-4)  # the child built the same batches
+    assert r["tokens_per_step"] == inproc["tokens_per_step"]
