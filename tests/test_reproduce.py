@@ -635,9 +635,10 @@ def test_order_effect_splits_rounds_by_which_side_went_first(tmp_path):
     path = tmp_path / "throughput_8rounds.json"
     path.write_text(json.dumps({"config": {"rounds": 4, "batch": 8, "methods": "ga_gd", "git_commit": "abc", "load_before": [0.0, 0, 0]},
                                 "methods": {"ga_gd": rec}}))
-    line = " ".join(results_report.order_effect_lines(path))
+    line = " ".join(results_report.order_effect_lines(path, "Concluded."))
     assert "0.900 in the rounds ours ran first and 1.100 in those the Trainer ran first" in line
     assert "the side that ran second was the faster in 4 of 4 rounds" in line
     assert "2 of 4 rounds at least 1.0" in line and "GA+GD: median paired ratio 1.000" in line
     assert "`python bench/throughput.py --batch 8 --rounds 4 --methods ga_gd --json results/throughput_8rounds.json`" in line
-    assert results_report.order_effect_lines(tmp_path / "none.json") == []
+    assert line.endswith("rounds. Concluded.") and "both sides in one process" in line
+    assert results_report.order_effect_lines(tmp_path / "none.json", "") == []
