@@ -535,13 +535,13 @@ THROUGHPUT_FINDINGS = (
 
 ORDER_EFFECT = (  # what the in-process 8-round file showed (2026-12-03)
     "So within one process the order of the two sides moves the paired ratio by about as much as the gap itself, "
-    "and alternating the order over rounds is what keeps it out of the median. On these rounds GA+GD stays below "
-    "1.0 in most rounds of either order, and its tiny-model loop-cost ratio (below) is under 1.0 too, while ME+GD, "
+    "and alternating the order over rounds is what keeps it out of the median. GA+GD's median stays below 1.0 even "
+    "so, and its tiny-model loop-cost ratio (below) is under 1.0 too, while ME+GD, "
     "which runs the same two forwards a step through the same `fit()`, is not.")
 ISOLATED = (  # what the fresh-process file showed (2026-12-03)
     "With each side in its own process the order effect is gone (the side that ran second was the faster in half "
-    "the rounds), and what is left still has ours below the Trainer in most rounds, by a few percent, within "
-    "round-to-round noise of about 10-20%. Both loops make the same calls on the same batches (above), and the "
+    "the rounds), and what is left still has ours below the Trainer in most rounds, by a few percent, well within "
+    "the spread of one side between rounds. Both loops make the same calls on the same batches (above), and the "
     "cause of the remaining gap is not found: the issue's target (at least 1.0) is not met for RKLD and GA+GD.")
 
 
@@ -557,10 +557,12 @@ def order_effect_lines(path: Path, conclusion: str) -> list[str]:
     for n, r in ms.items():
         rc, o, tr = r["ratio_cpu_rounds"], r["ours_rounds_tok_cpu_s"], r["trainer_rounds_tok_cpu_s"]
         second = sum(tr[i] > o[i] if i % 2 == 0 else o[i] > tr[i] for i in range(len(rc)))
+        spread = max(max(v) / min(v) - 1 for v in (o, tr))
         parts.append(f"{NAMES.get(n, n)}: median paired ratio {statistics.median(rc):.3f}, {sum(x >= 1.0 for x in rc)} "
                      f"of {len(rc)} rounds at least 1.0; {statistics.median(rc[0::2]):.3f} in the rounds ours ran first "
                      f"and {statistics.median(rc[1::2]):.3f} in those the Trainer ran first; the side that ran second "
-                     f"was the faster in {second} of {len(rc)} rounds")
+                     f"was the faster in {second} of {len(rc)} rounds; one side varied by up to {spread:.0%} between rounds "
+                     "(CPU time, max/min - 1)")
     iso = c.get("isolate", False)
     cmd = (f"`python bench/throughput.py --batch {c['batch']} --rounds {c['rounds']} --methods {c['methods']} "
            f"{'--isolate ' if iso else ''}--json results/{path.name}`")

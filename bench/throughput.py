@@ -186,12 +186,16 @@ def run_trainer(s, a, out: Path) -> dict:
     return probe.result(a.warmup, a.steps)
 
 
+def teardown(s) -> None:
+    s["frozen"].clear()
+    common.release(s["accelerator"])
+
+
 def one_side(name: str, side: str, a, out: Path) -> dict:
     """--side: setup and one side's run in this (fresh) process, its result written to --result."""
     s = setup(name, a, out)
     res = run_ours(s, a) if side == "ours" else run_trainer(s, a, out)
-    s["frozen"].clear()
-    common.release(s["accelerator"])
+    teardown(s)
     return res
 
 
@@ -222,8 +226,7 @@ def bench(name: str, a, out: Path) -> dict:
             print(f"[throughput] {name} round {r + 1} {side}: {last['tok_s']:.1f} tokens/s, "
                   f"{last['tok_cpu_s']:.1f} tokens/CPU-s", flush=True)
     if s:
-        s["frozen"].clear()
-        common.release(s["accelerator"])
+        teardown(s)
     ours, trainer = rounds["ours"][-1], rounds["trainer"][-1]
     rel = max(abs(x - y) / max(abs(y), 1e-8) for o, t in zip(rounds["ours"], rounds["trainer"])
               for x, y in zip(o["losses"], t["losses"]))

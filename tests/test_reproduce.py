@@ -638,7 +638,8 @@ def test_order_effect_splits_rounds_by_which_side_went_first(tmp_path):
     line = " ".join(results_report.order_effect_lines(path, "Concluded."))
     assert "0.900 in the rounds ours ran first and 1.100 in those the Trainer ran first" in line
     assert "the side that ran second was the faster in 4 of 4 rounds" in line
+    assert "one side varied by up to 22% between rounds" in line  # ours: 11 / 9 - 1
     assert "2 of 4 rounds at least 1.0" in line and "GA+GD: median paired ratio 1.000" in line
     assert "`python bench/throughput.py --batch 8 --rounds 4 --methods ga_gd --json results/throughput_8rounds.json`" in line
-    assert line.endswith("rounds. Concluded.") and "both sides in one process" in line
+    assert line.endswith("(CPU time, max/min - 1). Concluded.") and "both sides in one process" in line
     assert results_report.order_effect_lines(tmp_path / "none.json", "") == []
