@@ -37,10 +37,12 @@ import importlib
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,13 +63,47 @@ NOTES = {"npo_gd": "the reference forward gives log pi_ref(y_f|x_f), constant ov
                    "computed once per forget row (as rkld --precompute_teacher does) instead of every step"}
 
 
-class Probe:
-    """Wraps a loss_fn: the start time and loss of every step, and the forward passes it makes through the
-    trained model (calls, attention-mask tokens) and the frozen models (calls), counted by pre-hooks."""
+class Baton:
+    """--interleave: the two sides run in two threads of one process and take turns one optimizer step at a
+    time. A side passes the turn at the start of each loss computation after its first and waits for it to
+    come back, so only one side computes at any moment and the other's thread sits blocked (no CPU time)."""
 
-    def __init__(self, loss_fn, model, frozen_models):
-        self.loss_fn, self.starts, self.losses, self.tokens, self.trained, self.frozen = loss_fn, [], [], [], [], []
-        self.cpu = []  # process CPU time: what the step cost this process, whatever else the machine runs
+    def __init__(self, first: str, timeout: float = 3600.0):
+        self.cond, self.turn, self.done, self.failed, self.timeout = threading.Condition(), first, set(), None, timeout
+
+    @staticmethod
+    def other(side: str) -> str:
+        return "trainer" if side == "ours" else "ours"
+
+    def wait(self, side: str) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.turn == side or self.failed, self.timeout):
+                raise common.TofuError(f"the {self.other(side)} side kept the turn for over {self.timeout:.0f} s")
+            if self.failed:
+                raise common.TofuError(f"the {self.failed} side failed (its error is above)")
+
+    def pass_turn(self, side: str) -> None:
+        with self.cond:
+            if self.other(side) not in self.done:
+                self.turn = self.other(side)
+            self.cond.notify_all()
+
+    def finish(self, side: str, failed: bool = False) -> None:
+        with self.cond:
+            self.done.add(side)
+            self.turn, self.failed = self.other(side), side if failed else self.failed
+            self.cond.notify_all()
+
+
+class Probe:
+    """Wraps a loss_fn: the wall and CPU time at the start of every step, its loss, and the forward passes it
+    makes through the trained model (calls, attention-mask tokens) and the frozen models (calls), counted by
+    pre-hooks. With a Baton, a step runs from taking the turn to passing it on at the next step's start."""
+
+    def __init__(self, loss_fn, model, frozen_models, baton=None, side=None):
+        self.loss_fn, self.baton, self.side, self.active = loss_fn, baton, side, False
+        self.starts, self.cpu, self.faults, self.ends, self.cpu_ends, self.fault_ends = [], [], [], [], [], []
+        self.losses, self.tokens, self.trained, self.frozen = [], [], [], []
         self.hooks = [model.register_forward_pre_hook(self._count_trained, with_kwargs=True)]
         self.hooks += [m.register_forward_pre_hook(self._count_frozen, with_kwargs=True) for m in frozen_models]
 
@@ -77,11 +113,22 @@ class Probe:
         self.trained[-1] += 1
 
     def _count_frozen(self, module, args, kwargs):
-        self.frozen[-1] += 1
+        if self.active:  # interleaved, both sides' probes hook the shared frozen models: count only our own turn
+            self.frozen[-1] += 1
 
     def __call__(self, model, batch):
-        self.starts.append(time.perf_counter())
-        self.cpu.append(time.process_time())
+        self.ends.append(time.perf_counter())  # process CPU time: what the step cost this process
+        self.cpu_ends.append(time.process_time())
+        self.fault_ends.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)  # fresh memory mapped, zeroed
+        if self.baton:
+            self.active = False
+            if self.starts:
+                self.baton.pass_turn(self.side)
+            self.baton.wait(self.side)
+        self.active = True
+        self.starts.append(time.perf_counter() if self.baton else self.ends[-1])
+        self.cpu.append(time.process_time() if self.baton else self.cpu_ends[-1])
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt if self.baton else self.fault_ends[-1])
         for counts in (self.tokens, self.trained, self.frozen):
             counts.append(0)
         out = self.loss_fn(model, batch)
@@ -91,10 +138,13 @@ class Probe:
     def result(self, warmup: int, steps: int) -> dict:
         for h in self.hooks:
             h.remove()
-        seconds = self.starts[warmup + steps] - self.starts[warmup]
-        cpu = self.cpu[warmup + steps] - self.cpu[warmup]
-        tokens = sum(self.tokens[warmup:warmup + steps])
-        return {"tok_s": tokens / seconds, "s_step": seconds / steps, "tok_cpu_s": tokens / cpu,
+        timed = range(warmup, warmup + steps)  # step k: from its start to the next step's (before any wait)
+        step_s = [self.ends[k + 1] - self.starts[k] for k in timed]
+        step_cpu = [self.cpu_ends[k + 1] - self.cpu[k] for k in timed]
+        tokens = sum(self.tokens[k] for k in timed)
+        return {"tok_s": tokens / sum(step_s), "s_step": sum(step_s) / steps, "tok_cpu_s": tokens / sum(step_cpu),
+                "faults_step": sum(self.fault_ends[k + 1] - self.faults[k] for k in timed) / steps,
+                "step_s": step_s, "step_cpu_s": step_cpu, "spans": [(self.starts[k], self.ends[k + 1]) for k in timed],
                 "losses": self.losses, "tokens": self.tokens, "trained": self.trained, "frozen": self.frozen}
 
 
@@ -146,21 +196,24 @@ def setup(name: str, a, out: Path) -> dict:
             "frozen_models": list(frozen_models.values()), "loss_fn": lambda m, b: mod.step_losses(m, b, frozen, args)}
 
 
-def run_ours(s, a) -> dict:
+def run_ours(s, a, baton=None) -> dict:
     args, accelerator = s["args"], s["accelerator"]
+    if baton:
+        baton.wait("ours")  # the model is loaded and fit() sets up in our own turn
     model = common.load_trained(args, accelerator)
-    probe = Probe(s["loss_fn"], model, s["frozen_models"])
+    probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "ours")
     model = s["mod"].fit(accelerator, model, in_order(s["batches"]), probe, args, 1, args.lr, "ours", NoLog())
     common.release(accelerator, model)
     return probe.result(a.warmup, a.steps)
 
 
-def run_trainer(s, a, out: Path) -> dict:
+def run_trainer(s, a, out: Path, baton=None) -> dict:
     from transformers import Trainer, TrainingArguments
     args, batches = s["args"], s["batches"]
+    if baton:
+        baton.wait("trainer")
     model = common.load_trained(args, s["accelerator"])
-    probe = Probe(s["loss_fn"], model, s["frozen_models"])
-
+    probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "trainer")
     class SameBatchesTrainer(Trainer):
         def get_train_dataloader(self):  # what Trainer does with its own loader: accelerator.prepare
             return self.accelerator.prepare(in_order(batches))
@@ -184,6 +237,28 @@ def run_trainer(s, a, out: Path) -> dict:
     common.release(trainer.accelerator, trainer.model, trainer.optimizer)
     del trainer, model, optimizer
     return probe.result(a.warmup, a.steps)
+
+
+def interleaved(s, a, out: Path, first: str) -> tuple[dict, dict]:
+    """--interleave: ours in this thread, the Trainer in another, taking turns step by step (Baton), so that
+    each pair of steps on the same batch ran a few seconds apart, on the same heap and machine state."""
+    baton, res, failed = Baton(first), {}, []
+
+    def side(name, run):
+        try:
+            res[name] = run()
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the main thread)
+            failed.append(e)
+            baton.finish(name, failed=True)
+            return
+        baton.finish(name)  # after its teardown: nothing of this side runs in the other's turns
+    thread = threading.Thread(target=side, args=("trainer", lambda: run_trainer(s, a, out, baton)), daemon=True)
+    thread.start()
+    side("ours", lambda: run_ours(s, a, baton))
+    thread.join()
+    if failed:
+        raise failed[0]
+    return res["ours"], res["trainer"]
 
 
 def teardown(s) -> None:
@@ -217,14 +292,18 @@ def bench(name: str, a, out: Path) -> dict:
     s = None if a.isolate else setup(name, a, out)
     rounds = {"ours": [], "trainer": []}
     for r in range(a.rounds):  # alternate who goes first, so drifting machine load hits both
-        for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
-            if a.isolate:
+        order = ("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")
+        both = dict(zip(("ours", "trainer"), interleaved(s, a, out, order[0]))) if a.interleave else {}
+        for side in order:
+            if a.interleave:
+                rounds[side].append(both[side])
+            elif a.isolate:
                 rounds[side].append(isolated(name, side, a, out))
             else:
                 rounds[side].append(run_ours(s, a) if side == "ours" else run_trainer(s, a, out))
             last = rounds[side][-1]
             print(f"[throughput] {name} round {r + 1} {side}: {last['tok_s']:.1f} tokens/s, "
-                  f"{last['tok_cpu_s']:.1f} tokens/CPU-s", flush=True)
+                  f"{last['tok_cpu_s']:.1f} tokens/CPU-s, {last['faults_step']:.0f} page faults/step", flush=True)
     if s:
         teardown(s)
     ours, trainer = rounds["ours"][-1], rounds["trainer"][-1]
@@ -246,6 +325,15 @@ def bench(name: str, a, out: Path) -> dict:
             # each round's two sides ran back to back under the same machine load: their ratio is the paired one
             "ratio_rounds": [o["tok_s"] / t["tok_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
             "ratio_cpu_rounds": [o["tok_cpu_s"] / t["tok_cpu_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
+            # step k of both sides trained on the same batch (same tokens): Trainer's time over ours is their ratio
+            "ratio_steps": [t / o for ro, rt in zip(rounds["ours"], rounds["trainer"])
+                            for o, t in zip(ro["step_s"], rt["step_s"])],
+            "ratio_cpu_steps": [t / o for ro, rt in zip(rounds["ours"], rounds["trainer"])
+                                for o, t in zip(ro["step_cpu_s"], rt["step_cpu_s"])],
+            "spans": {k: [sp for r in v for sp in r["spans"]] for k, v in rounds.items()},  # perf_counter seconds
+            "step_cpu_s": {k: [c for r in v for c in r["step_cpu_s"]] for k, v in rounds.items()},
+            "ours_faults_step": statistics.median(r["faults_step"] for r in rounds["ours"]),
+            "trainer_faults_step": statistics.median(r["faults_step"] for r in rounds["trainer"]),
             "losses_ours": ours["losses"], "losses_trainer": trainer["losses"], "max_rel_loss_diff": rel,
             "losses_agree": rel <= a.rtol, "same_tokens": ours["tokens"] == trainer["tokens"],
             "tokens_per_step": ours["tokens"], "forwards_per_step": {"trained": trained, "frozen": frozen},
@@ -297,10 +385,14 @@ def main(argv=None) -> dict:
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative per-step loss difference allowed")
     p.add_argument("--isolate", action="store_true", help="run each side of each round in a fresh Python process "
                    "(setup repeated each time; within one process the side that runs second tends to be faster)")
+    p.add_argument("--interleave", action="store_true", help="run the two sides in two threads of one process, "
+                   "taking turns step by step: every step is paired with the other side's on the same batch")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)  # --isolate's child process
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.isolate and a.interleave:
+        raise SystemExit("error: --isolate and --interleave exclude each other (two processes, or two threads of one)")
     names = a.methods.split(",")
     if a.side:
         with tempfile.TemporaryDirectory(prefix="throughput_side_") as tmp:
@@ -320,7 +412,8 @@ def main(argv=None) -> dict:
         res = {n: bench(n, a, Path(tmp)) for n in names}
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
           f"{a.batch}, {a.steps} timed steps after {a.warmup}, median of {a.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s){', each side in its own process' if a.isolate else ''}")
+          f"{torch.get_num_threads()} thread(s){', each side in its own process' if a.isolate else ''}"
+          f"{', the sides taking turns step by step' if a.interleave else ''}")
     print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
                          f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",

@@ -58,3 +58,30 @@ def test_isolated_sides_run_in_their_own_processes_and_agree_with_the_in_process
     assert out["config"]["isolate"] and r["losses_agree"] and r["same_tokens"]
     assert r["losses_ours"] == pytest.approx(inproc["losses_ours"], rel=1e-4)  # the child built the same batches
     assert r["tokens_per_step"] == inproc["tokens_per_step"]
+
+
+def test_interleaved_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--methods", "npo_gd", *QUICK_RUN, "--rounds", "2"]
+    inproc = throughput.main(args)["methods"]["npo_gd"]
+    out = throughput.main([*args, "--interleave"])
+    r = out["methods"]["npo_gd"]
+    assert out["config"]["interleave"] and r["losses_agree"] and r["same_tokens"]
+    assert r["losses_ours"] == pytest.approx(inproc["losses_ours"], rel=1e-4)  # sharing a process changed no step
+    assert r["forwards_per_step"] == {"trained": 2, "frozen": 1}  # the other side's reference forwards not counted
+    spans = sorted([(*sp, "ours") for sp in r["spans"]["ours"]] + [(*sp, "trainer") for sp in r["spans"]["trainer"]])
+    assert len(spans) == 2 * 2 * 2  # sides x rounds x timed steps
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+        assert end <= start  # one side computes at a time
+    sides = [side for *_, side in spans]
+    assert sides[:4] == ["ours", "trainer"] * 2 and sides[4:] == ["trainer", "ours"] * 2  # the first side alternates
+    cpu = r["step_cpu_s"]  # same batch, same tokens: the paired ratio is the Trainer's CPU time over ours
+    assert r["ratio_cpu_steps"] == [pytest.approx(t / o) for o, t in zip(cpu["ours"], cpu["trainer"])]
+
+
+def test_interleaved_side_that_fails_stops_both(tiny_model_dir, monkeypatch):
+    def broken(s, a, out, baton=None):
+        baton.wait("trainer")
+        raise ZeroDivisionError("planted")
+    monkeypatch.setattr(throughput, "run_trainer", broken)
+    with pytest.raises(ZeroDivisionError, match="planted"):  # the Trainer's own error, not a hang or ours' wait
+        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN, "--interleave"])
