@@ -572,6 +572,52 @@ def order_effect_lines(path: Path, conclusion: str) -> list[str]:
                 + "; ".join(parts) + "." + (f" {conclusion}" if conclusion else "")]
 
 
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval for the median of xs: the order statistics x(k), x(n+1-k) with
+    k the largest for which P(Binomial(n, 1/2) < k) <= (1 - level) / 2. None when n is too small for one."""
+    n, xs = len(xs), sorted(xs)
+    k = 0
+    while sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n <= (1 - level) / 2:
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else None
+
+
+def interleaved_lines(path: Path) -> list[str]:
+    """results/throughput_interleaved.json (--interleave): the two sides take turns step by step in one
+    process, so step k of ours and of the Trainer trained on the same batch seconds apart. Each such pair's
+    ratio (the Trainer's CPU time over ours: ours / Trainer in speed) is one sample; the verdict on "at least
+    1.0" reads the 95% interval of their median: above 1.0, below it, or not separated from it."""
+    if not path.exists():
+        return []
+    t = json.loads(path.read_text())
+    c, ms = t["config"], t["methods"]
+    parts, verdicts = [], []
+    for n, r in ms.items():
+        xs, steps = r["ratio_cpu_steps"], c["steps"]
+        first = [x for i, x in enumerate(xs) if (i // steps) % 2 == 0]  # odd rounds: ours took the first turn
+        later = [x for i, x in enumerate(xs) if (i // steps) % 2 == 1]
+        ci = median_ci(xs)
+        total = sum(r["step_cpu_s"]["trainer"]) / sum(r["step_cpu_s"]["ours"])
+        name = NAMES.get(n, n)
+        parts.append(f"{name}: median {statistics.median(xs):.3f} over {len(xs)} steps (95% interval "
+                     + (f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "too few steps") + f"), {sum(x >= 1.0 for x in xs)} of "
+                     f"{len(xs)} at least 1.0, total CPU time {total:.3f}; {statistics.median(first):.3f} in the rounds "
+                     f"ours took the first turn and {statistics.median(later):.3f} in "
+                     f"those the Trainer took it; page faults a step {r['ours_faults_step']:.0f} vs "
+                     f"{r['trainer_faults_step']:.0f}")
+        verdicts.append((name, "not separated from" if not ci or ci[0] < 1.0 <= ci[1] else
+                         "at least" if ci[0] >= 1.0 else "below"))
+    cmd = (f"`python bench/throughput.py --batch {c['batch']} --steps {c['steps']} --rounds {c['rounds']} "
+           f"--methods {c['methods']} --interleave --json results/{path.name}`")
+    said = "; ".join(f"{', '.join(n for n, v in verdicts if v == w)}: {w} 1.0"
+                     for w in ("at least", "not separated from", "below") if any(v == w for _, v in verdicts))
+    return ["", f"The two sides taking turns step by step in one process, both in threads of their own, so each "
+                f"step of ours is paired with the Trainer's on the same batch a few seconds apart ({cmd}, commit "
+                f"{str(c.get('git_commit'))[:10]}, load average {c['load_before'][0]:.1f} before), the first turn "
+                f"alternating between rounds. Ours / Trainer per step (CPU time): " + "; ".join(parts) + ". By the "
+                f"95% interval of the median step: {said}."]
+
+
 def loop_cost_lines(path: Path) -> list[str]:
     """The same bench on a tiny random model (--model tiny), where the loops' own cost is most of a step."""
     if not path.exists():
@@ -613,6 +659,7 @@ def throughput_section() -> list[str]:
                      f"{r['max_rel_loss_diff']:.1e} |")
     lines += ["", throughput_verdict(t), "", THROUGHPUT_FINDINGS, *order_effect_lines(PLOTS / "throughput_8rounds.json", ORDER_EFFECT),
               *order_effect_lines(PLOTS / "throughput_isolated.json", ISOLATED),
+              *interleaved_lines(PLOTS / "throughput_interleaved.json"),
               *loop_cost_lines(PLOTS / "throughput_tiny.json"),
               "No method runs a forward pass its objective does not need (the bench counts them): NPO's one frozen "
               "forward is its reference model's log-probs on the forget batch, which the paper's method needs "

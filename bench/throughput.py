@@ -26,7 +26,10 @@ tokens (attention-mask sum) of every forward pass through the trained model, cou
 frozen-model forwards are counted and compared with what the method's objective needs per step. rkld runs
 with --strengthened_model = --model (no strengthening stage: the teacher's cost does not depend on its
 weights). Not measured, by design: the cost of making the batches (main()'s loader tokenizes in the
-training process).
+training process). --interleave pairs the sides step by step instead of round by round: both run in one
+process, each in a thread of its own, and take turns one optimizer step at a time (Baton), so step k of
+ours and of the Trainer train on the same batch seconds apart, under the same load and heap; the side that
+takes the first turn alternates between rounds, and each pair's CPU-time ratio is kept (ratio_cpu_steps).
 
   python bench/throughput.py                                  # quick forget01 target (finetune.py first)
   python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2 --json tp.json
@@ -240,8 +243,8 @@ def run_trainer(s, a, out: Path, baton=None) -> dict:
 
 
 def interleaved(s, a, out: Path, first: str) -> tuple[dict, dict]:
-    """--interleave: ours in this thread, the Trainer in another, taking turns step by step (Baton), so that
-    each pair of steps on the same batch ran a few seconds apart, on the same heap and machine state."""
+    """--interleave: ours and the Trainer in two threads, taking turns step by step (Baton), so that each pair
+    of steps on the same batch ran a few seconds apart, on the same heap and machine state."""
     baton, res, failed = Baton(first), {}, []
 
     def side(name, run):
@@ -252,10 +255,13 @@ def interleaved(s, a, out: Path, first: str) -> tuple[dict, dict]:
             baton.finish(name, failed=True)
             return
         baton.finish(name)  # after its teardown: nothing of this side runs in the other's turns
-    thread = threading.Thread(target=side, args=("trainer", lambda: run_trainer(s, a, out, baton)), daemon=True)
-    thread.start()
-    side("ours", lambda: run_ours(s, a, baton))
-    thread.join()
+    # both sides in threads of their own: the main thread's malloc arena and OpenMP team favour neither
+    threads = [threading.Thread(target=side, args=("ours", lambda: run_ours(s, a, baton)), daemon=True),
+               threading.Thread(target=side, args=("trainer", lambda: run_trainer(s, a, out, baton)), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if failed:
         raise failed[0]
     return res["ours"], res["trainer"]

@@ -643,3 +643,34 @@ def test_order_effect_splits_rounds_by_which_side_went_first(tmp_path):
     assert "`python bench/throughput.py --batch 8 --rounds 4 --methods ga_gd --json results/throughput_8rounds.json`" in line
     assert line.endswith("(CPU time, max/min - 1). Concluded.") and "both sides in one process" in line
     assert results_report.order_effect_lines(tmp_path / "none.json", "") == []
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    # n = 24: P(Bin(24, 1/2) <= 6) = 0.011 <= 0.025 < P(<= 7) = 0.032, so the 95% interval is x(7)..x(18)
+    assert results_report.median_ci([float(x) for x in range(24, 0, -1)]) == (7.0, 18.0)
+    assert results_report.median_ci([1.0, 2, 3, 4, 5, 6]) == (1.0, 6.0)  # n = 6: 2/64 <= 0.05
+    assert results_report.median_ci([1.0, 2, 3, 4, 5]) is None  # n = 5: even the extremes cover only 94%
+
+
+def test_interleaved_steps_give_a_median_with_its_interval_and_a_verdict(tmp_path):
+    # 2 rounds of 3 steps; round 1 ours took the first turn. ratio = Trainer CPU time / ours
+    ours, trainer = [10.0, 10, 10, 10, 10, 10], [11.0, 12, 13, 10.5, 11.5, 12.5]
+    rec = {"ratio_cpu_steps": [t / o for o, t in zip(ours, trainer)], "step_cpu_s": {"ours": ours, "trainer": trainer},
+           "ours_faults_step": 100.0, "trainer_faults_step": 120.0}
+    slow = {**rec, "ratio_cpu_steps": [o / t for o, t in zip(ours, trainer)],
+            "step_cpu_s": {"ours": trainer, "trainer": ours}}
+    mixed = {**rec, "ratio_cpu_steps": [0.9, 1.1, 1.0, 0.95, 1.05, 1.2]}
+    path = tmp_path / "throughput_interleaved.json"
+    path.write_text(json.dumps({"config": {"rounds": 2, "steps": 3, "batch": 8, "methods": "rkld,ga_gd,npo_gd",
+                                           "git_commit": "abc", "load_before": [0.0, 0, 0]},
+                                "methods": {"rkld": rec, "ga_gd": slow, "npo_gd": mixed}}))
+    line = " ".join(results_report.interleaved_lines(path))
+    assert "RKLD: median 1.175 over 6 steps (95% interval 1.050-1.300), 6 of 6 at least 1.0" in line
+    assert "6 of 6 at least 1.0, total CPU time 1.175;" in line  # 70.5 / 60
+    assert "1.200 in the rounds ours took the first turn and 1.150 in those the Trainer took it" in line
+    assert "page faults a step 100 vs 120" in line
+    assert "GA+GD: median 0.851 over 6 steps (95% interval 0.769-0.952), 0 of 6" in line
+    assert line.endswith("RKLD: at least 1.0; NPO+GD: not separated from 1.0; GA+GD: below 1.0.")
+    assert "`python bench/throughput.py --batch 8 --steps 3 --rounds 2 --methods rkld,ga_gd,npo_gd --interleave " \
+           "--json results/throughput_interleaved.json`" in line
+    assert results_report.interleaved_lines(tmp_path / "none.json") == []
