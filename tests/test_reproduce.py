@@ -652,25 +652,40 @@ def test_median_interval_is_the_binomial_order_statistics():
     assert results_report.median_ci([1.0, 2, 3, 4, 5]) is None  # n = 5: even the extremes cover only 94%
 
 
-def test_interleaved_steps_give_a_median_with_its_interval_and_a_verdict(tmp_path):
-    # 2 rounds of 3 steps; round 1 ours took the first turn. ratio = Trainer CPU time / ours
-    ours, trainer = [10.0, 10, 10, 10, 10, 10], [11.0, 12, 13, 10.5, 11.5, 12.5]
-    rec = {"ratio_cpu_steps": [t / o for o, t in zip(ours, trainer)], "step_cpu_s": {"ours": ours, "trainer": trainer},
-           "ours_faults_step": 100.0, "trainer_faults_step": 120.0}
-    slow = {**rec, "ratio_cpu_steps": [o / t for o, t in zip(ours, trainer)],
-            "step_cpu_s": {"ours": trainer, "trainer": ours}}
-    mixed = {**rec, "ratio_cpu_steps": [0.9, 1.1, 1.0, 0.95, 1.05, 1.2]}
-    path = tmp_path / "throughput_interleaved.json"
-    path.write_text(json.dumps({"config": {"rounds": 2, "steps": 3, "batch": 8, "methods": "rkld,ga_gd,npo_gd",
-                                           "git_commit": "abc", "load_before": [0.0, 0, 0]},
-                                "methods": {"rkld": rec, "ga_gd": slow, "npo_gd": mixed}}))
-    line = " ".join(results_report.interleaved_lines(path))
-    assert "RKLD: median 1.175 over 6 steps (95% interval 1.050-1.300), 6 of 6 at least 1.0" in line
-    assert "6 of 6 at least 1.0, total CPU time 1.175;" in line  # 70.5 / 60
-    assert "1.200 in the rounds ours took the first turn and 1.150 in those the Trainer took it" in line
-    assert "page faults a step 100 vs 120" in line
-    assert "GA+GD: median 0.851 over 6 steps (95% interval 0.769-0.952), 0 of 6" in line
-    assert line.endswith("RKLD: at least 1.0; NPO+GD: not separated from 1.0; GA+GD: below 1.0.")
-    assert "`python bench/throughput.py --batch 8 --steps 3 --rounds 2 --methods rkld,ga_gd,npo_gd --interleave " \
+def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, monkeypatch):
+    # 4 rounds of 3 steps; rounds 1 and 3 ours took the first turn, and a first turn halves the ratio while a
+    # second one doubles it: each step's order-balanced sample sqrt(a/2 * 2a) is its true ratio a
+    def rounds(a):  # a: the true ratios of round pair 1 (3 steps), then of round pair 2
+        return [x / 2 for x in a[:3]] + [x * 2 for x in a[:3]] + [x / 2 for x in a[3:]] + [x * 2 for x in a[3:]]
+    fast, mixed = rounds([1.1, 1.2, 1.3, 1.05, 1.15, 1.25]), rounds([0.9, 1.1, 1.0, 0.95, 1.05, 1.2])
+    common = {"forwards_per_step": {"trained": 2, "frozen": 0}, "tokens_per_step": [100, 200], "ours_tok_cpu_s": 50.0,
+              "trainer_tok_cpu_s": 40.0, "max_rel_loss_diff": 0.0, "ours_faults_step": 100.0, "trainer_faults_step": 120.0}
+    ten = [10.0] * 12
+    rec = {**common, "ratio_cpu_steps": fast, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in fast]}}
+    slow = {**common, "ratio_cpu_steps": [1 / x for x in fast], "step_cpu_s": {"ours": [10 * x for x in fast],
+                                                                                 "trainer": ten}}
+    level = {**rec, "ratio_cpu_steps": mixed}
+    config = {"rounds": 4, "steps": 3, "warmup": 1, "batch": 8, "threads": 2, "rtol": 1e-4, "git_commit": "abc",
+              "load_before": [0.0, 0, 0]}
+    monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    assert results_report.interleaved_files() == []
+    (tmp_path / "throughput_interleaved.json").write_text(json.dumps(
+        {"config": {**config, "methods": "rkld,ga_gd"}, "methods": {"rkld": rec, "ga_gd": slow}}))
+    (tmp_path / "throughput_interleaved_others.json").write_text(json.dumps(
+        {"config": {**config, "methods": "npo_gd"}, "methods": {"npo_gd": level}}))
+    files = results_report.interleaved_files()
+    table = "\n".join(results_report.interleaved_table(files))
+    # total CPU time over all 12 raw pairs: 7.05 * (1/2 + 2) / 12
+    assert "| RKLD | 2 + 0 | 150 | 50.0 | 40.0 | 1.175 (1.050-1.300) | 6 of 6 | 1.469 | 0.0e+00 | faster |" in table
+    assert "| GA+GD | 2 + 0 | 150 | 50.0 | 40.0 | 0.851 (0.769-0.952) | 0 of 6 | 0.681 | 0.0e+00 | slower |" in table
+    assert "| NPO+GD |" in table and "1.025 (0.900-1.200) | 4 of 6 |" in table and table.count("level with it") == 1
+    assert ("judged on these step pairs: met, ours faster, for RKLD; met as level, ours neither faster nor slower, for "
+            "NPO+GD: the 95% interval of each median step ratio holds 1.0, all of them within 0.900-1.200; not met for "
+            "GA+GD, whose whole interval is below 1.0.") in table
+    line = " ".join(results_report.interleaved_lines(*files[0]))
+    assert "RKLD 0.58" in line and "2.350 when the Trainer did, page faults a step 100 vs 120" in line
+    assert "GA+GD 1.703 when ours took the first turn, 0.426 when the Trainer did" in line  # 2 / 1.175, 1 / 2.35
+    assert "`python bench/throughput.py --batch 8 --steps 3 --rounds 4 --methods rkld,ga_gd --interleave " \
            "--json results/throughput_interleaved.json`" in line
-    assert results_report.interleaved_lines(tmp_path / "none.json") == []
+    section = "\n".join(results_report.throughput_section())
+    assert section.index("judged on these step pairs") < section.index("### Before the step-paired bench")
