@@ -590,11 +590,11 @@ INTERLEAVED = ("throughput_interleaved.json", "throughput_interleaved_others.jso
 def step_pairs(r: dict, steps: int) -> dict:
     """One method of an --interleave file. Step k of ours and of the Trainer trained on the same batch seconds
     apart: each pair's ratio is the Trainer's CPU time over ours (ours / Trainer in speed). The side that takes
-    a pair's first turn can be the slower one (ME+GD: by about 7%), and rounds alternate it, so rounds 2j+1
-    (ours first) and 2j+2 (the Trainer first), which rerun the same batches from the same weights, give one
-    order-balanced sample per step k: the geometric mean of its two ratios (an AB/BA crossover; an odd last
-    round is left out). The verdict on "at least 1.0" reads the 95% interval of their median: above 1.0,
-    below it, or holding it."""
+    a pair's first turn can be the slower one (ME+GD on 2026-12-04: median ratio 0.939 when ours took it, 1.029
+    when the Trainer did), and rounds alternate it. Rounds 2j+1 (ours first) and 2j+2 (the Trainer first) rerun
+    the same batches from the same weights, so they give one order-balanced sample per step k: the geometric
+    mean of its two ratios (an AB/BA crossover; an odd last round is left out). The verdict on "at least 1.0"
+    reads the 95% interval of their median: above 1.0, below it, or holding it."""
     xs = r["ratio_cpu_steps"]
     rounds = [xs[i:i + steps] for i in range(0, len(xs) - steps + 1, steps)]
     bal = [math.sqrt(a * b) for j in range(len(rounds) // 2) for a, b in zip(rounds[2 * j], rounds[2 * j + 1])]

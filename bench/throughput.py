@@ -338,6 +338,8 @@ def bench(name: str, a, out: Path) -> dict:
                                 for o, t in zip(ro["step_cpu_s"], rt["step_cpu_s"])],
             "spans": {k: [sp for r in v for sp in r["spans"]] for k, v in rounds.items()},  # perf_counter seconds
             "step_cpu_s": {k: [c for r in v for c in r["step_cpu_s"]] for k, v in rounds.items()},
+            "ours_rounds_faults_step": [r["faults_step"] for r in rounds["ours"]],  # minor page faults a step
+            "trainer_rounds_faults_step": [r["faults_step"] for r in rounds["trainer"]],
             "ours_faults_step": statistics.median(r["faults_step"] for r in rounds["ours"]),
             "trainer_faults_step": statistics.median(r["faults_step"] for r in rounds["trainer"]),
             "losses_ours": ours["losses"], "losses_trainer": trainer["losses"], "max_rel_loss_diff": rel,

@@ -2,6 +2,7 @@
 batches, every method gets a ratio, and a Trainer fed the batches in another order is caught.
 Timings are not asserted (a tiny model on a shared CPU measures noise)."""
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def test_interleaved_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
         assert end <= start  # one side computes at a time
     sides = [side for *_, side in spans]
     assert sides[:4] == ["ours", "trainer"] * 2 and sides[4:] == ["trainer", "ours"] * 2  # the first side alternates
+    assert len(r["ours_rounds_faults_step"]) == len(r["trainer_rounds_faults_step"]) == 2
+    assert r["ours_faults_step"] == pytest.approx(statistics.median(r["ours_rounds_faults_step"]))
+    assert min(r["ours_rounds_faults_step"] + r["trainer_rounds_faults_step"]) > 0
     cpu = r["step_cpu_s"]  # same batch, same tokens: the paired ratio is the Trainer's CPU time over ours
     assert r["ratio_cpu_steps"] == [pytest.approx(t / o) for o, t in zip(cpu["ours"], cpu["trainer"])]
 
