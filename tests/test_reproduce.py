@@ -689,3 +689,17 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
            "--json results/throughput_interleaved.json`" in line
     section = "\n".join(results_report.throughput_section())
     assert section.index("judged on these step pairs") < section.index("### Before the step-paired bench")
+    assert "tiny model, step-paired" not in section
+    (tmp_path / results_report.TINY_INTERLEAVED).write_text(json.dumps(
+        {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": rec}}))
+    line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
+    assert "RKLD 1.175 (1.050-1.300; 10000 vs 13750 CPU-ms a step, ours is faster)." in line
+    assert "--model tiny --batch 1 --steps 3 --rounds 4 --interleave" in line
+    assert line.strip() in "\n".join(results_report.throughput_section())
+    # rounds 1-3: the slower side had the more page faults; round 4: ours faster with more faults
+    rounds = {"ours_rounds_tok_cpu_s": [1.0, 2, 1, 4], "trainer_rounds_tok_cpu_s": [2.0, 1, 2, 1],
+              "ours_rounds_faults_step": [5.0, 1, 5, 9], "trainer_rounds_faults_step": [1.0, 5, 1, 1]}
+    (tmp_path / results_report.TINY_INTERLEAVED).write_text(json.dumps(
+        {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": {**rec, **rounds}}}))
+    line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
+    assert "In 3 of 4 rounds the side that was slower was also the one with more minor page faults" in line
