@@ -709,8 +709,8 @@ def tiny_interleaved_lines(path: Path) -> list[str]:
         parts.append(f"{NAMES.get(n, n)} {sp['median']:.3f} ({ci}; {ms['ours']:.0f} vs {ms['trainer']:.0f} CPU-ms a "
                      f"step, ours is {'level with it' if sp['verdict'] == 'level' else sp['verdict']})")
     # which side was slower in a round (CPU time), and which took more fresh memory pages (minor faults) a step
-    same = [(o < t) == (fo > ft) for r in t["methods"].values() if "ours_rounds_faults_step" in r
-            for o, t, fo, ft in zip(r["ours_rounds_tok_cpu_s"], r["trainer_rounds_tok_cpu_s"],
+    same = [(o < tr) == (fo > ft) for r in t["methods"].values() if "ours_rounds_faults_step" in r
+            for o, tr, fo, ft in zip(r["ours_rounds_tok_cpu_s"], r["trainer_rounds_tok_cpu_s"],
                                     r["ours_rounds_faults_step"], r["trainer_rounds_faults_step"])]
     faults = (f" In {sum(same)} of {len(same)} rounds the side that was slower was also the one with more minor page "
               "faults a step (fresh memory pages from the kernel): the difference goes with how much memory each side "
