@@ -415,7 +415,8 @@ def main(argv=None) -> dict:
     if tiny:
         a.model = tiny_model(Path(tiny.name), common.quick_model(a.split, "target"))
     # what the measurement shared the machine with: the cores this process may run on, the load before it
-    machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg()}
+    machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg(),
+               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}  # glibc tunables
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
         res = {n: bench(n, a, Path(tmp)) for n in names}
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
