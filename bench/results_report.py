@@ -586,6 +586,7 @@ def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | Non
 
 INTERLEAVED = ("throughput_interleaved.json", "throughput_interleaved_others.json")  # bench/throughput.py --interleave
 TINY_INTERLEAVED = "throughput_tiny_interleaved.json"  # the same with --model tiny
+TINY_MALLOC = "throughput_tiny_interleaved_malloc.json"  # and again under MALLOC_* tunables that keep memory mapped
 
 
 def step_pairs(r: dict, steps: int) -> dict:
@@ -696,30 +697,61 @@ FORWARDS = ("No method runs a forward pass its objective does not need (the benc
             "RKLD's teacher is precomputed once before training (2 frozen forwards a step with `--rkld_teacher live`).")
 
 
-def tiny_interleaved_lines(path: Path) -> list[str]:
-    """The step-paired bench (--interleave) on the tiny model: the loops' own cost, step by step."""
+TINY_MALLOC_FIRST = (  # the first run of the TINY_MALLOC command (2026-12-04), not kept: it predates malloc_env
+    "A first run of the same command the same day, not kept (it predates the bench recording its environment), "
+    "had GA+GD 0.988 (0.979-0.994) and NPO+GD 0.993 (0.989-0.997) slower and ME+GD level: two runs of one "
+    "command differ by more than these intervals, which take the steps of a round as independent while they share "
+    "its process state. Differences of 1-2% on the tiny model are not settled by one run.")
+
+
+def tiny_interleaved_lines(path: Path, malloc: Path | None = None) -> list[str]:
+    """The step-paired bench (--interleave) on the tiny model: the loops' own cost, step by step; with malloc
+    (the same bench run under glibc MALLOC_* tunables that keep freed memory mapped), what is left of each
+    method's gap once neither side takes fresh pages from the kernel."""
     if not path.exists():
         return []
     t = json.loads(path.read_text())
-    c, parts = t["config"], []
-    for n, r in t["methods"].items():
-        sp = step_pairs(r, c["steps"])
-        ci = f"{sp['ci'][0]:.3f}-{sp['ci'][1]:.3f}" if sp["ci"] else "too few steps"
-        ms = {k: 1000 * statistics.median(r["step_cpu_s"][k]) for k in ("ours", "trainer")}
-        parts.append(f"{NAMES.get(n, n)} {sp['median']:.3f} ({ci}; {ms['ours']:.0f} vs {ms['trainer']:.0f} CPU-ms a "
-                     f"step, ours is {'level with it' if sp['verdict'] == 'level' else sp['verdict']})")
+    c = t["config"]
     # which side was slower in a round (CPU time), and which took more fresh memory pages (minor faults) a step
     same = [(o < tr) == (fo > ft) for r in t["methods"].values() if "ours_rounds_faults_step" in r
             for o, tr, fo, ft in zip(r["ours_rounds_tok_cpu_s"], r["trainer_rounds_tok_cpu_s"],
                                     r["ours_rounds_faults_step"], r["trainer_rounds_faults_step"])]
     faults = (f" In {sum(same)} of {len(same)} rounds the side that was slower was also the one with more minor page "
-              "faults a step (fresh memory pages from the kernel): the difference goes with how much memory each side "
-              "takes fresh rather than reuses between steps. Why ours takes more in some methods is not found."
-              if same else "")
-    return ["", f"The same on the tiny model, step-paired (`python bench/throughput.py --model tiny --batch {c['batch']} "
-                f"--steps {c['steps']} --rounds {c['rounds']} --interleave --json results/{path.name}`, commit "
-                f"{str(c.get('git_commit'))[:10]}): ours / Trainer, median order-balanced step (95% interval): "
-                + "; ".join(parts) + "." + faults]
+              "faults a step (fresh memory pages from the kernel)." if same else "")
+    lines = ["", f"The same on the tiny model, step-paired (`{tiny_command(path, c)}`, commit "
+                 f"{str(c.get('git_commit'))[:10]}): ours / Trainer, median order-balanced step (95% interval): "
+                 + tiny_parts(t) + "." + faults]
+    if not (malloc and malloc.exists()):
+        return lines
+    m = json.loads(malloc.read_text())
+    pf = {k: statistics.median(r[f"{k}_faults_step"] for r in m["methods"].values()) for k in ("ours", "trainer")}
+    before = {n: step_pairs(r, c["steps"])["verdict"] for n, r in t["methods"].items()}
+    after = {n: step_pairs(r, m["config"]["steps"])["verdict"] for n, r in m["methods"].items()}
+    gone = [NAMES.get(n, n) for n, v in after.items() if before.get(n) == "slower" and v != "slower"]
+    left = [NAMES.get(n, n) for n, v in after.items() if v == "slower"]
+    return lines + [f"Run again with glibc's trimming and mmap off for the whole process (`{tiny_command(malloc, m['config'])}`, "
+                    f"commit {str(m['config'].get('git_commit'))[:10]}), page faults a step fell to {pf['ours']:.1f} "
+                    f"(ours) and {pf['trainer']:.1f} (the Trainer), median over methods: " + tiny_parts(m) + "."
+                    + (f" The gap of {', '.join(gone)} went with the page faults." if gone else "")
+                    + (f" {', '.join(left)} stayed slower with next to no page faults on either side: a cost of ours "
+                       "that is not page faults, and not found." if left else "") + " " + TINY_MALLOC_FIRST]
+
+
+def tiny_command(path: Path, c: dict) -> str:
+    env = "".join(f"{k}={v} " for k, v in sorted(c.get("malloc_env", {}).items()))
+    return (f"{env}python bench/throughput.py --model tiny --batch {c['batch']} --steps {c['steps']} --rounds "
+            f"{c['rounds']} --methods {c['methods']} --interleave --json results/{path.name}")
+
+
+def tiny_parts(t: dict) -> str:
+    parts = []
+    for n, r in t["methods"].items():
+        sp = step_pairs(r, t["config"]["steps"])
+        ci = f"{sp['ci'][0]:.3f}-{sp['ci'][1]:.3f}" if sp["ci"] else "too few steps"
+        ms = {k: 1000 * statistics.median(r["step_cpu_s"][k]) for k in ("ours", "trainer")}
+        parts.append(f"{NAMES.get(n, n)} {sp['median']:.3f} ({ci}; {ms['ours']:.0f} vs {ms['trainer']:.0f} CPU-ms a "
+                     f"step, ours is {'level with it' if sp['verdict'] == 'level' else sp['verdict']})")
+    return "; ".join(parts)
 
 
 def round_level_lines() -> list[str]:
@@ -756,7 +788,7 @@ def throughput_section() -> list[str]:
     if not files:
         return [*round_level_lines(), *loop_cost_lines(PLOTS / "throughput_tiny.json"), "", FORWARDS]
     return [*interleaved_table(files), *[x for p, t in files for x in interleaved_lines(p, t)],
-            *loop_cost_lines(PLOTS / "throughput_tiny.json"), *tiny_interleaved_lines(PLOTS / TINY_INTERLEAVED),
+            *loop_cost_lines(PLOTS / "throughput_tiny.json"), *tiny_interleaved_lines(PLOTS / TINY_INTERLEAVED, PLOTS / TINY_MALLOC),
             "", FORWARDS, "",
             "### Before the step-paired bench: rounds of a few steps", "",
             "These benches ran each side for a few steps at a time. One side's speed moved by more between rounds "

@@ -694,7 +694,7 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
         {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": rec}}))
     line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
     assert "RKLD 1.175 (1.050-1.300; 10000 vs 13750 CPU-ms a step, ours is faster)." in line
-    assert "--model tiny --batch 1 --steps 3 --rounds 4 --interleave" in line
+    assert "`python bench/throughput.py --model tiny --batch 1 --steps 3 --rounds 4 --methods rkld --interleave" in line
     assert line.strip() in "\n".join(results_report.throughput_section())
     # rounds 1-3: the slower side had the more page faults; round 4: ours faster with more faults
     rounds = {"ours_rounds_tok_cpu_s": [1.0, 2, 1, 4], "trainer_rounds_tok_cpu_s": [2.0, 1, 2, 1],
@@ -703,3 +703,19 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
         {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": {**rec, **rounds}}}))
     line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
     assert "In 3 of 4 rounds the side that was slower was also the one with more minor page faults" in line
+    # run again under MALLOC_* tunables: GA+GD's gap goes, NPO+GD's stays
+    tiny, malloc = tmp_path / results_report.TINY_INTERLEAVED, tmp_path / results_report.TINY_MALLOC
+    tiny.write_text(json.dumps({"config": {**config, "batch": 1, "methods": "rkld,ga_gd,npo_gd"},
+                                "methods": {"rkld": rec, "ga_gd": slow, "npo_gd": slow}}))
+    assert len(results_report.tiny_interleaved_lines(tiny, malloc)) == 2  # no malloc file: no line for it
+    malloc.write_text(json.dumps({"config": {**config, "batch": 1, "methods": "ga_gd,npo_gd", "malloc_env": {
+        "MALLOC_TRIM_THRESHOLD_": "9", "MALLOC_MMAP_THRESHOLD_": "8"}},
+        "methods": {"rkld": rec, "ga_gd": level, "npo_gd": {**slow, "ours_faults_step": 1.0, "trainer_faults_step": 3.0}}}))
+    lines = results_report.tiny_interleaved_lines(tiny, malloc)
+    assert "(`MALLOC_MMAP_THRESHOLD_=8 MALLOC_TRIM_THRESHOLD_=9 python bench/throughput.py --model tiny --batch 1 " \
+           "--steps 3 --rounds 4 --methods ga_gd,npo_gd --interleave --json " \
+           "results/throughput_tiny_interleaved_malloc.json`" in lines[2]
+    assert "page faults a step fell to 100.0 (ours) and 120.0 (the Trainer)" in lines[2]  # medians of 100, 100, 1
+    assert lines[2].endswith("The gap of GA+GD went with the page faults. NPO+GD stayed slower with next to no page "
+                             "faults on either side: a cost of ours that is not page faults, and not found. "
+                             + results_report.TINY_MALLOC_FIRST)
