@@ -643,16 +643,17 @@ def interleaved_table(files) -> list[str]:
                          f"{'level with it' if sp['verdict'] == 'level' else sp['verdict']} |")
     said = []
     if "faster" in verdicts:
-        said.append(f"met, ours faster, for {', '.join(n for n, _ in verdicts['faster'])}")
+        said.append(f"ours faster for {', '.join(n for n, _ in verdicts['faster'])}")
     if "level" in verdicts:
         los = [sp["ci"][0] for _, sp in verdicts["level"] if sp["ci"]]
         his = [sp["ci"][1] for _, sp in verdicts["level"] if sp["ci"]]
-        said.append(f"met as level, ours neither faster nor slower, for {', '.join(n for n, _ in verdicts['level'])}"
+        said.append(f"ours level with the Trainer, neither shown faster nor slower, for "
+                    f"{', '.join(n for n, _ in verdicts['level'])}"
                     + (f": the 95% interval of each median step ratio holds 1.0, all of them within "
                        f"{min(los):.3f}-{max(his):.3f}" if los else ""))
     if "slower" in verdicts:
-        said.append(f"not met for {', '.join(n for n, _ in verdicts['slower'])}, whose whole interval is below 1.0")
-    return lines + ["", "The issue's target, ours at least the Trainer's speed, judged on these step pairs: "
+        said.append(f"ours slower for {', '.join(n for n, _ in verdicts['slower'])}, whose whole interval is below 1.0")
+    return lines + ["", "The issue's target is ours at least the Trainer's speed. Judged on these step pairs: "
                     + "; ".join(said) + ". The two loops make the same calls a step (below). The loops' own cost, timed on "
                     "a tiny model where it is most of a step, is below."]
 
@@ -729,7 +730,7 @@ def tiny_interleaved_lines(path: Path, malloc: Path | None = None) -> list[str]:
     after = {n: step_pairs(r, m["config"]["steps"])["verdict"] for n, r in m["methods"].items()}
     gone = [NAMES.get(n, n) for n, v in after.items() if before.get(n) == "slower" and v != "slower"]
     left = [NAMES.get(n, n) for n, v in after.items() if v == "slower"]
-    return lines + [f"Run again with glibc's trimming and mmap off for the whole process (`{tiny_command(malloc, m['config'])}`, "
+    return lines + ["", f"Run again with glibc's trimming and mmap off for the whole process (`{tiny_command(malloc, m['config'])}`, "
                     f"commit {str(m['config'].get('git_commit'))[:10]}), page faults a step fell to {pf['ours']:.1f} "
                     f"(ours) and {pf['trainer']:.1f} (the Trainer), median over methods: " + tiny_parts(m) + "."
                     + (f" The gap of {', '.join(gone)} went with the page faults." if gone else "")
