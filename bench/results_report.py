@@ -597,7 +597,7 @@ def step_pairs(r: dict, steps: int) -> dict:
     the same batches from the same weights, so they give one order-balanced sample per step k: the geometric
     mean of its two ratios (an AB/BA crossover; an odd last round is left out). The verdict on "at least 1.0"
     reads the 95% interval of their median: above 1.0, below it, or holding it."""
-    xs = r["ratio_cpu_steps"]
+    xs = [t / o for o, t in zip(r["step_cpu_s"]["ours"], r["step_cpu_s"]["trainer"])]
     rounds = [xs[i:i + steps] for i in range(0, len(xs) - steps + 1, steps)]
     bal = [math.sqrt(a * b) for j in range(len(rounds) // 2) for a, b in zip(rounds[2 * j], rounds[2 * j + 1])]
     ci = median_ci(bal)
@@ -605,7 +605,9 @@ def step_pairs(r: dict, steps: int) -> dict:
             "total": sum(r["step_cpu_s"]["trainer"]) / sum(r["step_cpu_s"]["ours"]),
             "first": statistics.median([x for rd in rounds[0::2] for x in rd]),  # ours took the first turn
             "later": statistics.median([x for rd in rounds[1::2] for x in rd]),
-            "verdict": "level" if not ci or ci[0] < 1.0 <= ci[1] else "faster" if ci[0] >= 1.0 else "slower"}
+            "ci_text": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "too few steps",
+            "verdict": (verdict := "level" if not ci or ci[0] < 1.0 <= ci[1] else "faster" if ci[0] >= 1.0 else "slower"),
+            "is": "level with it" if verdict == "level" else verdict}
 
 
 def interleaved_files() -> list[tuple[Path, dict]]:
@@ -636,11 +638,10 @@ def interleaved_table(files) -> list[str]:
         for n, r in t["methods"].items():
             sp, f, name = step_pairs(r, t["config"]["steps"]), r["forwards_per_step"], NAMES.get(n, n)
             verdicts.setdefault(sp["verdict"], []).append((name, sp))
-            ci = f"{sp['ci'][0]:.3f}-{sp['ci'][1]:.3f}" if sp["ci"] else "too few steps"
             lines.append(f"| {name} | {f['trained']} + {f['frozen']} | {statistics.fmean(r['tokens_per_step']):.0f} | "
-                         f"{r['ours_tok_cpu_s']:.1f} | {r['trainer_tok_cpu_s']:.1f} | {sp['median']:.3f} ({ci}) | "
-                         f"{sp['at_least']} of {sp['n']} | {sp['total']:.3f} | {r['max_rel_loss_diff']:.1e} | "
-                         f"{'level with it' if sp['verdict'] == 'level' else sp['verdict']} |")
+                         f"{r['ours_tok_cpu_s']:.1f} | {r['trainer_tok_cpu_s']:.1f} | {sp['median']:.3f} "
+                         f"({sp['ci_text']}) | {sp['at_least']} of {sp['n']} | {sp['total']:.3f} | "
+                         f"{r['max_rel_loss_diff']:.1e} | {sp['is']} |")
     said = []
     if "faster" in verdicts:
         said.append(f"ours faster for {', '.join(n for n, _ in verdicts['faster'])}")
@@ -748,10 +749,9 @@ def tiny_parts(t: dict) -> str:
     parts = []
     for n, r in t["methods"].items():
         sp = step_pairs(r, t["config"]["steps"])
-        ci = f"{sp['ci'][0]:.3f}-{sp['ci'][1]:.3f}" if sp["ci"] else "too few steps"
         ms = {k: 1000 * statistics.median(r["step_cpu_s"][k]) for k in ("ours", "trainer")}
-        parts.append(f"{NAMES.get(n, n)} {sp['median']:.3f} ({ci}; {ms['ours']:.0f} vs {ms['trainer']:.0f} CPU-ms a "
-                     f"step, ours is {'level with it' if sp['verdict'] == 'level' else sp['verdict']})")
+        parts.append(f"{NAMES.get(n, n)} {sp['median']:.3f} ({sp['ci_text']}; {ms['ours']:.0f} vs {ms['trainer']:.0f} "
+                     f"CPU-ms a step, ours is {sp['is']})")
     return "; ".join(parts)
 
 
@@ -789,7 +789,8 @@ def throughput_section() -> list[str]:
     if not files:
         return [*round_level_lines(), *loop_cost_lines(PLOTS / "throughput_tiny.json"), "", FORWARDS]
     return [*interleaved_table(files), *[x for p, t in files for x in interleaved_lines(p, t)],
-            *loop_cost_lines(PLOTS / "throughput_tiny.json"), *tiny_interleaved_lines(PLOTS / TINY_INTERLEAVED, PLOTS / TINY_MALLOC),
+            *loop_cost_lines(PLOTS / "throughput_tiny.json"),
+            *tiny_interleaved_lines(PLOTS / TINY_INTERLEAVED, PLOTS / TINY_MALLOC),
             "", FORWARDS, "",
             "### Before the step-paired bench: rounds of a few steps", "",
             "These benches ran each side for a few steps at a time. One side's speed moved by more between rounds "

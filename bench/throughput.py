@@ -29,7 +29,7 @@ weights). Not measured, by design: the cost of making the batches (main()'s load
 training process). --interleave pairs the sides step by step instead of round by round: both run in one
 process, each in a thread of its own, and take turns one optimizer step at a time (Baton), so step k of
 ours and of the Trainer train on the same batch seconds apart, under the same load and heap; the side that
-takes the first turn alternates between rounds, and each pair's CPU-time ratio is kept (ratio_cpu_steps).
+takes the first turn alternates between rounds, and every step's time is kept (step_s, step_cpu_s).
 
   python bench/throughput.py                                  # quick forget01 target (finetune.py first)
   python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2 --json tp.json
@@ -120,8 +120,8 @@ class Probe:
             self.frozen[-1] += 1
 
     def __call__(self, model, batch):
-        self.ends.append(time.perf_counter())  # process CPU time: what the step cost this process
-        self.cpu_ends.append(time.process_time())
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())  # process CPU time: what the step cost this process
         self.fault_ends.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)  # fresh memory mapped, zeroed
         if self.baton:
             self.active = False
@@ -331,13 +331,11 @@ def bench(name: str, a, out: Path) -> dict:
             # each round's two sides ran back to back under the same machine load: their ratio is the paired one
             "ratio_rounds": [o["tok_s"] / t["tok_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
             "ratio_cpu_rounds": [o["tok_cpu_s"] / t["tok_cpu_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
-            # step k of both sides trained on the same batch (same tokens): Trainer's time over ours is their ratio
-            "ratio_steps": [t / o for ro, rt in zip(rounds["ours"], rounds["trainer"])
-                            for o, t in zip(ro["step_s"], rt["step_s"])],
-            "ratio_cpu_steps": [t / o for ro, rt in zip(rounds["ours"], rounds["trainer"])
-                                for o, t in zip(ro["step_cpu_s"], rt["step_cpu_s"])],
-            "spans": {k: [sp for r in v for sp in r["spans"]] for k, v in rounds.items()},  # perf_counter seconds
+            # per step, round after round: step k of both sides trained on the same batch (same tokens), so the
+            # Trainer's time over ours is their paired ratio (bench/results_report.py step_pairs)
+            "step_s": {k: [c for r in v for c in r["step_s"]] for k, v in rounds.items()},
             "step_cpu_s": {k: [c for r in v for c in r["step_cpu_s"]] for k, v in rounds.items()},
+            "spans": {k: [sp for r in v for sp in r["spans"]] for k, v in rounds.items()},  # perf_counter seconds
             "ours_rounds_faults_step": [r["faults_step"] for r in rounds["ours"]],  # minor page faults a step
             "trainer_rounds_faults_step": [r["faults_step"] for r in rounds["trainer"]],
             "ours_faults_step": statistics.median(r["faults_step"] for r in rounds["ours"]),

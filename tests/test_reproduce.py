@@ -661,10 +661,9 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
     common = {"forwards_per_step": {"trained": 2, "frozen": 0}, "tokens_per_step": [100, 200], "ours_tok_cpu_s": 50.0,
               "trainer_tok_cpu_s": 40.0, "max_rel_loss_diff": 0.0, "ours_faults_step": 100.0, "trainer_faults_step": 120.0}
     ten = [10.0] * 12
-    rec = {**common, "ratio_cpu_steps": fast, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in fast]}}
-    slow = {**common, "ratio_cpu_steps": [1 / x for x in fast], "step_cpu_s": {"ours": [10 * x for x in fast],
-                                                                                 "trainer": ten}}
-    level = {**rec, "ratio_cpu_steps": mixed}
+    rec = {**common, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in fast]}}  # ratios: fast
+    slow = {**common, "step_cpu_s": {"ours": [10 * x for x in fast], "trainer": ten}}  # ratios: 1 / fast
+    level = {**rec, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in mixed]}}
     config = {"rounds": 4, "steps": 3, "warmup": 1, "batch": 8, "threads": 2, "rtol": 1e-4, "git_commit": "abc",
               "load_before": [0.0, 0, 0]}
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)

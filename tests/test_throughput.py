@@ -78,8 +78,9 @@ def test_interleaved_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
     assert len(r["ours_rounds_faults_step"]) == len(r["trainer_rounds_faults_step"]) == 2
     assert r["ours_faults_step"] == pytest.approx(statistics.median(r["ours_rounds_faults_step"]))
     assert min(r["ours_rounds_faults_step"] + r["trainer_rounds_faults_step"]) > 0
-    cpu = r["step_cpu_s"]  # same batch, same tokens: the paired ratio is the Trainer's CPU time over ours
-    assert r["ratio_cpu_steps"] == [pytest.approx(t / o) for o, t in zip(cpu["ours"], cpu["trainer"])]
+    for side in ("ours", "trainer"):  # every timed step kept, round after round: a step runs over its turn's span
+        assert r["step_s"][side] == [pytest.approx(end - start) for start, end in r["spans"][side]]
+        assert len(r["step_cpu_s"][side]) == 2 * 2 and min(r["step_cpu_s"][side]) > 0
 
 
 def test_interleaved_side_that_fails_stops_both(tiny_model_dir, monkeypatch):
@@ -89,3 +90,8 @@ def test_interleaved_side_that_fails_stops_both(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(throughput, "run_trainer", broken)
     with pytest.raises(ZeroDivisionError, match="planted"):  # the Trainer's own error, not a hang or ours' wait
         throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN, "--interleave"])
+
+
+def test_isolate_and_interleave_exclude_each_other(tiny_model_dir):
+    with pytest.raises(SystemExit, match="exclude each other"):
+        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN, "--isolate", "--interleave"])
