@@ -435,7 +435,7 @@ def gpu_section(gpu: list[dict]) -> list[str]:
     if not any(r.get("last") for r in gpu):
         return ["Not run yet: it needs a GPU (`python bench/reproduce.py --grid gpu` on a machine with one: every "
                 "author, forget05 and forget10, up to 300 evaluation rows, RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD at "
-                "seed 42; about 3 minutes for the models and 5 a method on one H100, measured for RKLD)."]
+                "seed 42; on one H200, 2026-12-04: 3.6 min for forget05's models, RKLD 5.2 min, ME+GD 2.3 min)."]
     lines = []
     for split in reproduce.GPU_SPLITS:
         runs = [r for r in gpu if r.get("split") == split and r.get("last")]
@@ -444,8 +444,10 @@ def gpu_section(gpu: list[dict]) -> list[str]:
             continue
         devices = sorted({(r.get("info") or {}).get("cuda") or "no GPU recorded" for r in runs})
         days = sorted({r["finished"][:10] for r in runs if r.get("finished")})
-        lines += [f"**{split}** ({len(runs)} methods; {', '.join(devices)}; {', '.join(days)}; seed 42, lr as "
-                  "chosen on the CPU sweep):", "",
+        missing = [NAMES[m] for m in reproduce.GPU_METHODS if not any(r["method"] == m for r in runs)]
+        lines += [f"**{split}** ({len(runs)} of {len(reproduce.GPU_METHODS)} methods"
+                  + (f", not run yet: {', '.join(missing)}" if missing else "")
+                  + f"; {', '.join(devices)}; {', '.join(days)}; seed 42, lr as chosen on the CPU sweep):", "",
                   "| model | epoch | lr | " + " | ".join(c for c, _ in COLS) + " |", "|---" * (len(COLS) + 3) + "|"]
         num = lambda s, k: cell([s[k]] if isinstance(s.get(k), (int, float)) else [], "g" if k == "forget_quality" else 3)
         lines.append("| target (before unlearning) | | | " + " | ".join(num(runs[0]["before"] or {}, k) for _, k in COLS) + " |")
@@ -456,7 +458,12 @@ def gpu_section(gpu: list[dict]) -> list[str]:
                         lines.append(f"| {NAMES[m]} | {label} | {r['lr']:g} | " +
                                      " | ".join(num(r[where], k) for _, k in COLS) + " |")
         lines.append("")
-    return lines
+    soft = sorted({", ".join(f"{k} {i[k]}" for k in ("torch", "transformers", "accelerate") if i.get(k))
+                   for i in ((r.get("info") or {}) for r in gpu) if i})
+    times = [f"{NAMES.get(r['method'], r['name'])} {r['split']} {r['wall_s'] / 60:.1f} min" for r in gpu if r.get("wall_s")]
+    lines += [f"Software: {'; '.join(soft) or 'not recorded'}. Wall time a run: {', '.join(times) or 'not recorded'}.", ""]
+    lines += [f"- {r['name']}: {r['note']}" for r in gpu if r.get("note")]  # how a run was made, where the record cannot say
+    return lines + ([""] if any(r.get("note") for r in gpu) else [])
 
 
 def main(argv=None):
@@ -841,9 +848,10 @@ def command_line(cmd: list[str]) -> str:
 
 
 def render(records, lrs, made, claims, gpu=()) -> str:
-    trained = [r for r in [*records, *gpu] if r.get("wall_s")]
+    trained = [r for r in records if r.get("wall_s")]  # the CPU machine's runs; the GPU's are counted apart
     hours = sum(r["wall_s"] for r in trained) / 3600
     machine = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in trained) / 3600
+    gpu_min = sum(r["wall_s"] for r in gpu if r.get("wall_s")) / 60
     infos = [r["info"] for r in [*records, *gpu] if r.get("info")]
     commits = sorted({(i.get("git_commit") or "unknown")[:10] for i in infos})
     hw = sorted({f"{i.get('platform')}, {i.get('cpu_count')} CPUs" + (f", {i['cuda']}" if i.get("cuda") else "")
@@ -858,7 +866,8 @@ def render(records, lrs, made, claims, gpu=()) -> str:
         "from `results/results.json`; `python bench/reproduce.py --report_only` rewrites it from that file "
         "alone. Do not edit by hand.",
         "",
-        "**Setting: far from the papers'.** Every run here is the CPU quick path: SmolLM2-135M-Instruct "
+        "**Setting: far from the papers'.** Every run behind the claims is the CPU quick path (the GPU table "
+        "near the end is the full benchmark of the same model): SmolLM2-135M-Instruct "
         "fine-tuned on 6 TOFU authors (the quick target), unlearning forget01 (2 authors, 40 questions) "
         "with lr 1e-4-scale recipes, batch 8, 5 epochs; evaluation on the whole forget split and the first "
         "20 rows of retain, real authors and world facts. The papers use Llama-2-7B fine-tuned on all "
@@ -868,8 +877,8 @@ def render(records, lrs, made, claims, gpu=()) -> str:
         "noisy. Read the verdicts as *does the direction hold at small scale*, not as a replication.",
         "",
         f"Runs recorded: {len(records) + len(gpu)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
-        f"compute: {hours:.1f} h of run wall time, about {machine:.1f} h of this machine (runs two at a time count "
-        "half), for the runs timed here.",
+        f"compute: {hours:.1f} h of run wall time on the CPU, about {machine:.1f} h of that machine (runs two at a "
+        "time count half), for the runs timed there" + (f"; {gpu_min:.1f} min of GPU runs" if gpu_min else "") + ".",
         "",
         starts_line(records),
         "",

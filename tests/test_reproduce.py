@@ -536,12 +536,19 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)
-    gpu_rec.update(split="forget05", peak_epoch=3, info={"cuda": "NVIDIA H200"}, finished="2026-12-03 08:00 UTC",
-                   last={"forget_quality": 0.3, "model_utility": 0.8})
-    reproduce.save_results([*records, gpu_rec])
+    gpu_rec.update(split="forget05", peak_epoch=3, info={"cuda": "NVIDIA H200", "torch": "2.11.0+cu130"},
+                   finished="2026-12-03 08:00 UTC", last={"forget_quality": 0.3, "model_utility": 0.8}, wall_s=312.0,
+                   note="carried as wheels")
+    models = {"name": "gpu-models-forget05", "grid": "gpu", "method": "finetune", "lr": None, "seed": None,
+              "split": "forget05", "wall_s": None, "info": {"cuda": "NVIDIA H200", "torch": "2.11.0+cu130"}}
+    reproduce.save_results([*records, gpu_rec, models])
     results_report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "**forget05** (1 methods; NVIDIA H200; 2026-12-03;" in text and "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
+    assert "**forget05** (1 of 5 methods, not run yet: ME+GD, IDK+AP, GA+GD, NPO+GD; NVIDIA H200; 2026-12-03;" in text
+    assert "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
+    assert "Software: torch 2.11.0+cu130. Wall time a run: RKLD forget05 5.2 min." in text  # the models: no wall time
+    assert "- a-gpu-run: carried as wheels" in text
+    assert "0.0 h of run wall time on the CPU" in text and "; 5.2 min of GPU runs." in text  # counted apart
     cpu_table = text.split("## Main table at the first-peak")[1]
     assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
     assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
