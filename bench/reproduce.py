@@ -329,10 +329,11 @@ def finished(item: dict) -> bool:
 
 
 def caches_filled(running: dict) -> bool:
-    """Whether a running method run (METHOD_GRIDS) has written its starting evaluation (eval/before/summary.json),
-    which comes after the retain logs: from then on the runs beside it find both in runs/eval_cache."""
-    return any(it["grid"] in METHOD_GRIDS and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists()
-               for it, _, _ in running.values())
+    """Whether a running method run (METHOD_GRIDS, or the gpu grid's) has written its starting evaluation
+    (eval/before/summary.json), which comes after the retain logs: from then on the runs beside it find both in
+    runs/eval_cache."""
+    return any(it["grid"] in (*METHOD_GRIDS, "gpu") and it.get("collect") is None
+               and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists() for it, _, _ in running.values())
 
 
 def run_grid(items: list[dict], jobs: int, max_runs: int | None, start_by: float | None = None) -> int:
