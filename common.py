@@ -1189,15 +1189,21 @@ def run_info() -> dict:
     """Versions, git commit and hardware, for args.json."""
     import accelerate
     import transformers
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=5)
+            return r.stdout if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    # tracked files that differ from that commit: a commit alone named code that did not run (2026-12-04: a GPU
+    # machine's copy of the repository kept an older HEAD under the newer working tree)
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    dirty = None if status is None else sorted(line[3:] for line in status.splitlines() if line.strip())
     return {
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-        "git_commit": commit, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "git_commit": commit, "git_dirty": dirty, "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

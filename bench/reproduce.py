@@ -286,7 +286,7 @@ def info_of(args_json: Path) -> dict:
     writes none, the evaluator's: this process's, on the same machine)."""
     import common
     info = json.loads(args_json.read_text())["run"] if args_json.exists() else common.run_info()
-    return {k: info.get(k) for k in ("git_commit", "python", "torch", "transformers", "accelerate", "platform",
+    return {k: info.get(k) for k in ("git_commit", "git_dirty", "python", "torch", "transformers", "accelerate", "platform",
                                       "cpu_count", "cuda")}
 
 

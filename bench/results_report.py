@@ -460,10 +460,16 @@ def gpu_section(gpu: list[dict]) -> list[str]:
         lines.append("")
     soft = sorted({", ".join(f"{k} {i[k]}" for k in ("torch", "transformers", "accelerate") if i.get(k))
                    for i in ((r.get("info") or {}) for r in gpu) if i})
-    times = [f"{NAMES.get(r['method'], r['name'])} {r['split']} {r['wall_s'] / 60:.1f} min" for r in gpu if r.get("wall_s")]
+    times = [f"{NAMES.get(r['method'], 'models' if r['method'] == 'finetune' else r['name'])} {r['split']} "
+             f"{r['wall_s'] / 60:.1f} min" + (f" ({r['jobs']} runs at a time)" if (r.get("jobs") or 1) > 1 else "")
+             for r in gpu if r.get("wall_s")]
     lines += [f"Software: {'; '.join(soft) or 'not recorded'}. Wall time a run: {', '.join(times) or 'not recorded'}.", ""]
-    lines += [f"- {r['name']}: {r['note']}" for r in gpu if r.get("note")]  # how a run was made, where the record cannot say
-    return lines + ([""] if any(r.get("note") for r in gpu) else [])
+    notes = {}  # how a run was made, where the record cannot say; runs of one sitting share a note: say it once
+    for r in gpu:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(r["name"])
+    lines += [f"- {', '.join(names)}: {note}" for note, names in notes.items()]
+    return lines + ([""] if notes else [])
 
 
 def main(argv=None):
@@ -853,7 +859,9 @@ def render(records, lrs, made, claims, gpu=()) -> str:
     machine = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in trained) / 3600
     gpu_min = sum(r["wall_s"] for r in gpu if r.get("wall_s")) / 60
     infos = [r["info"] for r in [*records, *gpu] if r.get("info")]
-    commits = sorted({(i.get("git_commit") or "unknown")[:10] for i in infos})
+    commits = sorted({(i.get("git_commit") or "unknown")[:10]  # a run from a tree with changes says which files
+                      + (f" with uncommitted changes to {', '.join(i['git_dirty'])}" if i.get("git_dirty") else "")
+                      for i in infos})
     hw = sorted({f"{i.get('platform')}, {i.get('cpu_count')} CPUs" + (f", {i['cuda']}" if i.get("cuda") else "")
                  for i in infos})
     ver = sorted({f"torch {i.get('torch')}, transformers {i.get('transformers')}, accelerate {i.get('accelerate')}, "

@@ -367,3 +367,23 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
     common.save_model(accelerator, prepared, tok, common.prompt_format(tok, str(tiny_model_dir)), tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
     assert trained.config.use_cache is False  # still training-configured after the save
+
+
+def test_run_info_names_the_tracked_files_that_differ_from_the_recorded_commit(tmp_path, monkeypatch):
+    """A commit alone named code that did not run: a GPU machine's copy of this repository kept an older HEAD
+    under the newer working tree (2026-12-04), so args.json also lists the changed tracked files."""
+    import subprocess
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                                     *a], check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    info = common.run_info()
+    assert info["git_commit"] == git("rev-parse", "HEAD") and info["git_dirty"] == []
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "new.txt").write_text("untracked: not the code that ran\n")
+    assert common.run_info()["git_dirty"] == ["a.py"]
+    monkeypatch.setattr(common, "REPO", tmp_path / "not-a-repo")
+    assert common.run_info()["git_commit"] is None and common.run_info()["git_dirty"] is None

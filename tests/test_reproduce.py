@@ -545,14 +545,24 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
                    note="carried as wheels")
     models = {"name": "gpu-models-forget05", "grid": "gpu", "method": "finetune", "lr": None, "seed": None,
               "split": "forget05", "wall_s": None, "info": {"cuda": "NVIDIA H200", "torch": "2.11.0+cu130"}}
-    reproduce.save_results([*records, gpu_rec, models])
+    # a later sitting: three runs at a time, from a tree with changes the commit does not hold, the same note twice
+    shared = dict(grid="gpu", split="forget10", jobs=3, note="three at a time", finished="2026-12-04 18:00 UTC",
+                  info={"cuda": "NVIDIA H200", "torch": "2.11.0+cu130", "git_commit": "ceb3450bae0000",
+                        "git_dirty": ["bench/reproduce.py"]})
+    later = [{**rec("ga_gd", mid, 0.2, 0.3), "name": "g-gpu-run", "wall_s": 210.0, **shared},
+             {"name": "gpu-models-forget10", "method": "finetune", "lr": None, "seed": None, "wall_s": 90.0, **shared}]
+    reproduce.save_results([*records, gpu_rec, models, *later])
     results_report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "**forget05** (1 of 5 methods, not run yet: ME+GD, IDK+AP, GA+GD, NPO+GD; NVIDIA H200; 2026-12-03;" in text
     assert "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
-    assert "Software: torch 2.11.0+cu130. Wall time a run: RKLD forget05 5.2 min." in text  # the models: no wall time
+    # the models: no wall time in forget05's record; runs that shared the GPU say so
+    assert ("Software: torch 2.11.0+cu130. Wall time a run: RKLD forget05 5.2 min, GA+GD forget10 3.5 min (3 runs "
+            "at a time), models forget10 1.5 min (3 runs at a time).") in text
     assert "- a-gpu-run: carried as wheels" in text
-    assert "0.0 h of run wall time on the CPU" in text and "; 5.2 min of GPU runs." in text  # counted apart
+    assert "- g-gpu-run, gpu-models-forget10: three at a time" in text and text.count("three at a time\n") == 1
+    assert "ceb3450bae with uncommitted changes to bench/reproduce.py" in text
+    assert "0.0 h of run wall time on the CPU" in text and "; 10.2 min of GPU runs." in text  # counted apart
     cpu_table = text.split("## Main table at the first-peak")[1]
     assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
     assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
