@@ -42,6 +42,7 @@ first run fails before any has succeeded stops with that run's error.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -198,18 +199,18 @@ def gpu_items(records: list[dict]) -> list[dict]:
     """The full benchmark of the embedded model (every author, forget05 and forget10, up to 300 evaluation
     rows as the papers) for the main methods, seed 42: the paper defaults (batch 32, their epochs) but each
     method's lr chosen on the CPU sweep (the papers' 1e-5 is for a 7B model) and RKLD's strengthening at the
-    embedded model's fine-tuning lr, 2e-4. The target trains once (forget05's item); forget10 adds its
-    retain model (retain90). Each split's models are built on the machine that runs it."""
+    embedded model's fine-tuning lr, 2e-4. Each split's item builds the target (all 200 authors, one folder for
+    both splits: finetune.py skips it when it exists) and its retain model, on the machine that runs the
+    split's methods: a machine that only runs forget10 builds no retain95 (1 min of a 15-min GPU loan)."""
     import common
     full = common.finetuned_dir("smollm2-135m", "forget05", "all", "full")
     items = []
-    for k, split in enumerate(GPU_SPLITS):
+    for split in GPU_SPLITS:
         retain = common.finetuned_dir("smollm2-135m", split, "all", common.RETAIN_OF[split])
         models = f"gpu-models-{split}"
         items.append({"name": models, "grid": "gpu", "method": "finetune", "lr": None, "seed": None, "split": split,
-                      "command": [sys.executable, "finetune.py", "--split", split, *GPU_FINETUNE,
-                                  *(["--build", "retain"] if k else [])],
-                      "needs": f"gpu-models-{GPU_SPLITS[0]}" if k else None, "collect": "models",
+                      "command": [sys.executable, "finetune.py", "--split", split, *GPU_FINETUNE],
+                      "needs": None, "collect": "models",
                       "models": [str(full), str(retain)]})
         for m in GPU_METHODS:
             script, flags = METHODS[m]
@@ -328,6 +329,10 @@ def finished(item: dict) -> bool:
         ("--peak_epoch" not in item["command"] or (out / "peak_epoch.json").exists())
 
 
+def builds(item: dict) -> bool:
+    return item.get("collect") in ("models", "target")
+
+
 def caches_filled(running: dict) -> bool:
     """Whether a running method run (METHOD_GRIDS, or the gpu grid's) has written its starting evaluation
     (eval/before/summary.json), which comes after the retain logs: from then on the runs beside it find both in
@@ -381,6 +386,8 @@ def run_grid(items: list[dict], jobs: int, max_runs: int | None, start_by: float
         slots = jobs if n_done or caches_filled(running) else 1
         while ready and len(running) < slots:
             it = ready.pop(0)
+            if builds(it) and any(builds(r) for r, _, _ in running.values()):
+                continue  # two model builds never run side by side: both may train the target into one folder
             todo.remove(it)
             # cores/jobs each, the first too; a run that nothing else can join (the continual target, which the
             # sequences wait for) gets every core, or the other slots would idle through it
@@ -459,14 +466,21 @@ def ensure_quick_models(split: str = "forget01") -> None:
 
 def cost(grid: str, items: list[dict], done: set) -> str:
     """What the grid's remaining runs should cost, from the machine time (wall time / jobs) of its recorded
-    runs: the estimate --list gives before a sitting is planned."""
-    per = [r["wall_s"] / max(1, r.get("jobs") or 1) for r in load_results()
+    runs: the estimate --list gives before a sitting is planned. A run's steps grow with its forget split
+    (forget10 has twice forget05's rows), so the time is taken per percent of TOFU forgotten and scaled to each
+    run left; the gpu grid's runs are a GPU's time, not this machine's."""
+    pct = lambda r: int(str(r.get("split") or "forget01")[-2:])
+    per = [r["wall_s"] / max(1, r.get("jobs") or 1) / pct(r) for r in load_results()
            if r["grid"] == grid and r.get("wall_s") and r["method"] != "finetune"]
-    todo = sum(i["name"] not in done for i in items)
+    todo = [i for i in items if i["name"] not in done and i["method"] != "finetune"]
     if not todo or not per:
         return ""
     m = statistics.median(per)
-    return f"; the {todo} left: about {todo * m / 3600:.1f} h of this machine ({m / 60:.0f} min a run, recorded)"
+    where = "GPU time (the machine that ran them)" if grid == "gpu" else "this machine"
+    runs = ", ".join(f"{n} {s}" for s, n in sorted(collections.Counter(i.get("split") or "forget01" for i in todo).items()))
+    t = sum(m * pct(i) for i in todo)
+    return (f"; the {len(todo)} runs left ({runs}): about {f'{t / 3600:.1f} h' if t >= 3600 else f'{t / 60:.0f} min'} "
+            f"of {where}, from the recorded runs' median of {m / 60:.1f} min a run per percent of TOFU forgotten")
 
 
 def main(argv=None):

@@ -429,6 +429,19 @@ def paper_lines() -> dict[str, str]:
     }
 
 
+def gpu_reading(runs: list[dict]) -> list[str]:
+    """One line under a split's GPU table: the methods in order of first-peak forget quality, with model
+    utility beside it (RKLD Fig. 3's two axes). One seed: read beside the CPU verdicts, not as one."""
+    at = [(r["peak"] or r["last"], NAMES[r["method"]]) for r in runs if (r.get("peak") or r.get("last"))
+          and isinstance((r.get("peak") or r["last"]).get("forget_quality"), (int, float))]
+    if len(at) < 2:
+        return []
+    at.sort(key=lambda x: -x[0]["forget_quality"])
+    order = "; ".join(f"{n} FQ {s['forget_quality']:.3g}, MU {s.get('model_utility', float('nan')):.3f}" for s, n in at)
+    return [f"First-peak epoch, highest forget quality first: {order}. One seed of one model: an observation next "
+            "to the CPU verdicts above, not a verdict."]
+
+
 def gpu_section(gpu: list[dict]) -> list[str]:
     """The full benchmark of the embedded model on a GPU (`--grid gpu`): one table per split, each method
     at its first-peak and last epoch, marked with the GPU and the date it ran on."""
@@ -457,7 +470,7 @@ def gpu_section(gpu: list[dict]) -> list[str]:
                     if r.get(where):
                         lines.append(f"| {NAMES[m]} | {label} | {r['lr']:g} | " +
                                      " | ".join(num(r[where], k) for _, k in COLS) + " |")
-        lines.append("")
+        lines += ["", *gpu_reading(runs), ""]
     soft = sorted({", ".join(f"{k} {i[k]}" for k in ("torch", "transformers", "accelerate") if i.get(k))
                    for i in ((r.get("info") or {}) for r in gpu) if i})
     times = [f"{NAMES.get(r['method'], 'models' if r['method'] == 'finetune' else r['name'])} {r['split']} "

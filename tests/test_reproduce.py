@@ -1,6 +1,7 @@
 """bench/reproduce.py and bench/results_report.py: the lr rule, collecting a run folder, resuming
 without rerunning, and the verdicts, on hand-made records (no training)."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -510,8 +511,8 @@ def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_
 
 def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatch):
     """`--grid gpu` runs only on a machine with a GPU; here its commands are checked against each script's own
-    parser (a flag renamed in a script would otherwise fail only there), its order (models before methods,
-    forget10's retain model after the target) and its lr (the CPU sweep's choice, not the papers' 1e-5)."""
+    parser (a flag renamed in a script would otherwise fail only there), its order (models before methods)
+    and its lr (the CPU sweep's choice, not the papers' 1e-5)."""
     import importlib
     from transformers import HfArgumentParser
     lo, mid, hi = sorted(reproduce.SWEEP_LRS)
@@ -520,7 +521,8 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     assert [i["name"] for i in items][:2] == ["gpu-models-forget05", "gpu-rkld-forget05"]
     assert len(items) == len(reproduce.GPU_SPLITS) * (1 + len(reproduce.GPU_METHODS))
     ten = next(i for i in items if i["name"] == "gpu-models-forget10")
-    assert ten["needs"] == "gpu-models-forget05" and ten["command"][-2:] == ["--build", "retain"]
+    # forget10's item builds the target itself (finetune.py skips it where it exists) and retain90
+    assert ten["needs"] is None and "--build" not in ten["command"] and ten["models"][0].endswith("_all_full")
     for it in items:
         script = Path(it["command"][1]).stem
         args = HfArgumentParser(importlib.import_module(script).Args).parse_args_into_dataclasses(args=it["command"][2:])[0]
@@ -593,12 +595,57 @@ def test_a_recorded_model_missing_on_this_machine_is_built_again_before_the_runs
     monkeypatch.setattr(reproduce, "launch", launch)
     monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     assert reproduce.run_grid(items, jobs=1, max_runs=None) == 0
-    assert launched[:2] == ["gpu-models-forget05", "gpu-models-forget10"]  # the target first, then forget10's retain
-    assert sorted(launched[2:]) == sorted(f"gpu-{m}-forget10" for m in reproduce.GPU_METHODS)
+    # forget05's runs are all done: only forget10's models (the target and retain90), not retain95 as well
+    assert launched[0] == "gpu-models-forget10" and "gpu-models-forget05" not in launched
+    assert sorted(launched[1:]) == sorted(f"gpu-{m}-forget10" for m in reproduce.GPU_METHODS)
+    # a forget05 run to do: its models are built (retain95; the target is there), then the run
+    def drop():  # the record and the run folder
+        write(tmp_path / "results.json", [r for r in reproduce.load_results() if r["name"] != "gpu-rkld-forget05"])
+        shutil.rmtree(tmp_path / "grid" / "gpu-rkld-forget05", ignore_errors=True)
+    launched.clear()
+    drop()
+    assert reproduce.run_grid(items[:2], jobs=1, max_runs=None) == 0
+    assert launched == ["gpu-models-forget05", "gpu-rkld-forget05"]
     # models on this machine: nothing is built again
     launched.clear()
-    write(tmp_path / "results.json", [r for r in reproduce.load_results() if r["name"] != "gpu-rkld-forget05"])
+    drop()
     assert reproduce.run_grid(items[:2], jobs=1, max_runs=None) == 0 and launched == ["gpu-rkld-forget05"]
+
+
+def test_two_model_builds_never_run_side_by_side(tmp_path, monkeypatch):
+    """Both gpu model items train the target into one folder where it is missing: with free slots (after a
+    first run has finished) the second build still waits for the first to end."""
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    gpu = reproduce.gpu_items([])
+    first = {**next(i for i in gpu if i.get("collect") is None), "needs": None}  # a run that ends at once
+    models = [{**i, "models": [str(tmp_path / Path(m).name) for m in i["models"]]} for i in gpu if i.get("collect")]
+    ticks, spans = [0], {}
+
+    class Proc:
+        def __init__(self, item):
+            self.item, self.end, self.returncode = item, ticks[0] + (1 if item is first else 5), 0
+
+        def poll(self):
+            if ticks[0] < self.end:
+                return None
+            for m in self.item.get("models", []):
+                write(Path(m) / "config.json", {})
+            if self.item is first:
+                fake_run(tmp_path / "grid" / self.item["name"])
+            spans[self.item["name"]] = (spans[self.item["name"]][0], ticks[0])
+            return 0
+
+    def launch(item, threads):
+        spans[item["name"]] = (ticks[0], None)
+        return Proc(item)
+
+    monkeypatch.setattr(reproduce, "launch", launch)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: ticks.__setitem__(0, ticks[0] + 1))
+    monkeypatch.setattr(reproduce, "collect", lambda item, wall, jobs: {"name": item["name"], "grid": "gpu"})
+    assert reproduce.run_grid([first, *models], jobs=3, max_runs=None) == 0
+    (s5, e5), (s10, e10) = spans["gpu-models-forget05"], spans["gpu-models-forget10"]
+    assert s5 < e5 <= s10 < e10 and s5 == spans[first["name"]][1]  # the slots were free: only the build held it
 
 
 def test_keeps_utility_claim_lists_both_methods_at_each_shared_lr():
@@ -740,3 +787,33 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
     assert lines[3].endswith("The gap of GA+GD went with the page faults. NPO+GD stayed slower with next to no page "
                              "faults on either side: a cost of ours that is not page faults, and not found. "
                              + results_report.TINY_MALLOC_FIRST)
+
+
+def test_list_estimates_what_is_left_per_percent_forgotten_and_says_whose_time(tmp_path, monkeypatch):
+    """forget10's runs have twice forget05's steps: an estimate from forget05's records alone said 2 min a
+    forget10 run, and called the GPU's minutes this machine's."""
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    gpu = reproduce.gpu_items([])
+    reproduce.save_results([
+        {"name": "gpu-rkld-forget05", "grid": "gpu", "method": "rkld", "split": "forget05", "wall_s": 300.0, "jobs": 1},
+        {"name": "gpu-ga_gd-forget05", "grid": "gpu", "method": "ga_gd", "split": "forget05", "wall_s": 450.0, "jobs": 3},
+        {"name": "gpu-models-forget05", "grid": "gpu", "method": "finetune", "split": "forget05", "wall_s": 999.0},
+        {"name": "ga-lr1e-05-seed42", "grid": "sweep", "method": "ga", "wall_s": 600.0, "jobs": 2}])
+    done = {i["name"] for i in gpu if i["split"] == "forget05"}
+    left = [i for i in gpu if i["name"] in ("gpu-models-forget10", "gpu-rkld-forget10", "gpu-me_gd-forget10")]
+    # 60 and 30 s of machine time per percent: median 45; two forget10 runs (the models are not runs): 900 s
+    assert reproduce.cost("gpu", left, done) == (
+        "; the 2 runs left (2 forget10): about 15 min of GPU time (the machine that ran them), from the "
+        "recorded runs' median of 0.8 min a run per percent of TOFU forgotten")
+    sweep = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("npo", "dpo", "kto")]
+    assert reproduce.cost("sweep", sweep, set()).startswith("; the 3 runs left (3 forget01): about 15 min of this machine")
+
+
+def test_gpu_reading_orders_the_methods_by_first_peak_forget_quality():
+    runs = [{"method": "ga_gd", "peak": {"forget_quality": 1e-7, "model_utility": 0.33}, "last": {"forget_quality": 0.5}},
+            {"method": "rkld", "peak": {"forget_quality": 0.016, "model_utility": 0.32}, "last": {"forget_quality": 1e-9}},
+            {"method": "npo_gd", "peak": None, "last": {"forget_quality": 1e-9, "model_utility": 0.37}}]  # no peak row
+    line, = results_report.gpu_reading(runs)
+    assert line.startswith("First-peak epoch, highest forget quality first: RKLD FQ 0.016, MU 0.320; GA+GD FQ 1e-07, "
+                           "MU 0.330; NPO+GD FQ 1e-09, MU 0.370. One seed")
+    assert results_report.gpu_reading(runs[:1]) == []  # one method: nothing to order
