@@ -871,6 +871,7 @@ def render(records, lrs, made, claims, gpu=()) -> str:
     hours = sum(r["wall_s"] for r in trained) / 3600
     machine = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in trained) / 3600
     gpu_min = sum(r["wall_s"] for r in gpu if r.get("wall_s")) / 60
+    gpu_own = sum(r["wall_s"] / max(1, r.get("jobs") or 1) for r in gpu if r.get("wall_s")) / 60  # shared: a share
     infos = [r["info"] for r in [*records, *gpu] if r.get("info")]
     commits = sorted({(i.get("git_commit") or "unknown")[:10]  # a run from a tree with changes says which files
                       + (f" with uncommitted changes to {', '.join(i['git_dirty'])}" if i.get("git_dirty") else "")
@@ -899,7 +900,8 @@ def render(records, lrs, made, claims, gpu=()) -> str:
         "",
         f"Runs recorded: {len(records) + len(gpu)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
         f"compute: {hours:.1f} h of run wall time on the CPU, about {machine:.1f} h of that machine (runs two at a "
-        "time count half), for the runs timed there" + (f"; {gpu_min:.1f} min of GPU runs" if gpu_min else "") + ".",
+        "time count half), for the runs timed there" + (f"; {gpu_min:.1f} min of GPU run wall time, about {gpu_own:.1f} min of the GPU (runs that shared it count "
+        "their share)" if gpu_min else "") + ".",
         "",
         starts_line(records),
         "",

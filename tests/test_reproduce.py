@@ -564,7 +564,7 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     assert "- a-gpu-run: carried as wheels" in text
     assert "- g-gpu-run, gpu-models-forget10: three at a time" in text and text.count("three at a time\n") == 1
     assert "ceb3450bae with uncommitted changes to bench/reproduce.py" in text
-    assert "0.0 h of run wall time on the CPU" in text and "; 10.2 min of GPU runs." in text  # counted apart
+    assert "0.0 h of run wall time on the CPU" in text and "; 10.2 min of GPU run wall time, about 6.9 min of the GPU (runs" in text  # counted apart
     cpu_table = text.split("## Main table at the first-peak")[1]
     assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
     assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
