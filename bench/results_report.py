@@ -900,8 +900,9 @@ def render(records, lrs, made, claims, gpu=()) -> str:
         "",
         f"Runs recorded: {len(records) + len(gpu)} ({', '.join(f'{g} {n}' for g, n in grids.items())}); "
         f"compute: {hours:.1f} h of run wall time on the CPU, about {machine:.1f} h of that machine (runs two at a "
-        "time count half), for the runs timed there" + (f"; {gpu_min:.1f} min of GPU run wall time, about {gpu_own:.1f} min of the GPU (runs that shared it count "
-        "their share)" if gpu_min else "") + ".",
+        "time count half), for the runs timed there"
+        + (f"; {gpu_min:.1f} min of GPU run wall time, about {gpu_own:.1f} min of the GPU (runs that shared it "
+           "count their share)" if gpu_min else "") + ".",
         "",
         starts_line(records),
         "",
