@@ -453,7 +453,8 @@ def gpu_section(gpu: list[dict]) -> list[str]:
     for split in reproduce.GPU_SPLITS:
         runs = [r for r in gpu if r.get("split") == split and r.get("last")]
         if not runs:
-            lines += [f"**{split}**: not run yet.", ""]
+            lines += [f"**{split}**: not run yet (it needs a GPU loan: `python bench/reproduce.py --grid gpu` runs what is "
+                      "missing; `--list` estimates its GPU time).", ""]
             continue
         devices = sorted({(r.get("info") or {}).get("cuda") or "no GPU recorded" for r in runs})
         days = sorted({r["finished"][:10] for r in runs if r.get("finished")})
@@ -511,7 +512,8 @@ def main(argv=None):
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(OUT)
-    print(f"[report] wrote {OUT} and {len(made)} plots from {len(records)} runs", flush=True)
+    print(f"[report] wrote {OUT} and {len(made)} plots from {len(records)} CPU runs"
+          + (f" and {len(gpu)} GPU runs" if gpu else ""), flush=True)
     for title, (v, _) in claims:
         print(f"[report] {v:>14}: {title}")
 

@@ -1,6 +1,6 @@
 """Continual unlearning (closer-look, arXiv 2410.08109, §5.2): unlearn tasks 1..N of a split
 one launch at a time, each starting from the previous task's unlearned model, then write a
-table of MU and FE after every task.
+table of MU, FE and the forget split's ROUGE-L and Prob after every task.
 
   python scripts/continual.py --method me_gd --split forget01 --tasks 10
   python scripts/continual.py --method idk_ap --split forget10 --tasks 9 \\
@@ -25,7 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-COLUMNS = [("MU", "model_utility"), ("MU-18", "mu18"), ("FE", "fe"), ("FQ", "forget_quality")]
+# forget ROUGE-L and Prob: offline signals of forgetting, where FE (its ES term needs an NLI model from the hub) is n/a
+COLUMNS = [("MU", "model_utility"), ("MU-18", "mu18"), ("FE", "fe"), ("FQ", "forget_quality"),
+           ("forget ROUGE-L", "forget_rouge"), ("forget Prob", "forget_prob")]
 
 
 def task_command(method: str, split: str, k: int, model: str, out: Path, launcher: str, extra: list[str]) -> list[str]:
@@ -49,10 +51,17 @@ def write_table(out: Path, tasks: int) -> str:
     rows = [(0, out / "task1" / "eval" / "before")] + [(k, out / f"task{k}" / "eval" / "after")
                                                        for k in range(1, tasks + 1)]
     lines = ["| task | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for k, d in rows:
-        s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+    summaries = [json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+                 for _, d in rows]
+    for (k, _), s in zip(rows, summaries):
         cells = [f"{s[key]:.4f}" if isinstance(s.get(key), (int, float)) else "n/a" for _, key in COLUMNS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    done, notes = [s for s in summaries if s], []
+    for name, key in COLUMNS:  # a column that no evaluated task has: say why once, in the evaluator's words
+        if done and not any(isinstance(s.get(key), (int, float)) for s in done):
+            why = next((s[f"{key}_reason"] for s in reversed(done) if s.get(f"{key}_reason")), "not in the summaries")
+            notes.append(f"{name} is n/a in every row: {why.removeprefix('not computed: ')}")
+    lines += [""] + notes if notes else []
     text = "\n".join(lines) + "\n"
     tmp = out / ".continual.md.tmp"
     tmp.write_text(text)

@@ -29,16 +29,25 @@ def test_task_commands_chain_models_and_keep_the_quick_recipe(tmp_path):
 
 
 def test_table_reads_summaries_and_marks_missing_ones(tmp_path):
-    for k, where, s in ((1, "before", {"model_utility": 0.5, "fe": 0.1}), (1, "after", {"model_utility": 0.4, "fe": 0.7,
-                        "mu18": 0.3, "forget_quality": None}), (2, "after", {"model_utility": 0.35, "fe": 0.8})):
+    why = "not computed: missing forget_es"
+    for k, where, s in ((1, "before", {"model_utility": 0.5, "fe": 0.1, "forget_rouge": 0.9, "forget_quality": None,
+                                       "forget_quality_reason": "not computed: no retain logs"}),
+                        (1, "after", {"model_utility": 0.4, "fe": 0.7, "mu18": 0.3, "forget_quality": None,
+                                      "forget_rouge": 0.2, "forget_prob": None, "forget_prob_reason": why}),
+                        (2, "after", {"model_utility": 0.35, "fe": 0.8, "forget_rouge": 0.1,
+                                      "forget_quality_reason": "not computed: no forget-split log"})):
         d = tmp_path / f"task{k}" / "eval" / where
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps(s))
     text = continual.write_table(tmp_path, 3)
     lines = text.splitlines()
-    assert lines[0] == "| task | MU | MU-18 | FE | FQ |" and len(lines) == 6
-    assert lines[2] == "| 0 | 0.5000 | n/a | 0.1000 | n/a |" and lines[3] == "| 1 | 0.4000 | 0.3000 | 0.7000 | n/a |"
-    assert lines[5] == "| 3 | n/a | n/a | n/a | n/a |" and (tmp_path / "continual.md").read_text() == text
+    assert lines[0] == "| task | MU | MU-18 | FE | FQ | forget ROUGE-L | forget Prob |" and len(lines) == 9
+    assert lines[2] == "| 0 | 0.5000 | n/a | 0.1000 | n/a | 0.9000 | n/a |"
+    assert lines[3] == "| 1 | 0.4000 | 0.3000 | 0.7000 | n/a | 0.2000 | n/a |"
+    assert lines[5] == "| 3 | n/a | n/a | n/a | n/a | n/a | n/a |" and lines[6] == ""
+    # a column no task has gets one line with the latest evaluated task's reason; MU-18 (one task has it) none
+    assert lines[7:] == ["FQ is n/a in every row: no forget-split log", "forget Prob is n/a in every row: missing forget_es"]
+    assert (tmp_path / "continual.md").read_text() == text
 
 
 def test_two_task_run(monkeypatch, tmp_path, tiny_model_dir):
@@ -58,13 +67,16 @@ def test_two_task_run(monkeypatch, tmp_path, tiny_model_dir):
     second = second["args"]
     assert second["model"] == str(tmp_path / "task1" / "model") and second["forget_task"] == 2
     assert second["alpha"] == 1.0
-    rows = (tmp_path / "continual.md").read_text().splitlines()[2:]
+    table, notes = (tmp_path / "continual.md").read_text().split("\n\n")
+    rows = table.splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
     # task 2 starts from task 1's evaluated model: no "before" evaluation of it again (a quarter of the cost)
     assert (tmp_path / "task1" / "eval" / "before" / "summary.json").exists()
     assert not (tmp_path / "task2" / "eval" / "before").exists()
-    # MU is computed; FQ is not (continual runs have no retain model)
-    assert all(r.split(" | ")[1] != "n/a" and r.endswith("| n/a |") for r in rows)
+    # MU and forget ROUGE-L are computed; FQ is not (continual runs have no retain model), nor, with
+    # --nli_model none, MU-18 and FE: each n/a column gets one line saying why
+    assert all(r.split(" | ")[1] != "n/a" and r.split(" | ")[4] == "n/a" and r.split(" | ")[5] != "n/a" for r in rows)
+    assert [n.split(" is n/a")[0] for n in notes.splitlines()] == ["MU-18", "FE", "FQ"], notes
 
 
 def test_continual_quick_subset_learns_every_task_and_shrinks_the_retain_set():
