@@ -276,16 +276,35 @@ DECLINE = 0.8  # a continual run declines when its lowest MU is below this share
 CONTINUAL_LR = 1e-4  # scripts/continual.py on the quick path: each method script's QUICK recipe
 
 
-def continual_rows(records):
-    return {r["method"]: r["tasks"] for r in records if r["grid"] == "continual" and r.get("tasks")}
+def continual_rows(records, lr=None):
+    """method -> its sequence's evaluations by task, at the quick recipe's lr (None) or at `lr`."""
+    return {r["method"]: r["tasks"] for r in records
+            if r["grid"] == "continual" and r.get("tasks") and r.get("lr") == lr}
 
 
 def claim_continual(records):
     """Closer-Look Fig. 6 on our sequences: a method "declines" when its lowest MU over tasks 1..N falls below
     80% of the starting model's (the paper: the baselines' MU "nearly zero on a certain subtask", at any task,
     not only the last), and "keeps" it otherwise. Reproduced: ME+GD and IDK+AP keep and GA+GD and NPO+GD
-    decline; not reproduced: ME+GD or IDK+AP declines, or neither baseline does; else inconclusive."""
-    c = continual_rows(records)
+    decline; not reproduced: ME+GD or IDK+AP declines, or neither baseline does; else inconclusive. The same
+    rule again, as the verdict's second half, on the sequences at reproduce.CONTINUAL_LOW_LR once any ran."""
+    v, lines = continual_verdict(continual_rows(records))
+    lines.append(f"one sequence per method (seed 42), tasks 1-{reproduce.CONTINUAL_TASKS} of forget01's 10, lr "
+                 f"{CONTINUAL_LR:g} for every method (the quick recipe: Closer-Look §5.2 also trains every method at "
+                 "one lr, 1e-5), ME+GD with alpha 1.0 (Closer-Look §5.2)")
+    lr = reproduce.CONTINUAL_LOW_LR
+    low = continual_rows(records, lr)
+    if not low:
+        return v, lines + [f"at one lower lr, {lr:g}, for every method: not run yet (`--grid continual`)"]
+    v_low, low_lines = continual_verdict(low)
+    return (f"{v} at lr {CONTINUAL_LR:g}; {v_low} at lr {lr:g}",
+            lines + [f"at one lower lr, {lr:g}, for every method (`--grid continual`, added after the runs at "
+                     f"{CONTINUAL_LR:g}: see CONTINUAL_LOW_LR in bench/reproduce.py), the verdict's second half: "
+                     + "; ".join(low_lines)])
+
+
+def continual_verdict(c):
+    """(verdict, lines) of claim_continual's rule on one set of sequences (method -> evaluations by task)."""
     ran = [m for m in reproduce.CONTINUAL if m in c]
     missing = [NAMES[m] for m in reproduce.CONTINUAL if m not in c]
     if not ran:
@@ -315,10 +334,7 @@ def claim_continual(records):
             f"{NAMES[m]} retain {metric(c[m].get(last), 'retain_rouge'):.3f}, real authors "
             f"{metric(c[m].get(last), 'real_authors_rouge'):.3f}, world facts {metric(c[m].get(last), 'world_facts_rouge'):.3f}, "
             f"forget {metric(c[m].get(last), 'forget_rouge'):.3f}" for m in ran)] + (
-        [f"not run yet: {', '.join(missing)}"] if missing else []) + [
-        f"one sequence per method (seed 42), tasks 1-{last} of forget01's 10, lr {CONTINUAL_LR:g} for every method "
-        "(the quick recipe: Closer-Look §5.2 also trains every method at one lr, 1e-5), ME+GD with alpha 1.0 "
-        "(Closer-Look §5.2)"]
+        [f"not run yet: {', '.join(missing)}"] if missing else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,13 +400,16 @@ def plots(records, lrs) -> list[str]:
         fig.savefig(PLOTS / "epoch_curves.png", dpi=110)
         made.append("epoch_curves.png")
     plt.close(fig)
-    c = continual_rows(records)
-    if c:
+    sets = [(lr, continual_rows(records, lr)) for lr in (None, reproduce.CONTINUAL_LOW_LR)]
+    if sets[0][1]:  # solid: the quick recipe's lr; dashed, same colour: the lower lr
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for m, tasks in c.items():
-            ks = sorted((int(k) for k, s in tasks.items() if s), key=int)
-            a1.plot(ks, [tasks[str(k)]["model_utility"] for k in ks], marker="o", label=NAMES[m])
-            a2.plot(ks, [tasks[str(k)].get(FE) for k in ks], marker="o", label=NAMES[m])
+        for lr, c in sets:
+            for m, tasks in c.items():
+                ks = sorted((int(k) for k, s in tasks.items() if s), key=int)
+                style = dict(marker="o", color=plt.cm.tab10(reproduce.CONTINUAL.index(m)), linestyle="-" if lr is None
+                             else "--", label=f"{NAMES[m]}, lr {lr or CONTINUAL_LR:g}")
+                a1.plot(ks, [tasks[str(k)]["model_utility"] for k in ks], **style)
+                a2.plot(ks, [tasks[str(k)].get(FE) for k in ks], **style)
         a1.set_title("model utility after each task")
         a2.set_title("forget efficacy without ES after each task")
         for a in (a1, a2):
@@ -928,8 +947,11 @@ def render(records, lrs, made, claims, gpu=()) -> str:
             "three seeds per method at its chosen lr (the `seeds` grid); ") + "the Closer-Look pairs are also compared "
         "at one shared lr, as Table 4 trains them (the `shared` grid); for the size of the effect, the papers' "
         "setting (a 7B target on all 200 authors, forget05/10, 300 evaluation rows), which needs GPUs (README, "
-        "*On GPUs*), and the continual sequences at a lower lr and more seeds (one seed each here, at 10x the "
-        "paper's lr).",
+        "*On GPUs*), and the continual sequences at " + (
+            f"the paper's lr and more seeds (one seed each here, at {CONTINUAL_LR:g} and "
+            f"{reproduce.CONTINUAL_LOW_LR:g}: {CONTINUAL_LR / 1e-5:.0f}x and {reproduce.CONTINUAL_LOW_LR / 1e-5:.0f}x "
+            "the paper's lr)." if continual_rows(records, reproduce.CONTINUAL_LOW_LR) else
+            f"a lower lr and more seeds (one seed each here, at {CONTINUAL_LR / 1e-5:.0f}x the paper's lr)."),
         "",
         "## Learning-rate sweep (seed 42, last epoch: forget quality / model utility)",
         "",

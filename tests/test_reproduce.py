@@ -437,6 +437,51 @@ def test_continual_verdict_on_the_sequences_run_so_far_shows_their_numbers():
     assert rouge.endswith("ME+GD retain 0.600, real authors 0.000, world facts 0.300, forget 0.200")
 
 
+def test_continual_at_the_lower_lr_is_a_second_verdict_that_leaves_the_first_alone():
+    """The sequences at CONTINUAL_LOW_LR get the same rule as a verdict of their own; they must not replace the
+    sequences at the quick recipe's lr in the first verdict (same methods, same grid)."""
+    def seq(m, lr, *mus):
+        return {"name": f"continual-{'low-' if lr else ''}{m}", "grid": "continual", "method": m, "lr": lr, "seed": 42,
+                "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
+    keep, fall = (0.39,) * reproduce.CONTINUAL_TASKS, (0.1,) * reproduce.CONTINUAL_TASKS
+    first = [seq("me_gd", None, *keep), seq("idk_ap", None, *keep), seq("ga_gd", None, *fall), seq("npo_gd", None, *fall)]
+    v, lines = results_report.claim_continual(first)
+    assert v == "reproduced" and lines[-1] == "at one lower lr, 5e-05, for every method: not run yet (`--grid continual`)"
+    low = reproduce.CONTINUAL_LOW_LR
+    v, lines = results_report.claim_continual(first + [seq("me_gd", low, *fall), seq("ga_gd", low, *keep)])
+    assert v == "reproduced at lr 0.0001; not reproduced at lr 5e-05"
+    assert any(ln.startswith("ME+GD: MU 0.400 at the start, lowest 0.390") for ln in lines)  # the first half's own
+    second = lines[-1]
+    assert second.startswith("at one lower lr, 5e-05, for every method") and "the verdict's second half: " in second
+    assert "ME+GD: MU 0.400 at the start, lowest 0.100" in second and "GA+GD: MU 0.400 at the start, lowest 0.390" in second
+    assert second.endswith("not run yet: IDK+AP, NPO+GD")
+    v, _ = results_report.claim_continual(first + [seq("me_gd", low, *keep), seq("ga_gd", low, *fall)])
+    assert v == "reproduced at lr 0.0001; inconclusive at lr 5e-05"  # two of four: ours keeps, so far
+
+
+def test_continual_grid_runs_the_four_sequences_again_at_the_lower_lr(monkeypatch):
+    monkeypatch.syspath_prepend(str(reproduce.REPO / "scripts"))
+    import continual
+    import baselines
+    from transformers import HfArgumentParser
+    items, _ = reproduce.grid_items("continual", [])
+    names = [it["name"] for it in items]
+    assert names == ["continual-target", *(f"continual-{m}" for m in reproduce.CONTINUAL),
+                     *(f"continual-low-{m}" for m in reproduce.CONTINUAL)]
+    low = {it["method"]: it for it in items if it["name"].startswith("continual-low-")}
+    assert {it["lr"] for it in low.values()} == {reproduce.CONTINUAL_LOW_LR}
+    assert all(it["needs"] == "continual-target" and it["collect"] == "continual" for it in low.values())
+    cmd = low["ga_gd"]["command"]
+    assert cmd[cmd.index("--out") + 1].endswith("continual-low-ga_gd")
+    extra = cmd[cmd.index("--") + 1:]
+    assert extra == ["--method", "ga_gd", "--lr", "5e-05"] and low["me_gd"]["command"][-3:] == ["--", "--lr", "5e-05"]
+    # every task of the sequence trains at that lr: later tasks get the quick recipe's lr first, then ours
+    for k in (1, 2):
+        argv = continual.task_command("baselines", "forget01", k, "quick", Path("/tmp/seq"), "python", extra)[2:]
+        a = HfArgumentParser(baselines.Args).parse_args_into_dataclasses(argv)[0]
+        assert a.lr == reproduce.CONTINUAL_LOW_LR and a.method == "ga_gd" and a.forget_task == k
+
+
 def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
     import baselines
     import idk_ap
@@ -472,7 +517,7 @@ def test_the_continual_target_gets_every_core_while_the_sequences_wait_for_it(tm
     monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
     assert launched[0] == ("continual-target", 2)
-    assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + len(reproduce.CONTINUAL)
+    assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + 2 * len(reproduce.CONTINUAL)
 
 
 def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_path, monkeypatch, capsys):
