@@ -351,9 +351,13 @@ def builds(item: dict) -> bool:
 def caches_filled(running: dict) -> bool:
     """Whether a running method run (METHOD_GRIDS, or the gpu grid's) has written its starting evaluation
     (eval/before/summary.json), which comes after the retain logs: from then on the runs beside it find both in
-    runs/eval_cache."""
-    return any(it["grid"] in (*METHOD_GRIDS, "gpu") and it.get("collect") is None
-               and (GRID_DIR / it["name"] / "eval" / "before" / "summary.json").exists() for it, _, _ in running.values())
+    runs/eval_cache. A continual sequence: its first task's starting evaluation (of the continual target)."""
+    def before(it):
+        if it.get("collect") == "continual":
+            return GRID_DIR / it["name"] / "task1" / "eval" / "before" / "summary.json"
+        return GRID_DIR / it["name"] / "eval" / "before" / "summary.json" if it.get("collect") is None else None
+    return any(it["grid"] in (*METHOD_GRIDS, "gpu", "continual") and before(it) and before(it).exists()
+               for it, _, _ in running.values())
 
 
 def run_grid(items: list[dict], jobs: int, max_runs: int | None, start_by: float | None = None) -> int:

@@ -109,19 +109,24 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     assert reproduce.run_grid(more, jobs=1, max_runs=None) == 0 and launched == [more[0]["name"]]
 
 
-@pytest.mark.parametrize("grid", (*reproduce.METHOD_GRIDS, "gpu"))
+@pytest.mark.parametrize("grid", (*reproduce.METHOD_GRIDS, "gpu", "continual"))
 def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp_path, monkeypatch, grid):
     """The second slot opens when the first run has written its starting evaluation (the retain logs come
     before it), not when the first run ends: a whole run on one idle core was the earlier cost. In every grid
     of method runs (the shared grid's first sitting ran its two runs one after the other; the gpu grid's method
-    steps left the H200 78% idle, so its runs share it too)."""
+    steps left the H200 78% idle, so its runs share it too), and for continual sequences whose target an earlier
+    sitting recorded (2026-12-06: the two sequences at 5e-5 ran one after the other, each on one core)."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
     if grid == "gpu":  # forget05's method runs, its models already built
         items = [{**it, "needs": None} for it in reproduce.gpu_items([]) if it.get("collect") is None][:3]
+    elif grid == "continual":  # the sequences at the lower lr, the continual target already built
+        items = [{**it, "needs": None} for it in reproduce.grid_items("continual", [])[0]
+                 if it["name"].startswith("continual-low-")][:3]
     else:
         items = [reproduce.method_item(grid, m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
-    first_before = tmp_path / "grid" / items[0]["name"] / "eval" / "before" / "summary.json"
+    first_before = (tmp_path / "grid" / items[0]["name"] / ("task1" if grid == "continual" else "") / "eval" / "before"
+                    / "summary.json")
     ticks, launched = [0], []
 
     class Proc:
@@ -131,7 +136,11 @@ def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp
         def poll(self):
             if ticks[0] < self.end:
                 return None
-            fake_run(tmp_path / "grid" / self.item["name"])
+            if grid == "continual":  # a sequence: every task's folder, evaluated
+                for k in range(1, reproduce.CONTINUAL_TASKS + 1):
+                    fake_run(tmp_path / "grid" / self.item["name"] / f"task{k}")
+            else:
+                fake_run(tmp_path / "grid" / self.item["name"])
             return 0
 
     def launch(item, threads):
