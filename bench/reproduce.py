@@ -188,22 +188,16 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
         items = [{"name": "continual-target", "grid": grid, "method": "finetune", "lr": None, "seed": None,
                   "command": [sys.executable, "finetune.py", "--split", "forget01", "--continual", "true"],
                   "collect": "target"}]
-        for m in CONTINUAL:
-            script = m if m in ("me_gd", "idk_ap") else "baselines"
-            out = GRID_DIR / f"continual-{m}"
-            cmd = [sys.executable, "scripts/continual.py", "--method", script, "--split", "forget01",
-                   "--tasks", str(CONTINUAL_TASKS), "--out", str(out)]
-            items.append({"name": f"continual-{m}", "grid": grid, "method": m, "lr": None, "seed": FIRST_SEED,
-                          "command": cmd + (["--", "--method", m] if script == "baselines" else []),
-                          "needs": "continual-target", "collect": "continual"})
-        for m in CONTINUAL:  # after all four at 1e-4; in pairs, so that a sitting that runs two has one comparison
-            script = m if m in ("me_gd", "idk_ap") else "baselines"
-            out = GRID_DIR / f"continual-low-{m}"
-            cmd = [sys.executable, "scripts/continual.py", "--method", script, "--split", "forget01",
-                   "--tasks", str(CONTINUAL_TASKS), "--out", str(out), "--",
-                   *(["--method", m] if script == "baselines" else []), "--lr", f"{CONTINUAL_LOW_LR:g}"]
-            items.append({"name": f"continual-low-{m}", "grid": grid, "method": m, "lr": CONTINUAL_LOW_LR,
-                          "seed": FIRST_SEED, "command": cmd, "needs": "continual-target", "collect": "continual"})
+        # the quick recipe's lr (None: each script's QUICK), then the lower lr; in pairs (ours, its baseline)
+        for lr, prefix in ((None, "continual-"), (CONTINUAL_LOW_LR, "continual-low-")):
+            for m in CONTINUAL:
+                script = m if m in ("me_gd", "idk_ap") else "baselines"
+                extra = (["--method", m] if script == "baselines" else []) + (["--lr", f"{lr:g}"] if lr else [])
+                cmd = [sys.executable, "scripts/continual.py", "--method", script, "--split", "forget01",
+                       "--tasks", str(CONTINUAL_TASKS), "--out", str(GRID_DIR / f"{prefix}{m}")]
+                items.append({"name": f"{prefix}{m}", "grid": grid, "method": m, "lr": lr, "seed": FIRST_SEED,
+                              "command": cmd + (["--", *extra] if extra else []), "needs": "continual-target",
+                              "collect": "continual"})
         return items, waiting
     if grid == "gpu":
         return gpu_items(records), waiting
@@ -356,7 +350,7 @@ def caches_filled(running: dict) -> bool:
         if it.get("collect") == "continual":
             return GRID_DIR / it["name"] / "task1" / "eval" / "before" / "summary.json"
         return GRID_DIR / it["name"] / "eval" / "before" / "summary.json" if it.get("collect") is None else None
-    return any(it["grid"] in (*METHOD_GRIDS, "gpu", "continual") and before(it) and before(it).exists()
+    return any(it["grid"] in (*METHOD_GRIDS, "gpu", "continual") and (b := before(it)) is not None and b.exists()
                for it, _, _ in running.values())
 
 
