@@ -74,7 +74,7 @@ import torch.nn.functional as F
 # prompt and padding. logits[:, t] predict labels[:, t + 1].
 
 
-def _sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log pi(y|x) per sequence [B]: sum over scored tokens (labels[:, 1:] != -100) of the
     fp32 log-prob of the label, taken from log_softmax (cross_entropy) of logits[:, :-1]."""
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
@@ -90,7 +90,7 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     answer tokens only (labels != -100). An empty batch gives 0, not NaN.
     """
     n_tokens = (labels[:, 1:] != -100).sum()
-    return -_sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
+    return -sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
 
 
 def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -240,6 +240,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
+from harness import flags, launch, models, runlog, scenarios  # noqa: E402
 import evaluate_tofu  # noqa: E402
 from common import TofuError  # noqa: E402
 
@@ -265,21 +266,21 @@ REAL_MODEL_DEFAULTS = {"undial": {"lr": 1e-4, "epochs": 10}}  # UNDIAL.yaml; not
 
 
 @dataclasses.dataclass
-class Args(common.MethodArgs):
-    method: str = common._f(None, f"Required. One of {', '.join(METHODS)}; also {', '.join(ALIASES)} (RKLD's +RT names).")
-    beta: float = common._f(None, "Default per method: 0.1 for npo/dpo/kto (NPO paper, CL, open-unlearning; the NPO authors' code shares one beta across its losses); 4.5 for simnpo (open-unlearning SimNPO.yaml); 10 for undial, the gold-logit penalty (UNDIAL.yaml).")
-    delta: float = common._f(0.0, "SimNPO margin delta (open-unlearning SimNPO.yaml: 0).")
-    forget_weight: float = common._f(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml).")
-    retain_weight: float = common._f(1.0, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1).")
-    loss_reduction: str = common._f("reference", "How the retain KL (the *_kl methods) averages over positions. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
-    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for the *_kl methods) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
-    ta_lambda: float = common._f(1.0, "ta: theta = theta_ori - lambda*(theta_str - theta_ori). The RKLD paper gives no value; 1 is plain task-vector negation (Ilharco et al. 2022).")
-    strengthened_model: str = common._f(None, "ta: reuse a strengthened model (folder, e.g. a rkld.py run's OUTPUT_DIR/strengthened) instead of building one.")
-    strengthen_epochs: int = common._f(5, "ta: epochs of continued training on the forget set, as in rkld.py (RKLD App. A: 'total 10 epochs' = 5 fine-tuning + 5 more).")
-    strengthen_lr: float = common._f(None, "ta: LR of the continued training: 1e-5 for real models (RKLD App. A), the fine-tuning lr (2e-4) for --model quick.")
+class Args(flags.MethodArgs):
+    method: str = flags.flag(None, f"Required. One of {', '.join(METHODS)}; also {', '.join(ALIASES)} (RKLD's +RT names).")
+    beta: float = flags.flag(None, "Default per method: 0.1 for npo/dpo/kto (NPO paper, CL, open-unlearning; the NPO authors' code shares one beta across its losses); 4.5 for simnpo (open-unlearning SimNPO.yaml); 10 for undial, the gold-logit penalty (UNDIAL.yaml).")
+    delta: float = flags.flag(0.0, "SimNPO margin delta (open-unlearning SimNPO.yaml: 0).")
+    forget_weight: float = flags.flag(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml).")
+    retain_weight: float = flags.flag(1.0, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1).")
+    loss_reduction: str = flags.flag("reference", "How the retain KL (the *_kl methods) averages over positions. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
+    pad_to: int = flags.flag(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for the *_kl methods) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
+    ta_lambda: float = flags.flag(1.0, "ta: theta = theta_ori - lambda*(theta_str - theta_ori). The RKLD paper gives no value; 1 is plain task-vector negation (Ilharco et al. 2022).")
+    strengthened_model: str = flags.flag(None, "ta: reuse a strengthened model (folder, e.g. a rkld.py run's OUTPUT_DIR/strengthened) instead of building one.")
+    strengthen_epochs: int = flags.flag(5, "ta: epochs of continued training on the forget set, as in rkld.py (RKLD App. A: 'total 10 epochs' = 5 fine-tuning + 5 more).")
+    strengthen_lr: float = flags.flag(None, "ta: LR of the continued training: 1e-5 for real models (RKLD App. A), the fine-tuning lr (2e-4) for --model quick.")
 
     def __post_init__(self):
-        """Resolve the method: aliases and its defaults for unset flags. (common.finalize_args
+        """Resolve the method: aliases and its defaults for unset flags. (flags.finalize_args
         names the run folder runs/<method>/<split>[-task<k>][-<flag>_<value>...] after args.method.)"""
         self.method = ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
@@ -296,13 +297,13 @@ class Args(common.MethodArgs):
         if forget == "ta" and self.save_adapter_only:
             raise TofuError("--method ta trains no adapter to save alone (its LoRA strengthening is merged for the "
                             "task vector); drop --save_adapter_only")
-        real = REAL_MODEL_DEFAULTS.get(forget, {}) if self.model != common.QUICK else {}
+        real = REAL_MODEL_DEFAULTS.get(forget, {}) if self.model != models.QUICK else {}
         for k, v in {"forget_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
         if forget in ("npo", "dpo", "kto", "simnpo") and not self.beta > 0:
             raise TofuError(f"--beta must be positive for {self.method} (its loss divides by beta), not {self.beta}")
-        common.check_numbers(self, (("strengthen_lr", *common.POSITIVE), ("strengthen_epochs", *common.NON_NEGATIVE)))
+        flags.check_numbers(self, (("strengthen_lr", *flags.POSITIVE), ("strengthen_epochs", *flags.NON_NEGATIVE)))
 
 
 METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
@@ -322,7 +323,7 @@ def _logits(model, part: dict, grad: bool = True) -> torch.Tensor:
 
 def _logp(model, part: dict, grad: bool = True) -> torch.Tensor:
     """Summed answer log-probs log pi(y|x) [B] of one batch part."""
-    return _sequence_logprob(_logits(model, part, grad), part["labels"])
+    return sequence_logprob(_logits(model, part, grad), part["labels"])
 
 
 def forget_term(name: str, model, batch: dict, ref, args) -> torch.Tensor:
@@ -362,7 +363,7 @@ USES_REF = {"npo", "dpo", "kto", "undial", "kl"}  # terms that read the frozen r
 def negate_task_vector(model, str_path: str, lam: float) -> None:
     """theta <- theta_ori - lam * (theta_str - theta_ori), in place and one tensor at a time, so
     only the strengthened model (fp32, on CPU) is held besides the trained one."""
-    strong = common.load_model(str_path, dtype=torch.float32)[0].state_dict()
+    strong = models.load_model(str_path, dtype=torch.float32)[0].state_dict()
     own, done = model.state_dict(), set()
     if set(strong) != set(own) or any(strong[k].shape != v.shape for k, v in own.items()):
         raise TofuError(f"the strengthened model {str_path} has other tensors or shapes than --model; "
@@ -382,11 +383,11 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     adapter_only (RKLD with --lora_r): save the trained LoRA adapter alone, so the teacher needs no
     second model (setup_frozen); task arithmetic needs the full strengthened weights."""
     if args.strengthened_model:
-        return common.resolve_model_path(args.strengthened_model)
+        return models.resolve_model_path(args.strengthened_model)
     out = Path(args.output_dir) / "strengthened"
     settings = json.loads(json.dumps({
-        "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
-        **({"forget_data": common.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
+        "model": str(Path(models.resolve_model_path(args.model)).resolve()), "split": args.split,
+        **({"forget_data": scenarios.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
@@ -400,20 +401,20 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
         if accelerator.is_main_process:
             print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
     set_seed(args.seed)
-    forget = common.method_rows(args)[0]
+    forget = scenarios.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    log = common.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
-    model = fit(accelerator, common.load_trained(args, accelerator), loader,
+    log = runlog.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
+    model = fit(accelerator, models.load_trained(args, accelerator), loader,
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},
                 args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
-    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=adapter_only)
+    launch.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=adapter_only)
     if accelerator.is_main_process:  # written last: a folder without it is never reused
-        common.atomic_write_json(out / "strengthen.json", settings)
-    common.release(accelerator, model)
+        runlog.atomic_write_json(out / "strengthen.json", settings)
+    launch.release(accelerator, model)
     return str(out)
 
 
@@ -424,14 +425,14 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     "train" for zero steps, save and evaluate."""
     forget, retain = METHODS[args.method]
     if retain and not ds.retain:
-        raise TofuError(f"--method {args.method} needs retain rows, but {common.retain_source(args)} has none")
+        raise TofuError(f"--method {args.method} needs retain rows, but {scenarios.retain_source(args)} has none")
     frozen = {"ref": None}
     if forget == "ta":
         str_path = strengthen(args, tok, ds.fmt, accelerator)
-        frozen["model"] = common.load_model(args.model)[0]
+        frozen["model"] = models.load_model(args.model)[0]
         negate_task_vector(frozen["model"], str_path, args.ta_lambda)
     if forget in USES_REF or retain in USES_REF:
-        frozen["ref"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+        frozen["ref"] = launch.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
     return frozen
 
 
@@ -459,13 +460,13 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
     logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
-    caller ends the stage with common.release()."""
-    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps, args.schedule)
+    caller ends the stage with launch.release()."""
+    sizes = launch.step_counts(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -476,7 +477,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
+                accelerator.backward(losses["loss"] * launch.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
@@ -504,15 +505,15 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 
 def main():
-    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
-                                               args.report_to, args.output_dir)
+    args = flags.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator, ga = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                              args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.method_rows(args)
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
+    forget, retain = scenarios.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -521,13 +522,13 @@ def main():
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
-               **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
-                                 args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+               **launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                                    args.max_steps, args.schedule)}
+    log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
+    model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
@@ -538,11 +539,11 @@ def main():
     model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
                 args.lr, METHOD, log, at_epoch)
     frozen.clear()  # the frozen models are no longer needed: free them before the last evaluation
-    common.save_model(accelerator, model, tok, fmt, out_dir / "model")
+    launch.save_model(accelerator, model, tok, fmt, out_dir / "model")
     if accelerator.is_main_process:
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
     history.append(("after", evaluator.run(model, "after")))
-    common.release(accelerator, model)
+    launch.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
     log.finish()

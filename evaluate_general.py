@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import common
+from harness import flags, launch, models, runlog
 
 BENCHMARKS = {
     "rkld": ("piqa", "hellaswag", "arc_easy", "arc_challenge", "copa", "winogrande", "mathqa"),
@@ -99,7 +100,7 @@ def run_benchmarks(model, tokenizer, tasks: list[str], accelerator=None, batch_s
     if not tasks:
         return out
     is_main = accelerator is None or accelerator.is_main_process
-    if common.shards_parameters(accelerator):
+    if launch.shards_parameters(accelerator):
         out["skipped"] = {t: "not run: lm-eval needs the whole model, which is sharded across processes"
                           for t in tasks}
         return out
@@ -171,14 +172,14 @@ def table(rows: list[tuple[str, dict | None]]) -> str | None:
     if not tasks:
         return None
     body = [(t, *(b["scores"].get(t, "n/c") for _, b in rows)) for t in tasks]
-    return common.table(body, ("benchmark", *(n for n, _ in rows)))
+    return runlog.table(body, ("benchmark", *(n for n, _ in rows)))
 
 
 # ---------------------------------------------------------------------------
 # Closer-Look's real-world scenario (§5.3, App. E.7): the aggregates
 # ---------------------------------------------------------------------------
 # The data (forget people, training neighbours, held-out neighbours) is read by
-# common.real_world_eval_rows; evaluate_tofu.evaluate scores it with ES in the real_world direction
+# scenarios.real_world_eval_rows; evaluate_tofu.evaluate scores it with ES in the real_world direction
 # (generation => golden answer, on both sets). In its summary, "retain" is the held-out neighbours.
 REAL_WORLD_MU = tuple(f"retain_{k}" for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es"))
 
@@ -203,13 +204,13 @@ def real_world_scores(summary: dict) -> dict:
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = common._f("", "Model to score: a folder, HF id or the preset smollm2-135m.")
-    benchmarks: str = common._f("rkld", "rkld, closer_look, a comma list of lm-eval task names (presets may be mixed in), or none.")
-    output_json: str = common._f("", "Where the scores go (JSON).")
-    benchmark_limit: int = common._f(None, "Rows per task (lm-eval's limit), for smoke runs. Default: every row.")
-    benchmark_batch_size: int = common._f(8, "Sequences per lm-eval forward.")
-    benchmark_include_path: str = common._f(None, "A folder of lm-eval task YAMLs (your own tasks).")
-    num_fewshot: int = common._f(None, "Few-shot examples; default: each task's own (lm-eval).")
+    model: str = flags.flag("", "Model to score: a folder, HF id or the preset smollm2-135m.")
+    benchmarks: str = flags.flag("rkld", "rkld, closer_look, a comma list of lm-eval task names (presets may be mixed in), or none.")
+    output_json: str = flags.flag("", "Where the scores go (JSON).")
+    benchmark_limit: int = flags.flag(None, "Rows per task (lm-eval's limit), for smoke runs. Default: every row.")
+    benchmark_batch_size: int = flags.flag(8, "Sequences per lm-eval forward.")
+    benchmark_include_path: str = flags.flag(None, "A folder of lm-eval task YAMLs (your own tasks).")
+    num_fewshot: int = flags.flag(None, "Few-shot examples; default: each task's own (lm-eval).")
 
 
 def main():
@@ -220,13 +221,13 @@ def main():
         raise common.TofuError("give --model PATH and --output_json FILE")
     check_available(args.benchmarks)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, tok = common.load_model(args.model, frozen=True)
-    model = common.place_frozen(model, accelerator)
+    model, tok = models.load_model(args.model, frozen=True)
+    model = launch.place_frozen(model, accelerator)
     res = run_benchmarks(model, tok, benchmark_tasks(args.benchmarks), accelerator, args.benchmark_batch_size,
                          args.benchmark_limit, args.benchmark_include_path, args.num_fewshot,
                          metrics=score_metrics(args.benchmarks))
     if accelerator.is_main_process:
-        common.atomic_write_json(Path(args.output_json), res)
+        runlog.atomic_write_json(Path(args.output_json), res)
         print(table([("model", {"benchmarks": res})]))
 
 

@@ -50,6 +50,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 import common
+from harness import launch, models, runlog, scenarios
 import evaluate_general
 
 # ---------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Args:
                                                          "rows of the others unless --max_eval_samples says otherwise."})
     forget_task: int | None = field(default=None, metadata={"help": "Continual unlearning task k "
                                                                     "(closer-look §5.2)."})
-    prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (common.prompt_format)."})
+    prompt_format: str = field(default="auto", metadata={"help": "auto/chat/llama2/phi (models.prompt_format)."})
     system_prompt: str = field(default="auto", metadata={"help": common.SYSTEM_PROMPT_HELP})
     batch_size: int = field(default=32, metadata={"help": "Sequences per scoring forward (open-unlearning "
                                                           "evaluates in batches of 32)."})
@@ -297,8 +298,8 @@ def task_log(records: list[dict]) -> dict:
 
 def write_logs(out_dir: Path, logs: dict[str, dict]):
     for task, log in logs.items():
-        common.atomic_write_json(out_dir / TASKS[task].log_file, log)
-    common.atomic_write_json(out_dir / "eval_log_aggregated.json",
+        runlog.atomic_write_json(out_dir / TASKS[task].log_file, log)
+    runlog.atomic_write_json(out_dir / "eval_log_aggregated.json",
                              {TASKS[t].log_file: logs[t] for t in TASKS if t in logs})
 
 
@@ -597,7 +598,7 @@ def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, de
         chunk = chunks[c]
         b = {k: v.to(device) for k, v in common.collate([seqs[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logp, _, count = common.sequence_logprob(logits, b["labels"])
+        logp, _, count = common.answer_logprob_stats(logits, b["labels"])
         rows = [j for j, i in enumerate(chunk) if i in leak]
         hits = dict(zip(rows, leak_hits(logits[rows], b["labels"][rows], eos_id).tolist())) if rows else {}
         for j, i in enumerate(chunk):
@@ -952,8 +953,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     after max_new_tokens new tokens when that is given (open-unlearning). row_order: see task_rows.
     summary["settings"] records the prompt format, generation budget and precision, which a
     later evaluation that reads these logs as retain logs compares with its own.
-    data={"forget": rows, "retain": rows} (common.load_custom) evaluates your own sets instead of
-    TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
+    data={"forget": rows, "retain": rows} (scenarios.load_custom) evaluates your own sets instead of
+    TOFU's splits, with split=scenarios.CUSTOM: the tasks it holds, with the same engine; the truth ratio
     and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
     says what was left out and why). es_setting: the direction of ES (entailment()).
     """
@@ -1003,7 +1004,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         model.eval()
     opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
             "es_setting": es_setting,
-            "synced": common.shards_parameters(accelerator),
+            "synced": launch.shards_parameters(accelerator),
             "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
             "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
     t0 = time.time()
@@ -1029,8 +1030,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
             print(f"[eval] forget quality: {note}", flush=True)
         out = Path(output_dir)
         write_logs(out, logs)
-        common.atomic_write_json(out / "eval_extra.json", extras)
-        common.atomic_write_json(out / "summary.json", summary)
+        runlog.atomic_write_json(out / "eval_extra.json", extras)
+        runlog.atomic_write_json(out / "summary.json", summary)
         if verbose:
             print_summary(summary, logs)
     return summary
@@ -1088,7 +1089,7 @@ def print_summary(s: dict, logs: dict | None = None):
     tasks = [t for t in TASKS if f"n_{t}" in s]
     rows = [(t, s[f"n_{t}"], *(_fmt(s.get(f"{t}_{k}")) for k in ("prob", "rouge", "truth_ratio", "te", "cs", "es")))
             for t in tasks]
-    print(common.table(rows, ("task", "n", "Prob", "ROUGE-L", "TR", "TE", "CS", "ES")))
+    print(runlog.table(rows, ("task", "n", "Prob", "ROUGE-L", "TR", "TE", "CS", "ES")))
     fq = s.get("forget_quality")
     fq_text = (f"{fq:.4g} (KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']})"
                if fq is not None else s.get("forget_quality_reason"))
@@ -1128,14 +1129,14 @@ def generate_answers(model, tokenizer, fmt, questions: list[str], accelerator=No
     """Greedy answers (EOS-stopped, decoded) to free-form questions, e.g. training questions."""
     prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
     ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer), max_new_tokens,
-                          batch_size, _device(model, accelerator), False, common.shards_parameters(accelerator))
+                          batch_size, _device(model, accelerator), False, launch.shards_parameters(accelerator))
     return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
 
 
 def _cache_dir(model_path: str, settings: dict) -> Path:
     """runs/eval_cache/<hash>: evaluations of a saved model that later runs reuse. The key
     holds the folder, its weights' modification time and every evaluation setting."""
-    p = Path(common.resolve_model_path(model_path))
+    p = Path(models.resolve_model_path(model_path))
     stamp = max((f.stat().st_mtime for f in p.glob("*.safetensors")), default=0) if p.exists() else 0
     key = json.dumps({"model": str(p.resolve()) if p.exists() else model_path, "stamp": stamp, **settings},
                      sort_keys=True, default=str)
@@ -1166,21 +1167,21 @@ class MethodEval:
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
     reused from runs/eval_cache); forget quality uses --retain_logs, or the retain model's
     forget-split logs (computed once and cached); `report(rows)` prints the comparison. Each
-    evaluation's numbers also go to the run's trackers through `log` (common.RunLogger.log_eval)."""
+    evaluation's numbers also go to the run's trackers through `log` (runlog.RunLogger.log_eval)."""
 
     def __init__(self, args, tokenizer, fmt, accelerator, out_dir, log=None):
         self.args, self.tok, self.fmt, self.acc, self.log = args, tokenizer, fmt, accelerator, log
         self.out = Path(out_dir) / "eval"
         cap = eval_caps(args.max_eval_samples, args.subset == "quick")
-        self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=common.subset_authors(args),
+        self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=scenarios.subset_authors(args),
                        forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
                        gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
                        row_order=getattr(args, "row_order", "tofu"))
         self.real_world = getattr(args, "scenario", "tofu") == "real_world"
         if self.real_world:  # forget people and held-out neighbours, scored against golden answers
-            self.kw["data"], self.kw["es_setting"] = common.real_world_eval_rows(args.real_world_dir), "real_world"
-        elif args.split == common.CUSTOM:  # your own sets: forget, and retain when given
-            forget, retain = common.method_rows(args)
+            self.kw["data"], self.kw["es_setting"] = scenarios.real_world_eval_rows(args.real_world_dir), "real_world"
+        elif args.split == scenarios.CUSTOM:  # your own sets: forget, and retain when given
+            forget, retain = scenarios.method_rows(args)
             self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
         self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
         evaluate_general.check_available(getattr(args, "benchmarks", None))
@@ -1204,8 +1205,8 @@ class MethodEval:
         """The evaluation settings that key a cached evaluation; your own sets by their contents."""
         if "data" not in self.kw:
             return self.kw
-        files = common.real_world_files(self.args.real_world_dir).values() if self.real_world else ()
-        return {**self.kw, "data": common.custom_fingerprint(self.args.forget_data, self.args.retain_data, *files)}
+        files = scenarios.real_world_files(self.args.real_world_dir).values() if self.real_world else ()
+        return {**self.kw, "data": scenarios.custom_fingerprint(self.args.forget_data, self.args.retain_data, *files)}
 
     def _retain(self):
         if self.retain_logs or not self.args.retain_model:
@@ -1217,7 +1218,7 @@ class MethodEval:
         if not (cache / "eval_log_forget.json").exists():
             if self.acc.is_main_process:
                 print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
-            model = common.load_frozen(self.args.retain_model, self.acc)  # the trained model's precision
+            model = launch.load_frozen(self.args.retain_model, self.acc)  # the trained model's precision
             evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
                      verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
             del model
@@ -1260,7 +1261,7 @@ class MethodEval:
                 self.args.benchmark_include_path, verbose=self.acc.is_main_process,
                 metrics=evaluate_general.score_metrics(self.args.benchmarks))
         if (self.bench or self.real_world) and self.acc.is_main_process:
-            common.atomic_write_json(out / "summary.json", summary)
+            runlog.atomic_write_json(out / "summary.json", summary)
         if cache is not None and self.acc.is_main_process:
             shutil.copytree(out, cache, dirs_exist_ok=True)
         return summary
@@ -1285,7 +1286,7 @@ class MethodEval:
         if self.args.peak_epoch:
             self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
             if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
-                common.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
+                launch.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
                 self.epochs[-1]["saved"] = True
             if not self.args.eval_every_epoch:
                 self.selection_s += time.time() - t0
@@ -1310,7 +1311,7 @@ class MethodEval:
             if self.log is not None:
                 self.log.log_eval("peak", summary)
         else:
-            model = common.load_frozen(str(self.run_dir / "peak_model"), self.acc)
+            model = launch.load_frozen(str(self.run_dir / "peak_model"), self.acc)
             summary = self.run(model, "peak")
             del model
             gc.collect()
@@ -1322,7 +1323,7 @@ class MethodEval:
             if not self.args.save_peak and (self.run_dir / "peak_model").exists():
                 shutil.rmtree(self.run_dir / "peak_model")
                 record["weights"] = None if best["epoch"] != last_epoch else record["weights"]
-            common.atomic_write_json(self.run_dir / "peak_epoch.json", record)
+            runlog.atomic_write_json(self.run_dir / "peak_epoch.json", record)
             print(f"[eval] first peak of forget quality: epoch {best['epoch']} of {last_epoch} "
                   f"(FQ {best['forget_quality']:.4g}); choosing it cost {len(self.epochs)} forget-quality "
                   f"evaluations ({self.selection_s:.0f} s) and {record['selection']['peak_evaluation_seconds']:.0f} s "
@@ -1338,12 +1339,12 @@ class MethodEval:
                 ("f.Prob", "forget_prob"), ("f.TR", "forget_truth_ratio"), ("f.leak@1", "forget_leak_top1"),
                 ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
         table = [(n, *(_fmt(s.get(k)) for _, k in cols)) for n, s in rows]
-        print("\n" + common.table(table, ("model", *(c for c, _ in cols))))
+        print("\n" + runlog.table(table, ("model", *(c for c, _ in cols))))
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
-            print("\n" + common.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
+            print("\n" + runlog.table([(n, _fmt(s.get("mu18")), _fmt(s.get("fe")), _closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
         if getattr(self, "real_world", False):
-            print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + common.table(
+            print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + runlog.table(
                 [(n, _fmt(s.get("real_world_mu")), _fmt(s.get("real_world_fe"))) for n, s in rows],
                 ("model", "MU", "FE")))
         bench = evaluate_general.table(rows)
@@ -1395,7 +1396,7 @@ def _aggregate_only(args: Args):
     s["nan_flags"] = nan_flags(logs, s)
     for note in s.get("forget_quality_notes", []):
         print(f"note: {note}")
-    common.atomic_write_json(args.output_json, s)
+    runlog.atomic_write_json(args.output_json, s)
     print_summary(s)
 
 
@@ -1415,21 +1416,21 @@ def main():
     if args.forget_data:
         if args.quick or args.forget_task is not None:
             raise common.TofuError("--quick and --forget_task are TOFU's; leave them unset with --forget_data")
-        data = {"forget": common.load_custom(args.forget_data)}
+        data = {"forget": scenarios.load_custom(args.forget_data)}
         if args.retain_data:
-            data["retain"] = common.load_custom(args.retain_data, "--retain_data")
-        args.split = common.CUSTOM
+            data["retain"] = scenarios.load_custom(args.retain_data, "--retain_data")
+        args.split = scenarios.CUSTOM
     elif args.split not in common.FORGET_SPLITS:
         raise common.TofuError(f"unknown forget split '{args.split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if args.row_order not in ROW_ORDERS:
         raise common.TofuError(f"unknown --row_order '{args.row_order}'; valid: {', '.join(ROW_ORDERS)}")
     out = Path(args.output_dir)
-    if out.resolve() == Path(common.resolve_model_path(args.model)).resolve():
+    if out.resolve() == Path(models.resolve_model_path(args.model)).resolve():
         raise common.TofuError("--output_dir must not be the model folder")
-    trackers = common.trackers(args.report_to)
+    trackers = runlog.trackers(args.report_to)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                               project_dir=str(out / "tensorboard") if trackers else None)
-    accelerator.init_trackers(common.TRACKER_PROJECT, config={k: str(v) if v is None else v
+    accelerator.init_trackers(runlog.TRACKER_PROJECT, config={k: str(v) if v is None else v
                                                                 for k, v in dataclasses.asdict(args).items()})
     authors = common.quick_authors(args.split) if args.quick else None
     if args.quick and args.max_eval_samples is None:  # the method scripts' quick evaluation
@@ -1441,9 +1442,9 @@ def main():
                      verbose=accelerator.is_main_process, data=data)
 
     def load(name):
-        model, tok = common.load_model(name, frozen=True)
-        fmt = common.prompt_format(tok, name, args.prompt_format, args.system_prompt)
-        return common.place_frozen(model, accelerator), tok, fmt
+        model, tok = models.load_model(name, frozen=True)
+        fmt = models.prompt_format(tok, name, args.prompt_format, args.system_prompt)
+        return launch.place_frozen(model, accelerator), tok, fmt
 
     retain_logs = args.retain_logs or None
     if args.retain_model:
@@ -1453,7 +1454,7 @@ def main():
     summary = evaluate(*load(args.model), args.split, out, retain_logs=retain_logs,
                        max_new_tokens=args.max_new_tokens, gen_max_length=args.gen_max_length, cs_model=args.cs_model,
                        nli_model=args.nli_model, **common_kw)
-    accelerator.log(common._scalars({k: v for k, v in summary.items() if k != "settings"}, "eval/"), step=0)
+    accelerator.log(runlog.scalars({k: v for k, v in summary.items() if k != "settings"}, "eval/"), step=0)
     accelerator.end_training()
 
 

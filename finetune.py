@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup
 
 import common
+from harness import flags, launch, models, runlog
 from common import TofuError
 
 
@@ -61,7 +62,7 @@ class _Flags:
 
 
 @dataclasses.dataclass
-class Args(common.MemoryArgs, _Flags):
+class Args(flags.MemoryArgs, _Flags):
     """finetune.py's flags, then the LoRA and memory flags every script shares."""
 
 
@@ -75,17 +76,17 @@ def resolve(args: Args) -> Args:
     if args.build not in ("both", "target", "retain"):
         raise TofuError("--build must be both, target or retain")
     if args.subset == "auto":
-        args.subset = "quick" if args.model in common.PRESETS else "all"
+        args.subset = "quick" if args.model in models.PRESETS else "all"
     if args.subset not in ("quick", "all"):
         raise TofuError("--subset must be auto, quick or all")
-    common.check_numbers(args)
-    common.check_memory_args(args)
+    flags.check_numbers(args)
+    flags.check_memory_args(args)
     if args.continual and args.subset != "quick":
         raise TofuError("--continual builds the quick subset's continual target; with --subset all the target "
                         "already learned every author")
     if args.continual and args.build == "retain":
         raise TofuError("--continual builds the target only (continual tasks have no retain model)")
-    recipe = EMBEDDED_RECIPE if args.model in common.PRESETS else TOFU_RECIPE
+    recipe = EMBEDDED_RECIPE if args.model in models.PRESETS else TOFU_RECIPE
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -101,13 +102,13 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
     logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
-    caller ends the stage with common.release()."""
-    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps, args.schedule)
+    caller ends the stage with launch.release()."""
+    sizes = launch.step_counts(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -118,7 +119,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
+                accelerator.backward(losses["loss"] * launch.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
@@ -149,20 +150,20 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     """Fine-tune args.model on `rows` (named `data` in logs), save it atomically to `out` and release
     everything the stage prepared, so the next model trains alone."""
     set_seed(args.seed)
-    model, tok = common.load_trained(args, accelerator), common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
+    model, tok = models.load_trained(args, accelerator), models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     ds = common.QADataset(rows, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    sizes = common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs)
+    sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs)
     derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}),
                "truncated": ds.n_truncated, "world_size": accelerator.num_processes,
                "grad_accum": accelerator.gradient_accumulation_steps,
                "effective_batch": args.per_device_batch_size * accelerator.gradient_accumulation_steps
                * accelerator.num_processes, "distributed_type": str(accelerator.distributed_type), **sizes,
                "prompt_format": dataclasses.asdict(fmt)}
-    log = common.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process, accelerator,
+    log = runlog.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process, accelerator,
                            prefix=f"{data}/")  # one tracker run, each model's losses under its data's name
     if accelerator.is_main_process:
         print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
@@ -171,8 +172,8 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     model = fit(accelerator, model, loader, lambda m, b: {"loss": m(**b).loss}, args, args.epochs, args.lr,
                 f"finetune {data}", log)  # HF loss: token-mean NLL of the answer tokens (+EOS)
     train_s = time.time() - t0
-    common.save_model(accelerator, model, tok, fmt, out, log.dir)  # args.json and metrics.jsonl go with the model
-    common.release(accelerator, model)
+    launch.save_model(accelerator, model, tok, fmt, out, log.dir)  # args.json and metrics.jsonl go with the model
+    launch.release(accelerator, model)
     return {"rows": rows, "train_s": train_s}
 
 
@@ -193,7 +194,7 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40)
 
 def main():
     args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
-    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+    accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
                                              args.report_to, args.output_root)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
     if args.build != "both" or args.continual:
@@ -201,7 +202,7 @@ def main():
     Path(args.output_root).mkdir(parents=True, exist_ok=True)
     built = []
     for role, data in builds.items():
-        out = common.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors, args.output_root,
+        out = models.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors, args.output_root,
                                    args.continual)
         if (out / "config.json").exists() and not args.overwrite:
             if accelerator.is_main_process:
@@ -214,15 +215,15 @@ def main():
         del res
     summary = []
     for role, out, rows, train_s in built if args.report_rows else []:  # once every model is on disk
-        model, tok = common.load_model(str(out), frozen=True)
-        fmt = common.prompt_format(tok, str(out))
-        for group, n, rouge in learned_answers(common.place_frozen(model, accelerator), tok, fmt, rows, args.split,
+        model, tok = models.load_model(str(out), frozen=True)
+        fmt = models.prompt_format(tok, str(out))
+        for group, n, rouge in learned_answers(launch.place_frozen(model, accelerator), tok, fmt, rows, args.split,
                                                accelerator, args.report_rows):
             summary.append((role, out.name, group, n, rouge, f"{train_s / 60:.1f} min"))
     if accelerator.is_main_process and summary:
         print("\nHow well each model learned its answers (ROUGE-L recall of greedy answers to training questions;"
               "\nthe retain model never saw the forget authors, so its forget-author score is the floor):")
-        print(common.table(summary, ("model", "folder", "questions", "n", "ROUGE-L", "train time")))
+        print(runlog.table(summary, ("model", "folder", "questions", "n", "ROUGE-L", "train time")))
     accelerator.end_training()  # the --report_to trackers, if any
 
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 # token t + 1.
 
 
-def _sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log pi(y|x) per sequence [B]: sum over scored tokens (labels[:, 1:] != -100) of the
     fp32 log-prob of the label, taken from log_softmax (cross_entropy) of logits[:, :-1]."""
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
@@ -126,7 +126,7 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     answer tokens only (labels != -100). An empty batch gives 0, not NaN.
     """
     n_tokens = (labels[:, 1:] != -100).sum()
-    return -_sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
+    return -sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
 
 
 def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
@@ -165,19 +165,20 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
+from harness import flags, launch, models, runlog, scenarios  # noqa: E402
 import evaluate_tofu  # noqa: E402
 from common import TofuError  # noqa: E402
 
 
 @dataclasses.dataclass
-class Args(common.MethodArgs):
-    alpha: float = common._f(None, "Weight of the ME loss in alpha*L_ME + L_retain. Default 0.1 (closer-look §5.1, App. D); 1.0 when --forget_task is set (continual unlearning, App. D and E.6).")
-    me_divergence: str = common._f("reference", "reference = KL(U||p_theta), what the closer-look code computes and what produced its numbers; paper = KL(p_theta||U) = log V - H(p_theta), Eq. 6 as written.")
-    mask_question: bool = common._f(False, "Average ME over answer tokens only (App. E.5 ablation; the reference code's mask=true). Default: every position (--loss_reduction reference) or question and answer tokens (tokens).")
-    me_epsilon: float = common._f(1e-12, "ME takes log(softmax + eps) (closer-look trainer/losses.py ME: 1e-12, what produced the paper's numbers; it caps -log p at 27.6 and drops the gradient of tokens with p << eps); 0 = exact fp32 log_softmax.")
-    retain_loss: str = common._f("gd", "gd = retain NLL (ME+GD, the paper's method) or kl = KL(p_ori||p_theta) on retain pairs (ME+KL, App. E.2; loads the frozen starting model).")
-    loss_reduction: str = common._f("reference", "How ME and the retain KL average over positions, so that alpha keeps the paper's meaning. reference = mean over all B x T positions of the padded batch, padding included (closer-look trainer/losses.py: ME with mask=false over B x (T-1) shifted positions, KL with kl_div batchmean over B x T); tokens = real tokens only (ME: question and answer tokens; KL: non-padding positions).")
-    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (forget for ME unless --mask_question, retain for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
+class Args(flags.MethodArgs):
+    alpha: float = flags.flag(None, "Weight of the ME loss in alpha*L_ME + L_retain. Default 0.1 (closer-look §5.1, App. D); 1.0 when --forget_task is set (continual unlearning, App. D and E.6).")
+    me_divergence: str = flags.flag("reference", "reference = KL(U||p_theta), what the closer-look code computes and what produced its numbers; paper = KL(p_theta||U) = log V - H(p_theta), Eq. 6 as written.")
+    mask_question: bool = flags.flag(False, "Average ME over answer tokens only (App. E.5 ablation; the reference code's mask=true). Default: every position (--loss_reduction reference) or question and answer tokens (tokens).")
+    me_epsilon: float = flags.flag(1e-12, "ME takes log(softmax + eps) (closer-look trainer/losses.py ME: 1e-12, what produced the paper's numbers; it caps -log p at 27.6 and drops the gradient of tokens with p << eps); 0 = exact fp32 log_softmax.")
+    retain_loss: str = flags.flag("gd", "gd = retain NLL (ME+GD, the paper's method) or kl = KL(p_ori||p_theta) on retain pairs (ME+KL, App. E.2; loads the frozen starting model).")
+    loss_reduction: str = flags.flag("reference", "How ME and the retain KL average over positions, so that alpha keeps the paper's meaning. reference = mean over all B x T positions of the padded batch, padding included (closer-look trainer/losses.py: ME with mask=false over B x (T-1) shifted positions, KL with kl_div batchmean over B x T); tokens = real tokens only (ME: question and answer tokens; KL: non-padding positions).")
+    pad_to: int = flags.flag(None, "Pad the batch parts that --loss_reduction reference averages over (forget for ME unless --mask_question, retain for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
 
     def __post_init__(self):
         # Checked at parse time, before any model is loaded or evaluated.
@@ -210,11 +211,11 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     """The frozen starting model, loaded only for --retain_loss kl (the target of KL(p_ori||p_theta)).
     In continual unlearning that is --model, the previous task's output, as in the reference code."""
     if not ds.retain:
-        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.retain_source(args)} has none")
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {scenarios.retain_source(args)} has none")
     if args.retain_loss != "kl":
         return {"ori": None}
     frozen = {}
-    frozen["ori"] = common.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+    frozen["ori"] = launch.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
     return frozen
 
 
@@ -231,7 +232,7 @@ def step_losses(model, batch, frozen, args) -> dict:
     f, r = batch["forget"], batch["retain"]
     logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
     out = {"loss/forget": me_loss(logits, f["attention_mask"], f["labels"], args.me_divergence, args.mask_question,
-                                      args.loss_reduction, args.me_epsilon)}
+                                  args.loss_reduction, args.me_epsilon)}
     r_logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
     if args.retain_loss == "gd":
         out["loss/retain"] = nll_loss(r_logits, r["labels"])
@@ -252,13 +253,13 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
     logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
-    caller ends the stage with common.release()."""
-    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps, args.schedule)
+    caller ends the stage with launch.release()."""
+    sizes = launch.step_counts(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -269,7 +270,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
+                accelerator.backward(losses["loss"] * launch.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
@@ -297,15 +298,15 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 
 def main():
-    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
-                                               args.report_to, args.output_dir)
+    args = flags.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator, ga = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                              args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.method_rows(args)
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
+    forget, retain = scenarios.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -314,13 +315,13 @@ def main():
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
-               **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
-                                 args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+               **launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                                    args.max_steps, args.schedule)}
+    log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
+    model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
@@ -331,11 +332,11 @@ def main():
     model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
                 args.lr, METHOD, log, at_epoch)
     frozen.clear()  # the frozen models are no longer needed: free them before the last evaluation
-    common.save_model(accelerator, model, tok, fmt, out_dir / "model")
+    launch.save_model(accelerator, model, tok, fmt, out_dir / "model")
     if accelerator.is_main_process:
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
     history.append(("after", evaluator.run(model, "after")))
-    common.release(accelerator, model)
+    launch.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
     log.finish()

@@ -73,7 +73,7 @@ def divergence_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, la
     return per_token.sum() / max(per_token.numel(), 1)
 
 
-def _sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log pi(y|x) per sequence [B]: sum over scored tokens (labels[:, 1:] != -100) of the
     fp32 log-prob of the label, taken from log_softmax (cross_entropy) of logits[:, :-1]."""
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
@@ -89,7 +89,7 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     answer tokens only (labels != -100). An empty batch gives 0, not NaN.
     """
     n_tokens = (labels[:, 1:] != -100).sum()
-    return -_sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
+    return -sequence_logprob(logits, labels).sum() / n_tokens.clamp(min=1)
 
 
 def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, attention_mask: torch.Tensor,
@@ -128,23 +128,24 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
+from harness import flags, launch, models, runlog, scenarios  # noqa: E402
 import evaluate_tofu  # noqa: E402
 from common import TofuError  # noqa: E402
 
 
 @dataclasses.dataclass
-class Args(common.MethodArgs):
-    alpha: float = common._f(8.0, "Teacher strength: l_tea = l_ori - alpha*relu(l_str - l_ori) (RKLD App. A: 8).")
-    divergence: str = common._f("rkl", "rkl = KL(p_theta||p_tea) (RKLD); fkl = KL(p_tea||p_theta) (Table 2 ablation).")
-    retain_loss: str = common._f("none", "none (RKLD), rt (retain NLL, RKLD+RT) or kl (KL(p_ori||p_theta) on retain, RKLD+KL).")
-    retain_weight: float = common._f(1.0, "Weight of the retain term (RKLD App. A: 1).")
-    loss_reduction: str = common._f("reference", "How the retain KL (--retain_loss kl) averages over positions; RKLD has no code, so this follows the KL baselines it compares with. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
-    pad_to: int = common._f(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
-    strengthened_model: str = common._f(None, "Reuse a strengthened model (folder) instead of building one.")
-    strengthen_epochs: int = common._f(5, "Epochs of continued training on the forget set. App. A says the strengthened model 'is trained for total 10 epochs'; we read that as the 5 fine-tuning epochs + 5 more here.")
-    strengthen_lr: float = common._f(None, "LR of the continued training ('same optimizer settings', App. A): 1e-5 for real models, the fine-tuning lr (2e-4) for --model quick.")
-    precompute_teacher: bool = common._f(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into a float32 file in the run folder (4 x vocabulary bytes per answer token: 128 kB at a 32,000-token vocabulary; forget10 has 14,934 answer tokens with SmolLM2's tokenizer, 1.8 GiB at that vocabulary), then free the frozen models: only the student stays resident while distilling. Default: on for --model quick (about half the CPU step time, bench/bench_rkld_memory.py), off otherwise.")
-    eval_teacher: bool = common._f(False, "Also evaluate the unlearning teacher itself (logit arithmetic at inference), as in RKLD Fig. 3.")
+class Args(flags.MethodArgs):
+    alpha: float = flags.flag(8.0, "Teacher strength: l_tea = l_ori - alpha*relu(l_str - l_ori) (RKLD App. A: 8).")
+    divergence: str = flags.flag("rkl", "rkl = KL(p_theta||p_tea) (RKLD); fkl = KL(p_tea||p_theta) (Table 2 ablation).")
+    retain_loss: str = flags.flag("none", "none (RKLD), rt (retain NLL, RKLD+RT) or kl (KL(p_ori||p_theta) on retain, RKLD+KL).")
+    retain_weight: float = flags.flag(1.0, "Weight of the retain term (RKLD App. A: 1).")
+    loss_reduction: str = flags.flag("reference", "How the retain KL (--retain_loss kl) averages over positions; RKLD has no code, so this follows the KL baselines it compares with. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
+    pad_to: int = flags.flag(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for --retain_loss kl) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
+    strengthened_model: str = flags.flag(None, "Reuse a strengthened model (folder) instead of building one.")
+    strengthen_epochs: int = flags.flag(5, "Epochs of continued training on the forget set. App. A says the strengthened model 'is trained for total 10 epochs'; we read that as the 5 fine-tuning epochs + 5 more here.")
+    strengthen_lr: float = flags.flag(None, "LR of the continued training ('same optimizer settings', App. A): 1e-5 for real models, the fine-tuning lr (2e-4) for --model quick.")
+    precompute_teacher: bool = flags.flag(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into a float32 file in the run folder (4 x vocabulary bytes per answer token: 128 kB at a 32,000-token vocabulary; forget10 has 14,934 answer tokens with SmolLM2's tokenizer, 1.8 GiB at that vocabulary), then free the frozen models: only the student stays resident while distilling. Default: on for --model quick (about half the CPU step time, bench/bench_rkld_memory.py), off otherwise.")
+    eval_teacher: bool = flags.flag(False, "Also evaluate the unlearning teacher itself (logit arithmetic at inference), as in RKLD Fig. 3.")
 
     def __post_init__(self):  # checked at parse time, before any model is loaded
         if self.divergence not in ("rkl", "fkl"):
@@ -159,7 +160,7 @@ class Args(common.MethodArgs):
         if not self.alpha > 0:  # 0: the teacher is the original model; < 0: it raises what strengthening raised
             raise TofuError(f"--alpha must be positive (0 makes the teacher the original model, a negative alpha "
                             f"makes it amplify the forget answers), not {self.alpha}")
-        common.check_numbers(self, (("strengthen_lr", *common.POSITIVE), ("strengthen_epochs", *common.NON_NEGATIVE)))
+        flags.check_numbers(self, (("strengthen_lr", *flags.POSITIVE), ("strengthen_epochs", *flags.NON_NEGATIVE)))
 
 
 METHOD = "rkld"
@@ -227,11 +228,11 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     adapter_only (RKLD with --lora_r): save the trained LoRA adapter alone, so the teacher needs no
     second model (setup_frozen); task arithmetic needs the full strengthened weights."""
     if args.strengthened_model:
-        return common.resolve_model_path(args.strengthened_model)
+        return models.resolve_model_path(args.strengthened_model)
     out = Path(args.output_dir) / "strengthened"
     settings = json.loads(json.dumps({
-        "model": str(Path(common.resolve_model_path(args.model)).resolve()), "split": args.split,
-        **({"forget_data": common.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
+        "model": str(Path(models.resolve_model_path(args.model)).resolve()), "split": args.split,
+        **({"forget_data": scenarios.custom_fingerprint(args.forget_data)} if args.forget_data else {}),
         "forget_task": args.forget_task, "epochs": args.strengthen_epochs, "lr": args.strengthen_lr,
         "max_steps": args.max_steps, "prompt_format": dataclasses.asdict(fmt),
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
@@ -245,20 +246,20 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
         if accelerator.is_main_process:
             print(f"[{METHOD}] {out} was built with other settings (strengthen.json); rebuilding it")
     set_seed(args.seed)
-    forget = common.method_rows(args)[0]
+    forget = scenarios.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    log = common.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
-    model = fit(accelerator, common.load_trained(args, accelerator), loader,
+    log = runlog.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
+    model = fit(accelerator, models.load_trained(args, accelerator), loader,
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},
                 args, args.strengthen_epochs, args.strengthen_lr, "strengthen", log)
-    common.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=adapter_only)
+    launch.save_model(accelerator, model, tok, fmt, out, log.dir, adapter_only=adapter_only)
     if accelerator.is_main_process:  # written last: a folder without it is never reused
-        common.atomic_write_json(out / "strengthen.json", settings)
-    common.release(accelerator, model)
+        runlog.atomic_write_json(out / "strengthen.json", settings)
+    launch.release(accelerator, model)
     return str(out)
 
 
@@ -269,7 +270,7 @@ def _same_model(base: str | None, model: str) -> bool:
     """True when an adapter's base (None: not an adapter) is --model, so the adapter can share its base."""
     if base is None:
         return False
-    a, b = common.resolve_model_path(base), common.resolve_model_path(model)
+    a, b = models.resolve_model_path(base), models.resolve_model_path(model)
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
@@ -280,22 +281,22 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     the retain term needs stays in memory.
     With --lora_r, one base model: the student (base + trained adapter) is built here and handed to
     main() as frozen['model']; the original model is its base with adapters off and the strengthened
-    model its base with the strengthening adapter alone (common.AdapterView). A --strengthened_model
+    model its base with the strengthening adapter alone (models.AdapterView). A --strengthened_model
     that is a full model, or an adapter on another base, is loaded beside it (merged) as before."""
     if args.retain_loss != "none" and not ds.retain:
-        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {common.retain_source(args)} has none")
+        raise TofuError(f"--retain_loss {args.retain_loss} needs retain rows, but {scenarios.retain_source(args)} has none")
     str_path = strengthen(args, tok, ds.fmt, accelerator, adapter_only=bool(args.lora_r))
     frozen = {"store": None}
     if args.lora_r:
-        frozen["model"] = common.load_trained(args, accelerator)
-        ori = common.AdapterView(frozen["model"])
+        frozen["model"] = models.load_trained(args, accelerator)
+        ori = models.AdapterView(frozen["model"])
     else:
-        ori = common.load_model(args.model, frozen=True)[0]
-    if args.lora_r and _same_model(common.adapter_base(str_path), args.model):
+        ori = models.load_model(args.model, frozen=True)[0]
+    if args.lora_r and _same_model(models.adapter_base(str_path), args.model):
         frozen["model"].load_adapter(str_path, adapter_name=STRENGTHENED)  # frozen (is_trainable=False)
-        strong = common.AdapterView(frozen["model"], STRENGTHENED)
+        strong = models.AdapterView(frozen["model"], STRENGTHENED)
     else:
-        strong = common.load_model(str_path, frozen=True)[0]
+        strong = models.load_model(str_path, frozen=True)[0]
     if strong.config.vocab_size != ori.config.vocab_size:
         raise TofuError(f"the strengthened model's vocabulary ({strong.config.vocab_size}) differs from the "
                         f"original's ({ori.config.vocab_size}); pass a model fine-tuned from --model")
@@ -303,8 +304,8 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     # a difference of two logit vectors by alpha, which would amplify bf16 rounding (0.5-1 nat at alpha 8).
     # With LoRA the head is the student's too, whose logits are then fp32 as well.
     for m in (ori, strong):
-        common.fp32_output_head(m.model if isinstance(m, common.AdapterView) else m)
-    ori, strong = (m if isinstance(m, common.AdapterView) else common.place_frozen(m, accelerator) for m in (ori, strong))
+        launch.fp32_output_head(m.model if isinstance(m, models.AdapterView) else m)
+    ori, strong = (m if isinstance(m, models.AdapterView) else launch.place_frozen(m, accelerator) for m in (ori, strong))
     frozen.update(ori=ori, teacher=Teacher(ori, strong, args.alpha))
     del strong
     if args.eval_teacher:
@@ -355,7 +356,7 @@ def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size:
     store = TeacherStore(path, counts, vocab, "r+")
     mine = list(range(rank, len(items), world))
     chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
-    calls = math.ceil(math.ceil(len(items) / world) / batch_size) if common.shards_parameters(accelerator) else len(chunks)
+    calls = math.ceil(math.ceil(len(items) / world) / batch_size) if launch.shards_parameters(accelerator) else len(chunks)
     for c in tqdm(range(calls), desc="precompute teacher", disable=not accelerator.is_main_process):
         rows = chunks[c] if c < len(chunks) else [0]  # a pass that keeps the ranks in step; not written
         f = common.collate([items[i] for i in rows], pad_id)
@@ -414,13 +415,13 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     as the Accelerator was built, the last window of an epoch weighted by its own size; clipping;
     logged losses averaged over the step's micro-batches and every rank. at_epoch(e, model) runs
     before training (e = 0) and after every epoch but the last. Returns the prepared model; the
-    caller ends the stage with common.release()."""
-    sizes = common.schedule(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
-                            args.max_steps, args.schedule)
+    caller ends the stage with launch.release()."""
+    sizes = launch.step_counts(len(loader.dataset), loader.batch_size, accelerator, epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ga, meter, step, total = accelerator.gradient_accumulation_steps, common.LossMeter(), 0, sizes["total_steps"]
+    ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -431,7 +432,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
         for i, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * common.window_weight(i, len(loader), ga, args.last_window))
+                accelerator.backward(losses["loss"] * launch.window_weight(i, len(loader), ga, args.last_window))
                 meter.add(losses)
                 if accelerator.sync_gradients:
                     logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
@@ -459,15 +460,15 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 
 def main():
-    args = common.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
-    accelerator, ga = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
-                                               args.report_to, args.output_dir)
+    args = flags.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    accelerator, ga = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
+                                              args.report_to, args.output_dir)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
 
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.method_rows(args)
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
+    forget, retain = scenarios.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -476,13 +477,13 @@ def main():
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
-               **common.schedule(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
-                                 args.max_steps, args.schedule)}
-    log = common.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+               **launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                                    args.max_steps, args.schedule)}
+    log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
     evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
-    model = frozen.pop("model", None) or common.load_trained(args, accelerator)  # with --lora_r: base + adapter
+    model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
@@ -493,11 +494,11 @@ def main():
     model = fit(accelerator, model, loader, lambda m, b: step_losses(m, b, frozen, args), args, args.epochs,
                 args.lr, METHOD, log, at_epoch)
     frozen.clear()  # the frozen models are no longer needed: free them before the last evaluation
-    common.save_model(accelerator, model, tok, fmt, out_dir / "model")
+    launch.save_model(accelerator, model, tok, fmt, out_dir / "model")
     if accelerator.is_main_process:
         print(f"[{METHOD}] saved the unlearned model to {out_dir / 'model'}")
     history.append(("after", evaluator.run(model, "after")))
-    common.release(accelerator, model)
+    launch.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
     evaluator.report(history)
     log.finish()

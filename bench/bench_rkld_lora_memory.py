@@ -5,7 +5,7 @@ rkld.py runs, in one run.
                 beside a frozen original model and a frozen strengthened model, the live teacher
   one_base      --lora_r 8 (Closer-Look App. E.8): one base model carrying two adapters, the trained one
                 and the strengthening one; the teacher runs the base with the strengthening adapter on
-                and off (common.AdapterView), the student with its own adapter
+                and off (models.AdapterView), the student with its own adapter
 
 Each mode runs rkld.main() itself (--eval false, --precompute_teacher false, --max_steps N) in its own
 subprocess, on the same model, data, seed and steps, with a strengthened model built once beforehand
@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from harness import launch, models, runlog  # noqa: E402
 from bench_rkld_memory import PeakRSS  # noqa: E402
 
 
@@ -39,19 +40,19 @@ def strengthened_stand_ins(model_path: str, out: Path) -> tuple[str, str]:
     """(adapter folder, merged full model) of one LoRA adapter with small random weights on --model."""
     adapter, full = out / "adapter", out / "full"
     if not (full / "config.json").exists():
-        acc = common.make_accelerator(1, 1)[0]
+        acc = launch.make_accelerator(1, 1)[0]
         args = SimpleNamespace(model=model_path, lora_r=8, lora_alpha=32.0, lora_dropout=0.0,
                                lora_target_modules="all-linear", save_adapter_only=False, gradient_checkpointing=False)
-        model = common.load_trained(args, acc)
+        model = models.load_trained(args, acc)
         torch.manual_seed(0)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if ".lora_B." in n:
                     p.copy_(1e-3 * torch.randn_like(p))
-        tok = common.load_tokenizer(model_path)
-        fmt = common.prompt_format(tok, model_path)
-        common.save_model(acc, model, tok, fmt, adapter, adapter_only=True)
-        common.save_model(acc, model, tok, fmt, full)
+        tok = models.load_tokenizer(model_path)
+        fmt = models.prompt_format(tok, model_path)
+        launch.save_model(acc, model, tok, fmt, adapter, adapter_only=True)
+        launch.save_model(acc, model, tok, fmt, full)
     return str(adapter), str(full)
 
 
@@ -98,7 +99,7 @@ def main():
     if a.mode:
         print(json.dumps(run_mode(a)))
         return
-    a.model = common.resolve_model_path(a.model)
+    a.model = models.resolve_model_path(a.model)
     adapter, full = strengthened_stand_ins(a.model, common.RUNS_DIR / "bench" / "lora_strengthened_stand_in")
     res = {}
     for mode, strengthened in (("three_copies", full), ("one_base", adapter)):
@@ -111,7 +112,7 @@ def main():
     full_, one = res["three_copies"], res["one_base"]
     gib = 2 ** 30
     print(f"RKLD, live teacher, rkld.main() on {a.model} ({a.split}, batch {a.batch}, {a.steps} steps, {one['device']})")
-    print(common.table([(m, r["peak_bytes"] / gib, (r["peak_bytes"] - r["start_rss"]) / gib if r["device"] == "cpu"
+    print(runlog.table([(m, r["peak_bytes"] / gib, (r["peak_bytes"] - r["start_rss"]) / gib if r["device"] == "cpu"
                          else r["peak_bytes"] / gib, r["process_peak_bytes"] / gib, r["step_s"], r["first_loss"])
                         for m, r in res.items()],
                        ("mode", "peak GiB (distilling)", "above start GiB", "process peak GiB", "s/step", "first loss")))

@@ -28,20 +28,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from harness import launch, models, runlog  # noqa: E402
 
 
 def strengthened_stand_in(model_path: str, out: Path) -> str:
     """Without a strengthened model at hand, a copy of the target with small weight noise: the
     teacher's cost does not depend on what the strengthened model learned."""
     if not (out / "config.json").exists():
-        model, tok = common.load_model(model_path)
+        model, tok = models.load_model(model_path)
         torch.manual_seed(0)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1e-3 * torch.randn_like(p))
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        common.save_prompt_format(common.prompt_format(tok, model_path), out)
+        launch.save_prompt_format(models.prompt_format(tok, model_path), out)
     return str(out)
 
 
@@ -107,7 +108,7 @@ def main():
     if a.mode:
         print(json.dumps(run_mode(a)))
         return
-    a.model = a.model or common.quick_model(a.split, "target")
+    a.model = a.model or models.quick_model(a.split, "target")
     a.strengthened_model = a.strengthened_model or strengthened_stand_in(
         a.model, common.RUNS_DIR / "bench" / "strengthened_stand_in")
     res = {}
@@ -121,7 +122,7 @@ def main():
     live, pre = res["live"], res["precompute"]
     gib = 2 ** 30
     print(f"RKLD teacher modes, rkld.main() on {a.model} ({a.split}, batch {a.batch}, {a.steps} steps, {live['device']})")
-    print(common.table([(m, r["peak_bytes"] / gib, r["process_peak_bytes"] / gib, r["step_s"], r["setup_s"],
+    print(runlog.table([(m, r["peak_bytes"] / gib, r["process_peak_bytes"] / gib, r["step_s"], r["setup_s"],
                          r["first_loss"]) for m, r in res.items()],
                        ("mode", "peak GiB (distilling)", "process peak GiB", "s/step", "setup s", "first loss")))
     print(f"precompute/live: memory while distilling {pre['peak_bytes'] / live['peak_bytes']:.2f}x, "

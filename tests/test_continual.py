@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import continual  # noqa: E402
 import common  # noqa: E402
+from harness import flags, models  # noqa: E402
 import pytest  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 import me_gd  # noqa: E402
@@ -97,14 +98,14 @@ def test_continual_quick_subset_learns_every_task_and_shrinks_the_retain_set():
 
 def parse(argv):
     args = HfArgumentParser(me_gd.Args).parse_args_into_dataclasses(argv)[0]
-    return common.finalize_args(args, me_gd.METHOD, me_gd.QUICK, me_gd.PAPER)
+    return flags.finalize_args(args, me_gd.METHOD, me_gd.QUICK, me_gd.PAPER)
 
 
 def test_quick_model_of_a_continual_task_is_the_continual_target(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
     with pytest.raises(common.TofuError, match="--continual true"):
         parse(["--split", "forget01", "--forget_task", "1"])
-    path = common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True)
+    path = models.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True)
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     assert parse(["--split", "forget01", "--forget_task", "1"]).model == str(path)

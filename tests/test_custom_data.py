@@ -6,6 +6,7 @@ import json
 import pytest
 
 import common
+from harness import models, scenarios
 import evaluate_tofu
 import me_gd
 from common import TofuError
@@ -46,13 +47,13 @@ def test_every_format_reads_the_same_rows_through_datasets(tmp_path, monkeypatch
     real = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", lambda **kw: calls.append(kw["path"]) or real(**kw))
     for ext in ("jsonl", "csv", "parquet"):
-        got = common.load_custom(tmp_path / f"d.{ext}")
+        got = scenarios.load_custom(tmp_path / f"d.{ext}")
         assert [{k: r[k] for k in ("question", "answer", "name")} for r in got] == rows, ext
         assert [r["author"] for r in got] == [0, 1, 2, 0] and [r["index"] for r in got] == [0, 1, 2, 3]
     tofu = common.load_split("forget01_perturbed")  # TOFU's local copy: the same call, the same checks
     assert calls == ["json", "csv", "parquet", "json"] and len(tofu) == 40
     with pytest.raises(TofuError, match="could not load nobody/nothing from the hub"):
-        common.load_custom("nobody/nothing")  # a hub id: same call, offline here
+        scenarios.load_custom("nobody/nothing")  # a hub id: same call, offline here
 
 
 def test_bad_rows_are_refused_at_the_edge(tmp_path, tiny_model_dir):
@@ -60,19 +61,19 @@ def test_bad_rows_are_refused_at_the_edge(tmp_path, tiny_model_dir):
     del rows[2]["answer"]
     path = write_jsonl(tmp_path / "f.jsonl", rows, blank_after=1)  # a blank line: row 2 is on line 4
     with pytest.raises(TofuError, match=r"f.jsonl:4: missing field 'answer'"):
-        common.load_custom(path)
+        scenarios.load_custom(path)
     (tmp_path / "bad.jsonl").write_text(json.dumps(qa_rows(1)[0]) + "\n{oops\n")
     with pytest.raises(TofuError, match=r"bad.jsonl:2: malformed JSON"):
-        common.load_custom(tmp_path / "bad.jsonl")
+        scenarios.load_custom(tmp_path / "bad.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TofuError, match=r"^--forget_data .*empty.jsonl holds no rows"):
-        common.load_custom(tmp_path / "empty.jsonl")
+        scenarios.load_custom(tmp_path / "empty.jsonl")
     half = qa_rows(2) + qa_rows(1, perturbed=False)
     with pytest.raises(TofuError, match="'paraphrased_answer' is on 2 of 3 rows"):
-        common.load_custom(write_jsonl(tmp_path / "half.jsonl", half))
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
-    forget = common.load_custom(write_jsonl(tmp_path / "ok.jsonl", qa_rows(3)))
+        scenarios.load_custom(write_jsonl(tmp_path / "half.jsonl", half))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    forget = scenarios.load_custom(write_jsonl(tmp_path / "ok.jsonl", qa_rows(3)))
     with pytest.raises(TofuError, match="every forget row is longer than --max_length 12 tokens"):
         common.ForgetRetainDataset(forget, [], tok, fmt, max_length=12)
     long_one = forget[:2] + [{**forget[2], "answer": "word " * 300}]
@@ -168,4 +169,4 @@ def test_every_method_script_trains_on_own_sets(monkeypatch, tmp_path, tiny_mode
     assert derived["forget_rows"] == 3 and derived["retain_rows"] == 5
     if script == "rkld" or flags == ["--method", "ta"]:  # strengthened on your forget set, keyed by its contents
         settings = json.loads((out / "strengthened" / "strengthen.json").read_text())
-        assert settings["forget_data"] == common.custom_fingerprint(forget)
+        assert settings["forget_data"] == scenarios.custom_fingerprint(forget)

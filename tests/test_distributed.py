@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+from harness import flags, launch, models, scenarios
 import distributed
 
 BATCH = ["--batch_size", 8, "--per_device_batch_size", 2, "--lr", 1e-3, "--warmup_epochs", 0, "--seed", 3]
@@ -106,7 +107,7 @@ def test_two_processes_train_save_and_evaluate_like_one(name, backend, one_proce
     one = one_process(name)
     _assert_same_run(one, two, backend)
     assert oct((two / "model" / "config.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-    assert common.load_model(str(two / "model"))[0].config.vocab_size > 0  # the saved folder loads as a model
+    assert models.load_model(str(two / "model"))[0].config.vocab_size > 0  # the saved folder loads as a model
     if name == "rkld":  # the strengthened model (a stage of its own) and every evaluation agree too
         for k, v in load_file(one / "strengthened" / "model.safetensors").items():
             torch.testing.assert_close(load_file(two / "strengthened" / "model.safetensors")[k], v,
@@ -138,7 +139,7 @@ def test_finetune_two_processes_like_one(backend, monkeypatch, tiny_model_dir, t
             "--epochs", 1, "--max_steps", 3, *BATCH, "--report_rows", 2]
     _run_here(monkeypatch, "finetune.py", [*argv, "--output_root", tmp_path / "one"])
     distributed.launch(backend, "finetune.py", *argv, "--output_root", tmp_path / "two")
-    name = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1).name
+    name = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1).name
     _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name, backend, "model.safetensors")
 
 
@@ -147,7 +148,7 @@ def test_evaluation_with_uneven_generation_lengths(backend, tiny_model_dir, tmp_
     """The evaluator CLI in two processes gives one process's per-sample logs when the ranks' answers
     stop at different lengths: the tiny model's weights get noise (so it says varied things) and a token
     it often says becomes a second EOS."""
-    model, tok = common.load_model(str(tiny_model_dir))
+    model, tok = models.load_model(str(tiny_model_dir))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -169,7 +170,7 @@ def test_evaluation_with_uneven_generation_lengths(backend, tiny_model_dir, tmp_
 def _frequent_token(model, tok) -> int:
     """A token the model generates often but not first, so answers stop at different lengths."""
     import evaluate_tofu
-    fmt = common.prompt_format(tok)
+    fmt = models.prompt_format(tok)
     prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:12]]
     ids = evaluate_tofu.greedy_generate(model, prompts, tok.pad_token_id, {tok.eos_token_id}, 12, 12, "cpu", False)
     counts = {}
@@ -187,7 +188,7 @@ def test_strengthening_releases_its_model_and_optimizer(monkeypatch, tiny_model_
     from transformers import HfArgumentParser
     import rkld
     prepared, placed = [], []
-    real_prepare, real_place = accelerate.Accelerator.prepare, common.place_frozen
+    real_prepare, real_place = accelerate.Accelerator.prepare, launch.place_frozen
 
     def prepare(self, *objs):
         out = real_prepare(self, *objs)
@@ -198,14 +199,14 @@ def test_strengthening_releases_its_model_and_optimizer(monkeypatch, tiny_model_
         placed.append(weakref.ref(model))
         return real_place(model, acc)
     monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare)
-    monkeypatch.setattr(common, "place_frozen", place)
-    args = common.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses(
+    monkeypatch.setattr(launch, "place_frozen", place)
+    args = flags.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses(
         [str(a) for a in ["--model", tiny_model_dir, *RUN, "--strengthen_epochs", 1, "--precompute_teacher",
                           "--eval", "false", "--output_dir", tmp_path]])[0], "rkld", rkld.QUICK, rkld.PAPER)
-    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args))
+    accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size)
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model)
+    forget, retain = common.forget_retain_rows(args.split, scenarios.subset_authors(args))
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed)
     frozen = rkld.setup_frozen(args, ds, tok, accelerator, None)
     gc.collect()
@@ -218,10 +219,10 @@ def test_strengthening_releases_its_model_and_optimizer(monkeypatch, tiny_model_
 # ---------------------------------------------------------------- accumulation
 def test_window_weight_makes_each_step_the_mean_of_its_micro_batches():
     # 7 micro-batches, accumulation 3: windows of 3, 3 and 1; accelerate divides each loss by 3
-    weights = [common.window_weight(i, 7, 3) / 3 for i in range(7)]
+    weights = [launch.window_weight(i, 7, 3) / 3 for i in range(7)]
     assert weights == pytest.approx([1 / 3] * 6 + [1.0])
-    assert [common.window_weight(i, 4, 2) for i in range(4)] == [1.0] * 4
-    assert [common.window_weight(i, 5, 4) / 4 for i in range(5)] == pytest.approx([0.25] * 4 + [1.0])
+    assert [launch.window_weight(i, 4, 2) for i in range(4)] == [1.0] * 4
+    assert [launch.window_weight(i, 5, 4) / 4 for i in range(5)] == pytest.approx([0.25] * 4 + [1.0])
 
 
 @pytest.mark.parametrize("rule,last", [("mean", 2.0), ("reference", 1.0)])
@@ -252,10 +253,10 @@ def test_last_partial_window_gets_the_full_gradient(monkeypatch, tiny_model_dir,
 def test_a_batch_the_processes_cannot_make_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(common.TofuError, match="effective batch of 32 cannot be made from micro-batches of 4 on 3"):
-        common.make_accelerator(32, 4)
+        launch.make_accelerator(32, 4)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(common.TofuError, match="at least 1"):
-        common.make_accelerator(32, 0)
+        launch.make_accelerator(32, 0)
 
 
 def test_configs_parse_and_leave_accumulation_to_the_scripts():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from harness import flags, models
 import evaluate_tofu as E
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,8 +389,8 @@ def test_closer_look_row_order():
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    model, tok = common.load_model(str(tiny_model_dir), frozen=True)
-    return model, tok, common.prompt_format(tok, str(tiny_model_dir))
+    model, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    return model, tok, models.prompt_format(tok, str(tiny_model_dir))
 
 
 def test_batched_scoring_matches_one_sequence_at_a_time(tiny):
@@ -400,7 +401,7 @@ def test_batched_scoring_matches_one_sequence_at_a_time(tiny):
     for s, b in zip(seqs, batched):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([s["input_ids"]])).logits
-        logp, _, count = common.sequence_logprob(logits, torch.tensor([s["labels"]]))
+        logp, _, count = common.answer_logprob_stats(logits, torch.tensor([s["labels"]]))
         assert b["count"] == int(count) == sum(x != -100 for x in s["labels"])
         assert b["logp"] == pytest.approx(float(logp), abs=1e-4)
 
@@ -466,7 +467,7 @@ def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
     assert generated(_NoGenerate(model), gen_max_length=max_length, gen_batch_size=7) == tofu
     assert generated(model, max_new_tokens=5, gen_max_length=max_length) == [tok.decode([never_stops] * 5)] * 40
     assert E.Args().max_new_tokens is None and E.Args().gen_max_length == 200  # TOFU is the default
-    assert common.MethodArgs().max_new_tokens is None and common.MethodArgs().gen_max_length == 200
+    assert flags.MethodArgs().max_new_tokens is None and flags.MethodArgs().gen_max_length == 200
     with pytest.raises(common.TofuError, match="at least 1"):
         E.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
 

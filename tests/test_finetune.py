@@ -4,6 +4,7 @@ import json
 import pytest
 
 import common
+from harness import models
 import finetune
 
 
@@ -15,8 +16,8 @@ def run(monkeypatch, *argv):
 def test_builds_target_and_retain_on_the_quick_subset(monkeypatch, tmp_path, tiny_model_dir, capsys):
     run(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--quick_retain_authors", 1, "--epochs", 1,
         "--lr", 1e-3, "--batch_size", 8, "--per_device_batch_size", 4, "--output_root", tmp_path, "--report_rows", 2)
-    target = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1, tmp_path)
-    retain = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "retain99", 1, tmp_path)
+    target = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1, tmp_path)
+    retain = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "retain99", 1, tmp_path)
     for path, rows, authors in ((target, 60, [0, 198, 199]), (retain, 20, [0])):
         info = json.loads((path / "args.json").read_text())["derived"]
         assert (info["rows"], info["authors"], info["grad_accum"]) == (rows, authors, 2)
@@ -44,7 +45,7 @@ def test_system_prompt_is_saved_with_the_model_and_numbers_are_checked(monkeypat
     run(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--build", "target", "--max_steps", 1, "--lr", 1e-3,
         "--batch_size", 4, "--per_device_batch_size", 4, "--output_root", tmp_path, "--report_rows", 0,
         "--system_prompt", "none")
-    target = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 4, tmp_path)
+    target = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 4, tmp_path)
     assert json.loads((target / common.FORMAT_FILE).read_text()) == {"kind": "chat", "system_prompt": None}
     cheap = ["--model", tiny_model_dir, "--max_steps", 1, "--output_root", tmp_path / "bad", "--report_rows", 0]
     with pytest.raises(common.TofuError, match="--lr must be positive, not 0.0"):

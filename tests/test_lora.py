@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+from harness import flags, launch, models, runlog, scenarios
 import rkld
 
 LORA = ["--lora_r", 8, "--lora_alpha", 32]
@@ -22,17 +23,17 @@ def lora_args(model, **kw):
 
 
 def accelerator():
-    return common.make_accelerator(2, 2)[0]
+    return launch.make_accelerator(2, 2)[0]
 
 
 def batch(tok, n=2):
-    fmt = common.prompt_format(tok)
+    fmt = models.prompt_format(tok)
     rows = common.load_split("forget01")[:n]
     return common.collate([common.encode_qa(tok, fmt, r["question"], r["answer"], 64) for r in rows],
                           tok.pad_token_id)
 
 
-def randomize_adapter(model, name=common.TRAINED, seed=0, scale=0.5):
+def randomize_adapter(model, name=models.TRAINED, seed=0, scale=0.5):
     """Nonzero adapter weights (peft starts lora_B at 0, where adapter on = adapter off)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -47,18 +48,18 @@ def test_adapter_trains_and_base_stays(checkpointing, reentrant, monkeypatch, ti
     # Catches: LoRA not applied (base weights move), checkpointing not switched on, and the users' report:
     # under reentrant checkpointing without enable_input_require_grads the adapter gets no gradient.
     if reentrant:
-        monkeypatch.setattr(common, "CHECKPOINT_KWARGS", {"use_reentrant": True})
+        monkeypatch.setattr(models, "CHECKPOINT_KWARGS", {"use_reentrant": True})
     args = lora_args(tiny_model_dir, gradient_checkpointing=checkpointing, warmup_epochs=0, max_steps=3,
                      schedule="epochs", last_window="mean", weight_decay=0.0, max_grad_norm=0.0)
     acc = accelerator()
-    model = common.load_trained(args, acc)
-    assert common.is_peft(model) and model.is_activation_checkpointing == checkpointing
+    model = models.load_trained(args, acc)
+    assert models.is_peft(model) and model.is_activation_checkpointing == checkpointing
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok)
     ds = common.QADataset(common.load_split("forget01")[:12], tok, fmt, 64)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda b: common.collate(b, tok.pad_token_id))
-    log = common.RunLogger(tmp_path, {}, {}, True)
+    log = runlog.RunLogger(tmp_path, {}, {}, True)
     model = rkld.fit(acc, model, loader, lambda m, b: {"loss": m(**b).loss}, args, 1, 1e-2, "t", log)
     after = dict(acc.unwrap_model(model).named_parameters())
     lora = [n for n in before if ".lora_" in n]
@@ -66,7 +67,7 @@ def test_adapter_trains_and_base_stays(checkpointing, reentrant, monkeypatch, ti
     assert all(not torch.equal(before[n], after[n]) for n in lora if ".lora_B." in n)  # every B left 0
     assert all(torch.equal(before[n], after[n]) for n in before if n not in lora)      # the base is frozen
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
-    common.release(acc, model)
+    launch.release(acc, model)
 
 
 # ---------------------------------------------------------------- frozen models for free
@@ -74,13 +75,13 @@ def test_adapter_off_reference_equals_a_loaded_starting_model(tiny_model_dir):
     # Catches: a reference that runs with the trained adapter on, and a view that leaves the trained
     # model in eval mode or its adapter frozen after the call.
     args, frozen = lora_args(tiny_model_dir), {}
-    ref = common.starting_model(args, accelerator(), frozen)
+    ref = launch.starting_model(args, accelerator(), frozen)
     model = frozen["model"]
     randomize_adapter(model)
     model.train()
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     b = batch(tok)
-    plain = common.load_model(str(tiny_model_dir), frozen=True)[0]
+    plain = models.load_model(str(tiny_model_dir), frozen=True)[0]
     with torch.no_grad():
         want = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         model.eval()
@@ -97,27 +98,27 @@ def test_scripts_with_lora_load_no_frozen_copy(monkeypatch, tiny_model_dir, tmp_
     # Catches: a script that still loads a second copy of the starting model for its reference.
     import baselines
     loads = []
-    real = common.load_model
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
-    monkeypatch.setattr(common, "load_frozen", lambda *a, **k: pytest.fail("a frozen copy was loaded"))
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(launch, "load_frozen", lambda *a, **k: pytest.fail("a frozen copy was loaded"))
     monkeypatch.setattr("sys.argv", ["baselines.py", *map(str, [
         "--method", "npo_kl", "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 4,
         "--per_device_batch_size", 2, "--eval", "false", *LORA, "--output_dir", tmp_path])])
     baselines.main()
     assert loads == [str(tiny_model_dir)]
-    assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "model" / common.ADAPTER_CONFIG).exists()
+    assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "model" / models.ADAPTER_CONFIG).exists()
 
 
 # ---------------------------------------------------------------- RKLD with one base model
 def _rkld_setup(tiny_model_dir, tmp_path, *extra):
     from transformers import HfArgumentParser
-    args = common.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses(
+    args = flags.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses(
         [str(a) for a in ["--model", tiny_model_dir, "--subset", "quick", "--batch_size", 2, "--per_device_batch_size",
                           2, "--eval", "false", "--output_dir", tmp_path, *extra]])[0], "rkld", rkld.QUICK, rkld.PAPER)
-    acc = common.make_accelerator(args.batch_size, args.per_device_batch_size)[0]
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model)
-    forget, retain = common.forget_retain_rows(args.split, common.subset_authors(args))
+    acc = launch.make_accelerator(args.batch_size, args.per_device_batch_size)[0]
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model)
+    forget, retain = common.forget_retain_rows(args.split, scenarios.subset_authors(args))
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed)
     return args, acc, tok, fmt, ds
 
@@ -125,23 +126,23 @@ def _rkld_setup(tiny_model_dir, tmp_path, *extra):
 def test_one_base_teacher_equals_the_two_model_teacher(tiny_model_dir, tmp_path):
     # Catches: a strengthened view that runs the trained adapter (or none), an original view with the
     # strengthening adapter on, and a student that is not the base + its own (zero) adapter.
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok)
     acc = accelerator()
-    strong = common.load_trained(lora_args(tiny_model_dir), acc)
+    strong = models.load_trained(lora_args(tiny_model_dir), acc)
     randomize_adapter(strong, scale=0.1)
-    common.save_model(acc, strong, tok, fmt, tmp_path / "str_adapter", adapter_only=True)
-    common.save_model(acc, strong, tok, fmt, tmp_path / "str_full")
+    launch.save_model(acc, strong, tok, fmt, tmp_path / "str_adapter", adapter_only=True)
+    launch.save_model(acc, strong, tok, fmt, tmp_path / "str_full")
     args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path / "run", *LORA, "--strengthened_model",
                                           tmp_path / "str_adapter", "--precompute_teacher", "false")
     frozen = rkld.setup_frozen(args, ds, tok, acc, None)
     student = frozen["model"]
-    assert isinstance(frozen["ori"], common.AdapterView) and isinstance(frozen["teacher"].strong, common.AdapterView)
-    assert set(student.peft_config) == {common.TRAINED, rkld.STRENGTHENED}
-    assert student.active_adapters == [common.TRAINED]
+    assert isinstance(frozen["ori"], models.AdapterView) and isinstance(frozen["teacher"].strong, models.AdapterView)
+    assert set(student.peft_config) == {models.TRAINED, rkld.STRENGTHENED}
+    assert student.active_adapters == [models.TRAINED]
     assert {n.split(".lora_")[1].split(".")[1] for n, p in student.named_parameters() if p.requires_grad} == {"default"}
-    ori_full = common.load_model(str(tiny_model_dir), frozen=True)[0]
-    str_full = common.load_model(str(tmp_path / "str_full"), frozen=True)[0]
+    ori_full = models.load_model(str(tiny_model_dir), frozen=True)[0]
+    str_full = models.load_model(str(tmp_path / "str_full"), frozen=True)[0]
     two = rkld.Teacher(ori_full, str_full, args.alpha)
     b = batch(tok, 4)
     with torch.no_grad():
@@ -157,53 +158,53 @@ def test_one_base_teacher_equals_the_two_model_teacher(tiny_model_dir, tmp_path)
 
 def test_a_strengthened_adapter_on_another_base_is_loaded_beside_it(tiny_model_dir, tiny_legacy_model_dir, tmp_path):
     # Catches: an adapter trained on another model put on --model's base as if it were its own.
-    tok = common.load_tokenizer(str(tiny_legacy_model_dir))
+    tok = models.load_tokenizer(str(tiny_legacy_model_dir))
     acc = accelerator()
-    other = common.load_trained(lora_args(tiny_legacy_model_dir), acc)
-    common.save_model(acc, other, tok, common.prompt_format(tok), tmp_path / "other", adapter_only=True)
+    other = models.load_trained(lora_args(tiny_legacy_model_dir), acc)
+    launch.save_model(acc, other, tok, models.prompt_format(tok), tmp_path / "other", adapter_only=True)
     args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path / "run", *LORA, "--strengthened_model",
                                           tmp_path / "other", "--precompute_teacher", "false")
     frozen = rkld.setup_frozen(args, ds, tok, acc, None)
-    assert not isinstance(frozen["teacher"].strong, common.AdapterView)
-    assert set(frozen["model"].peft_config) == {common.TRAINED}
+    assert not isinstance(frozen["teacher"].strong, models.AdapterView)
+    assert set(frozen["model"].peft_config) == {models.TRAINED}
 
 
 def test_rkld_precomputed_one_base_teacher_drops_the_strengthening_adapter(tiny_model_dir, tmp_path):
     args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path, *LORA, "--strengthen_epochs", 1,
                                           "--max_steps", 1, "--precompute_teacher", "true")
     frozen = rkld.setup_frozen(args, ds, tok, acc, None)
-    assert common.adapter_base(tmp_path / "strengthened") == str(tiny_model_dir)  # strengthening saved an adapter
+    assert models.adapter_base(tmp_path / "strengthened") == str(tiny_model_dir)  # strengthening saved an adapter
     assert frozen["teacher"] is None and frozen["ori"] is None and frozen["store"] is not None
-    assert set(frozen["model"].peft_config) == {common.TRAINED}
+    assert set(frozen["model"].peft_config) == {models.TRAINED}
 
 
 # ---------------------------------------------------------------- saving
 def test_merged_save_is_a_plain_model_with_the_adapters_logits(tiny_model_dir, tmp_path):
     # Catches: a merge without lora_alpha / r, a merge of every adapter (RKLD's strengthening one too),
     # and adapter keys left in the plain model's files.
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok)
     acc = accelerator()
-    model = common.load_trained(lora_args(tiny_model_dir, lora_target_modules="q_proj,v_proj,down_proj"), acc)
+    model = models.load_trained(lora_args(tiny_model_dir, lora_target_modules="q_proj,v_proj,down_proj"), acc)
     randomize_adapter(model)
-    model.add_adapter("other", common.lora_config(lora_args(tiny_model_dir), model.get_base_model()))
+    model.add_adapter("other", models.lora_config(lora_args(tiny_model_dir), model.get_base_model()))
     randomize_adapter(model, "other", seed=1)
-    common.save_model(acc, model, tok, fmt, tmp_path / "merged")
-    common.save_model(acc, model, tok, fmt, tmp_path / "adapter", adapter_only=True)
-    assert not (tmp_path / "merged" / common.ADAPTER_CONFIG).exists()
+    launch.save_model(acc, model, tok, fmt, tmp_path / "merged")
+    launch.save_model(acc, model, tok, fmt, tmp_path / "adapter", adapter_only=True)
+    assert not (tmp_path / "merged" / models.ADAPTER_CONFIG).exists()
     assert not any(".lora_" in k or "base_layer" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
     assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) and not (tmp_path / "adapter" / "other").exists()
     b = batch(tok)
     model.eval()
     with torch.no_grad():
         want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        merged = common.load_model(str(tmp_path / "merged"), frozen=True)[0]
-        from_adapter = common.load_model(str(tmp_path / "adapter"), frozen=True)[0]  # the evaluator's path
-        assert not common.is_peft(merged) and not common.is_peft(from_adapter)
+        merged = models.load_model(str(tmp_path / "merged"), frozen=True)[0]
+        from_adapter = models.load_model(str(tmp_path / "adapter"), frozen=True)[0]  # the evaluator's path
+        assert not models.is_peft(merged) and not models.is_peft(from_adapter)
         for m in (merged, from_adapter):
             torch.testing.assert_close(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, want,
                                        rtol=0, atol=1e-5)
-        base = common.load_model(str(tiny_model_dir), frozen=True)[0](input_ids=b["input_ids"]).logits
+        base = models.load_model(str(tiny_model_dir), frozen=True)[0](input_ids=b["input_ids"]).logits
     assert (want - base).abs().max() > 1e-2
 
 
@@ -215,25 +216,25 @@ def test_save_adapter_only_run_is_evaluated_from_base_plus_adapter(monkeypatch, 
         "--output_dir", tmp_path])])
     me_gd.main()
     saved = tmp_path / "model"
-    assert (saved / common.ADAPTER_CONFIG).exists() and not (saved / "config.json").exists()
-    assert common.prompt_format(common.load_tokenizer(str(saved)), str(saved)).kind == "chat"
-    assert common.load_model(str(saved), frozen=True)[0].config.vocab_size > 0
+    assert (saved / models.ADAPTER_CONFIG).exists() and not (saved / "config.json").exists()
+    assert models.prompt_format(models.load_tokenizer(str(saved)), str(saved)).kind == "chat"
+    assert models.load_model(str(saved), frozen=True)[0].config.vocab_size > 0
 
 
 # ---------------------------------------------------------------- bad input
 def test_a_target_module_that_matches_nothing_is_refused(tiny_model_dir):
     with pytest.raises(common.TofuError, match="'q_prj' matches no module of the model"):
-        common.load_trained(lora_args(tiny_model_dir, lora_target_modules="q_proj,q_prj"))
+        models.load_trained(lora_args(tiny_model_dir, lora_target_modules="q_proj,q_prj"))
 
 
 def test_lora_on_a_model_that_carries_an_adapter_is_refused(tiny_model_dir, tmp_path):
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     acc = accelerator()
-    model = common.load_trained(lora_args(tiny_model_dir), acc)
-    common.save_model(acc, model, tok, common.prompt_format(tok), tmp_path / "a", adapter_only=True)
+    model = models.load_trained(lora_args(tiny_model_dir), acc)
+    launch.save_model(acc, model, tok, models.prompt_format(tok), tmp_path / "a", adapter_only=True)
     with pytest.raises(common.TofuError, match="already carries a LoRA adapter"):
-        common.load_trained(lora_args(tmp_path / "a"))
-    assert not common.is_peft(common.load_trained(lora_args(tmp_path / "a", lora_r=0)))  # merged, full fine-tuning
+        models.load_trained(lora_args(tmp_path / "a"))
+    assert not models.is_peft(models.load_trained(lora_args(tmp_path / "a", lora_r=0)))  # merged, full fine-tuning
 
 
 def test_save_adapter_only_with_a_backend_that_cannot_save_adapters_is_refused(monkeypatch, tiny_model_dir):
@@ -241,13 +242,13 @@ def test_save_adapter_only_with_a_backend_that_cannot_save_adapters_is_refused(m
     plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": {"stage": 3}})
     fake = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
     with pytest.raises(common.TofuError, match="cannot save an adapter under ZeRO-3"):
-        common.load_trained(lora_args(tiny_model_dir, save_adapter_only=True), fake)
+        models.load_trained(lora_args(tiny_model_dir, save_adapter_only=True), fake)
     plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    common.check_adapter_save(fake)
+    models.check_adapter_save(fake)
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")))
     with pytest.raises(common.TofuError, match="cannot save an adapter under FSDP"):
-        common.check_adapter_save(fsdp)
+        models.check_adapter_save(fsdp)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -260,7 +261,7 @@ def test_lora_flags_are_checked_at_parse_time(argv, match, tiny_model_dir):
     import finetune
     args = HfArgumentParser(rkld.Args).parse_args_into_dataclasses(["--model", str(tiny_model_dir), *argv])[0]
     with pytest.raises(common.TofuError, match=match):
-        common.finalize_args(args, "rkld", rkld.QUICK, rkld.PAPER)
+        flags.finalize_args(args, "rkld", rkld.QUICK, rkld.PAPER)
     with pytest.raises(common.TofuError, match=match):
         finetune.resolve(HfArgumentParser(finetune.Args).parse_args_into_dataclasses(argv)[0])
 
@@ -308,8 +309,8 @@ def test_finetune_with_lora(monkeypatch, tiny_model_dir, tmp_path):
         "--max_steps", 2, "--batch_size", 4, "--per_device_batch_size", 2, "--report_rows", 2, *LORA,
         "--output_root", tmp_path])])
     finetune.main()
-    out = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1, tmp_path)
-    assert (out / "config.json").exists() and not (out / common.ADAPTER_CONFIG).exists()
+    out = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1, tmp_path)
+    assert (out / "config.json").exists() and not (out / models.ADAPTER_CONFIG).exists()
 
 
 # ---------------------------------------------------------------- the GPU path, emulated on CPU
@@ -329,6 +330,6 @@ def test_lora_reference_is_exact_at_the_start_under_bf16_with_a_bf16_base(monkey
     assert m["loss/forget"] == pytest.approx(20 * math.log(2), abs=1e-6) and m["loss/retain"] == pytest.approx(0, abs=1e-7)
     assert {v.dtype for v in load_file(out / "model" / "adapter_model.safetensors").values()} == {torch.float32}
     monkeypatch.setenv("TOFU_UNLEARN_MIXED_PRECISION", "bf16")
-    model = common.load_trained(lora_args(tiny_model_dir))
+    model = models.load_trained(lora_args(tiny_model_dir))
     dtypes = {("lora" if ".lora_" in n else "base"): p.dtype for n, p in model.named_parameters()}
     assert dtypes == {"base": torch.bfloat16, "lora": torch.float32}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import baselines
 import common
+from harness import models
 import idk_ap
 import me_gd
 import rkld
@@ -32,8 +33,8 @@ STEP = 1e-2  # parameter-space length of the SGD step: small enough for the firs
 def start(tiny_model_dir):
     """(model that learned the batch's answers, batch of 4 forget/retain/IDK pairs, tokenizer)."""
     torch.manual_seed(0)
-    model, tok = common.load_model(str(tiny_model_dir), dtype=torch.float32)
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    model, tok = models.load_model(str(tiny_model_dir), dtype=torch.float32)
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
     ds = common.ForgetRetainDataset(forget[:4], retain, tok, fmt, seed=0, idk=common.load_idk())
     batch = common.collate_pairs([ds[i] for i in range(4)], tok.pad_token_id)
@@ -54,7 +55,7 @@ def _logits(model, part):
 @torch.no_grad()
 def logp(model, part) -> float:
     """Summed answer log-prob over the batch, by common's helper (not the scripts' copies)."""
-    return common.sequence_logprob(_logits(model, part), part["labels"])[0].sum().item()
+    return common.answer_logprob_stats(_logits(model, part), part["labels"])[0].sum().item()
 
 
 def one_step(start, loss_fn):
@@ -132,7 +133,7 @@ def test_baseline_dpo_value_away_from_the_reference(start):
 
 @torch.no_grad()
 def logp_each(model, part) -> torch.Tensor:
-    return common.sequence_logprob(_logits(model, part), part["labels"])[0].double()
+    return common.answer_logprob_stats(_logits(model, part), part["labels"])[0].double()
 
 
 # ---------------------------------------------------------------- me_gd.py
@@ -274,7 +275,7 @@ def test_me_gd_step_reports_the_me_by_hand(start, divergence, reduction, eps):
         keep = torch.ones_like(per, dtype=torch.bool) if reduction == "reference" else (m[:, :-1] & m[:, 1:]).bool()
         expected = per[keep].mean().item()
         r = batch["retain"]
-        nll = -common.sequence_logprob(_logits(model, r), r["labels"])[0].sum().item() / (r["labels"] != -100).sum().item()
+        nll = -common.answer_logprob_stats(_logits(model, r), r["labels"])[0].sum().item() / (r["labels"] != -100).sum().item()
     assert not f["attention_mask"].bool().all()  # the batch has padding, so the reductions differ
     assert out["loss/forget"].item() == pytest.approx(expected, rel=1e-5)
     assert out["loss/retain"].item() == pytest.approx(nll, rel=1e-5)

@@ -54,7 +54,7 @@ def t(x, **kw):
 
 def test_sequence_logprob_sums_scored_tokens():
     logits, labels = tensors()
-    got = baselines._sequence_logprob(logits, labels)
+    got = baselines.sequence_logprob(logits, labels)
     assert torch.allclose(got, t([LP_00 + LP_01, LP_11]), atol=1e-6)
 
 

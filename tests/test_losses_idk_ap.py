@@ -13,6 +13,7 @@ import torch
 
 import baselines
 import common
+from harness import models
 import finetune
 import idk_ap
 import me_gd
@@ -100,12 +101,12 @@ def test_kl_retain_direction():
 
 # ---------------------------------------------------------------- IDK template choice
 # idk_ap.py takes its templates from common.ForgetRetainDataset, which draws them with
-# common.item_generator(seed, epoch, index); these tests pin that mechanism down.
+# common.item_rng(seed, epoch, index); these tests pin that mechanism down.
 
 
 def _dataset(tiny_model_dir, seed):
-    tok = common.load_tokenizer(str(tiny_model_dir))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
     return common.ForgetRetainDataset(forget, retain, tok, fmt, seed=seed, idk=common.load_idk()), tok, fmt
 
@@ -144,7 +145,7 @@ def test_item_uses_the_picked_template_for_forget_and_retain(tiny_model_dir):
 
 
 @pytest.mark.parametrize("name,modules", [
-    ("_sequence_logprob", (baselines, me_gd, idk_ap, rkld)),
+    ("sequence_logprob", (baselines, me_gd, idk_ap, rkld)),
     ("nll_loss", (baselines, me_gd, idk_ap, rkld)),
     ("kl_retain_loss", (baselines, me_gd, idk_ap, rkld)),
     ("dpo_loss", (baselines, idk_ap)),

@@ -1,12 +1,12 @@
 """Numerics of the GPU path, emulated on CPU: bf16 autocast for the trained model and bf16 frozen models
-(TOFU_UNLEARN_MIXED_PRECISION=bf16, the switch common.mixed_precision reads)."""
+(TOFU_UNLEARN_MIXED_PRECISION=bf16, the switch models.mixed_precision reads)."""
 import json
 import math
 
 import pytest
 import torch
 
-import common
+from harness import launch, models
 import distributed
 import rkld
 
@@ -39,9 +39,9 @@ def test_teacher_logits_lose_no_bf16_rounding_at_the_head(tiny_model_dir):
     multiplies their difference; the layers' bf16 matmuls below the head remain in both. The head's
     weights are scaled so logits reach 8-50, as real models' do."""
     def teacher(dtype, fp32_head):
-        models = []
+        pair = []
         for noise in (0.0, 0.002):
-            m = common.load_model(str(tiny_model_dir), dtype=torch.float32, frozen=True)[0]
+            m = models.load_model(str(tiny_model_dir), dtype=torch.float32, frozen=True)[0]
             torch.manual_seed(1)
             with torch.no_grad():
                 m.get_output_embeddings().weight.mul_(60.0)
@@ -49,8 +49,8 @@ def test_teacher_logits_lose_no_bf16_rounding_at_the_head(tiny_model_dir):
                     p.add_(noise * torch.randn_like(p))
                     p.copy_(p.to(torch.bfloat16).float())  # the bf16 model's weights, exactly
             m = m.to(dtype)
-            models.append(common.fp32_output_head(m) if fp32_head else m)
-        return rkld.Teacher(*models, 8.0)
+            pair.append(launch.fp32_output_head(m) if fp32_head else m)
+        return rkld.Teacher(*pair, 8.0)
 
     ids = torch.tensor([list(range(5, 45))])
     with torch.no_grad():

@@ -7,6 +7,7 @@ import pytest
 from transformers import HfArgumentParser
 
 import common
+from harness import flags, launch
 import me_gd
 import rkld
 
@@ -23,7 +24,7 @@ def _rkld_peak_run(monkeypatch, model, out, epochs, lr, *extra):
 
 def _parse(module, *argv):
     args = HfArgumentParser(module.Args).parse_args_into_dataclasses([str(a) for a in argv])[0]
-    return common.finalize_args(args, module.METHOD, module.QUICK, module.PAPER)
+    return flags.finalize_args(args, module.METHOD, module.QUICK, module.PAPER)
 
 
 def test_first_peak_keeps_the_earliest_of_equal_epochs():
@@ -83,9 +84,9 @@ def test_reference_schedule_gives_closer_look_step_counts(split, n, steps, warmu
     assert len(common.load_split(split)) == n
     for world, ga in ((2, 4), (1, 8)):
         acc = types.SimpleNamespace(num_processes=world, gradient_accumulation_steps=ga)
-        s = common.schedule(n, 4, acc, 5, 1.0, rule="reference")
+        s = launch.step_counts(n, 4, acc, 5, 1.0, rule="reference")
         assert (s["total_steps"], s["warmup_steps"]) == (steps, warmup)
-        e = common.schedule(n, 4, acc, 5, 1.0, rule="epochs")  # every epoch in full: a short step per epoch
+        e = launch.step_counts(n, 4, acc, 5, 1.0, rule="epochs")  # every epoch in full: a short step per epoch
         assert e["total_steps"] == 5 * math.ceil(math.ceil(n / (4 * world)) / ga) > steps
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import common
+from harness import scenarios
 import evaluate_general as G
 import evaluate_tofu as E
 import me_gd
@@ -88,7 +88,7 @@ def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
 def test_held_out_neighbours_must_be_other_people(tmp_path):
     write(tmp_path / "rw", held_out=("Hana Held", "Nia Near"))
     with pytest.raises(TofuError, match="neighbor_perturbed.json names people that training also uses \\(Nia Near\\)"):
-        common.real_world_eval_rows(tmp_path / "rw")
+        scenarios.real_world_eval_rows(tmp_path / "rw")
     (tmp_path / "rw" / "neighbor.json").unlink()
     with pytest.raises(TofuError, match="lacks neighbor.json; download"):
-        common.real_world_files(tmp_path / "rw")
+        scenarios.real_world_files(tmp_path / "rw")

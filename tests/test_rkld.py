@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+from harness import flags, launch, models
 import evaluate_tofu
 import rkld
 
@@ -95,19 +96,19 @@ def test_nll_is_token_mean():
 def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir, tmp_path):
     import common
     from accelerate import Accelerator
-    ori, tok = common.load_model(str(tiny_model_dir), frozen=True)
-    strong, _ = common.load_model(str(tiny_model_dir), frozen=True)
+    ori, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    strong, _ = models.load_model(str(tiny_model_dir), frozen=True)
     with torch.no_grad():
         for p in strong.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    fmt = common.prompt_format(tok, str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
     forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
     ds = common.ForgetRetainDataset(forget[:6], retain, tok, fmt, seed=0)
     teacher = rkld.Teacher(ori, strong, 8.0)
     store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True), tmp_path / "t.f32", 4)
     batch = common.collate_pairs([ds[i] for i in (4, 1, 5)], tok.pad_token_id)   # padded, shuffled
     args = type("A", (), {"divergence": "rkl", "retain_loss": "none", "retain_weight": 1.0})
-    student = common.load_model(str(tiny_model_dir))[0]
+    student = models.load_model(str(tiny_model_dir))[0]
     live = rkld.step_losses(student, batch, {"teacher": teacher, "store": None, "ori": ori}, args)["loss"]
     pre = rkld.step_losses(student, batch, {"teacher": None, "store": store, "ori": None}, args)["loss"]
     assert live.item() > 0.01
@@ -119,8 +120,8 @@ def test_teacher_generate_with_kv_caches_matches_decoding_without(tiny_model_dir
     (whole sequence rerun every token, right padding) on prompts of different lengths; red with one
     model's cache dropped. (RoPE makes a constant position shift harmless, so left-padded positions
     starting at the pad count would pass here; they start at 0 as HF's generate does.)"""
-    ori, tok = common.load_model(str(tiny_model_dir), frozen=True)
-    strong, _ = common.load_model(str(tiny_model_dir), frozen=True)
+    ori, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    strong, _ = models.load_model(str(tiny_model_dir), frozen=True)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in strong.parameters():
@@ -174,14 +175,14 @@ def test_smoke_default_run_writes_model_logs_and_eval(strengthened, hand_forget_
     assert (strengthened / "eval" / "before" / "eval_log_forget.json").exists()
 
 
-@pytest.mark.parametrize("flags,keys", [(["--retain_loss", "rt"], {"loss/retain"}),
+@pytest.mark.parametrize("extra,keys", [(["--retain_loss", "rt"], {"loss/retain"}),
                                         (["--retain_loss", "kl", "--precompute_teacher"], {"loss/retain"}),
                                         (["--divergence", "fkl"], set())])
-def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, strengthened, flags, keys):
+def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, strengthened, extra, keys):
     import json
     run_rkld(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 2,
              "--per_device_batch_size", 2, "--eval", "false", "--strengthened_model", strengthened / "strengthened",
-             "--output_dir", tmp_path, *flags)
+             "--output_dir", tmp_path, *extra)
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and keys <= set(metrics[0]) and all(m["loss"] == m["loss"] for m in metrics)
     assert (tmp_path / "model" / "config.json").exists()
@@ -195,7 +196,7 @@ def test_bad_inputs(monkeypatch, tmp_path, tiny_model_dir, strengthened):
     other = tmp_path / "other_vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=401, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
-    common.load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
+    models.load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
     with pytest.raises(common.TofuError, match="vocabulary .401. differs"):
         run_rkld(monkeypatch, *base, "--strengthened_model", other)
     with pytest.raises(common.TofuError, match="needs retain rows"):
@@ -246,15 +247,15 @@ def test_a_finished_run_is_kept_unless_overwrite(monkeypatch, tmp_path, tiny_mod
     run.mkdir()
     shutil.copytree(strengthened / "model", run / "model")
     shutil.copy(strengthened / "args.json", run / "args.json")
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
-    flags = ["--model", tiny_model_dir, "--subset", "quick", "--max_steps", 1, "--batch_size", 2,
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    argv = ["--model", tiny_model_dir, "--subset", "quick", "--max_steps", 1, "--batch_size", 2,
              "--per_device_batch_size", 2, "--eval", "false", "--strengthened_model", strengthened / "strengthened",
              "--divergence", "fkl", "--system_prompt", "none", "--output_dir", run]
     with pytest.raises(common.TofuError, match="holds a finished run made with other arguments .*--divergence rkl "
                                                "there, fkl now.*pass --overwrite"):
-        run_rkld(monkeypatch, *flags)
+        run_rkld(monkeypatch, *argv)
     monkeypatch.undo()
-    run_rkld(monkeypatch, *flags, "--overwrite")
+    run_rkld(monkeypatch, *argv, "--overwrite")
     saved = json.loads((run / "args.json").read_text())
     assert saved["args"]["divergence"] == "fkl" and saved["derived"]["prompt_format"]["system_prompt"] is None
     assert json.loads((run / "model" / common.FORMAT_FILE).read_text()) == {"kind": "chat", "system_prompt": None}
@@ -268,14 +269,14 @@ def test_strengthened_model_is_reused_only_with_the_same_settings(tiny_model_dir
     import common
     from transformers import HfArgumentParser
 
-    def strengthen(*flags):
-        args = common.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses([str(a) for a in [
+    def strengthen(*extra):
+        args = flags.finalize_args(HfArgumentParser(rkld.Args).parse_args_into_dataclasses([str(a) for a in [
             "--model", tiny_model_dir, "--subset", "quick", "--strengthen_epochs", 1, "--max_steps", 1,
-            "--batch_size", 4, "--per_device_batch_size", 4, "--eval", "false", "--output_dir", tmp_path, *flags]])[0],
+            "--batch_size", 4, "--per_device_batch_size", 4, "--eval", "false", "--output_dir", tmp_path, *extra]])[0],
             "rkld", rkld.QUICK, rkld.PAPER)
-        accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size)
-        tok = common.load_tokenizer(args.model)
-        path = rkld.strengthen(args, tok, common.prompt_format(tok, args.model), accelerator)
+        accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size)
+        tok = models.load_tokenizer(args.model)
+        path = rkld.strengthen(args, tok, models.prompt_format(tok, args.model), accelerator)
         return json.loads((tmp_path / "strengthened" / "strengthen.json").read_text()), capsys.readouterr().out, path
 
     first, _, path = strengthen("--strengthen_lr", 1e-3)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import common
+from harness import models, runlog
 import me_gd
 from common import TofuError
 
@@ -55,13 +56,13 @@ def test_default_writes_no_tracker_files(monkeypatch, tmp_path, tiny_model_dir):
 
 
 def test_missing_tracker_package_is_one_sentence(monkeypatch, tmp_path):
-    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runlog.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TofuError, match=r"^--report_to wandb needs the wandb package: pip install wandb$"):
-        common.trackers("wandb")
+        runlog.trackers("wandb")
     with pytest.raises(TofuError, match="--report_to all found neither"):
-        common.trackers("all")
+        runlog.trackers("all")
     with pytest.raises(TofuError, match="--report_to must be one of"):
-        common.trackers("mlflow")
+        runlog.trackers("mlflow")
 
 
 def test_finetune_logs_each_models_losses_in_one_run(monkeypatch, tmp_path, tiny_model_dir):
@@ -74,7 +75,7 @@ def test_finetune_logs_each_models_losses_in_one_run(monkeypatch, tmp_path, tiny
     finetune.main()
     tb = scalars(tmp_path / "tensorboard")
     for data in ("full", "retain99"):
-        path = common.finetuned_dir(str(tiny_model_dir), "forget01", "quick", data, 1, tmp_path)
+        path = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", data, 1, tmp_path)
         metrics = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
         assert tb[f"{data}/loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
 
