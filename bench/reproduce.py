@@ -10,7 +10,7 @@ path, collect every run into results/results.json, then write RESULTS.md and its
 Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has its first-peak epoch):
   reference  the quick retain model evaluated like every run (the target's row is each run's "before")
   sweep      every method at lr 1e-4 (the quick recipe), 5e-5 and 2e-5, seed 42
-  seeds      seeds 1 and 2 for every method at its chosen lr (see LR RULE); waits for the sweep. The
+  seeds      seeds 1 and 2 for every method at its chosen lr (LR_RULE); waits for the sweep. The
              seed-1 runs of RKLD, ME+GD, IDK+AP, GA+GD and NPO+GD evaluate in full after every epoch
              (--eval_every_epoch): the per-epoch curves, without training those runs a second time
   shared     Closer-Look Table 4's pairs (ME+GD / GA+GD, IDK+AP / IDK+GD) at one shared lr, 1e-4, seeds 1
@@ -26,12 +26,8 @@ Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has it
              the 4 sequences of 10 would take 11 core-hours; forget01's decline (Closer-Look §5.2: the
              baselines' MU "nearly zero on a certain subtask") shows within the first tasks
 
-LR RULE (closer-look App. E.8 picks each method's best balance; we write the rule down): among the
-swept rates at which the method unlearned anything (last-epoch forget quality above the target's), the
-highest forget quality whose model utility keeps at least 90% of the target's; if none keeps 90%, the
-highest model utility. RKLD with FKL, RKLD Table 2's ablation, takes RKLD's rate. Both of these clauses
-were added after the sweep: as first written, the rule chose lr 2e-5 for RKLD, where forget quality
-stayed at the target's (nothing unlearned).
+The grids' methods, rates, seeds and the lr rule that picks each method's rate (LR_RULE) are defined in
+bench/grids.py, which bench/results_report.py reads too.
 
 Resuming: a run recorded in results/results.json is never run again (run folders do not outlive a
 machine; the results file is committed), and a run whose folder already holds
@@ -56,42 +52,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-RESULTS = REPO / "results" / "results.json"
-GRID_DIR = REPO / "runs" / "grid"
+sys.path.insert(0, str(REPO / "bench"))
+import grids  # noqa: E402
+from grids import (CONTINUAL, CONTINUAL_LOW_LR, CONTINUAL_TASKS, CURVE_SEED, CURVES, FIRST_SEED, GPU_METHODS,  # noqa: E402
+                   GPU_SPLITS, GRIDS, METHOD_GRIDS, METHODS, MORE_SEEDS, SHARED, SHARED_LR, SWEEP_LRS, chosen_lr,
+                   load_results)
 
-METHODS = {  # name -> (script, flags); paper names: RKLD Table 4 and closer-look Table 4
-    "rkld": ("rkld.py", []), "rkld_fkl": ("rkld.py", ["--divergence", "fkl"]),
-    "me_gd": ("me_gd.py", []), "idk_ap": ("idk_ap.py", []),
-    **{m: ("baselines.py", ["--method", m]) for m in ("ga_gd", "npo_gd", "idk_gd", "ga", "npo", "dpo", "kto", "idk")},
-}
-SWEEP_LRS = (1e-4, 5e-5, 2e-5)
-FIRST_SEED, MORE_SEEDS = 42, (1, 2)
-CURVES, CURVE_SEED = ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd"), MORE_SEEDS[0]
-# Closer-Look Table 4 trains every method at one lr (1e-5, its §5.1 setup); the shared grid runs its two
-# (ours, baseline) pairs at one lr here too, seeds 1 and 2 (seed 42 is the sweep's): the quick recipe's rate,
-# which the continual grid also uses. Added 2026-12-03, after the seeds grid had left both claims inconclusive
-# at each method's chosen lr; 1e-4 is the one swept rate at which the seed-42 sweep showed the baselines losing
-# utility (GA+GD MU 0.109, IDK+GD 0.000), so read this check as chosen after seeing seed 42.
-SHARED_LR, SHARED = 1e-4, (("me_gd", "ga_gd"), ("idk_ap", "idk_gd"))
-CONTINUAL = ("me_gd", "ga_gd", "idk_ap", "npo_gd")  # in pairs (ours, its baseline): a sitting that runs two has one comparison
-CONTINUAL_TASKS = 5  # of forget01's 10 (see the docstring)
-# The same sequences again at a lower lr, one shared by every method as in Closer-Look §5.2 (1e-5 there). Added
-# 2026-12-06, after the sequences at the quick recipe's 1e-4 (10x the paper's) had every method decline, ME+GD
-# included; 5e-5 is the middle swept rate, fixed before these runs. 2e-5 was left out for time, and because in
-# the seed-42 sweep GA+GD and ME+GD reach forget quality 0.0286 at most there in a run of one task: a sequence
-# at 2e-5 could hardly tell keeping utility from not unlearning.
-CONTINUAL_LOW_LR = 5e-5
-MU_KEPT = 0.9
-LR_RULE = ("among the swept rates at which the method unlearned anything (last-epoch forget quality above the "
-           "target's), the highest forget quality (last epoch, seed 42) whose model utility keeps at "
-           f"least {MU_KEPT:.0%} of the target's; if none does, the highest model utility; RKLD with FKL, RKLD "
-           "Table 2's ablation of the divergence, takes RKLD's rate. Closer-Look App. E.8 picks each method's best "
-           "balance without a stated rule; this is ours, fixed before the runs except two clauses added after the "
-           "sweep (2026-11-25): \"unlearned anything\", because the rule as first written chose lr 2e-5 for RKLD, "
-           "whose forget quality stayed at the target's 0.0143, and FKL taking RKLD's rate, so that its seeds pair "
-           "with RKLD's (as first written it chose 2e-5 for FKL and, with the first clause, 5e-5 for RKLD)")
+GRID_DIR = REPO / "runs" / "grid"
 BASE = ["--split", "forget01", "--peak_epoch", "true"]
-GPU_SPLITS, GPU_METHODS = ("forget05", "forget10"), ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd")
 GPU_FINETUNE = ["--subset", "all", "--batch_size", "32", "--per_device_batch_size", "32"]  # README, On GPUs
 
 
@@ -99,38 +67,15 @@ def run_name(method: str, lr: float, seed: int, tag: str = "") -> str:
     return f"{method}-lr{lr:g}-seed{seed}{'-' + tag if tag else ''}"
 
 
-def load_results() -> list[dict]:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-
-
 def save_results(records: list[dict]) -> None:
     """Write the records merged into what the file holds now (a record of the same name is replaced), so
     two sittings of different grids running at once do not drop each other's runs."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    merged = {r["name"]: r for r in load_results()} | {r["name"]: r for r in records}
-    tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+    path = grids.RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {r["name"]: r for r in grids.load_results()} | {r["name"]: r for r in records}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(sorted(merged.values(), key=lambda r: r["name"]), indent=1) + "\n")
-    tmp.replace(RESULTS)
-
-
-def target_mu(records: list[dict]) -> float | None:
-    return next((r["before"]["model_utility"] for r in records if r.get("before") and r["grid"] in ("sweep", "seeds")), None)
-
-
-def chosen_lr(method: str, records: list[dict]) -> float | None:
-    """LR RULE over the method's seed-42 sweep; None until every swept rate is recorded."""
-    if method == "rkld_fkl":  # the divergence ablation runs at RKLD's settings (RKLD Table 2)
-        return chosen_lr("rkld", records)
-    runs = {r["lr"]: r for r in records if r["grid"] == "sweep" and r["method"] == method}
-    if set(runs) != set(SWEEP_LRS) or target_mu(records) is None:
-        return None
-    fq0 = next(r["before"]["forget_quality"] for r in records if r.get("before") and r["grid"] in ("sweep", "seeds"))
-    # a rate that left forget quality at the target's unlearned nothing (float noise aside): not a candidate
-    moved = [r for r in runs.values() if r["last"]["forget_quality"] > fq0 * (1 + 1e-9)] or list(runs.values())
-    kept = [r for r in moved if r["last"]["model_utility"] >= MU_KEPT * target_mu(records)]
-    if kept:
-        return max(kept, key=lambda r: (r["last"]["forget_quality"], r["last"]["model_utility"]))["lr"]
-    return max(moved, key=lambda r: r["last"]["model_utility"])["lr"]
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,10 +178,6 @@ def gpu_items(records: list[dict]) -> list[dict]:
                                       "--output_dir", str(GRID_DIR / name)],
                           "needs": models})
     return items
-
-
-GRIDS = ("reference", "sweep", "seeds", "shared", "continual")  # "all"; the gpu grid runs only when named (--grid gpu)
-METHOD_GRIDS = ("sweep", "seeds", "shared")  # runs of a method script from the quick target: they share its caches
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Tokens per second of each method's training step: our fit() loop against a transformers.Trainer loop
-computing the same loss, in one run, on identical pre-collated batches in identical order (issue 15).
+"""Tokens per CPU second of each method's training step: our fit() loop against a transformers.Trainer loop
+computing the same loss, on identical pre-collated batches in identical order, paired step by step.
 
 For each method the bench builds what the script's main() builds: its Args parsed and finalized with
 common.finalize_args, the ForgetRetainDataset and its shuffled, collated loader, and setup_frozen. It then
@@ -12,37 +12,26 @@ padding makes step time depend on batch composition, so both sides must see the 
            models, whose train dataloader yields the same list in order; same AdamW (lr, weight decay
            on every weight, fused), same linear schedule, same clipping, batch, accumulation 1
 
-Both sides start from the model loaded fresh from disk. Warmup is 0 (the lr decays linearly from --lr over
-the batches), so every step moves the weights and the per-step losses of the two sides (which must agree
-to --rtol) show they compute the same thing. A step's time runs from the start of its loss computation
-to the start of the next one; the first --warmup steps are not timed. Rounds alternate which side goes
-first (within one process, the side that ran second in a round was the faster in 6 of 8 rounds for RKLD and
-for GA+GD on 2026-12-03, so an odd --rounds tilts the median against the side that goes first more often), and the medians over rounds are reported, per wall second and per second of the process's CPU
-time (on a shared machine the CPU-time ratio is the steadier one: it leaves out the time other processes
-held the cores), with each round's own ratio (its two sides ran back to back, under the same load). The
-cores this process may use and the load average are recorded: pin it to a core of its own on a shared
-machine (taskset -c 1 python bench/throughput.py ..., other work on the other core). Tokens: non-padding
-tokens (attention-mask sum) of every forward pass through the trained model, counted by a forward hook;
-frozen-model forwards are counted and compared with what the method's objective needs per step. rkld runs
-with --strengthened_model = --model (no strengthening stage: the teacher's cost does not depend on its
-weights). Not measured, by design: the cost of making the batches (main()'s loader tokenizes in the
-training process). --interleave pairs the sides step by step instead of round by round: both run in one
-process, each in a thread of its own, and take turns one optimizer step at a time (Baton), so step k of
-ours and of the Trainer train on the same batch seconds apart, under the same load and heap; the side that
-takes the first turn alternates between rounds, and every step's time is kept (step_s, step_cpu_s).
+Both sides start from the model loaded fresh from disk and run in two threads of one process, taking turns
+one optimizer step at a time (Baton): step k of ours and step k of the Trainer train on the same batch
+seconds apart, under the same load and heap. The side that takes the first turn alternates between rounds
+(an even --rounds gives each side the first turn equally often); every timed step's wall and CPU time is kept
+(step_s, step_cpu_s), and bench/results_report.py pairs them (step_pairs). Warmup is 0 (the lr decays linearly
+from --lr over the batches), so every step moves the weights and the per-step losses of the two sides (which
+must agree to --rtol) show they compute the same thing. Tokens: non-padding tokens (attention-mask sum) of
+every forward pass through the trained model, counted by a forward hook; frozen-model forwards are counted and
+compared with what the method's objective needs per step. rkld runs with --strengthened_model = --model (no
+strengthening stage: the teacher's cost does not depend on its weights). Not measured, by design: the cost of
+making the batches (main()'s loader tokenizes in the training process). What it found: docs/throughput.md.
 
-  python bench/throughput.py                                  # quick forget01 target (finetune.py first)
-  python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2 --json tp.json
-  python bench/throughput.py --model tiny --batch 1 --steps 150 --rounds 4 --json results/throughput_tiny.json
+  python bench/throughput.py --batch 8 --steps 6 --rounds 8 --methods rkld,ga_gd --json results/throughput_interleaved.json
+  python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2
 """
 import argparse
 import importlib
 import itertools
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -67,8 +56,7 @@ NOTES = {"npo_gd": "the reference forward gives log pi_ref(y_f|x_f), constant ov
 
 
 class Baton:
-    """--interleave: the two sides run in two threads of one process and take turns one optimizer step at a
-    time. A side passes the turn at the start of each loss computation after its first and waits for it to
+    """The two sides run in two threads of one process and take turns one optimizer step at a time. A side passes the turn at the start of each loss computation after its first and waits for it to
     come back, so only one side computes at any moment and the other's thread sits blocked (no CPU time)."""
 
     def __init__(self, first: str, timeout: float = 3600.0):
@@ -101,11 +89,11 @@ class Baton:
 class Probe:
     """Wraps a loss_fn: the wall and CPU time at the start of every step, its loss, and the forward passes it
     makes through the trained model (calls, attention-mask tokens) and the frozen models (calls), counted by
-    pre-hooks. With a Baton, a step runs from taking the turn to passing it on at the next step's start."""
+    pre-hooks. A step runs from taking the turn (Baton) to passing it on at the next step's start."""
 
-    def __init__(self, loss_fn, model, frozen_models, baton=None, side=None):
+    def __init__(self, loss_fn, model, frozen_models, baton, side):
         self.loss_fn, self.baton, self.side, self.active = loss_fn, baton, side, False
-        self.starts, self.cpu, self.faults, self.ends, self.cpu_ends, self.fault_ends = [], [], [], [], [], []
+        self.starts, self.cpu, self.ends, self.cpu_ends = [], [], [], []
         self.losses, self.tokens, self.trained, self.frozen = [], [], [], []
         self.hooks = [model.register_forward_pre_hook(self._count_trained, with_kwargs=True)]
         self.hooks += [m.register_forward_pre_hook(self._count_frozen, with_kwargs=True) for m in frozen_models]
@@ -116,22 +104,19 @@ class Probe:
         self.trained[-1] += 1
 
     def _count_frozen(self, module, args, kwargs):
-        if self.active:  # interleaved, both sides' probes hook the shared frozen models: count only our own turn
+        if self.active:  # both sides' probes hook the shared frozen models: count only our own turn
             self.frozen[-1] += 1
 
     def __call__(self, model, batch):
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())  # process CPU time: what the step cost this process
-        self.fault_ends.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)  # fresh memory mapped, zeroed
-        if self.baton:
-            self.active = False
-            if self.starts:
-                self.baton.pass_turn(self.side)
-            self.baton.wait(self.side)
+        self.active = False
+        if self.starts:
+            self.baton.pass_turn(self.side)
+        self.baton.wait(self.side)
         self.active = True
-        self.starts.append(time.perf_counter() if self.baton else self.ends[-1])
-        self.cpu.append(time.process_time() if self.baton else self.cpu_ends[-1])
-        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt if self.baton else self.fault_ends[-1])
+        self.starts.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         for counts in (self.tokens, self.trained, self.frozen):
             counts.append(0)
         out = self.loss_fn(model, batch)
@@ -145,9 +130,8 @@ class Probe:
         step_s = [self.ends[k + 1] - self.starts[k] for k in timed]
         step_cpu = [self.cpu_ends[k + 1] - self.cpu[k] for k in timed]
         tokens = sum(self.tokens[k] for k in timed)
-        return {"tok_s": tokens / sum(step_s), "s_step": sum(step_s) / steps, "tok_cpu_s": tokens / sum(step_cpu),
-                "faults_step": sum(self.fault_ends[k + 1] - self.faults[k] for k in timed) / steps,
-                "step_s": step_s, "step_cpu_s": step_cpu, "spans": [(self.starts[k], self.ends[k + 1]) for k in timed],
+        return {"tok_s": tokens / sum(step_s), "tok_cpu_s": tokens / sum(step_cpu), "step_s": step_s,
+                "step_cpu_s": step_cpu, "spans": [(self.starts[k], self.ends[k + 1]) for k in timed],
                 "losses": self.losses, "tokens": self.tokens, "trained": self.trained, "frozen": self.frozen}
 
 
@@ -199,10 +183,9 @@ def setup(name: str, a, out: Path) -> dict:
             "frozen_models": list(frozen_models.values()), "loss_fn": lambda m, b: mod.step_losses(m, b, frozen, args)}
 
 
-def run_ours(s, a, baton=None) -> dict:
+def run_ours(s, a, baton) -> dict:
     args, accelerator = s["args"], s["accelerator"]
-    if baton:
-        baton.wait("ours")  # the model is loaded and fit() sets up in our own turn
+    baton.wait("ours")  # the model is loaded and fit() sets up in our own turn
     model = common.load_trained(args, accelerator)
     probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "ours")
     model = s["mod"].fit(accelerator, model, in_order(s["batches"]), probe, args, 1, args.lr, "ours", NoLog())
@@ -210,11 +193,10 @@ def run_ours(s, a, baton=None) -> dict:
     return probe.result(a.warmup, a.steps)
 
 
-def run_trainer(s, a, out: Path, baton=None) -> dict:
+def run_trainer(s, a, out: Path, baton) -> dict:
     from transformers import Trainer, TrainingArguments
     args, batches = s["args"], s["batches"]
-    if baton:
-        baton.wait("trainer")
+    baton.wait("trainer")
     model = common.load_trained(args, s["accelerator"])
     probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "trainer")
     class SameBatchesTrainer(Trainer):
@@ -243,7 +225,7 @@ def run_trainer(s, a, out: Path, baton=None) -> dict:
 
 
 def interleaved(s, a, out: Path, first: str) -> tuple[dict, dict]:
-    """--interleave: ours and the Trainer in two threads, taking turns step by step (Baton), so that each pair
+    """One round: ours and the Trainer in two threads, taking turns step by step (Baton), so that each pair
     of steps on the same batch ran a few seconds apart, on the same heap and machine state."""
     baton, res, failed = Baton(first), {}, []
 
@@ -272,46 +254,18 @@ def teardown(s) -> None:
     common.release(s["accelerator"])
 
 
-def one_side(name: str, side: str, a, out: Path) -> dict:
-    """--side: setup and one side's run in this (fresh) process, its result written to --result."""
-    s = setup(name, a, out)
-    res = run_ours(s, a) if side == "ours" else run_trainer(s, a, out)
-    teardown(s)
-    return res
-
-
-def isolated(name: str, side: str, a, out: Path) -> dict:
-    """One side of one round in a fresh Python process (--isolate): no allocator or accelerator state carries
-    over from the other side or from earlier rounds."""
-    result = out / f"{name}_{side}.json"
-    cmd = [sys.executable, __file__, "--model", a.model, "--methods", name, "--split", a.split, "--recipe", a.recipe,
-           "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--rkld_teacher", a.rkld_teacher, "--side", side, "--result", str(result)]
-    if subprocess.run(cmd).returncode:
-        raise common.TofuError(f"the {side} side of {name} failed in its own process (its output is above)")
-    res = json.loads(result.read_text())
-    result.unlink()
-    return res
-
-
 def bench(name: str, a, out: Path) -> dict:
-    s = None if a.isolate else setup(name, a, out)
+    s = setup(name, a, out)
     rounds = {"ours": [], "trainer": []}
-    for r in range(a.rounds):  # alternate who goes first, so drifting machine load hits both
-        order = ("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")
-        both = dict(zip(("ours", "trainer"), interleaved(s, a, out, order[0]))) if a.interleave else {}
-        for side in order:
-            if a.interleave:
-                rounds[side].append(both[side])
-            elif a.isolate:
-                rounds[side].append(isolated(name, side, a, out))
-            else:
-                rounds[side].append(run_ours(s, a) if side == "ours" else run_trainer(s, a, out))
+    for r in range(a.rounds):  # alternate who takes the first turn: the side that goes first can be the slower
+        first = "ours" if r % 2 == 0 else "trainer"
+        both = dict(zip(("ours", "trainer"), interleaved(s, a, out, first)))
+        for side in (first, Baton.other(first)):
+            rounds[side].append(both[side])
             last = rounds[side][-1]
             print(f"[throughput] {name} round {r + 1} {side}: {last['tok_s']:.1f} tokens/s, "
-                  f"{last['tok_cpu_s']:.1f} tokens/CPU-s, {last['faults_step']:.0f} page faults/step", flush=True)
-    if s:
-        teardown(s)
+                  f"{last['tok_cpu_s']:.1f} tokens/CPU-s", flush=True)
+    teardown(s)
     ours, trainer = rounds["ours"][-1], rounds["trainer"][-1]
     rel = max(abs(x - y) / max(abs(y), 1e-8) for o, t in zip(rounds["ours"], rounds["trainer"])
               for x, y in zip(o["losses"], t["losses"]))
@@ -322,24 +276,14 @@ def bench(name: str, a, out: Path) -> dict:
     cpu = {k: statistics.median(r["tok_cpu_s"] for r in v) for k, v in rounds.items()}
     return {"ours_tok_s": med["ours"], "trainer_tok_s": med["trainer"], "ratio": med["ours"] / med["trainer"],
             "ours_tok_cpu_s": cpu["ours"], "trainer_tok_cpu_s": cpu["trainer"], "ratio_cpu": cpu["ours"] / cpu["trainer"],
-            "ours_s_step": statistics.median(r["s_step"] for r in rounds["ours"]),
-            "trainer_s_step": statistics.median(r["s_step"] for r in rounds["trainer"]),
-            "ours_rounds_tok_s": [r["tok_s"] for r in rounds["ours"]],
-            "trainer_rounds_tok_s": [r["tok_s"] for r in rounds["trainer"]],
             "ours_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["ours"]],
             "trainer_rounds_tok_cpu_s": [r["tok_cpu_s"] for r in rounds["trainer"]],
-            # each round's two sides ran back to back under the same machine load: their ratio is the paired one
-            "ratio_rounds": [o["tok_s"] / t["tok_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
             "ratio_cpu_rounds": [o["tok_cpu_s"] / t["tok_cpu_s"] for o, t in zip(rounds["ours"], rounds["trainer"])],
             # per step, round after round: step k of both sides trained on the same batch (same tokens), so the
             # Trainer's time over ours is their paired ratio (bench/results_report.py step_pairs)
             "step_s": {k: [c for r in v for c in r["step_s"]] for k, v in rounds.items()},
             "step_cpu_s": {k: [c for r in v for c in r["step_cpu_s"]] for k, v in rounds.items()},
             "spans": {k: [sp for r in v for sp in r["spans"]] for k, v in rounds.items()},  # perf_counter seconds
-            "ours_rounds_faults_step": [r["faults_step"] for r in rounds["ours"]],  # minor page faults a step
-            "trainer_rounds_faults_step": [r["faults_step"] for r in rounds["trainer"]],
-            "ours_faults_step": statistics.median(r["faults_step"] for r in rounds["ours"]),
-            "trainer_faults_step": statistics.median(r["faults_step"] for r in rounds["trainer"]),
             "losses_ours": ours["losses"], "losses_trainer": trainer["losses"], "max_rel_loss_diff": rel,
             "losses_agree": rel <= a.rtol, "same_tokens": ours["tokens"] == trainer["tokens"],
             "tokens_per_step": ours["tokens"], "forwards_per_step": {"trained": trained, "frozen": frozen},
@@ -349,7 +293,8 @@ def bench(name: str, a, out: Path) -> dict:
 
 
 def tiny_llama(tok, folder: Path) -> Path:
-    """A random 2-layer Llama of hidden size 32 over tok's vocabulary, saved with tok (also the tests' model)."""
+    """A random 2-layer Llama of hidden size 32 over tok's vocabulary, saved with tok: the tests' model
+    (tests/conftest.py), on which the bench runs in seconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -362,21 +307,11 @@ def tiny_llama(tok, folder: Path) -> Path:
     return folder
 
 
-def tiny_model(folder: Path, tokenizer_from: str) -> str:
-    """--model tiny: tiny_llama with the quick target's tokenizer and prompt format. Its compute is a few
-    milliseconds a step, so what the two sides' times show is the cost of the loops around it."""
-    tok = common.load_tokenizer(tokenizer_from)
-    tiny_llama(tok, folder)
-    common.save_prompt_format(common.prompt_format(tok, tokenizer_from), folder)
-    return str(folder)
-
-
 def main(argv=None) -> dict:
     class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    p.add_argument("--model", default=common.QUICK, help="model folder; quick = the quick target of --split; tiny = "
-                   "a random 2-layer model with its tokenizer, to time the loops themselves")
+    p.add_argument("--model", default=common.QUICK, help="model folder; quick = the quick target of --split")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--split", default="forget01", help="forget split (quick subset of its authors)")
     p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
@@ -384,43 +319,25 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4, help="per-device batch = effective batch (accumulation 1)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per side and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-    p.add_argument("--rounds", type=int, default=4, help="rounds per method, alternating which side goes first "
-                   "(even: each side goes first as often; the side that runs second tends to be faster)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per method, alternating which side takes the first "
+                   "turn (even: each side goes first as often; the report pairs round 2j+1 with round 2j+2)")
     p.add_argument("--rkld_teacher", choices=["precomputed", "live"], default="precomputed",
                    help="rkld's teacher: log-probs computed once before training, or 2 frozen forwards a step")
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative per-step loss difference allowed")
-    p.add_argument("--isolate", action="store_true", help="run each side of each round in a fresh Python process "
-                   "(setup repeated each time; within one process the side that runs second tends to be faster)")
-    p.add_argument("--interleave", action="store_true", help="run the two sides in two threads of one process, "
-                   "taking turns step by step: every step is paired with the other side's on the same batch")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
-    p.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)  # --isolate's child process
-    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.isolate and a.interleave:
-        raise SystemExit("error: --isolate and --interleave exclude each other (two processes, or two threads of one)")
     names = a.methods.split(",")
-    if a.side:
-        with tempfile.TemporaryDirectory(prefix="throughput_side_") as tmp:
-            res = one_side(names[0], a.side, a, Path(tmp))
-        common.atomic_write_json(a.result, res)
-        return res
     if unknown := [n for n in names if n not in METHODS]:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if a.model == common.QUICK:
         a.model = common.quick_model(a.split, "target")
-    tiny = tempfile.TemporaryDirectory(prefix="throughput_tiny_") if a.model == "tiny" else None
-    if tiny:
-        a.model = tiny_model(Path(tiny.name), common.quick_model(a.split, "target"))
     # what the measurement shared the machine with: the cores this process may run on, the load before it
-    machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg(),
-               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}  # glibc tunables
+    machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
         res = {n: bench(n, a, Path(tmp)) for n in names}
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
           f"{a.batch}, {a.steps} timed steps after {a.warmup}, median of {a.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s){', each side in its own process' if a.isolate else ''}"
-          f"{', the sides taking turns step by step' if a.interleave else ''}")
+          f"{torch.get_num_threads()} thread(s), the sides taking turns step by step")
     print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
                          f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",
@@ -441,8 +358,6 @@ def main(argv=None) -> dict:
                       **common.run_info()}, "methods": res}
     if a.json:
         common.atomic_write_json(a.json, out)
-    if tiny:
-        tiny.cleanup()
     if not all(r["losses_agree"] and r["same_tokens"] for r in res.values()):
         raise SystemExit(1)
     return out

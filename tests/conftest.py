@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-import throughput  # noqa: E402  (tiny_llama: the tests' model is the bench's --model tiny)
+import throughput  # noqa: E402  (tiny_llama: the tests' model)
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; spinning threads slow a shared 2-core box
 

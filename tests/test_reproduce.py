@@ -1,5 +1,5 @@
-"""bench/reproduce.py and bench/results_report.py: the lr rule, collecting a run folder, resuming
-without rerunning, and the verdicts, on hand-made records (no training)."""
+"""bench/grids.py, bench/reproduce.py and bench/results_report.py: the lr rule, collecting a run folder,
+resuming without rerunning, and the verdicts, on hand-made records (no training)."""
 import json
 import shutil
 import sys
@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import grids  # noqa: E402
 import reproduce  # noqa: E402
 import results_report  # noqa: E402
+
+
+def flat(lines):
+    """A claim's lines with the bullets under a line (a list) in place."""
+    return [x for ln in lines for x in (flat(ln) if isinstance(ln, list) else [ln])]
 
 
 def rec(method, lr, fq, mu, seed=42, grid="sweep", fe=0.5, peak=None):
@@ -19,34 +25,34 @@ def rec(method, lr, fq, mu, seed=42, grid="sweep", fe=0.5, peak=None):
 
 
 def test_lr_rule_takes_the_best_forget_quality_that_keeps_utility():
-    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
     # the target's MU is 0.4: 0.36 is 90%. hi forgets best but loses utility; mid is the best kept
     records = [rec("ga", hi, 0.9, 0.2), rec("ga", mid, 0.5, 0.37), rec("ga", lo, 0.1, 0.39)]
-    assert reproduce.chosen_lr("ga", records) == mid
+    assert grids.chosen_lr("ga", records) == mid
     # nobody keeps 90%: the highest utility
     records = [rec("ga", hi, 0.9, 0.2), rec("ga", mid, 0.5, 0.3), rec("ga", lo, 0.1, 0.35)]
-    assert reproduce.chosen_lr("ga", records) == lo
-    assert reproduce.chosen_lr("ga", records[:2]) is None  # the sweep is not complete
+    assert grids.chosen_lr("ga", records) == lo
+    assert grids.chosen_lr("ga", records[:2]) is None  # the sweep is not complete
     # the rule reads the last epoch, not the peak one
     records = [rec("ga", hi, 0.9, 0.38, peak={"forget_quality": 0.01, "model_utility": 0.38}),
                rec("ga", mid, 0.5, 0.38), rec("ga", lo, 0.1, 0.38)]
-    assert reproduce.chosen_lr("ga", records) == hi
+    assert grids.chosen_lr("ga", records) == hi
 
 
 def test_lr_rule_skips_a_rate_that_unlearned_nothing_and_fkl_takes_rkld_rate():
     """The sweep's RKLD: lr 2e-5 kept utility because its forget quality stayed at the target's (0.01 here);
     the rule takes the highest utility among the rates that moved it. FKL follows RKLD (Table 2's ablation)."""
-    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
     records = [rec("rkld", hi, 0.9, 0.34), rec("rkld", mid, 0.4, 0.35), rec("rkld", lo, 0.01, 0.39),
                rec("rkld_fkl", hi, 0.1, 0.3), rec("rkld_fkl", mid, 0.2, 0.3), rec("rkld_fkl", lo, 0.05, 0.38)]
-    assert reproduce.chosen_lr("rkld", records) == mid
-    assert reproduce.chosen_lr("rkld_fkl", records) == mid  # its own sweep alone would choose lo
+    assert grids.chosen_lr("rkld", records) == mid
+    assert grids.chosen_lr("rkld_fkl", records) == mid  # its own sweep alone would choose lo
     # a rate that unlearned and kept 90% of utility wins over the highest utility
     records[0] = rec("rkld", hi, 0.9, 0.37)
-    assert reproduce.chosen_lr("rkld", records) == hi
+    assert grids.chosen_lr("rkld", records) == hi
     # no rate unlearned anything: the rule as before over every rate
     records = [rec("ga", hi, 0.01, 0.2), rec("ga", mid, 0.01, 0.3), rec("ga", lo, 0.01, 0.39)]
-    assert reproduce.chosen_lr("ga", records) == lo
+    assert grids.chosen_lr("ga", records) == lo
 
 
 def write(path: Path, obj):
@@ -78,7 +84,7 @@ def test_collect_reads_every_epoch_the_peak_and_the_versions(tmp_path, monkeypat
 
 def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
     reproduce.save_results([rec("ga", 1e-4, 0.5, 0.4)])  # recorded in an earlier sitting
     fake_run(tmp_path / "grid" / items[1]["name"])        # finished, not yet recorded
@@ -99,7 +105,7 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
     assert launched == [items[2]["name"]]
-    assert sorted(r["name"] for r in reproduce.load_results()) == sorted(i["name"] for i in items)
+    assert sorted(r["name"] for r in grids.load_results()) == sorted(i["name"] for i in items)
     # a folder stopped between its last epoch's evaluation and its peak epoch's (no peak_epoch.json) is
     # run again, not collected without its peak row (what happened to a sitting's GA+GD run)
     more = [reproduce.method_item("sweep", "kto", 1e-4, 42)]
@@ -109,7 +115,7 @@ def test_a_recorded_run_is_not_run_again_and_a_finished_folder_is_collected(tmp_
     assert reproduce.run_grid(more, jobs=1, max_runs=None) == 0 and launched == [more[0]["name"]]
 
 
-@pytest.mark.parametrize("grid", (*reproduce.METHOD_GRIDS, "gpu", "continual"))
+@pytest.mark.parametrize("grid", (*grids.METHOD_GRIDS, "gpu", "continual"))
 def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp_path, monkeypatch, grid):
     """The second slot opens when the first run has written its starting evaluation (the retain logs come
     before it), not when the first run ends: a whole run on one idle core was the earlier cost. In every grid
@@ -117,7 +123,7 @@ def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp
     steps left the H200 78% idle, so its runs share it too), and for continual sequences whose target an earlier
     sitting recorded (2026-12-06: the two sequences at 5e-5 ran one after the other, each on one core)."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     if grid == "gpu":  # forget05's method runs, its models already built
         items = [{**it, "needs": None} for it in reproduce.gpu_items([]) if it.get("collect") is None][:3]
     elif grid == "continual":  # the sequences at the lower lr, the continual target already built
@@ -137,7 +143,7 @@ def test_the_first_run_goes_alone_only_until_it_has_filled_the_shared_caches(tmp
             if ticks[0] < self.end:
                 return None
             if grid == "continual":  # a sequence: every task's folder, evaluated
-                for k in range(1, reproduce.CONTINUAL_TASKS + 1):
+                for k in range(1, grids.CONTINUAL_TASKS + 1):
                     fake_run(tmp_path / "grid" / self.item["name"] / f"task{k}")
             else:
                 fake_run(tmp_path / "grid" / self.item["name"])
@@ -184,17 +190,19 @@ def test_compare_needs_two_seeds_and_separation():
 def test_rkl_vs_fkl_pairs_runs_of_the_same_lr_and_seed():
     """The verdict compares the seeds at RKLD's chosen lr (the other claims' rule); every paired run at every
     swept lr is listed, with the reading of the rule as first written (RKL higher in every pair)."""
-    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
     # RKLD's sweep (target MU 0.4): hi loses utility, mid keeps it -> chosen mid; lo unlearned nothing
     rs = [rec("rkld", hi, 0.9, 0.3), rec("rkld", mid, 0.4, 0.39), rec("rkld", lo, 0.01, 0.4),
           rec("rkld_fkl", hi, 0.2, 0.3), rec("rkld_fkl", mid, 0.17, 0.39), rec("rkld_fkl", lo, 0.05, 0.4)]
     assert results_report.claim_rkl_vs_fkl(rs)[0] == "inconclusive"  # one seed at the chosen lr
     for seed, a, b in ((1, 0.4, 0.17), (2, 0.5, 0.1)):
         rs += [rec("rkld", mid, a, 0.39, seed, "seeds"), rec("rkld_fkl", mid, b, 0.39, seed, "seeds")]
-    verdict, lines = results_report.claim_rkl_vs_fkl(rs)
+    verdict, lines, key = results_report.claim_rkl_vs_fkl(rs)
     assert verdict == "reproduced" and lines[0].startswith(f"at the chosen lr {mid:g} (3 seeds)")
     assert lines[1] == "every paired run (same teacher, lr and seed): RKL higher in 4 of 5, lower in 1"
+    assert len(lines[2]) == 5 and lines[2][0].startswith(f"lr {lo:g}, seed 42: RKL FQ 0.01")  # the pairs, under it
     assert lines[-1].endswith("which reads inconclusive here")
+    assert key == f"lr {mid:g}: RKL FQ 0.433 ± 0.0577 vs FKL FQ 0.147 ± 0.0404; paired runs: RKL higher in 4 of 5, lower in 1"
     rs[-2]["peak"] = {"forget_quality": 0.01, "model_utility": 0.39}  # seed 2 against: the seeds overlap
     assert results_report.claim_rkl_vs_fkl(rs)[0] == "inconclusive"
     for r in rs:  # every seed at the chosen lr against
@@ -206,14 +214,14 @@ def test_rkl_vs_fkl_pairs_runs_of_the_same_lr_and_seed():
 def test_keeps_utility_verdict_and_the_report_renders(tmp_path, monkeypatch):
     rs = [rec("me_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.40), (1, 0.39), (2, 0.41))]
     rs += [rec("ga_gd", 1e-4, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.6) for s, mu in ((42, 0.1), (1, 0.12), (2, 0.08))]
-    lrs = {m: 1e-4 for m in reproduce.METHODS}
+    lrs = {m: 1e-4 for m in grids.METHODS}
     both = lambda v: f"{v} at each method's chosen lr; {v} at one shared lr, 0.0001 (Table 4's protocol)"
     assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == both("reproduced")
     assert results_report.claim_keeps_utility(rs, lrs, "ga_gd", "me_gd")[0] == both("not reproduced")
     for r in rs[3:]:  # GA+GD forgets far more: a utility win bought with forgetting is not the claim
         r["last"]["fe_wo_es"] = 0.9
     assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0] == both("inconclusive")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)
     reproduce.save_results(rs)
@@ -241,11 +249,12 @@ def test_papers_numbers_beside_each_claim():
     """The papers' numbers RESULTS.md quotes (results/paper_numbers.json), checked against the tables by hand:
     RKLD Table 4 forget01 row RKLD (0.9659, 0.5913), Table 2 FKL forget01 (0.4786), Closer-Look Table 4
     ME+GD forget01 (MU 0.7271, FE 0.9204). Catches a column or row read off by one."""
-    lines = results_report.paper_lines()
+    lines = {k: cell for k, (cell, _) in results_report.paper_lines().items()}
     assert "RKLD 0.966 / 0.591" in lines["rkld"] and "KTO 0.579 / 0.506" in lines["rkld"]
     assert "forget01: RKL 0.966 vs FKL 0.479" in lines["fkl"]
     assert "ME+GD 0.727 / 0.920" in lines["me_gd"] and "IDK+AP 0.758 / 0.762" in lines["idk_ap"]
-    assert set(lines) == {"rkld", "fkl", "teacher", "me_gd", "idk_ap", "continual"}
+    assert set(lines) == {key for key, _, _ in results_report.CLAIMS}
+    assert results_report.paper_lines()["continual"][1].endswith("on a certain subtask.\" (line 196)")
 
 
 def test_plots_are_drawn_from_the_records(tmp_path, monkeypatch):
@@ -255,7 +264,7 @@ def test_plots_are_drawn_from_the_records(tmp_path, monkeypatch):
     rs[0]["epochs"] = [{"epoch": 1, "forget_quality": 0.1}, {"epoch": 2, "forget_quality": 0.9, "model_utility": 0.37}]
     rs.append({"name": "continual-me_gd", "grid": "continual", "method": "me_gd", "lr": None, "seed": 42,
                "tasks": {"0": {"model_utility": 0.4, "fe_wo_es": 0.3}, "1": {"model_utility": 0.38, "fe_wo_es": 0.6}}})
-    made = results_report.plots(rs, {m: None for m in reproduce.METHODS})
+    made = results_report.plots(rs, {m: None for m in grids.METHODS})
     assert made == ["fq_vs_mu.png", "epoch_curves.png", "continual.png"]
     assert all((tmp_path / m).stat().st_size > 10_000 for m in made)
 
@@ -263,22 +272,22 @@ def test_plots_are_drawn_from_the_records(tmp_path, monkeypatch):
 def test_seeds_grid_draws_the_curves_from_its_seed_1_runs():
     """The per-epoch curves come from the seeds grid (seed 1 of the five curve methods evaluated every
     epoch) rather than a grid that trains those runs again; the other runs keep the cheap protocol."""
-    records = [rec(m, lr, 0.5, 0.39) for m in reproduce.METHODS for lr in reproduce.SWEEP_LRS]
+    records = [rec(m, lr, 0.5, 0.39) for m in grids.METHODS for lr in grids.SWEEP_LRS]
     items, waiting = reproduce.grid_items("seeds", records)
-    assert not waiting and len(items) == 2 * len(reproduce.METHODS)
+    assert not waiting and len(items) == 2 * len(grids.METHODS)
     every = sorted((i["method"], i["seed"]) for i in items if "--eval_every_epoch" in i["command"])
-    assert every == sorted((m, 1) for m in reproduce.CURVES)
-    assert "curves" not in reproduce.GRIDS
+    assert every == sorted((m, 1) for m in grids.CURVES)
+    assert "curves" not in grids.GRIDS
 
 
 def test_two_sittings_saving_at_once_keep_each_others_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     mine = [rec("ga", 1e-4, 0.5, 0.4)]
     reproduce.save_results(mine)
     reproduce.save_results([rec("npo", 1e-4, 0.5, 0.4)])  # another process, which never loaded "ga"
     mine.append(rec("dpo", 1e-4, 0.5, 0.4))
     reproduce.save_results(mine)
-    assert [r["name"] for r in reproduce.load_results()] == sorted(reproduce.run_name(m, 1e-4, 42) for m in ("dpo", "ga", "npo"))
+    assert [r["name"] for r in grids.load_results()] == sorted(reproduce.run_name(m, 1e-4, 42) for m in ("dpo", "ga", "npo"))
 
 
 def test_an_unfinished_run_is_redone_over_its_folder_and_an_incomplete_record_rerun(tmp_path, monkeypatch):
@@ -300,36 +309,11 @@ def test_an_unfinished_run_is_redone_over_its_folder_and_an_incomplete_record_re
     assert reproduce.done_names([r]) == set()
 
 
-def test_throughput_verdict_reads_each_rounds_paired_ratio():
-    def m(ratios):  # a method's record: the per-round paired CPU-time ratios and its round speeds
-        return {"ratio_cpu_rounds": ratios, "ours_rounds_tok_s": [10.0, 11.0], "trainer_rounds_tok_s": [10.0, 12.0]}
-    t = {"config": {"cores_allowed": [1], "cpu_count": 2, "load_before": [1.0, 1, 1], "load_after": [1.5, 1, 1]},
-         "methods": {"rkld": m([1.01, 1.02]), "me_gd": m([0.97, 0.99]), "ga_gd": m([0.99, 1.01])}}
-    v = results_report.throughput_verdict(t)
-    assert "at least 1.0 in every round: RKLD;" in v
-    assert "below 1.0 in every round: ME+GD;" in v
-    assert "not separated from 1.0: GA+GD." in v
-    assert "median paired ratio is 1.000 (3 of 6 at least 1.0)" in v
-    assert "cores 1 of 2, load average 1.0 before and 1.5 after" in v and "by 10% to 20%" in v
-    old = {"config": {}, "methods": {"rkld": {**m([1.0]), "ratio_cpu": 0.98, "ratio": 0.9}}}
-    del old["methods"]["rkld"]["ratio_cpu_rounds"]  # a file from before per-round ratios
-    assert "Below 1.0 (median, CPU time): RKLD; this file predates" in results_report.throughput_verdict(old)
-
-
-def test_loop_cost_line_from_the_tiny_model_bench(tmp_path):
-    assert "not measured yet" in results_report.loop_cost_lines(tmp_path / "none.json")[0]
-    write(tmp_path / "t.json", {"config": {"batch": 1, "steps": 150, "rounds": 2},
-                                "methods": {"me_gd": {"ours_s_step": 0.020, "trainer_s_step": 0.025,
-                                                      "ratio_cpu_rounds": [1.3, 1.2]}}})
-    line = results_report.loop_cost_lines(tmp_path / "t.json")[1]
-    assert "ME+GD 20 vs 25 ms (1.20-1.30); median paired ratio 1.250 (2 of 2 rounds" in line and "batch 1, 150 steps" in line
-
-
 def test_a_first_run_that_fails_stops_the_grid_in_one_sentence(tmp_path, monkeypatch):
     """A sitting on a new machine once saw all 22 runs of a grid fail in 40 s, one after another, on the same
     missing model: the grid stops at its first failure when nothing has succeeded yet."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
     launched = []
 
@@ -411,11 +395,12 @@ def test_continual_verdict_reads_the_lowest_task_not_only_the_last():
                 "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
 
     keep, dip, fall = (0.39, 0.38, 0.37), (0.3, 0.05, 0.35), (0.3, 0.2, 0.1)
-    assert reproduce.CONTINUAL_TASKS >= 3
-    pad = lambda t: t + (t[-1],) * (reproduce.CONTINUAL_TASKS - 3)
-    recs = lambda **mus: [seq(m, *pad(mus[m])) for m in reproduce.CONTINUAL]
-    v, lines = results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=dip, npo_gd=fall))
-    ga_line = next(ln for ln in lines if ln.startswith("GA+GD"))
+    assert grids.CONTINUAL_TASKS >= 3
+    pad = lambda t: t + (t[-1],) * (grids.CONTINUAL_TASKS - 3)
+    recs = lambda **mus: [seq(m, *pad(mus[m])) for m in grids.CONTINUAL]
+    v, lines, key = results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=dip, npo_gd=fall))
+    ga_line = next(ln for ln in flat(lines) if ln.startswith("GA+GD"))
+    assert key.startswith("MU at the start 0.400; lowest over the tasks at lr 0.0001: ME+GD 0.370, GA+GD 0.050,")
     assert v == "reproduced" and "lowest 0.050 (task 2)" in ga_line and ga_line.endswith("declines (lowest below 80% of the start)")
     assert results_report.claim_continual(recs(me_gd=dip, idk_ap=keep, ga_gd=fall, npo_gd=fall))[0] == "not reproduced"
     assert results_report.claim_continual(recs(me_gd=keep, idk_ap=keep, ga_gd=keep, npo_gd=keep))[0] == "not reproduced"
@@ -429,21 +414,23 @@ def test_continual_verdict_on_the_sequences_run_so_far_shows_their_numbers():
     def seq(m, *mus):
         return {"name": f"continual-{m}", "grid": "continual", "method": m, "lr": None, "seed": 42,
                 "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
-    keep, fall = (0.39,) * reproduce.CONTINUAL_TASKS, (0.1,) * reproduce.CONTINUAL_TASKS
-    v, lines = results_report.claim_continual([seq("me_gd", *keep), seq("ga_gd", *fall)])
+    keep, fall = (0.39,) * grids.CONTINUAL_TASKS, (0.1,) * grids.CONTINUAL_TASKS
+    v, lines, _ = results_report.claim_continual([seq("me_gd", *keep), seq("ga_gd", *fall)])
+    lines = flat(lines)
     assert v == "inconclusive"
     assert any(ln.startswith("ME+GD: MU 0.400 at the start, lowest 0.390") and ln.endswith("keeps (lowest at least 80% of the start)") for ln in lines)
     assert any(ln.startswith("GA+GD: MU 0.400 at the start, lowest 0.100") and ln.endswith("declines (lowest below 80% of the start)") for ln in lines)
     assert "not run yet: IDK+AP, NPO+GD" in lines
     assert results_report.claim_continual([seq("me_gd", *fall), seq("ga_gd", *fall)])[0] == "not reproduced"
     assert results_report.claim_continual([seq("ga_gd", *keep)])[0] == "inconclusive"
-    zero = results_report.claim_continual([seq("ga_gd", *(0.0,) * reproduce.CONTINUAL_TASKS)])[1][0]
-    assert f"lowest 0.000 (task 1), 0.000 after task {reproduce.CONTINUAL_TASKS}" in zero  # 0.0 is not missing
+    zero = results_report.claim_continual([seq("ga_gd", *(0.0,) * grids.CONTINUAL_TASKS)])[1][0]
+    assert f"lowest 0.000 (task 1), 0.000 after task {grids.CONTINUAL_TASKS}" in zero  # 0.0 is not missing
     parts = seq("me_gd", *keep)
-    parts["tasks"][str(reproduce.CONTINUAL_TASKS)].update(retain_rouge=0.6, real_authors_rouge=0.0, world_facts_rouge=0.3,
+    parts["tasks"][str(grids.CONTINUAL_TASKS)].update(retain_rouge=0.6, real_authors_rouge=0.0, world_facts_rouge=0.3,
                                                            forget_rouge=0.2)
-    rouge = next(ln for ln in results_report.claim_continual([parts])[1] if ln.startswith("ROUGE-L after task"))
-    assert rouge.endswith("ME+GD retain 0.600, real authors 0.000, world facts 0.300, forget 0.200")
+    lines = results_report.claim_continual([parts])[1]
+    rouge = next(i for i, ln in enumerate(lines) if isinstance(ln, str) and ln.startswith("ROUGE-L after task"))
+    assert lines[rouge + 1] == ["ME+GD retain 0.600, real authors 0.000, world facts 0.300, forget 0.200"]
 
 
 def test_continual_at_the_lower_lr_is_a_second_verdict_that_leaves_the_first_alone():
@@ -452,19 +439,21 @@ def test_continual_at_the_lower_lr_is_a_second_verdict_that_leaves_the_first_alo
     def seq(m, lr, *mus):
         return {"name": f"continual-{'low-' if lr else ''}{m}", "grid": "continual", "method": m, "lr": lr, "seed": 42,
                 "tasks": {str(k): {"model_utility": mu, "fe_wo_es": 0.5} for k, mu in enumerate((0.4, *mus))}}
-    keep, fall = (0.39,) * reproduce.CONTINUAL_TASKS, (0.1,) * reproduce.CONTINUAL_TASKS
+    keep, fall = (0.39,) * grids.CONTINUAL_TASKS, (0.1,) * grids.CONTINUAL_TASKS
     first = [seq("me_gd", None, *keep), seq("idk_ap", None, *keep), seq("ga_gd", None, *fall), seq("npo_gd", None, *fall)]
-    v, lines = results_report.claim_continual(first)
+    v, lines, _ = results_report.claim_continual(first)
     assert v == "reproduced" and lines[-1] == "at one lower lr, 5e-05, for every method: not run yet (`--grid continual`)"
-    low = reproduce.CONTINUAL_LOW_LR
-    v, lines = results_report.claim_continual(first + [seq("me_gd", low, *fall), seq("ga_gd", low, *keep)])
+    low = grids.CONTINUAL_LOW_LR
+    v, lines, key = results_report.claim_continual(first + [seq("me_gd", low, *fall), seq("ga_gd", low, *keep)])
     assert v == "reproduced at lr 0.0001; not reproduced at lr 5e-05"
-    assert any(ln.startswith("ME+GD: MU 0.400 at the start, lowest 0.390") for ln in lines)  # the first half's own
-    second = lines[-1]
-    assert second.startswith("at one lower lr, 5e-05, for every method") and "the verdict's second half: " in second
-    assert "ME+GD: MU 0.400 at the start, lowest 0.100" in second and "GA+GD: MU 0.400 at the start, lowest 0.390" in second
-    assert second.endswith("not run yet: IDK+AP, NPO+GD")
-    v, _ = results_report.claim_continual(first + [seq("me_gd", low, *keep), seq("ga_gd", low, *fall)])
+    assert any(ln.startswith("ME+GD: MU 0.400 at the start, lowest 0.390") for ln in lines[:4])  # the first half's own
+    head, second = lines[-2:]
+    assert head.startswith("at one lower lr, 5e-05, for every method") and head.endswith("the verdict's second half:")
+    assert second[0].startswith("ME+GD: MU 0.400 at the start, lowest 0.100")
+    assert second[1].startswith("GA+GD: MU 0.400 at the start, lowest 0.390")
+    assert second[-1] == "not run yet: IDK+AP, NPO+GD"
+    assert key.endswith("; at lr 5e-05: ME+GD 0.100, GA+GD 0.390")
+    v, _, _ = results_report.claim_continual(first + [seq("me_gd", low, *keep), seq("ga_gd", low, *fall)])
     assert v == "reproduced at lr 0.0001; inconclusive at lr 5e-05"  # two of four: ours keeps, so far
 
 
@@ -475,10 +464,10 @@ def test_continual_grid_runs_the_four_sequences_again_at_the_lower_lr(monkeypatc
     from transformers import HfArgumentParser
     items, _ = reproduce.grid_items("continual", [])
     names = [it["name"] for it in items]
-    assert names == ["continual-target", *(f"continual-{m}" for m in reproduce.CONTINUAL),
-                     *(f"continual-low-{m}" for m in reproduce.CONTINUAL)]
+    assert names == ["continual-target", *(f"continual-{m}" for m in grids.CONTINUAL),
+                     *(f"continual-low-{m}" for m in grids.CONTINUAL)]
     low = {it["method"]: it for it in items if it["name"].startswith("continual-low-")}
-    assert {it["lr"] for it in low.values()} == {reproduce.CONTINUAL_LOW_LR}
+    assert {it["lr"] for it in low.values()} == {grids.CONTINUAL_LOW_LR}
     assert all(it["needs"] == "continual-target" and it["collect"] == "continual" for it in low.values())
     cmd = low["ga_gd"]["command"]
     assert cmd[cmd.index("--out") + 1].endswith("continual-low-ga_gd")
@@ -488,14 +477,14 @@ def test_continual_grid_runs_the_four_sequences_again_at_the_lower_lr(monkeypatc
     for k in (1, 2):
         argv = continual.task_command("baselines", "forget01", k, "quick", Path("/tmp/seq"), "python", extra)[2:]
         a = HfArgumentParser(baselines.Args).parse_args_into_dataclasses(argv)[0]
-        assert a.lr == reproduce.CONTINUAL_LOW_LR and a.method == "ga_gd" and a.forget_task == k
+        assert a.lr == grids.CONTINUAL_LOW_LR and a.method == "ga_gd" and a.forget_task == k
 
 
 def test_continual_lr_the_report_states_is_the_scripts_quick_recipe():
     import baselines
     import idk_ap
     import me_gd
-    assert {me_gd.QUICK["lr"], idk_ap.QUICK["lr"], baselines.QUICK["lr"]} == {results_report.CONTINUAL_LR}
+    assert {me_gd.QUICK["lr"], idk_ap.QUICK["lr"], baselines.QUICK["lr"]} == {grids.CONTINUAL_LR}
 
 
 def test_report_warns_when_runs_started_from_different_targets():
@@ -511,7 +500,7 @@ def test_report_warns_when_runs_started_from_different_targets():
 
 def test_the_continual_target_gets_every_core_while_the_sequences_wait_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
     items, _ = reproduce.grid_items("continual", [])
     launched = []
@@ -526,12 +515,12 @@ def test_the_continual_target_gets_every_core_while_the_sequences_wait_for_it(tm
     monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     assert reproduce.run_grid(items, jobs=2, max_runs=None) == 0
     assert launched[0] == ("continual-target", 2)
-    assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + 2 * len(reproduce.CONTINUAL)
+    assert {n for _, n in launched[1:]} == {1} and len(launched) == 1 + 2 * len(grids.CONTINUAL)
 
 
 def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     items = [reproduce.method_item("sweep", m, 1e-4, 42) for m in ("ga", "npo", "dpo")]
     clock, launched = [1000.0], []
 
@@ -557,7 +546,7 @@ def test_hours_starts_no_run_after_the_limit_and_records_the_runs_under_way(tmp_
     monkeypatch.setattr(reproduce.time, "time", lambda: clock[0])
     assert reproduce.run_grid(items, jobs=1, max_runs=None, start_by=1030.0) == 0
     assert launched == [items[0]["name"]]  # started before the limit, finished after it: recorded
-    assert [r["name"] for r in reproduce.load_results()] == [items[0]["name"]]
+    assert [r["name"] for r in grids.load_results()] == [items[0]["name"]]
     assert "--hours reached: no new runs; 2 left for a later sitting" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--hours must be positive"):
         reproduce.main(["--hours", "0", "--list"])
@@ -569,11 +558,11 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     and its lr (the CPU sweep's choice, not the papers' 1e-5)."""
     import importlib
     from transformers import HfArgumentParser
-    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
-    records = [rec(m, lr, fq, mu) for m in reproduce.METHODS for lr, fq, mu in ((hi, 0.9, 0.2), (mid, 0.5, 0.39), (lo, 0.1, 0.39))]
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
+    records = [rec(m, lr, fq, mu) for m in grids.METHODS for lr, fq, mu in ((hi, 0.9, 0.2), (mid, 0.5, 0.39), (lo, 0.1, 0.39))]
     items = reproduce.gpu_items(records)
     assert [i["name"] for i in items][:2] == ["gpu-models-forget05", "gpu-rkld-forget05"]
-    assert len(items) == len(reproduce.GPU_SPLITS) * (1 + len(reproduce.GPU_METHODS))
+    assert len(items) == len(grids.GPU_SPLITS) * (1 + len(grids.GPU_METHODS))
     ten = next(i for i in items if i["name"] == "gpu-models-forget10")
     # forget10's item builds the target itself (finetune.py skips it where it exists) and retain90
     assert ten["needs"] is None and "--build" not in ten["command"] and ten["models"][0].endswith("_all_full")
@@ -592,8 +581,8 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     # the gpu runs' records do not feed the CPU tables or the lr rule
     gpu_rec = {**rec("rkld", mid, 0.99, 0.9), "name": "a-gpu-run", "grid": "gpu",
                "before": {"forget_quality": 0.5, "model_utility": 0.2}}  # read as the target's, hi would keep 90%
-    assert reproduce.chosen_lr("ga", [gpu_rec, *records]) == mid
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    assert grids.chosen_lr("ga", [gpu_rec, *records]) == mid
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)
     gpu_rec.update(split="forget05", peak_epoch=3, info={"cuda": "NVIDIA H200", "torch": "2.11.0+cu130"},
@@ -612,13 +601,16 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     text = (tmp_path / "RESULTS.md").read_text()
     assert "**forget05** (1 of 5 methods, not run yet: ME+GD, IDK+AP, GA+GD, NPO+GD; NVIDIA H200; 2026-12-03;" in text
     assert "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
-    # the models: no wall time in forget05's record; runs that shared the GPU say so
+    # how the runs were made goes to results/commands.md: the models have no wall time in forget05's record; runs
+    # that shared the GPU say so
+    prov = (tmp_path / "commands.md").read_text()
     assert ("Software: torch 2.11.0+cu130. Wall time a run: RKLD forget05 5.2 min, GA+GD forget10 3.5 min (3 runs "
-            "at a time), models forget10 1.5 min (3 runs at a time).") in text
-    assert "- a-gpu-run: carried as wheels" in text
-    assert "- g-gpu-run, gpu-models-forget10: three at a time" in text and text.count("three at a time\n") == 1
-    assert "ceb3450bae with uncommitted changes to bench/reproduce.py" in text
-    assert "0.0 h of run wall time on the CPU" in text and "; 10.2 min of GPU run wall time, about 6.9 min of the GPU (runs" in text  # counted apart
+            "at a time), models forget10 1.5 min (3 runs at a time).") in prov
+    assert "- a-gpu-run: carried as wheels" in prov
+    assert "- g-gpu-run, gpu-models-forget10: three at a time" in prov and prov.count("three at a time\n") == 1
+    assert "ceb3450bae with uncommitted changes to bench/reproduce.py" in prov
+    assert "0.0 h of run wall time on the CPU" in prov and "; 10.2 min of GPU run wall time, about 6.9 min of the GPU (runs" in prov  # counted apart
+    assert "carried as wheels" not in text and "Generated" in text.splitlines()[2]
     cpu_table = text.split("## Main table at the first-peak")[1]
     assert "| RKLD | 5e-05 | 1 | 0.5 |" in cpu_table  # the CPU row, not the GPU run
     assert "| target (before unlearning) | | | 0.01 | 0.400 |" in cpu_table  # the CPU target, not the GPU one
@@ -628,13 +620,13 @@ def test_a_recorded_model_missing_on_this_machine_is_built_again_before_the_runs
     """The continual target and the gpu grid's models are recorded in results.json, but live in runs/: on a new
     machine the sequences or method runs would start from a folder that is not there."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
-    records = [rec(m, lr, 0.5, 0.39) for m in reproduce.METHODS for lr in reproduce.SWEEP_LRS]
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
+    records = [rec(m, lr, 0.5, 0.39) for m in grids.METHODS for lr in grids.SWEEP_LRS]
     items = reproduce.gpu_items(records)
     for it in items:
         if it["method"] == "finetune":
             it["models"] = [str(tmp_path / Path(m).name) for m in it["models"]]
-    done = ["gpu-models-forget05", "gpu-models-forget10", *(f"gpu-{m}-forget05" for m in reproduce.GPU_METHODS)]
+    done = ["gpu-models-forget05", "gpu-models-forget10", *(f"gpu-{m}-forget05" for m in grids.GPU_METHODS)]
     reproduce.save_results([{"name": n, "grid": "gpu", "method": "x", "lr": None, "seed": None} for n in done])
     launched = []
 
@@ -651,10 +643,10 @@ def test_a_recorded_model_missing_on_this_machine_is_built_again_before_the_runs
     assert reproduce.run_grid(items, jobs=1, max_runs=None) == 0
     # forget05's runs are all done: only forget10's models (the target and retain90), not retain95 as well
     assert launched[0] == "gpu-models-forget10" and "gpu-models-forget05" not in launched
-    assert sorted(launched[1:]) == sorted(f"gpu-{m}-forget10" for m in reproduce.GPU_METHODS)
+    assert sorted(launched[1:]) == sorted(f"gpu-{m}-forget10" for m in grids.GPU_METHODS)
     # a forget05 run to do: its models are built (retain95; the target is there), then the run
     def drop():  # the record and the run folder
-        write(tmp_path / "results.json", [r for r in reproduce.load_results() if r["name"] != "gpu-rkld-forget05"])
+        write(tmp_path / "results.json", [r for r in grids.load_results() if r["name"] != "gpu-rkld-forget05"])
         shutil.rmtree(tmp_path / "grid" / "gpu-rkld-forget05", ignore_errors=True)
     launched.clear()
     drop()
@@ -670,7 +662,7 @@ def test_two_model_builds_never_run_side_by_side(tmp_path, monkeypatch):
     """Both gpu model items train the target into one folder where it is missing: with free slots (after a
     first run has finished) the second build still waits for the first to end."""
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     gpu = reproduce.gpu_items([])
     first = {**next(i for i in gpu if i.get("collect") is None), "needs": None}  # a run that ends at once
     models = [{**i, "models": [str(tmp_path / Path(m).name) for m in i["models"]]} for i in gpu if i.get("collect")]
@@ -703,12 +695,14 @@ def test_two_model_builds_never_run_side_by_side(tmp_path, monkeypatch):
 
 
 def test_keeps_utility_claim_lists_both_methods_at_each_shared_lr():
-    lo, mid, hi = sorted(reproduce.SWEEP_LRS)
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
     rs = [rec("me_gd", lr, 0.5, mu, fe=0.7) for lr, mu in ((hi, 0.40), (mid, 0.41), (lo, 0.42))]
     rs += [rec("ga_gd", lr, 0.5, mu, fe=0.6) for lr, mu in ((hi, 0.10), (mid, 0.39), (lo, 0.42))]
     rs.insert(0, rec("ga_gd", hi, 0.5, 0.35, seed=1, grid="seeds"))  # a seeds run is not the sweep's seed-42 row
-    line = results_report.shared_lr_lines(rs, "me_gd", "ga_gd")[0]
-    assert f"lr {hi:g}: ME+GD MU 0.400, FE w/o ES 0.700 vs GA+GD MU 0.100, FE w/o ES 0.600; lr {mid:g}:" in line
+    head, per = results_report.shared_lr_lines(rs, "me_gd", "ga_gd")
+    assert head.startswith("at one shared lr (Closer-Look Table 4 trains every method at one lr")
+    assert per[0] == f"lr {hi:g}: ME+GD MU 0.400, FE w/o ES 0.700 vs GA+GD MU 0.100, FE w/o ES 0.600"
+    assert [x.split(":")[0] for x in per] == [f"lr {lr:g}" for lr in (hi, mid, lo)]
     assert results_report.shared_lr_lines(rs[1:4], "me_gd", "ga_gd") == []
 
 
@@ -721,18 +715,22 @@ def test_forget_quality_cells_keep_three_significant_figures():
 def test_keeps_utility_has_a_second_verdict_at_the_shared_lr_once_it_has_seeds():
     """Closer-Look Table 4 trains every method at one lr: the claim keeps its verdict at each method's chosen
     lr and adds the same rule at SHARED_LR, read from every grid's runs there (sweep seed 42, seeds, shared)."""
-    shared, other = reproduce.SHARED_LR, next(lr for lr in reproduce.SWEEP_LRS if lr != reproduce.SHARED_LR)
-    lrs = {m: other for m in reproduce.METHODS} | {"me_gd": shared}
+    shared, other = grids.SHARED_LR, next(lr for lr in grids.SWEEP_LRS if lr != grids.SHARED_LR)
+    lrs = {m: other for m in grids.METHODS} | {"me_gd": shared}
     rs = [rec("me_gd", shared, 0.9, mu, s, "sweep" if s == 42 else "seeds", fe=0.7) for s, mu in ((42, 0.40), (1, 0.39), (2, 0.41))]
     rs += [rec("ga_gd", other, 0.5, mu, s, "sweep" if s == 42 else "seeds", fe=0.5) for s, mu in ((42, 0.40), (1, 0.38), (2, 0.42))]
     rs += [rec("ga_gd", shared, 0.9, 0.10, 42, "sweep", fe=0.71)]
-    v, lines = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
-    assert v == "inconclusive" and any("seeds 1 and 2 not all run yet" in x for x in lines)
+    v, lines, key = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
+    assert v == "inconclusive" and any("seeds 1 and 2 not all run yet" in x for x in flat(lines))
+    assert key == "MU 0.400 ± 0.010 vs 0.400 ± 0.020 at the chosen lrs"
     rs += [rec("ga_gd", shared, 0.9, mu, s, "shared", fe=0.71) for s, mu in ((1, 0.12), (2, 0.08))]
-    v, lines = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
+    v, lines, key = results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")
     assert v == f"inconclusive at each method's chosen lr; reproduced at one shared lr, {shared:g} (Table 4's protocol)"
-    line = next(x for x in lines if x.startswith(f"at one shared lr {shared:g}, the verdict's second half"))
-    assert "GA+GD (lr 0.0001, 3 seeds, last epoch): MU 0.100 ± 0.020" in line and line.endswith("MU higher, FE w/o ES lower")
+    at = next(i for i, x in enumerate(lines) if isinstance(x, str)
+              and x.startswith(f"at one shared lr {shared:g}, the verdict's second half"))
+    under = lines[at + 1]
+    assert under[1].startswith("GA+GD (lr 0.0001, 3 seeds, last epoch): MU 0.100 ± 0.020") and under[-1] == "MU higher, FE w/o ES lower"
+    assert key.endswith(f"; 0.400 ± 0.010 vs 0.100 ± 0.020 at lr {shared:g}")
     for r in rs[-3:]:  # the baseline forgets far more at the shared lr: not the claim
         r["last"]["fe_wo_es"] = 0.9
     assert results_report.claim_keeps_utility(rs, lrs, "me_gd", "ga_gd")[0].endswith("inconclusive at one shared lr, "
@@ -743,28 +741,10 @@ def test_keeps_utility_has_a_second_verdict_at_the_shared_lr_once_it_has_seeds()
 def test_shared_grid_runs_the_closer_look_pairs_at_one_lr_and_reuses_me_gds_seeds():
     items = reproduce.grid_items("shared", [])[0]
     assert {(it["method"], it["lr"], it["seed"]) for it in items} == {
-        (m, reproduce.SHARED_LR, s) for m in ("me_gd", "ga_gd", "idk_ap", "idk_gd") for s in reproduce.MORE_SEEDS}
+        (m, grids.SHARED_LR, s) for m in ("me_gd", "ga_gd", "idk_ap", "idk_gd") for s in grids.MORE_SEEDS}
     # ME+GD's chosen lr is the shared one: its seeds-grid runs have the same names, so they are not run twice
     assert "me_gd-lr0.0001-seed1" in {it["name"] for it in items}
-    assert all(it["command"][it["command"].index("--lr") + 1] == f"{reproduce.SHARED_LR:g}" for it in items)
-
-
-def test_order_effect_splits_rounds_by_which_side_went_first(tmp_path):
-    # odd rounds run ours first: here the side that runs second is the faster one in every round
-    ours, trainer = [9.0, 11.0, 9.0, 11.0], [10.0, 10.0, 10.0, 10.0]
-    rec = {"ratio_cpu_rounds": [o / t for o, t in zip(ours, trainer)], "ours_rounds_tok_cpu_s": ours,
-           "trainer_rounds_tok_cpu_s": trainer}
-    path = tmp_path / "throughput_8rounds.json"
-    path.write_text(json.dumps({"config": {"rounds": 4, "batch": 8, "methods": "ga_gd", "git_commit": "abc", "load_before": [0.0, 0, 0]},
-                                "methods": {"ga_gd": rec}}))
-    line = " ".join(results_report.order_effect_lines(path, "Concluded."))
-    assert "0.900 in the rounds ours ran first and 1.100 in those the Trainer ran first" in line
-    assert "the side that ran second was the faster in 4 of 4 rounds" in line
-    assert "one side varied by up to 22% between rounds" in line  # ours: 11 / 9 - 1
-    assert "2 of 4 rounds at least 1.0" in line and "GA+GD: median paired ratio 1.000" in line
-    assert "`python bench/throughput.py --batch 8 --rounds 4 --methods ga_gd --json results/throughput_8rounds.json`" in line
-    assert line.endswith("(CPU time, max/min - 1). Concluded.") and "both sides in one process" in line
-    assert results_report.order_effect_lines(tmp_path / "none.json", "") == []
+    assert all(it["command"][it["command"].index("--lr") + 1] == f"{grids.SHARED_LR:g}" for it in items)
 
 
 def test_median_interval_is_the_binomial_order_statistics():
@@ -781,15 +761,17 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
         return [x / 2 for x in a[:3]] + [x * 2 for x in a[:3]] + [x / 2 for x in a[3:]] + [x * 2 for x in a[3:]]
     fast, mixed = rounds([1.1, 1.2, 1.3, 1.05, 1.15, 1.25]), rounds([0.9, 1.1, 1.0, 0.95, 1.05, 1.2])
     common = {"forwards_per_step": {"trained": 2, "frozen": 0}, "tokens_per_step": [100, 200], "ours_tok_cpu_s": 50.0,
-              "trainer_tok_cpu_s": 40.0, "max_rel_loss_diff": 0.0, "ours_faults_step": 100.0, "trainer_faults_step": 120.0}
+              "trainer_tok_cpu_s": 40.0, "max_rel_loss_diff": 0.0}
     ten = [10.0] * 12
     rec = {**common, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in fast]}}  # ratios: fast
     slow = {**common, "step_cpu_s": {"ours": [10 * x for x in fast], "trainer": ten}}  # ratios: 1 / fast
     level = {**rec, "step_cpu_s": {"ours": ten, "trainer": [10 * x for x in mixed]}}
     config = {"rounds": 4, "steps": 3, "warmup": 1, "batch": 8, "threads": 2, "rtol": 1e-4, "git_commit": "abc",
-              "load_before": [0.0, 0, 0]}
+              "load_before": [0.0, 0, 0], "platform": "Linux-x"}
     monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     assert results_report.interleaved_files() == []
+    assert "Not measured yet" in results_report.interleaved_table([])[0]
     (tmp_path / "throughput_interleaved.json").write_text(json.dumps(
         {"config": {**config, "methods": "rkld,ga_gd"}, "methods": {"rkld": rec, "ga_gd": slow}}))
     (tmp_path / "throughput_interleaved_others.json").write_text(json.dumps(
@@ -804,49 +786,21 @@ def test_interleaved_steps_are_balanced_over_who_took_the_first_turn(tmp_path, m
             "slower, for NPO+GD: the 95% interval of each median step ratio holds 1.0, all of them within 0.900-1.200; "
             "ours slower for GA+GD, whose whole interval is below 1.0.") in table
     line = " ".join(results_report.interleaved_lines(*files[0]))
-    assert "RKLD 0.58" in line and "2.350 when the Trainer did, page faults a step 100 vs 120" in line
+    assert "RKLD 0.58" in line and "2.350 when the Trainer did" in line and "commit abc, Linux-x, load average 0.0" in line
     assert "GA+GD 1.703 when ours took the first turn, 0.426 when the Trainer did" in line  # 2 / 1.175, 1 / 2.35
-    assert "`python bench/throughput.py --batch 8 --steps 3 --rounds 4 --methods rkld,ga_gd --interleave " \
+    assert "`python bench/throughput.py --batch 8 --steps 3 --rounds 4 --methods rkld,ga_gd " \
            "--json results/throughput_interleaved.json`" in line
-    section = "\n".join(results_report.throughput_section())
-    assert section.index("Judged on these step pairs") < section.index("### Before the step-paired bench")
-    assert "tiny model, step-paired" not in section
-    (tmp_path / results_report.TINY_INTERLEAVED).write_text(json.dumps(
-        {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": rec}}))
-    line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
-    assert "RKLD 1.175 (1.050-1.300; 10000 vs 13750 CPU-ms a step, ours is faster)." in line
-    assert "`python bench/throughput.py --model tiny --batch 1 --steps 3 --rounds 4 --methods rkld --interleave" in line
-    assert line.strip() in "\n".join(results_report.throughput_section())
-    # rounds 1-3: the slower side had the more page faults; round 4: ours faster with more faults
-    rounds = {"ours_rounds_tok_cpu_s": [1.0, 2, 1, 4], "trainer_rounds_tok_cpu_s": [2.0, 1, 2, 1],
-              "ours_rounds_faults_step": [5.0, 1, 5, 9], "trainer_rounds_faults_step": [1.0, 5, 1, 1]}
-    (tmp_path / results_report.TINY_INTERLEAVED).write_text(json.dumps(
-        {"config": {**config, "batch": 1, "methods": "rkld"}, "methods": {"rkld": {**rec, **rounds}}}))
-    line = " ".join(results_report.tiny_interleaved_lines(tmp_path / results_report.TINY_INTERLEAVED))
-    assert "In 3 of 4 rounds the side that was slower was also the one with more minor page faults" in line
-    # run again under MALLOC_* tunables: GA+GD's gap goes, NPO+GD's stays
-    tiny, malloc = tmp_path / results_report.TINY_INTERLEAVED, tmp_path / results_report.TINY_MALLOC
-    tiny.write_text(json.dumps({"config": {**config, "batch": 1, "methods": "rkld,ga_gd,npo_gd"},
-                                "methods": {"rkld": rec, "ga_gd": slow, "npo_gd": slow}}))
-    assert len(results_report.tiny_interleaved_lines(tiny, malloc)) == 2  # no malloc file: no line for it
-    malloc.write_text(json.dumps({"config": {**config, "batch": 1, "methods": "ga_gd,npo_gd", "malloc_env": {
-        "MALLOC_TRIM_THRESHOLD_": "9", "MALLOC_MMAP_THRESHOLD_": "8"}},
-        "methods": {"rkld": rec, "ga_gd": level, "npo_gd": {**slow, "ours_faults_step": 1.0, "trainer_faults_step": 3.0}}}))
-    lines = results_report.tiny_interleaved_lines(tiny, malloc)
-    assert len(lines) == 4 and lines[2] == ""  # the malloc run is a paragraph of its own
-    assert "(`MALLOC_MMAP_THRESHOLD_=8 MALLOC_TRIM_THRESHOLD_=9 python bench/throughput.py --model tiny --batch 1 " \
-           "--steps 3 --rounds 4 --methods ga_gd,npo_gd --interleave --json " \
-           "results/throughput_tiny_interleaved_malloc.json`" in lines[3]
-    assert "page faults a step fell to 100.0 (ours) and 120.0 (the Trainer)" in lines[3]  # medians of 100, 100, 1
-    assert lines[3].endswith("The gap of GA+GD went with the page faults. NPO+GD stayed slower with next to no page "
-                             "faults on either side: a cost of ours that is not page faults, and not found. "
-                             + results_report.TINY_MALLOC_FIRST)
+    monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results_report, "plots", lambda records, lrs: [])
+    results_report.main([])  # no results.json: the claims not run yet, the throughput table from the files
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert table in text and "RKLD, GA+GD: `python bench/throughput.py" in (tmp_path / "commands.md").read_text()
 
 
 def test_list_estimates_what_is_left_per_percent_forgotten_and_says_whose_time(tmp_path, monkeypatch):
     """forget10's runs have twice forget05's steps: an estimate from forget05's records alone said 2 min a
     forget10 run, and called the GPU's minutes this machine's."""
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
     gpu = reproduce.gpu_items([])
     reproduce.save_results([
         {"name": "gpu-rkld-forget05", "grid": "gpu", "method": "rkld", "split": "forget05", "wall_s": 300.0, "jobs": 1},
@@ -871,3 +825,53 @@ def test_gpu_reading_orders_the_methods_by_first_peak_forget_quality():
     assert line.startswith("First-peak epoch, highest forget quality first: RKLD FQ 0.016, MU 0.320; GA+GD FQ 1e-07, "
                            "MU 0.330; NPO+GD FQ 1e-09, MU 0.370. One seed")
     assert results_report.gpu_reading(runs[:1]) == []  # one method: nothing to order
+
+
+def test_results_md_is_the_reports_output_from_the_committed_results():
+    """RESULTS.md and results/commands.md are what the report writes from results/ (nobody edited them by hand,
+    and a change to the report was followed by --report_only); RESULTS.md opens with the claims table and keeps
+    every line short enough to read."""
+    text = (grids.REPO / "RESULTS.md").read_text()
+    mp = pytest.MonkeyPatch()
+    try:
+        out = {}
+        mp.setattr(results_report, "plots", lambda records, lrs: [m[len("![") : m.index("]")] for m in text.splitlines()
+                                                                 if m.startswith("![")])
+        mp.setattr(results_report, "write", lambda path, t: out.__setitem__(path.name, t))
+        results_report.main([])
+    finally:
+        mp.undo()
+    assert out["RESULTS.md"] == text
+    assert out["commands.md"] == (grids.REPO / "results" / "commands.md").read_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 400 and "Do not edit by hand" in lines[2]
+    head = lines.index("| claim | paper's numbers (Llama-2-7B) | our verdict | key numbers |")
+    assert lines[head + 2:head + 3 + len(results_report.CLAIMS)] == [
+        *(ln for ln in lines[head + 2:] if ln.startswith("| "))][:len(results_report.CLAIMS)] + [""]  # one row a claim
+    assert lines.index("## Plots") < lines.index("## The claims in detail") < lines.index(
+        "## Learning-rate sweep (seed 42, last epoch: forget quality / model utility)")
+
+
+def test_no_import_circle_among_the_bench_scripts():
+    """bench/*.py import one another only one way (deferred imports inside functions count): reproduce.py may
+    call the report, the report reads the grids, never reproduce.py."""
+    import ast
+    bench = grids.REPO / "bench"
+    names = {p.stem for p in bench.glob("*.py")}
+    graph = {}
+    for p in bench.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+        graph[p.stem] = found & names - {p.stem}
+    assert "reproduce" not in graph["results_report"] and "grids" in graph["results_report"]
+
+    def reach(start, seen):
+        for n in graph[start] - seen:
+            seen.add(n)
+            reach(n, seen)
+        return seen
+    assert not [m for m in graph if m in reach(m, set())]

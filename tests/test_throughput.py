@@ -1,8 +1,7 @@
-"""bench/throughput.py on the tiny model: both sides compute the same per-step losses on the same
-batches, every method gets a ratio, and a Trainer fed the batches in another order is caught.
-Timings are not asserted (a tiny model on a shared CPU measures noise)."""
+"""bench/throughput.py on the tiny model: the two sides take turns step by step, compute the same per-step
+losses on the same batches, every method gets a ratio, and a Trainer fed the batches in another order is
+caught. Timings are not asserted (a tiny model on a shared CPU measures noise)."""
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,38 +35,17 @@ def test_both_sides_compute_the_same_steps(tmp_path, tiny_model_dir, capsys):
 
 def test_trainer_given_other_batch_order_is_a_mismatch(tmp_path, tiny_model_dir, monkeypatch):
     run_trainer = throughput.run_trainer
-    monkeypatch.setattr(throughput, "run_trainer", lambda s, a, out: run_trainer({**s, "batches": s["batches"][::-1]},
-                                                                                   a, out))
+    monkeypatch.setattr(throughput, "run_trainer", lambda s, a, out, baton: run_trainer(
+        {**s, "batches": s["batches"][::-1]}, a, out, baton))
     with pytest.raises(SystemExit) as e:
         throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN])
     assert e.value.code == 1
 
 
-def test_tiny_model_keeps_the_tokenizer_and_its_prompt_format(tmp_path, tiny_model_dir):
-    import common
-    folder = throughput.tiny_model(tmp_path / "tiny", str(tiny_model_dir))
-    model, tok = common.load_model(folder)[0], common.load_tokenizer(folder)
-    assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok) == len(common.load_tokenizer(str(tiny_model_dir)))
-    assert (tmp_path / "tiny" / common.FORMAT_FILE).exists()
-
-
-def test_isolated_sides_run_in_their_own_processes_and_agree_with_the_in_process_bench(tmp_path, tiny_model_dir):
-    args = ["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN]
-    inproc = throughput.main(args)["methods"]["ga_gd"]
-    out = throughput.main([*args, "--isolate"])
-    r = out["methods"]["ga_gd"]
-    assert out["config"]["isolate"] and r["losses_agree"] and r["same_tokens"]
-    assert r["losses_ours"] == pytest.approx(inproc["losses_ours"], rel=1e-4)  # the child built the same batches
-    assert r["tokens_per_step"] == inproc["tokens_per_step"]
-
-
-def test_interleaved_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
-    args = ["--model", str(tiny_model_dir), "--methods", "npo_gd", *QUICK_RUN, "--rounds", "2"]
-    inproc = throughput.main(args)["methods"]["npo_gd"]
-    out = throughput.main([*args, "--interleave"])
+def test_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
+    out = throughput.main(["--model", str(tiny_model_dir), "--methods", "npo_gd", *QUICK_RUN, "--rounds", "2"])
     r = out["methods"]["npo_gd"]
-    assert out["config"]["interleave"] and r["losses_agree"] and r["same_tokens"]
-    assert r["losses_ours"] == pytest.approx(inproc["losses_ours"], rel=1e-4)  # sharing a process changed no step
+    assert r["losses_agree"] and r["same_tokens"]
     assert r["forwards_per_step"] == {"trained": 2, "frozen": 1}  # the other side's reference forwards not counted
     spans = sorted([(*sp, "ours") for sp in r["spans"]["ours"]] + [(*sp, "trainer") for sp in r["spans"]["trainer"]])
     assert len(spans) == 2 * 2 * 2  # sides x rounds x timed steps
@@ -75,23 +53,15 @@ def test_interleaved_sides_take_turns_step_by_step(tmp_path, tiny_model_dir):
         assert end <= start  # one side computes at a time
     sides = [side for *_, side in spans]
     assert sides[:4] == ["ours", "trainer"] * 2 and sides[4:] == ["trainer", "ours"] * 2  # the first side alternates
-    assert len(r["ours_rounds_faults_step"]) == len(r["trainer_rounds_faults_step"]) == 2
-    assert r["ours_faults_step"] == pytest.approx(statistics.median(r["ours_rounds_faults_step"]))
-    assert min(r["ours_rounds_faults_step"] + r["trainer_rounds_faults_step"]) > 0
     for side in ("ours", "trainer"):  # every timed step kept, round after round: a step runs over its turn's span
         assert r["step_s"][side] == [pytest.approx(end - start) for start, end in r["spans"][side]]
         assert len(r["step_cpu_s"][side]) == 2 * 2 and min(r["step_cpu_s"][side]) > 0
 
 
-def test_interleaved_side_that_fails_stops_both(tiny_model_dir, monkeypatch):
-    def broken(s, a, out, baton=None):
+def test_a_side_that_fails_stops_both(tiny_model_dir, monkeypatch):
+    def broken(s, a, out, baton):
         baton.wait("trainer")
         raise ZeroDivisionError("planted")
     monkeypatch.setattr(throughput, "run_trainer", broken)
     with pytest.raises(ZeroDivisionError, match="planted"):  # the Trainer's own error, not a hang or ours' wait
-        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN, "--interleave"])
-
-
-def test_isolate_and_interleave_exclude_each_other(tiny_model_dir):
-    with pytest.raises(SystemExit, match="exclude each other"):
-        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN, "--isolate", "--interleave"])
+        throughput.main(["--model", str(tiny_model_dir), "--methods", "ga_gd", *QUICK_RUN])
