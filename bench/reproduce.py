@@ -106,8 +106,8 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
     """(items, reasons some items cannot be listed yet)."""
     waiting = []
     if grid == "reference":
-        import common
-        retain = common.finetuned_dir("smollm2-135m", "forget01", "quick", "retain99")
+        from harness import models
+        retain = models.finetuned_dir("smollm2-135m", "forget01", "quick", "retain99")
         return [{"name": "retain-model", "grid": grid, "method": "retain", "lr": None, "seed": None,
                  "command": [sys.executable, "evaluate_tofu.py", "--model", str(retain), "--split", "forget01",
                              "--quick", "true", "--retain_model", str(retain), "--max_eval_samples", "20",
@@ -157,12 +157,13 @@ def gpu_items(records: list[dict]) -> list[dict]:
     both splits: finetune.py skips it when it exists) and its retain model, on the machine that runs the
     split's methods: a machine that only runs forget10 builds no retain95 (1 min of a 15-min GPU loan)."""
     import common
-    full = common.finetuned_dir("smollm2-135m", "forget05", "all", "full")
+    from harness import models
+    full = models.finetuned_dir("smollm2-135m", "forget05", "all", "full")
     items = []
     for split in GPU_SPLITS:
-        retain = common.finetuned_dir("smollm2-135m", split, "all", common.RETAIN_OF[split])
-        models = f"gpu-models-{split}"
-        items.append({"name": models, "grid": "gpu", "method": "finetune", "lr": None, "seed": None, "split": split,
+        retain = models.finetuned_dir("smollm2-135m", split, "all", common.RETAIN_OF[split])
+        build = f"gpu-models-{split}"
+        items.append({"name": build, "grid": "gpu", "method": "finetune", "lr": None, "seed": None, "split": split,
                       "command": [sys.executable, "finetune.py", "--split", split, *GPU_FINETUNE],
                       "needs": None, "collect": "models",
                       "models": [str(full), str(retain)]})
@@ -176,7 +177,7 @@ def gpu_items(records: list[dict]) -> list[dict]:
                                       "--peak_epoch", "true", "--max_eval_samples", "300",
                                       *(["--strengthen_lr", "2e-4"] if m == "rkld" else []),
                                       "--output_dir", str(GRID_DIR / name)],
-                          "needs": models})
+                          "needs": build})
     return items
 
 
@@ -200,8 +201,8 @@ def collect(item: dict, wall_s: float | None, jobs: int) -> dict:
     out = GRID_DIR / item["name"]
     kind = item.get("collect", "method")
     if kind == "target":
-        import common
-        rec["model"] = str(common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True))
+        from harness import models
+        rec["model"] = str(models.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True))
         rec["info"] = info_of(Path(rec["model"]) / "args.json")
         return rec
     if kind == "models":
@@ -235,10 +236,10 @@ def collect(item: dict, wall_s: float | None, jobs: int) -> dict:
 def info_of(args_json: Path) -> dict:
     """Git commit, versions and hardware as the run recorded them in args.json (for a run that
     writes none, the evaluator's: this process's, on the same machine)."""
-    import common
-    info = json.loads(args_json.read_text())["run"] if args_json.exists() else common.run_info()
+    from harness import runlog
+    info = json.loads(args_json.read_text())["run"] if args_json.exists() else runlog.run_info()
     return {k: info.get(k) for k in ("git_commit", "git_dirty", "python", "torch", "transformers", "accelerate", "platform",
-                                      "cpu_count", "cuda")}
+                                     "cpu_count", "cuda")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +267,8 @@ def done_names(records: list[dict]) -> set[str]:
 def finished(item: dict) -> bool:
     out = GRID_DIR / item["name"]
     if item.get("collect") == "target":
-        import common
-        return (common.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True) / "config.json").exists()
+        from harness import models
+        return (models.finetuned_dir("smollm2-135m", "forget01", "quick", "full", continual=True) / "config.json").exists()
     if item.get("collect") == "continual":
         return (out / f"task{CONTINUAL_TASKS}" / "eval" / "after" / "summary.json").exists()
     if item.get("collect") == "models":
@@ -396,10 +397,11 @@ def ensure_quick_models(split: str = "forget01") -> None:
     (`finetune.py --split forget01`, about 13 minutes here), so that a sitting on a new machine does
     not see every run fail at once."""
     import common
+    from harness import models
     missing = []
     for role in QUICK_MODELS:
         try:
-            common.quick_model(split, role)
+            models.quick_model(split, role)
         except common.TofuError:
             missing.append(role)
     if not missing:
@@ -440,7 +442,7 @@ def cost(grid: str, items: list[dict], done: set) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default="all", help=f"one of {', '.join(GRIDS)}, a comma list, or all (in that order); gpu (a machine with a GPU: the "
-                                            "full benchmark of the embedded model) runs only when named")
+                   "full benchmark of the embedded model) runs only when named")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1)")
     p.add_argument("--max_runs", type=int, default=None, help="stop after starting this many runs (default: all)")
     p.add_argument("--hours", type=float, default=None,

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from harness import flags, launch, models, runlog, scenarios  # noqa: E402
 
 # name -> (script, extra flags, forward passes per step the objective needs: (trained model, frozen models))
 METHODS = {
@@ -149,21 +150,21 @@ def setup(name: str, a, out: Path) -> dict:
     """What the script's main() builds before fit(), and the list of pre-collated batches."""
     from accelerate.utils import set_seed
     from transformers import HfArgumentParser
-    script, flags, _ = METHODS[name]
+    script, extra, _ = METHODS[name]
     mod = importlib.import_module(script)
     argv = ["--model", a.model, "--split", a.split, "--subset", "quick", "--eval", "false", "--retain_model", "none",
             "--batch_size", str(a.batch), "--per_device_batch_size", str(a.batch), "--warmup_epochs", "0",
-            "--output_dir", str(out / name), *flags]
+            "--output_dir", str(out / name), *extra]
     if script == "rkld":  # the teacher costs the same whatever the strengthened weights: skip strengthening
         argv += ["--strengthened_model", a.model, "--precompute_teacher", str(a.rkld_teacher == "precomputed")]
-    args = common.finalize_args(HfArgumentParser(mod.Args).parse_args_into_dataclasses(argv)[0], mod.METHOD,
-                                mod.QUICK, mod.QUICK if a.recipe == "quick" else mod.PAPER)
-    accelerator, _ = common.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
+    args = flags.finalize_args(HfArgumentParser(mod.Args).parse_args_into_dataclasses(argv)[0], mod.METHOD,
+                               mod.QUICK, mod.QUICK if a.recipe == "quick" else mod.PAPER)
+    accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm)
     Path(args.output_dir).mkdir(parents=True)  # main()'s RunLogger makes it; rkld's teacher file goes there
     set_seed(args.seed)
-    tok = common.load_tokenizer(args.model)
-    fmt = common.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
-    forget, retain = common.method_rows(args)
+    tok = models.load_tokenizer(args.model)
+    fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
+    forget, retain = scenarios.method_rows(args)
     ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
@@ -186,10 +187,10 @@ def setup(name: str, a, out: Path) -> dict:
 def run_ours(s, a, baton) -> dict:
     args, accelerator = s["args"], s["accelerator"]
     baton.wait("ours")  # the model is loaded and fit() sets up in our own turn
-    model = common.load_trained(args, accelerator)
+    model = models.load_trained(args, accelerator)
     probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "ours")
     model = s["mod"].fit(accelerator, model, in_order(s["batches"]), probe, args, 1, args.lr, "ours", NoLog())
-    common.release(accelerator, model)
+    launch.release(accelerator, model)
     return probe.result(a.warmup, a.steps)
 
 
@@ -197,7 +198,7 @@ def run_trainer(s, a, out: Path, baton) -> dict:
     from transformers import Trainer, TrainingArguments
     args, batches = s["args"], s["batches"]
     baton.wait("trainer")
-    model = common.load_trained(args, s["accelerator"])
+    model = models.load_trained(args, s["accelerator"])
     probe = Probe(s["loss_fn"], model, s["frozen_models"], baton, "trainer")
     class SameBatchesTrainer(Trainer):
         def get_train_dataloader(self):  # what Trainer does with its own loader: accelerator.prepare
@@ -219,7 +220,7 @@ def run_trainer(s, a, out: Path, baton) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     trainer = SameBatchesTrainer(model=model, args=targs, train_dataset=batches, optimizers=(optimizer, None))
     trainer.train()
-    common.release(trainer.accelerator, trainer.model, trainer.optimizer)
+    launch.release(trainer.accelerator, trainer.model, trainer.optimizer)
     del trainer, model, optimizer
     return probe.result(a.warmup, a.steps)
 
@@ -251,7 +252,7 @@ def interleaved(s, a, out: Path, first: str) -> tuple[dict, dict]:
 
 def teardown(s) -> None:
     s["frozen"].clear()
-    common.release(s["accelerator"])
+    launch.release(s["accelerator"])
 
 
 def bench(name: str, a, out: Path) -> dict:
@@ -311,7 +312,7 @@ def main(argv=None) -> dict:
     class Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    p.add_argument("--model", default=common.QUICK, help="model folder; quick = the quick target of --split")
+    p.add_argument("--model", default=models.QUICK, help="model folder; quick = the quick target of --split")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--split", default="forget01", help="forget split (quick subset of its authors)")
     p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
@@ -329,8 +330,8 @@ def main(argv=None) -> dict:
     names = a.methods.split(",")
     if unknown := [n for n in names if n not in METHODS]:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if a.model == common.QUICK:
-        a.model = common.quick_model(a.split, "target")
+    if a.model == models.QUICK:
+        a.model = models.quick_model(a.split, "target")
     # what the measurement shared the machine with: the cores this process may run on, the load before it
     machine = {"cores_allowed": sorted(os.sched_getaffinity(0)), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
@@ -338,7 +339,7 @@ def main(argv=None) -> dict:
     print(f"\nours (fit) vs transformers.Trainer, same step_losses and batches: {a.model}, {a.split}, batch "
           f"{a.batch}, {a.steps} timed steps after {a.warmup}, median of {a.rounds} rounds, "
           f"{torch.get_num_threads()} thread(s), the sides taking turns step by step")
-    print(common.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
+    print(runlog.table([(n, f"{r['forwards_per_step']['trained']}+{r['forwards_per_step']['frozen']}",
                          f"{statistics.mean(r['tokens_per_step']):.0f}", f"{r['ours_tok_s']:.1f}",
                          f"{r['trainer_tok_s']:.1f}", f"{r['ratio']:.3f}", f"{r['ratio_cpu']:.3f}",
                          f"{min(r['ratio_cpu_rounds']):.3f}-{max(r['ratio_cpu_rounds']):.3f}",
@@ -355,9 +356,9 @@ def main(argv=None) -> dict:
             print(f"{n}: MISMATCH: per-step losses differ by {r['max_rel_loss_diff']:.1e} (rtol {a.rtol}) or the "
                   "token counts differ: the two sides did not compute the same steps")
     out = {"config": {**vars(a), "threads": torch.get_num_threads(), **machine, "load_after": os.getloadavg(),
-                      **common.run_info()}, "methods": res}
+                      **runlog.run_info()}, "methods": res}
     if a.json:
-        common.atomic_write_json(a.json, out)
+        runlog.atomic_write_json(a.json, out)
     if not all(r["losses_agree"] and r["same_tokens"] for r in res.values()):
         raise SystemExit(1)
     return out

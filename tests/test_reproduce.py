@@ -352,6 +352,7 @@ def test_a_first_run_that_fails_stops_the_grid_in_one_sentence(tmp_path, monkeyp
 
 def test_missing_quick_models_are_built_before_a_grid(tmp_path, monkeypatch):
     import common
+    from harness import models
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path / "grid")
     built, present = [], {"target": True, "retain": False}
 
@@ -364,7 +365,7 @@ def test_missing_quick_models_are_built_before_a_grid(tmp_path, monkeypatch):
         built.append(cmd[1:])
         return type("R", (), {"returncode": 0})()
 
-    monkeypatch.setattr(common, "quick_model", quick_model)
+    monkeypatch.setattr(models, "quick_model", quick_model)
     monkeypatch.setattr(reproduce.subprocess, "run", run)
     reproduce.ensure_quick_models()
     assert built == [["finetune.py", "--split", "forget01"]]
