@@ -1,4 +1,4 @@
-"""Speed of evaluate_tofu.evaluate vs a straightforward reference-style loop, same run, same model, same rows.
+"""Speed of evaluation.engine.evaluate vs a straightforward reference-style loop, same run, same model, same rows.
 
 The reference loop does what the TOFU code does (spec tofu_eval.md §1, §3, §8): every sequence padded to
 200 tokens; answers in batches of 30; paraphrased and perturbed answers in batches of 7 with one forward
@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import evaluate_tofu as E  # noqa: E402
+from evaluation import engine  # noqa: E402
+from evaluation import logs as tofu_logs  # noqa: E402
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Args:
 @torch.no_grad()
 def reference_task(model, tok, fmt, task, rows, max_length, device) -> tuple[list[dict], list[str]]:
     """Per-row average NLLs and generations, computed the slow, TOFU-code way."""
-    t = E.TASKS[task]
+    t = tofu_logs.TASKS[task]
     pad = tok.pad_token_id
 
     def avg_nll(pairs):  # one forward over (question, answer) pairs padded to max_length
@@ -97,12 +98,12 @@ def main():
 
     def ours():  # the evaluator as the scripts run it: every task in one call (pooled batches)
         with tempfile.TemporaryDirectory() as tmp:
-            E.evaluate(model, tok, fmt, args.split, tmp, max_eval_samples=args.n, cs_model="none", nli_model="none",
-                       verbose=False)
-            return E.read_logs(tmp)
+            engine.evaluate(model, tok, fmt, args.split, tmp, max_eval_samples=args.n, cs_model="none",
+                            nli_model="none", verbose=False)
+            return tofu_logs.read_logs(tmp)
 
     def reference():
-        rows = {t: E.task_rows(t, args.split, max_eval_samples=args.n) for t in E.TASKS}
+        rows = {t: engine.task_rows(t, args.split, max_eval_samples=args.n) for t in tofu_logs.TASKS}
         return {t: (r, *reference_task(model, tok, fmt, t, r, args.max_length, device)) for t, r in rows.items()}
 
     # ours, reference, ours again: averaging the two runs of ours cancels a steady drift in machine load.
@@ -121,7 +122,7 @@ def main():
         for r, rec, gen in zip(rows, recs, gens):
             i = str(r["index"])
             long = max(len(common.encode_qa(tok, fmt, r["question"], a)["input_ids"])
-                       for a in [r["answer"], r[E.TASKS[task].base_key], *r["perturbed_answer"]])
+                       for a in [r["answer"], r[tofu_logs.TASKS[task].base_key], *r["perturbed_answer"]])
             if long > args.max_length:  # the reference truncates these; losses are not comparable
                 skipped += 1
                 continue

@@ -350,7 +350,7 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
     still use the cache, and the saved config keep the value the model was loaded with."""
     from types import SimpleNamespace
 
-    import evaluate_tofu
+    from evaluation import engine
     ids = torch.tensor([[5, 6, 7, 8]])
     trained = common.load_trained(SimpleNamespace(model=str(tiny_model_dir)))
     frozen = common.load_model(str(tiny_model_dir), frozen=True)[0]
@@ -359,7 +359,7 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
     seen = []
     hook = frozen.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
     tok = common.load_tokenizer(str(tiny_model_dir))
-    evaluate_tofu.greedy_generate(frozen, [[5, 6, 7]], tok.pad_token_id, {-1}, 4, 1, "cpu", False)
+    engine.greedy_generate(frozen, [[5, 6, 7]], tok.pad_token_id, {-1}, 4, 1, "cpu", False)
     hook.remove()
     assert len(seen) == 4 and all(seen), seen  # generate() decodes with the cache: the generation config's
     accelerator = common.make_accelerator(1, 1)[0]
