@@ -13,9 +13,6 @@ and TriviaQA) beside every number lm-eval returns. A task that cannot be fetched
 such task) is reported in one sentence and left out; the others still run. lm-eval is optional:
 pip install lm_eval==0.4.13.
 
-It also holds the aggregates of Closer-Look's real-world scenario (real_world_scores): MU over the
-held-out neighbours, FE over the forget people.
-
 Launch (standalone):
   python evaluate_general.py --model PATH --benchmarks rkld --output_json scores.json
 Method scripts: --benchmarks rkld (scores in summary.json and the end-of-run table, before and after).
@@ -173,30 +170,6 @@ def table(rows: list[tuple[str, dict | None]]) -> str | None:
         return None
     body = [(t, *(b["scores"].get(t, "n/c") for _, b in rows)) for t in tasks]
     return runlog.table(body, ("benchmark", *(n for n, _ in rows)))
-
-
-# ---------------------------------------------------------------------------
-# Closer-Look's real-world scenario (§5.3, App. E.7): the aggregates
-# ---------------------------------------------------------------------------
-# The data (forget people, training neighbours, held-out neighbours) is read by
-# scenarios.real_world_eval_rows; evaluate_tofu.evaluate scores it with ES in the real_world direction
-# (generation => golden answer, on both sets). In its summary, "retain" is the held-out neighbours.
-REAL_WORLD_MU = tuple(f"retain_{k}" for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es"))
-
-
-def real_world_scores(summary: dict) -> dict:
-    """MU = harmonic mean of R, P, TR (max(0, 1 - TR)), TE, CS, ES on the held-out neighbours; FE = 1 -
-    mean of R, P, 1 - min(TR, 1/TR), CS, ES on the forget people (App. E.7, Table 8), the same FE as
-    TOFU's (evaluate_tofu.closer_look). A missing input gives None and the reason."""
-    from evaluate_tofu import harmonic_mean  # evaluate_tofu imports this module
-    missing = [k for k in REAL_WORLD_MU if summary.get(k) is None]
-    out = {"real_world_mu": None if missing else harmonic_mean([summary[k] for k in REAL_WORLD_MU]),
-           "real_world_fe": summary.get("fe")}
-    if missing:
-        out["real_world_mu_reason"] = "not computed: missing " + ", ".join(missing)
-    if summary.get("fe") is None:
-        out["real_world_fe_reason"] = summary.get("fe_reason")
-    return out
 
 
 # ---------------------------------------------------------------------------

@@ -180,14 +180,14 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
 def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40) -> list[tuple]:
     """ROUGE-L recall of greedy answers to up to n questions of the forget-split authors and
     n of the retain authors trained on. This is what 'the model memorized TOFU' means."""
-    import evaluate_tofu
+    from evaluation import engine, metrics
     forget = common.load_split(split)
     forget_authors = {r["author"] for r in forget}
     groups = {"forget authors": forget[:n], "retain authors": [r for r in rows if r["author"] not in forget_authors][:n]}
     out = []
     for name, group in groups.items():
-        gens = evaluate_tofu.generate_answers(model, tok, fmt, [r["question"] for r in group], accelerator=accelerator)
-        scores = [evaluate_tofu.rouge_recall(g, r["answer"])[1] for g, r in zip(gens, group)]
+        gens = engine.generate_answers(model, tok, fmt, [r["question"] for r in group], accelerator=accelerator)
+        scores = [metrics.rouge_recall(g, r["answer"])[1] for g, r in zip(gens, group)]
         out.append((name, len(group), sum(scores) / len(scores)))
     return out
 

@@ -145,9 +145,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
-from harness import flags, launch, models, runlog, scenarios  # noqa: E402
-import evaluate_tofu  # noqa: E402
 from common import TofuError  # noqa: E402
+from evaluation import method_eval  # noqa: E402
+from harness import flags, launch, models, runlog, scenarios  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -303,7 +303,7 @@ def main():
                **launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                     args.max_steps, args.schedule)}
     log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
-    evaluator = evaluate_tofu.MethodEval(args, tok, fmt, accelerator, out_dir, log)
+    evaluator = method_eval.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter

@@ -1,4 +1,4 @@
-"""Speed of evaluate_tofu.evaluate vs a straightforward reference-style loop, same run, same model, same rows.
+"""Speed of evaluation.engine.evaluate vs a straightforward reference-style loop, same run, same model, same rows.
 
 The reference loop does what the TOFU code does (spec tofu_eval.md §1, §3, §8): every sequence padded to
 200 tokens; answers in batches of 30; paraphrased and perturbed answers in batches of 7 with one forward
@@ -29,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import evaluate_tofu as E  # noqa: E402
+from harness import models, runlog  # noqa: E402
+from evaluation import engine  # noqa: E402
+from evaluation import logs as tofu_logs  # noqa: E402
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Args:
 @torch.no_grad()
 def reference_task(model, tok, fmt, task, rows, max_length, device) -> tuple[list[dict], list[str]]:
     """Per-row average NLLs and generations, computed the slow, TOFU-code way."""
-    t = E.TASKS[task]
+    t = tofu_logs.TASKS[task]
     pad = tok.pad_token_id
 
     def avg_nll(pairs):  # one forward over (question, answer) pairs padded to max_length
@@ -57,7 +59,7 @@ def reference_task(model, tok, fmt, task, rows, max_length, device) -> tuple[lis
                  for e in enc]
         b = {k: torch.tensor([f[k] for f in feats], device=device) for k in feats[0]}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return (-common.sequence_logprob(logits, b["labels"])[1]).tolist()
+        return (-common.answer_logprob_stats(logits, b["labels"])[1]).tolist()
 
     gt = [x for i in range(0, len(rows), 30) for x in avg_nll([(r["question"], r["answer"]) for r in rows[i:i + 30]])]
     para, pert = [], []
@@ -83,10 +85,10 @@ def main():
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     torch.manual_seed(0)
-    model, tok = common.load_model(args.model, frozen=True)
+    model, tok = models.load_model(args.model, frozen=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    fmt = common.prompt_format(tok, args.model)
+    fmt = models.prompt_format(tok, args.model)
     with torch.no_grad():  # warm-up, so neither side pays for first-call allocation
         model(input_ids=torch.tensor([common.encode_prompt(tok, fmt, "Warm up?")], device=device))
 
@@ -97,12 +99,12 @@ def main():
 
     def ours():  # the evaluator as the scripts run it: every task in one call (pooled batches)
         with tempfile.TemporaryDirectory() as tmp:
-            E.evaluate(model, tok, fmt, args.split, tmp, max_eval_samples=args.n, cs_model="none", nli_model="none",
-                       verbose=False)
-            return E.read_logs(tmp)
+            engine.evaluate(model, tok, fmt, args.split, tmp, max_eval_samples=args.n, cs_model="none",
+                            nli_model="none", verbose=False)
+            return tofu_logs.read_logs(tmp)
 
     def reference():
-        rows = {t: E.task_rows(t, args.split, max_eval_samples=args.n) for t in E.TASKS}
+        rows = {t: engine.task_rows(t, args.split, max_eval_samples=args.n) for t in tofu_logs.TASKS}
         return {t: (r, *reference_task(model, tok, fmt, t, r, args.max_length, device)) for t, r in rows.items()}
 
     # ours, reference, ours again: averaging the two runs of ours cancels a steady drift in machine load.
@@ -121,7 +123,7 @@ def main():
         for r, rec, gen in zip(rows, recs, gens):
             i = str(r["index"])
             long = max(len(common.encode_qa(tok, fmt, r["question"], a)["input_ids"])
-                       for a in [r["answer"], r[E.TASKS[task].base_key], *r["perturbed_answer"]])
+                       for a in [r["answer"], r[tofu_logs.TASKS[task].base_key], *r["perturbed_answer"]])
             if long > args.max_length:  # the reference truncates these; losses are not comparable
                 skipped += 1
                 continue
@@ -138,9 +140,9 @@ def main():
                "wall_seconds_ours": f"{runs[0][1]:.1f} / {runs[2][1]:.1f}", "wall_seconds_reference": round(runs[1][1], 1),
                "speedup_wall": round(runs[1][1] / wall_ours, 2),
                "max_abs_loss_diff": f"{worst:.2e}", "same_generation_fraction": same_gen / max(n_rows, 1)}
-    print(common.table([(k, v) for k, v in numbers.items()], ("quantity", "value")))
+    print(runlog.table([(k, v) for k, v in numbers.items()], ("quantity", "value")))
     if args.output_json:
-        common.atomic_write_json(args.output_json, numbers)
+        runlog.atomic_write_json(args.output_json, numbers)
     if worst >= args.tol:
         raise common.TofuError(f"per-sample losses differ by {worst:.2e} >= {args.tol:g} between the two loops")
 

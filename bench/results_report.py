@@ -43,7 +43,7 @@ def metric(s: dict | None, key: str) -> float:
 
 def fe_wo_es(s: dict) -> float | None:
     """Closer-Look's forget efficacy without its ES term: 1 - mean(forget ROUGE-L, Prob, 1 - min(TR, 1/TR),
-    CS) (evaluate_tofu.closer_look drops only ES). ES needs the NLI model sileod/deberta-v3-base-tasksource-nli
+    CS) (evaluation.metrics.closer_look drops only ES). ES needs the NLI model sileod/deberta-v3-base-tasksource-nli
     from the hub, which the offline runs cannot load, so FE itself is not computed there."""
     keys = ("forget_rouge", "forget_prob", "forget_truth_ratio", "forget_cs")
     if any(not isinstance(s.get(k), (int, float)) for k in keys):

@@ -351,7 +351,7 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
     still use the cache, and the saved config keep the value the model was loaded with."""
     from types import SimpleNamespace
 
-    import evaluate_tofu
+    from evaluation import engine
     ids = torch.tensor([[5, 6, 7, 8]])
     trained = models.load_trained(SimpleNamespace(model=str(tiny_model_dir)))
     frozen = models.load_model(str(tiny_model_dir), frozen=True)[0]
@@ -360,7 +360,7 @@ def test_training_and_scoring_forwards_build_no_kv_cache_while_decoding_and_savi
     seen = []
     hook = frozen.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
     tok = models.load_tokenizer(str(tiny_model_dir))
-    evaluate_tofu.greedy_generate(frozen, [[5, 6, 7]], tok.pad_token_id, {-1}, 4, 1, "cpu", False)
+    engine.greedy_generate(frozen, [[5, 6, 7]], tok.pad_token_id, {-1}, 4, 1, "cpu", False)
     hook.remove()
     assert len(seen) == 4 and all(seen), seen  # generate() decodes with the cache: the generation config's
     accelerator = launch.make_accelerator(1, 1)[0]

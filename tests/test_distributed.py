@@ -169,10 +169,10 @@ def test_evaluation_with_uneven_generation_lengths(backend, tiny_model_dir, tmp_
 
 def _frequent_token(model, tok) -> int:
     """A token the model generates often but not first, so answers stop at different lengths."""
-    import evaluate_tofu
+    from evaluation import engine
     fmt = models.prompt_format(tok)
     prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:12]]
-    ids = evaluate_tofu.greedy_generate(model, prompts, tok.pad_token_id, {tok.eos_token_id}, 12, 12, "cpu", False)
+    ids = engine.greedy_generate(model, prompts, tok.pad_token_id, {tok.eos_token_id}, 12, 12, "cpu", False)
     counts = {}
     for seq in ids:
         for t in set(seq[1:]):

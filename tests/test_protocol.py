@@ -28,13 +28,13 @@ def _parse(module, *argv):
 
 
 def test_first_peak_keeps_the_earliest_of_equal_epochs():
-    import evaluate_tofu
+    from evaluation import method_eval
     ep = lambda *fqs: [{"epoch": i + 1, "forget_quality": f} for i, f in enumerate(fqs)]  # noqa: E731
-    assert evaluate_tofu.first_peak(ep(0.2, 0.5, 0.5, 0.4))["epoch"] == 2
-    assert evaluate_tofu.first_peak(ep(0.2, 0.5, 0.5 * (1 + 1e-12), 0.6))["epoch"] == 4
-    assert evaluate_tofu.first_peak(ep(1.0 - 3e-16, 1.0))["epoch"] == 1  # float noise is no new peak
-    assert evaluate_tofu.first_peak(ep(None, 1e-30, 3e-30))["epoch"] == 3  # tiny p-values still rank
-    assert evaluate_tofu.first_peak(ep(None, None)) is None
+    assert method_eval.first_peak(ep(0.2, 0.5, 0.5, 0.4))["epoch"] == 2
+    assert method_eval.first_peak(ep(0.2, 0.5, 0.5 * (1 + 1e-12), 0.6))["epoch"] == 4
+    assert method_eval.first_peak(ep(1.0 - 3e-16, 1.0))["epoch"] == 1  # float noise is no new peak
+    assert method_eval.first_peak(ep(None, 1e-30, 3e-30))["epoch"] == 3  # tiny p-values still rank
+    assert method_eval.first_peak(ep(None, None)) is None
 
 
 def test_rkld_paper_default_is_ten_epochs_with_the_peak_epoch(tiny_model_dir):
@@ -110,9 +110,9 @@ def test_with_every_epoch_evaluated_the_peak_reuses_its_epoch(monkeypatch, tmp_p
     """--eval_every_epoch with --peak_epoch: the peak epoch was evaluated in full during training, so its
     row is that evaluation (copied to eval/peak), not a second evaluation of peak_model. Catches the
     peak evaluated twice (a full evaluation wasted per run of the curves) or the wrong epoch copied."""
-    import evaluate_tofu
-    names, real = [], evaluate_tofu.MethodEval.run
-    monkeypatch.setattr(evaluate_tofu.MethodEval, "run",
+    from evaluation import method_eval
+    names, real = [], method_eval.MethodEval.run
+    monkeypatch.setattr(method_eval.MethodEval, "run",
                         lambda self, model, name, *a, **k: names.append(name) or real(self, model, name, *a, **k))
     _rkld_peak_run(monkeypatch, tiny_model_dir, tmp_path, 3, 3e-3, "--eval_every_epoch", "true")
     record = json.loads((tmp_path / "peak_epoch.json").read_text())

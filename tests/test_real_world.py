@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from harness import scenarios
-import evaluate_general as G
-import evaluate_tofu as E
 import me_gd
 from common import TofuError
+from evaluation import engine, metrics
+from harness import scenarios
 
 
 def person_rows(name, n, perturbed, start=0):
@@ -43,14 +42,14 @@ def test_aggregates_reproduce_table8_initial_row():
     """Llama-3 before unlearning (App. E.7, Table 8, 'Initial'): neighbour R, P, TR, TE, CS, ES =
     .7803 .3375 .5625 .8854 .9819 .6275 -> MU .6145; forget R, P, TR, CS, ES = .8057 .3898 .6071
     .9875 .6900 (TR as 1 - min(TR, 1/TR)) -> FE .3040."""
-    s = dict(zip(G.REAL_WORLD_MU, (0.7803, 0.3375, 0.5625, 0.8854, 0.9819, 0.6275)))
+    s = dict(zip(metrics.REAL_WORLD_MU, (0.7803, 0.3375, 0.5625, 0.8854, 0.9819, 0.6275)))
     s.update(forget_rouge=0.8057, forget_prob=0.3898, forget_truth_ratio=1 - 0.6071, forget_cs=0.9875, forget_es=0.69)
-    s.update(E.closer_look(s))
-    out = G.real_world_scores(s)
+    s.update(metrics.closer_look(s))
+    out = metrics.real_world_scores(s)
     assert out["real_world_mu"] == pytest.approx(0.6145, abs=5e-5)
     assert out["real_world_fe"] == pytest.approx(0.3040, abs=5e-5)
     s["retain_es"] = None
-    assert G.real_world_scores(s)["real_world_mu_reason"] == "not computed: missing retain_es"
+    assert metrics.real_world_scores(s)["real_world_mu_reason"] == "not computed: missing retain_es"
 
 
 def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
@@ -61,9 +60,9 @@ def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
     def classify(premises, hypotheses):  # an NLI stand-in: entailment only from a generation to a golden answer
         pairs.extend(zip(premises, hypotheses))
         return ["entailment" if p not in golden and h in golden else "neutral" for p, h in zip(premises, hypotheses)]
-    monkeypatch.setattr(E, "load_nli_model", lambda *a: (classify, "stub NLI"))
-    monkeypatch.setattr(E, "load_cs_model", lambda *a: (lambda texts: torch.ones(len(texts), 3), "stub CS"))
-    monkeypatch.setattr(E, "rouge_recall", lambda g, a: (1.0, 1.0))  # every pair reaches the classifier
+    monkeypatch.setattr(engine, "load_nli_model", lambda *a: (classify, "stub NLI"))
+    monkeypatch.setattr(engine, "load_cs_model", lambda *a: (lambda texts: torch.ones(len(texts), 3), "stub CS"))
+    monkeypatch.setattr(engine, "rouge_recall", lambda g, a: (1.0, 1.0))  # every pair reaches the classifier
     out = tmp_path / "run"
     monkeypatch.setattr("sys.argv", ["me_gd.py", "--scenario", "real_world", "--real_world_dir", str(tmp_path / "rw"),
                                      "--model", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2",
@@ -78,7 +77,8 @@ def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
     assert [g[2] for g in log["generated_text"].values()] == [r["golden_answer"] for r in sets["neighbor_perturbed.json"]]
     prob = sum(torch.exp(-torch.tensor(v)).item() for v in log["avg_gt_loss"].values()) / 4
     assert after["retain_prob"] == pytest.approx(prob, rel=1e-6)
-    assert after["real_world_mu"] == pytest.approx(E.harmonic_mean([after[k] for k in G.REAL_WORLD_MU]))
+    mu = metrics.harmonic_mean([after[k] for k in metrics.REAL_WORLD_MU])
+    assert after["real_world_mu"] == pytest.approx(mu)
     assert after["real_world_fe"] == after["fe"] is not None
     # ES: generation => golden answer on both sets (TOFU's direction on a neighbour would give 0 here)
     assert after["retain_es"] == 1.0 and after["forget_es"] == 1.0

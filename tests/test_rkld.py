@@ -4,10 +4,9 @@ import math
 import pytest
 import torch
 
-import common
 from harness import flags, launch, models
-import evaluate_tofu
 import rkld
+from evaluation import engine
 
 
 def test_teacher_lowers_only_increased_logits():
@@ -129,8 +128,8 @@ def test_teacher_generate_with_kv_caches_matches_decoding_without(tiny_model_dir
     teacher = rkld.Teacher(ori, strong, 8.0)
     prompts = [[5, 9, 13, 2, 7, 11, 3], [4, 8], [6, 10, 12, 14]]
     eos = {int(tok.eos_token_id)}
-    want = evaluate_tofu._greedy_loop(teacher, prompts, tok.pad_token_id, eos, 12, "cpu")
-    got = evaluate_tofu.greedy_generate(teacher, prompts, tok.pad_token_id, eos, 12, 8, "cpu", False)
+    want = engine.greedy_loop(teacher, prompts, tok.pad_token_id, eos, 12, "cpu")
+    got = engine.greedy_generate(teacher, prompts, tok.pad_token_id, eos, 12, 8, "cpu", False)
     assert sum(map(len, want)) > 12  # the rows generate (not an immediate EOS)
     assert got == want
 
@@ -266,7 +265,6 @@ def test_strengthened_model_is_reused_only_with_the_same_settings(tiny_model_dir
     settings reuse it, another --strengthen_lr (or model, epochs, seed, split, max_length ...) rebuilds it.
     Catches the old behaviour: any strengthened/ folder reused whatever the flags."""
     import json
-    import common
     from transformers import HfArgumentParser
 
     def strengthen(*extra):

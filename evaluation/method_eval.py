@@ -1,0 +1,269 @@
+"""What the method scripts call: MethodEval (before/after/per-epoch evaluation, the first peak of
+forget quality, the end-of-run table), on top of evaluation.engine and evaluate_general.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import common
+from harness import launch, models, runlog, scenarios
+import evaluate_general
+from evaluation.engine import evaluate, task_rows
+from evaluation.logs import TASKS, cell, closer_look_models
+from evaluation.metrics import real_world_scores
+
+# ---------------------------------------------------------------------------
+# What the method scripts call: before/after/per-epoch evaluation and the summary table
+# ---------------------------------------------------------------------------
+def _cache_dir(model_path: str, settings: dict) -> Path:
+    """runs/eval_cache/<hash>: evaluations of a saved model that later runs reuse. The key
+    holds the folder, its weights' modification time and every evaluation setting."""
+    p = Path(models.resolve_model_path(model_path))
+    stamp = max((f.stat().st_mtime for f in p.glob("*.safetensors")), default=0) if p.exists() else 0
+    key = json.dumps({"model": str(p.resolve()) if p.exists() else model_path, "stamp": stamp, **settings},
+                     sort_keys=True, default=str)
+    return common.RUNS_DIR / "eval_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def first_peak(epochs: list[dict]) -> dict | None:
+    """The first epoch of peak forget quality (RKLD's protocol): a later epoch replaces the best so far
+    only when its forget quality is higher by more than float noise (relative 1e-9: the KS p-value of
+    near-identical models differs in the last bits). Epochs without forget quality never count."""
+    best = None
+    for e in epochs:
+        fq = e["forget_quality"]
+        if fq is not None and (best is None or fq > best["forget_quality"] * (1 + 1e-9)):
+            best = e
+    return best
+
+
+def eval_caps(max_eval_samples: int | None, quick: bool) -> int | dict | None:
+    """--max_eval_samples as evaluate() takes it: on the quick subset the forget split stays whole
+    (forget quality needs every row) and the cap applies to the other splits."""
+    cap = max_eval_samples or None
+    return {t: None if t == "forget" else cap for t in TASKS} if quick and cap else cap
+
+
+class MethodEval:
+    """Evaluation for a method script's run: `run(model, name)` evaluates into
+    OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
+    reused from runs/eval_cache); forget quality uses --retain_logs, or the retain model's
+    forget-split logs (computed once and cached); `report(rows)` prints the comparison. Each
+    evaluation's numbers also go to the run's trackers through `log` (common.RunLogger.log_eval)."""
+
+    def __init__(self, args, tokenizer, fmt, accelerator, out_dir, log=None):
+        self.args, self.tok, self.fmt, self.acc, self.log = args, tokenizer, fmt, accelerator, log
+        self.out = Path(out_dir) / "eval"
+        cap = eval_caps(args.max_eval_samples, args.subset == "quick")
+        self.kw = dict(accelerator=accelerator, max_eval_samples=cap, authors=scenarios.subset_authors(args),
+                       forget_task=args.forget_task, max_new_tokens=args.max_new_tokens,
+                       gen_max_length=args.gen_max_length, nli_model=args.nli_model, cs_model=args.cs_model,
+                       row_order=getattr(args, "row_order", "tofu"))
+        self.real_world = getattr(args, "scenario", "tofu") == "real_world"
+        if self.real_world:  # forget people and held-out neighbours, scored against golden answers
+            self.kw["data"], self.kw["es_setting"] = scenarios.real_world_eval_rows(args.real_world_dir), "real_world"
+        elif args.split == scenarios.CUSTOM:  # your own sets: forget, and retain when given
+            forget, retain = scenarios.method_rows(args)
+            self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
+        self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
+        evaluate_general.check_available(getattr(args, "benchmarks", None))
+        self.retain_logs = args.retain_logs
+        self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
+        self.full = {}  # epoch -> its full evaluation (--eval_every_epoch), which the peak row then reuses
+        if args.peak_epoch and not (args.retain_logs or args.retain_model):
+            raise common.TofuError("--peak_epoch chooses the epoch by forget quality, which needs --retain_model or "
+                                   "--retain_logs")
+        if args.eval and accelerator.is_main_process and args.subset == "quick" and not args.peak_epoch:
+            print(f"[eval] quick path: {args.epochs} epochs, evaluated after the last; the RKLD paper's protocol "
+                  "(10 epochs, the first epoch of peak forget quality) is --epochs 10 --peak_epoch", flush=True)
+        if args.eval and accelerator.is_main_process and isinstance(cap, dict):
+            retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
+                                                                     args.max_eval_samples)})
+            print(f"[eval] quick path, sized for the 2-core CPU budget: the whole forget split, and the first "
+                  f"{args.max_eval_samples} rows of retain (authors {retain_authors}), real_authors and world_facts; "
+                  "--max_eval_samples 0 evaluates every row", flush=True)
+
+    def _key(self) -> dict:
+        """The evaluation settings that key a cached evaluation; your own sets by their contents."""
+        if "data" not in self.kw:
+            return self.kw
+        files = scenarios.real_world_files(self.args.real_world_dir).values() if self.real_world else ()
+        return {**self.kw, "data": scenarios.custom_fingerprint(self.args.forget_data, self.args.retain_data, *files)}
+
+    def _retain(self):
+        if self.retain_logs or not self.args.retain_model:
+            return self.retain_logs
+        settings = {k: v for k, v in self._key().items() if k in ("max_eval_samples", "forget_task", "row_order",
+                                                                       "data")}
+        cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
+                                                    "fmt": dataclasses.asdict(self.fmt)})
+        if not (cache / "eval_log_forget.json").exists():
+            if self.acc.is_main_process:
+                print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
+            model = launch.load_frozen(self.args.retain_model, self.acc)  # the trained model's precision
+            evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
+                     verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+            del model
+            gc.collect()
+            self.acc.wait_for_everyone()
+        self.retain_logs = str(cache)
+        return self.retain_logs
+
+    def run(self, model, name: str, cache_key: str | None = None, compare_precision: bool = True) -> dict | None:
+        if name == "before" and not getattr(self.args, "eval_before", True):
+            return None
+        summary = self._run(model, name, cache_key, compare_precision)
+        if self.log is not None:
+            self.log.log_eval(name, summary)
+        return summary
+
+    def _run(self, model, name, cache_key, compare_precision) -> dict | None:
+        if not self.args.eval:
+            return None
+        out = self.out / name
+        cache = _cache_dir(cache_key, {"split": self.args.split, "retain": self.args.retain_logs or self.args.retain_model,
+                                       **{k: v for k, v in self._key().items() if k != "accelerator"},
+                                       **({"benchmarks": self.bench, "limit": self.args.benchmark_limit,
+                                           "tasks_dir": self.args.benchmark_include_path} if self.bench else {}),
+                                       "fmt": dataclasses.asdict(self.fmt)}) if cache_key else None
+        if cache is not None and (cache / "summary.json").exists():
+            if self.acc.is_main_process:
+                shutil.copytree(cache, out, dirs_exist_ok=True)
+                print(f"[eval] {name}: reusing the evaluation of {cache_key} ({cache})", flush=True)
+            return json.loads((cache / "summary.json").read_text())
+        if self.acc.is_main_process:
+            print(f"[eval] {name}", flush=True)
+        summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
+                           compare_precision=compare_precision, **self.kw)
+        if self.real_world:  # MU over the held-out neighbours, FE over the forget people
+            summary.update(real_world_scores(summary))
+        if self.bench:  # general capability, on the same model in memory (evaluate_general.py)
+            summary["benchmarks"] = evaluate_general.run_benchmarks(
+                model, self.tok, self.bench, self.acc, self.args.benchmark_batch_size, self.args.benchmark_limit,
+                self.args.benchmark_include_path, verbose=self.acc.is_main_process,
+                metrics=evaluate_general.score_metrics(self.args.benchmarks))
+        if (self.bench or self.real_world) and self.acc.is_main_process:
+            runlog.atomic_write_json(out / "summary.json", summary)
+        if cache is not None and self.acc.is_main_process:
+            shutil.copytree(out, cache, dirs_exist_ok=True)
+        return summary
+
+    def epoch_end(self, model, epoch: int) -> list[tuple[str, dict | None]]:
+        """After an epoch (not the last): a full evaluation with --eval_every_epoch; with --peak_epoch,
+        at least forget quality (the forget split scored, no generation: what choosing the epoch needs),
+        and the model's weights saved to OUTPUT_DIR/peak_model when it is the best epoch so far."""
+        if not self.args.eval or not (self.args.eval_every_epoch or self.args.peak_epoch):
+            return []
+        name, t0 = f"epoch{epoch}", time.time()
+        if self.args.eval_every_epoch:
+            summary = self.full[epoch] = self.run(model, name)
+        else:
+            if self.acc.is_main_process:
+                print(f"[eval] {name}: forget quality", flush=True)
+            summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
+                               generation=False, retain_logs=self._retain(), verbose=False,
+                               **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+            if self.log is not None:
+                self.log.log_eval(name, summary)
+        if self.args.peak_epoch:
+            self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
+            if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
+                launch.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
+                self.epochs[-1]["saved"] = True
+            if not self.args.eval_every_epoch:
+                self.selection_s += time.time() - t0
+        return [(name, summary)]
+
+    def peak(self, last: dict | None, last_epoch: int) -> list[tuple[str, dict | None]]:
+        """--peak_epoch, after training: the first epoch of peak forget quality among every epoch (the last
+        one's from the final evaluation `last`), evaluated in full from OUTPUT_DIR/peak_model unless it is
+        the last epoch; OUTPUT_DIR/peak_epoch.json records the choice, every epoch's forget quality and
+        what the selection cost."""
+        if not self.args.peak_epoch or last is None:
+            return []
+        epochs = [*self.epochs, {"epoch": last_epoch, "forget_quality": last["forget_quality"]}]
+        best = first_peak(epochs) or epochs[-1]
+        t0 = time.time()
+        if best["epoch"] == last_epoch:
+            summary = last
+        elif best["epoch"] in self.full:  # --eval_every_epoch evaluated that epoch's weights in full already
+            summary = self.full[best["epoch"]]
+            if self.acc.is_main_process:
+                shutil.copytree(self.out / f"epoch{best['epoch']}", self.out / "peak", dirs_exist_ok=True)
+            if self.log is not None:
+                self.log.log_eval("peak", summary)
+        else:
+            model = launch.load_frozen(str(self.run_dir / "peak_model"), self.acc)
+            summary = self.run(model, "peak")
+            del model
+            gc.collect()
+        record = {"peak_epoch": best["epoch"], "forget_quality": best["forget_quality"], "epochs": epochs,
+                  "selection": {"forget_quality_evaluations": len(self.epochs), "seconds": round(self.selection_s, 1),
+                                "peak_evaluation_seconds": round(time.time() - t0, 1)},
+                  "weights": str(self.run_dir / ("model" if best["epoch"] == last_epoch else "peak_model"))}
+        if self.acc.is_main_process:
+            if not self.args.save_peak and (self.run_dir / "peak_model").exists():
+                shutil.rmtree(self.run_dir / "peak_model")
+                record["weights"] = None if best["epoch"] != last_epoch else record["weights"]
+            runlog.atomic_write_json(self.run_dir / "peak_epoch.json", record)
+            print(f"[eval] first peak of forget quality: epoch {best['epoch']} of {last_epoch} "
+                  f"(FQ {best['forget_quality']:.4g}); choosing it cost {len(self.epochs)} forget-quality "
+                  f"evaluations ({self.selection_s:.0f} s) and {record['selection']['peak_evaluation_seconds']:.0f} s "
+                  f"for its full evaluation", flush=True)
+        return [(f"peak (epoch {best['epoch']})", summary)]
+
+    def report(self, rows: list[tuple[str, dict | None]]):
+        """The end-of-run table (one line per evaluated model) and forget answers before/after."""
+        rows = [(n, s) for n, s in rows if s]
+        if not self.acc.is_main_process or not rows:
+            return
+        cols = [("FQ", "forget_quality"), ("MU", "model_utility"), ("f.ROUGE", "forget_rouge"),
+                ("f.Prob", "forget_prob"), ("f.TR", "forget_truth_ratio"), ("f.leak@1", "forget_leak_top1"),
+                ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
+        table = [(n, *(cell(s.get(k)) for _, k in cols)) for n, s in rows]
+        print("\n" + runlog.table(table, ("model", *(c for c, _ in cols))))
+        if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
+            print("\n" + runlog.table([(n, cell(s.get("mu18")), cell(s.get("fe")), closer_look_models(s))
+                                       for n, s in rows], ("model", "MU-18", "FE", "computed with")))
+        if getattr(self, "real_world", False):
+            print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + runlog.table(
+                [(n, cell(s.get("real_world_mu")), cell(s.get("real_world_fe"))) for n, s in rows],
+                ("model", "MU", "FE")))
+        bench = evaluate_general.table(rows)
+        if bench:
+            print("\n" + bench)
+            for n, s in rows:
+                for t, why in (s.get("benchmarks") or {}).get("skipped", {}).items():
+                    print(f"benchmark {t} ({n}): {why}")
+        last = next((n for n, _ in rows if n == "after"), rows[-1][0])  # the peak-epoch row may follow it
+        s = dict(rows)[last]
+        fq = s.get("forget_quality_reason") if s.get("forget_quality") is None else \
+            f"KS {s['ks_statistic']:.4f}, n={s['n_forget_model']} vs {s['n_forget_retain']} (retain logs: {self._retain()})"
+        print(f"forget quality: {fq}\nCS model: {s.get('cs_model')}; NLI model: {s.get('nli_model')}")
+        for note in s.get("forget_quality_notes") or []:
+            print(f"forget quality note: {note}")
+        if s.get("closer_look_note"):
+            print(f"MU-18/FE: {s['closer_look_note']}")
+        if s.get("nan_flags"):
+            print(f"NaN flags: {s['nan_flags']}")
+        gens = {}
+        first = rows[0][0]
+        for n in (first, last):
+            log = self.out / n / "eval_log_forget.json"
+            if log.exists():
+                gens[n] = json.loads(log.read_text())["generated_text"]
+        asked = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
+            task_rows("forget", self.args.split, forget_task=self.args.forget_task)
+        questions = {str(r["index"]): r["question"] for r in asked}
+        for i in list(gens.get(last, {}))[:3]:  # rows by index: --row_order may not start at row 0
+            _, g_last, gold = gens[last][i]
+            print(f"\nQ: {questions[i]}\n  gold:   {gold!r}")
+            if i in gens.get(first, {}):
+                print(f"  {first + ':':7} {gens[first][i][1]!r}")
+            print(f"  {last + ':':7} {g_last!r}")
