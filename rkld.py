@@ -180,7 +180,7 @@ class Teacher(torch.nn.Module):
     def __init__(self, ori, strong, alpha):
         super().__init__()
         self.ori, self.strong, self.alpha = ori, strong, alpha
-        self.config, self.device = ori.config, ori.device
+        self.config, self.device = launch.unwrapped(ori).config, ori.device  # ori may be a DeepSpeed engine
 
     def forward(self, input_ids, attention_mask=None, **_):
         out = self.ori(input_ids=input_ids, attention_mask=attention_mask)

@@ -151,6 +151,15 @@ def place_frozen(model, accelerator):
     return model.to(accelerator.device)
 
 
+def unwrapped(model):
+    """The model module under a wrapper whose attributes are not the model's: a DeepSpeed engine (which
+    place_frozen returns under ZeRO-3, and whose `.config` is the DeepSpeed config dict) or a DDP wrapper.
+    Read model attributes (config, vocabulary) from this, never from the placed object."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def release(accelerator, *objects) -> None:
     """End a training stage: drop what the accelerator prepared (models, optimizers, loaders, the
     DeepSpeed engine that backward() is bound to) and collect it, so the next stage's trained model

@@ -285,3 +285,31 @@ def test_strengthened_model_is_reused_only_with_the_same_settings(tiny_model_dir
     other, out, _ = strengthen("--strengthen_lr", 2e-3)
     assert other["lr"] == 2e-3 and "built with other settings" in out and "rebuilding" in out
     assert (tmp_path / "strengthened" / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+class _EngineLike(torch.nn.Module):
+    """Shaped like a DeepSpeed engine (place_frozen under ZeRO-3): the model under .module, and a
+    .config that is the DeepSpeed config dict, not the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module, self.config, self.device = model, {"train_micro_batch_size_per_gpu": 1}, model.device
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+
+def test_teacher_over_engine_like_models_reads_the_modules_config(tiny_model_dir, tmp_path):
+    # Catches: teacher.config.vocab_size read from a ZeRO-3 engine (its DeepSpeed config dict), which
+    # crashed --precompute_teacher after strengthening had already run.
+    import common
+    from accelerate import Accelerator
+    ori, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    forget, retain = common.forget_retain_rows("forget01", common.quick_authors("forget01", 1))
+    ds = common.ForgetRetainDataset(forget[:3], retain, tok, fmt, seed=0)
+    teacher = rkld.Teacher(_EngineLike(ori), _EngineLike(ori), 8.0)
+    assert teacher.config.vocab_size == ori.config.vocab_size
+    assert launch.unwrapped(teacher.ori) is ori
+    store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True), tmp_path / "t.f32", 2)
+    assert store[0].shape[-1] == ori.config.vocab_size
