@@ -393,8 +393,10 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
                                          "max_grad_norm", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
                                          "lora_target_modules")}}))
-    if (out / "strengthen.json").exists():
-        if json.loads((out / "strengthen.json").read_text()) == settings:
+    found = launch.main_decides(accelerator, lambda: json.loads((out / "strengthen.json").read_text())
+                                if (out / "strengthen.json").exists() else None)  # one decision for every rank
+    if found is not None:
+        if found == settings:
             if accelerator.is_main_process:
                 print(f"[{METHOD}] reusing the strengthened model in {out} (built with the same settings)")
             return str(out)

@@ -237,8 +237,10 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
         **{k: getattr(args, k) for k in ("batch_size", "per_device_batch_size", "weight_decay", "warmup_epochs",
                                          "max_grad_norm", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
                                          "lora_target_modules")}}))
-    if (out / "strengthen.json").exists():
-        if json.loads((out / "strengthen.json").read_text()) == settings:
+    found = launch.main_decides(accelerator, lambda: json.loads((out / "strengthen.json").read_text())
+                                if (out / "strengthen.json").exists() else None)  # one decision for every rank
+    if found is not None:
+        if found == settings:
             if accelerator.is_main_process:
                 print(f"[{METHOD}] reusing the strengthened model in {out} (built with the same settings)")
             return str(out)
@@ -323,39 +325,83 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
 
 
 class TeacherStore:
-    """Teacher log-probs of every forget answer token in a float32 file [answer tokens, V] that the OS
-    pages in as needed: 4*V bytes per answer token (128 kB for a 32,000-token vocabulary), on disk
-    rather than in each rank's memory. Row i of the dataset owns lines offsets[i]:offsets[i+1].
-    The file lives in the run folder (shared by every rank; on several nodes it must be a shared
-    file system) and rank 0 deletes it when its store is collected."""
+    """Teacher log-probs of every forget answer token in float32 files that the OS pages in as needed:
+    4*V bytes per answer token (128 kB for a 32,000-token vocabulary), on disk rather than in each
+    rank's memory. One file per writing rank, PATH.rank<r>-of-<world>.f32: row i of the dataset is
+    written by rank i % world, into that rank's file alone, at lines offsets[i]:offsets[i+1] of it.
+    Ranks on several nodes writing neighbouring rows of one shared file would share its pages at the
+    rows' edges, and a network file system can lose one node's writes to a shared page (tokens then
+    read back as zeros); separate files share no page. The files live in the run folder (shared by
+    every rank; on several nodes it must be a shared file system); rank 0 deletes them when its store
+    is collected. mode: 'w+' creates rank `rank`'s file, 'r+' writes into it, 'r' reads every file."""
 
-    def __init__(self, path: Path, counts: list[int], vocab: int, mode: str, owner: bool = False):
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.mm = np.memmap(path, np.float32, mode, shape=(max(int(self.offsets[-1]), 1), vocab))
+    def __init__(self, path: Path, counts: list[int], vocab: int, world: int = 1, mode: str = "r",
+                 rank: int = 0, owner: bool = False):
+        self.files = [Path(f"{path}.rank{r}-of-{world}.f32") for r in range(world)]
+        self.where, self.offsets, sizes = [], [], [0] * world  # row -> file, and its first line in that file
+        for i, n in enumerate(counts):
+            self.where.append(i % world)
+            self.offsets.append(sizes[i % world])
+            sizes[i % world] += int(n)
+        self.counts, self.vocab = [int(n) for n in counts], vocab
+        rows = range(world) if mode == "r" else [rank]
+        self.mm = {r: np.memmap(self.files[r], np.float32, mode, shape=(max(sizes[r], 1), vocab)) for r in rows}
         if owner:
-            weakref.finalize(self, os.remove, str(path))
+            for f in self.files:
+                weakref.finalize(self, lambda f=f: f.unlink(missing_ok=True))
+
+    def _lines(self, i: int):
+        return self.mm[self.where[i]], slice(self.offsets[i], self.offsets[i] + self.counts[i])
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.mm[self.offsets[i]:self.offsets[i + 1]]))
+        mm, lines = self._lines(i)
+        return torch.from_numpy(np.array(mm[lines]))
 
-    def write(self, i: int, logp: torch.Tensor) -> None:
-        self.mm[self.offsets[i]:self.offsets[i + 1]] = logp.float().cpu().numpy()
+    def write(self, i: int, logp: torch.Tensor) -> float:
+        """Store row i (this rank's file must hold it); returns its checksum (checksum())."""
+        mm, lines = self._lines(i)
+        mm[lines] = logp.float().cpu().numpy()
+        return self.checksum(i)
+
+    def checksum(self, i: int) -> float:
+        mm, lines = self._lines(i)
+        return float(np.asarray(mm[lines], dtype=np.float64).sum())
+
+    def flush(self) -> None:
+        """Write this rank's pages out to the file system (msync, then fsync for network file systems)."""
+        for mm in self.mm.values():
+            mm.flush()
+            fd = os.open(mm.filename, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def verify(self, sums: dict[int, float]) -> None:
+        """Read every row back and compare it with the checksum its writer computed: a row the file
+        system lost (zeros) or that another writer overwrote is refused rather than trained on."""
+        bad = [i for i, s in sums.items() if not math.isclose(self.checksum(i), s, rel_tol=1e-6, abs_tol=1e-3)]
+        if bad:
+            raise TofuError(f"the precomputed teacher read back differs from what was written in {len(bad)} of "
+                            f"{len(sums)} rows (first: row {bad[0]} in {self.files[self.where[bad[0]]]}); the run folder's "
+                            "file system lost writes: put --output_dir on a file system every rank sees consistently")
 
 
 def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size: int) -> TeacherStore:
     """Teacher log-probs of every forget row, written once to a TeacherStore. Each rank computes only
-    rows rank, rank + world, ...; where a forward pass is a collective (FSDP2, ZeRO-3) every rank runs
-    the same number of them."""
+    rows rank, rank + world, ..., into its own file; where a forward pass is a collective (FSDP2, ZeRO-3)
+    every rank runs the same number of them. Then every rank reads every row back and checks it
+    against its writer's checksum (TeacherStore.verify)."""
+    from accelerate.utils import gather_object
     items = [ds[i]["forget"] for i in range(len(ds))]
     counts = [sum(t != -100 for t in it["labels"][1:]) for it in items]
     vocab, rank, world = teacher.config.vocab_size, accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        TeacherStore(path, counts, vocab, "w+").mm.flush()
-    accelerator.wait_for_everyone()
-    store = TeacherStore(path, counts, vocab, "r+")
+    TeacherStore(path, counts, vocab, world, "w+", rank).flush()
+    store = TeacherStore(path, counts, vocab, world, "r+", rank)
     mine = list(range(rank, len(items), world))
     chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
     calls = math.ceil(math.ceil(len(items) / world) / batch_size) if launch.shards_parameters(accelerator) else len(chunks)
+    sums = {}
     for c in tqdm(range(calls), desc="precompute teacher", disable=not accelerator.is_main_process):
         rows = chunks[c] if c < len(chunks) else [0]  # a pass that keeps the ranks in step; not written
         f = common.collate([items[i] for i in rows], pad_id)
@@ -364,11 +410,15 @@ def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size:
             raise TofuError(f"the teacher's logits have {logp.shape[-1]} entries, its config says {vocab}")
         if c < len(chunks):
             for i, part in zip(rows, logp.split([counts[i] for i in rows])):
-                store.write(i, part)
-    store.mm.flush()
+                sums[i] = store.write(i, part)
+    store.flush()
     del store
+    if world > 1:
+        sums = {i: s for part in gather_object([sums]) for i, s in part.items()}
     accelerator.wait_for_everyone()
-    return TeacherStore(path, counts, vocab, "r", owner=accelerator.is_main_process)
+    store = TeacherStore(path, counts, vocab, world, "r", owner=accelerator.is_main_process)
+    store.verify(sums)
+    return store
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,14 +104,21 @@ class MethodEval:
                                                                        "data")}
         cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
                                                     "fmt": dataclasses.asdict(self.fmt)})
-        if not (cache / "eval_log_forget.json").exists():
-            if self.acc.is_main_process:
+        # rank 0 decides for every rank (a cache another job writes meanwhile must not split them); the
+        # logs are written to a temp folder and renamed into place, so a cache is never half-written
+        if not launch.main_decides(self.acc, lambda: (cache / "summary.json").exists()):
+            main = self.acc.is_main_process
+            if main:
                 print(f"[eval] retain model {self.args.retain_model}: forget-split truth ratios", flush=True)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.")) if main else cache
             model = launch.load_frozen(self.args.retain_model, self.acc)  # the trained model's precision
-            evaluate(model, self.tok, self.fmt, self.args.split, cache, tasks=("forget",), generation=False,
+            evaluate(model, self.tok, self.fmt, self.args.split, tmp, tasks=("forget",), generation=False,
                      verbose=False, **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
             del model
             gc.collect()
+            if main:
+                runlog.replace_dir(tmp, cache)
             self.acc.wait_for_everyone()
         self.retain_logs = str(cache)
         return self.retain_logs
@@ -132,11 +140,14 @@ class MethodEval:
                                        **({"benchmarks": self.bench, "limit": self.args.benchmark_limit,
                                            "tasks_dir": self.args.benchmark_include_path} if self.bench else {}),
                                        "fmt": dataclasses.asdict(self.fmt)}) if cache_key else None
-        if cache is not None and (cache / "summary.json").exists():
+        # rank 0 reads the cache and sends what it found to every rank: one decision, one summary
+        cached = launch.main_decides(self.acc, lambda: json.loads((cache / "summary.json").read_text())
+                                     if cache is not None and (cache / "summary.json").exists() else None)
+        if cached is not None:
             if self.acc.is_main_process:
                 shutil.copytree(cache, out, dirs_exist_ok=True)
                 print(f"[eval] {name}: reusing the evaluation of {cache_key} ({cache})", flush=True)
-            return json.loads((cache / "summary.json").read_text())
+            return cached
         if self.acc.is_main_process:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
@@ -151,7 +162,7 @@ class MethodEval:
         if (self.bench or self.real_world) and self.acc.is_main_process:
             runlog.atomic_write_json(out / "summary.json", summary)
         if cache is not None and self.acc.is_main_process:
-            shutil.copytree(out, cache, dirs_exist_ok=True)
+            runlog.copy_dir_atomic(out, cache)
         return summary
 
     def epoch_end(self, model, epoch: int) -> list[tuple[str, dict | None]]:

@@ -94,6 +94,18 @@ def shards_parameters(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def main_decides(accelerator, decide):
+    """decide() run on rank 0 alone and its answer (any picklable value) sent to every rank. For every
+    choice read from shared files (a cache hit, a reusable strengthened model): each rank checking for
+    itself can disagree when another job writes between their checks (or a network file system shows
+    the ranks different views), and then some ranks skip collectives that others run, and the launch hangs."""
+    value = decide() if accelerator is None or accelerator.is_main_process else None
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        value = broadcast_object_list([value], from_process=0)[0]
+    return value
+
+
 def load_frozen(name_or_path: str, accelerator, match: bool = True):
     """A frozen model loaded and placed (place_frozen). match=True: in the trained model's precision,
     fp32 weights under the same bf16 autocast, so a reference model's log-probs equal the trained

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -49,6 +50,30 @@ def atomic_write_json(path, obj):
         json.dump(obj, fh, indent=2, default=str)
     make_readable(tmp)
     os.replace(tmp, path)
+
+
+def replace_dir(src, dst) -> None:
+    """Put the folder `src` at `dst` in one rename (an old `dst` is moved aside first and removed
+    after), so a reader sees the old folder or the new one, never a half-copied one. `src` must be
+    on dst's file system: make it with tempfile.mkdtemp(dir=dst.parent)."""
+    src, dst = Path(src), Path(dst)
+    make_readable(src)
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_dir_atomic(src, dst) -> None:
+    """Copy the folder `src` to `dst` through a temp folder beside it and one rename (replace_dir)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    replace_dir(tmp, dst)
 
 
 def make_readable(path) -> None:

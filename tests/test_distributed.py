@@ -271,3 +271,14 @@ def test_configs_parse_and_leave_accumulation_to_the_scripts():
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     zero = load_config_from_file(str(distributed.REPO / "configs" / "accelerate" / "zero3.yaml")).deepspeed_config
     assert zero["zero_stage"] == 3 and zero["zero3_save_16bit_model"] is True
+
+
+def test_ranks_take_rank_0s_decision_when_their_views_of_shared_files_differ(tiny_model_dir, tmp_path):
+    # Catches: strengthen.json, the retain model's forget logs or a cached evaluation checked with
+    # exists() on each rank; when the views differ, one rank trains or evaluates (collectives) alone
+    # and the launch hangs. tests/agree_worker.py makes rank 1 blind to both files.
+    outs = distributed.launch("ddp", "tests/agree_worker.py", tmp_path / "run", tiny_model_dir, timeout=150)
+    for rank, out in enumerate(outs):
+        assert f"rank {rank}: evaluations 2 then 0" in out, out[-2000:]
+    caches = list((tmp_path / "run" / "runs" / "eval_cache").iterdir())
+    assert len(caches) == 2 and all((c / "summary.json").exists() for c in caches)  # no temp folder left behind

@@ -313,3 +313,36 @@ def test_teacher_over_engine_like_models_reads_the_modules_config(tiny_model_dir
     assert launch.unwrapped(teacher.ori) is ori
     store = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True), tmp_path / "t.f32", 2)
     assert store[0].shape[-1] == ori.config.vocab_size
+
+
+def test_teacher_store_gives_each_rank_its_own_file_and_checks_what_is_read_back(tmp_path):
+    # Catches: ranks writing neighbouring rows of one shared file (pages shared across nodes), and a
+    # store that trains on rows the file system lost (zeros) without noticing.
+    import numpy as np
+    from common import TofuError
+    counts, vocab, world = [3, 1, 2, 4, 2], 5, 2
+    rows = [torch.log_softmax(torch.randn(n, vocab), -1) for n in counts]
+    sums = {}
+    for rank in range(world):  # each rank creates and writes its own file, as precompute_teacher does
+        rkld.TeacherStore(tmp_path / "t", counts, vocab, world, "w+", rank).flush()
+        w = rkld.TeacherStore(tmp_path / "t", counts, vocab, world, "r+", rank)
+        for i in range(rank, len(counts), world):
+            sums[i] = w.write(i, rows[i])
+        w.flush()
+        assert list(w.mm) == [rank]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["t.rank0-of-2.f32", "t.rank1-of-2.f32"]
+    assert (tmp_path / files[0]).stat().st_size == (3 + 2 + 2) * vocab * 4  # rows 0, 2, 4 only
+    store = rkld.TeacherStore(tmp_path / "t", counts, vocab, world, "r", owner=True)
+    store.verify(sums)
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(store[i], r)
+    lost = np.memmap(tmp_path / files[1], np.float32, "r+", shape=(5, vocab))
+    lost[1:5] = 0  # row 3 (rank 1's second row) lost
+    lost.flush()
+    with pytest.raises(TofuError, match="row 3 in .*t.rank1-of-2.f32"):
+        store.verify(sums)
+    del store, lost
+    import gc
+    gc.collect()
+    assert not list(tmp_path.iterdir())  # the owner's files are removed with its store
