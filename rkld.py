@@ -290,6 +290,8 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     frozen = {"store": None}
     if args.lora_r:
         frozen["model"] = models.load_trained(args, accelerator)
+        if args.precompute_teacher or args.eval_teacher:  # the views run before fit() prepares the model
+            launch.place_for_views(frozen["model"], accelerator, "--precompute_teacher or --eval_teacher")
         ori = models.AdapterView(frozen["model"])
     else:
         ori = models.load_model(args.model, frozen=True)[0]

@@ -172,6 +172,24 @@ def unwrapped(model):
     return model
 
 
+def place_for_views(model, accelerator, why: str) -> None:
+    """Put a LoRA-trained model whose adapter views (models.AdapterView) run before training (`why`:
+    RKLD's precomputed or evaluated teacher) where accelerator.prepare will put it: on the device, in
+    place, so the views run on the device and, once fit() prepares the model (DDP wraps this same
+    module), their base is the prepared module. Under ZeRO-3 (parameters partitioned at load) and
+    under FSDP2 on several processes (parameters sharded, or loaded on rank 0 alone, until the model is
+    prepared together with its optimizer) the views cannot run before training: refused in one sentence."""
+    from accelerate.utils import DistributedType
+    zero3 = (accelerator.distributed_type == DistributedType.DEEPSPEED
+             and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    if zero3 or (accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1):
+        raise TofuError(f"{why} with --lora_r needs the teacher before training, but under "
+                        f"{'ZeRO-3' if zero3 else 'FSDP2'} the LoRA base is only usable once training has prepared it; "
+                        "set those flags to false there (the live teacher then runs on the prepared model), or "
+                        "launch on one GPU or with DDP, where the LoRA base fits")
+    model.to(accelerator.device)
+
+
 def release(accelerator, *objects) -> None:
     """End a training stage: drop what the accelerator prepared (models, optimizers, loaders, the
     DeepSpeed engine that backward() is bound to) and collect it, so the next stage's trained model

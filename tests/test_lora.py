@@ -333,3 +333,38 @@ def test_lora_reference_is_exact_at_the_start_under_bf16_with_a_bf16_base(monkey
     model = models.load_trained(lora_args(tiny_model_dir))
     dtypes = {("lora" if ".lora_" in n else "base"): p.dtype for n, p in model.named_parameters()}
     assert dtypes == {"base": torch.bfloat16, "lora": torch.float32}
+
+
+def test_rkld_teacher_views_run_after_the_base_is_placed_as_prepare_places_it(monkeypatch, tiny_model_dir, tmp_path):
+    # Catches: RKLD's adapter views (one-base teacher) run by --precompute_teacher on the LoRA base where
+    # it was loaded (the CPU) while their inputs are on accelerator.device: every GPU backend failed.
+    # On CPU both are the CPU, so the order is what this checks: the base is placed, then the teacher runs.
+    args, acc, tok, fmt, ds = _rkld_setup(tiny_model_dir, tmp_path, *LORA, "--strengthen_epochs", 1,
+                                          "--max_steps", 1, "--precompute_teacher", "true")
+    events, place = [], launch.place_for_views
+
+    def spy_place(model, accelerator, why):
+        events.append(("placed", model))
+        place(model, accelerator, why)
+
+    def spy_precompute(teacher, *a):
+        events.append(("teacher", teacher.ori.model, {p.device for p in teacher.ori.model.parameters()}))
+        return None
+    monkeypatch.setattr(launch, "place_for_views", spy_place)
+    monkeypatch.setattr(rkld, "precompute_teacher", spy_precompute)
+    frozen = rkld.setup_frozen(args, ds, tok, acc, None)
+    assert [e[0] for e in events] == ["placed", "teacher"]
+    assert events[0][1] is events[1][1] is frozen["model"] and events[1][2] == {acc.device}
+    prepared = acc.prepare(frozen["model"])
+    assert acc.unwrap_model(prepared) is events[1][1]  # prepare keeps the module the views run on
+
+
+def test_rkld_views_before_training_are_refused_where_the_base_is_sharded_until_prepared(tiny_model_dir):
+    from accelerate.utils import DistributedType
+    model = models.load_trained(lora_args(tiny_model_dir), accelerator())
+    for kind, n in ((DistributedType.FSDP, 2), (DistributedType.DEEPSPEED, 1)):
+        fake = type("Acc", (), {"distributed_type": kind, "num_processes": n, "device": torch.device("cpu"),
+                                "state": type("S", (), {"deepspeed_plugin": type("P", (), {"zero_stage": 3})})})
+        with pytest.raises(common.TofuError, match="--precompute_teacher with --lora_r needs the teacher"):
+            launch.place_for_views(model, fake, "--precompute_teacher")
+    launch.place_for_views(model, accelerator(), "--precompute_teacher")  # one process, no sharding: placed
