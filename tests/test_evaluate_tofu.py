@@ -765,3 +765,32 @@ def test_two_process_launch_matches_one_process(tiny, tiny_model_dir, tmp_path):
         assert one.keys() == two.keys() and one["generated_text"] == two["generated_text"]
         np.testing.assert_allclose(list(one["gt_loss"].values()), list(two["gt_loss"].values()), rtol=1e-5)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["settings"]["world_size"] == 2
+
+
+def test_metric_models_load_outside_a_zero3_launchs_deepspeed_config(tiny, tmp_path, monkeypatch):
+    # Catches: the CS and NLI models loaded while a ZeRO-3 launch's DeepSpeed config is registered with
+    # transformers, so from_pretrained partitions them and, never wrapped in an engine, they run on
+    # empty weights. The launch is simulated by registering a stand-in config as accelerate does
+    # (transformers' set_hf_deepspeed_config); only a GPU with deepspeed can show the real partitioning.
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    model, tok, fmt = tiny
+
+    class ZeRO3Config:  # what transformers asks of the registered config
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+    seen = []
+    monkeypatch.setattr(engine, "load_cs_model", lambda *a: seen.append(is_deepspeed_zero3_enabled()) or (None, "x"))
+    monkeypatch.setattr(engine, "load_nli_model", lambda *a: seen.append(is_deepspeed_zero3_enabled()) or (None, "x"))
+    launch_config = ZeRO3Config()
+    hf_deepspeed.set_hf_deepspeed_config(launch_config)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        engine.evaluate(model, tok, fmt, "forget01", tmp_path / "ev", max_eval_samples=1, max_new_tokens=2,
+                        tasks=("retain",), verbose=False)
+        assert seen == [False, False]
+        assert is_deepspeed_zero3_enabled()  # the launch's registration is back for the models it trains
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
