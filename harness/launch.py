@@ -80,7 +80,22 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
             ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise TofuError("FSDP version 1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)")
+    if accelerator.is_fsdp2 and accelerator.mixed_precision in ("bf16", "fp16"):  # read when a model is prepared
+        accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp2_policy(accelerator.mixed_precision)
     return accelerator, ga
+
+
+def fsdp2_policy(mixed_precision: str):
+    """FSDP2's mixed precision for a bf16 (or fp16) launch: parameters gathered and computed in that
+    dtype, as the autocast of the one-process path computes, but gradients reduced across ranks in fp32
+    (as DDP and one process sum them) and no cast of any module's output (output_dtype None), so logits
+    keep the dtype their head computes: fp32 from common's fp32_output_head (RKLD's teacher, whose
+    alpha x difference of two logit vectors bf16 rounding would shift by 0.5-1.7 nat), and the reference
+    log-ratios of NPO/DPO/KTO keep the one-process precision. accelerate's own FSDP2 policy for bf16
+    casts gradients and every output to bf16 (MixedPrecisionPolicy(bf16, bf16, output_dtype=bf16))."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None)
 
 
 def shards_parameters(accelerator) -> bool:

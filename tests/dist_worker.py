@@ -25,7 +25,8 @@ def fsdp2_environment(config: Path) -> dict:
                                                os.environ["WORLD_SIZE"], "script.py"])
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))} | {
-        "ACCELERATE_MIXED_PRECISION": "no"}  # fp32 on CPU
+        "ACCELERATE_MIXED_PRECISION": os.environ.get("TOFU_UNLEARN_MIXED_PRECISION", "no")}  # fp32 on CPU, unless
+    # the GPU path's bf16 is emulated (harness.models.mixed_precision)
 
 
 def main():
@@ -40,7 +41,10 @@ def main():
         Accelerator(cpu=True)
         for state in (PartialState._shared_state, AcceleratorState._shared_state):
             state["distributed_type"] = DistributedType.FSDP
-        AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin()
+        plugin = FullyShardedDataParallelPlugin()
+        if os.environ["ACCELERATE_MIXED_PRECISION"] != "no":  # as AcceleratorState does for an FSDP launch
+            plugin.set_mixed_precision(os.environ["ACCELERATE_MIXED_PRECISION"])
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
     elif backend != "ddp":
         raise SystemExit(f"unknown backend {backend}")
     sys.path.insert(0, str(REPO))

@@ -282,3 +282,16 @@ def test_ranks_take_rank_0s_decision_when_their_views_of_shared_files_differ(tin
         assert f"rank {rank}: evaluations 2 then 0" in out, out[-2000:]
     caches = list((tmp_path / "run" / "runs" / "eval_cache").iterdir())
     assert len(caches) == 2 and all((c / "summary.json").exists() for c in caches)  # no temp folder left behind
+
+
+def test_fsdp2_bf16_keeps_fp32_logits_and_reduces_gradients_in_fp32(tiny_model_dir):
+    # Catches: accelerate's FSDP2 policy for bf16 (MixedPrecisionPolicy(bf16, bf16, output_dtype=bf16)),
+    # which casts the fp32 logits of RKLD's teacher (and the references) back to bf16 and reduces
+    # gradients in bf16. FSDP2 casts on CPU as on GPUs, so bf16 emulated on CPU shows it.
+    outs = distributed.launch("fsdp2", "tests/fsdp2_precision_worker.py", tiny_model_dir, timeout=150,
+                              env={"TOFU_UNLEARN_MIXED_PRECISION": "bf16"})
+    for rank, out in enumerate(outs):
+        line = next(x for x in out.splitlines() if x.startswith(f"rank {rank}: logits"))
+        words = line.split()
+        assert words[3] == "torch.float32" and words[7] == "torch.float32", line
+        assert float(words[5]) <= 1e-5, line  # the one-process values (the DDP tests' tolerance)
