@@ -275,6 +275,60 @@ def check_adapter_save(accelerator) -> None:
                             "zero3_save_16bit_model: true (configs/accelerate/zero3.yaml)")
 
 
+def parameter_count(name_or_path: str) -> int:
+    """The model's parameter count from its config alone (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(adapter_base(path) or path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+TRAINED_BYTES = 16  # fp32 weight, fp32 gradient and two fp32 Adam moments per trained parameter
+LORA_BASE_BYTES = 2  # a LoRA base in bf16 (GPUs); the adapter itself is small
+
+
+def memory_refusal(n_params: int, lora: bool, processes: int, sharded: bool, device_bytes: int) -> str | None:
+    """One sentence when the trained model alone cannot fit one device, else None: its weights,
+    gradients and Adam moments (TRAINED_BYTES per parameter; a LoRA base LORA_BASE_BYTES), divided by
+    the processes when they are sharded (FSDP2, ZeRO-3). A lower bound: frozen models, activations and
+    buffers come on top (docs/gpus.md, the memory table), so a launch refused here would surely run
+    out of memory."""
+    need = n_params * (LORA_BASE_BYTES if lora else TRAINED_BYTES) / (processes if sharded else 1)
+    if need <= device_bytes:
+        return None
+    gib = 2 ** 30
+    how = "sharded over" if sharded else "on each of"
+    return (f"the trained model alone needs {need / gib:.0f} GiB per GPU ({n_params / 1e9:.2f}B parameters x "
+            f"{LORA_BASE_BYTES if lora else TRAINED_BYTES} bytes, {how} {processes} process(es)), more than the GPU's "
+            f"{device_bytes / gib:.0f} GiB; use configs/accelerate/fsdp2.yaml or zero3.yaml on more GPUs, or --lora_r 8 "
+            "(docs/gpus.md, the memory table)")
+
+
+def check_memory(name_or_path: str, lora: bool, accelerator) -> None:
+    """Refuse, before loading, a launch whose trained model cannot fit its GPUs (memory_refusal). Only
+    on GPUs, and not when parameters or optimizer states are offloaded to the CPU."""
+    from accelerate.utils import DistributedType
+    if accelerator is None or not torch.cuda.is_available() or accelerator.device.type != "cuda":
+        return
+    kind, sharded = accelerator.distributed_type, False
+    if kind == DistributedType.FSDP:
+        sharded = True
+        offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
+        if type(offload).__name__ == "CPUOffloadPolicy" or getattr(offload, "offload_params", False):
+            return
+    elif kind == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if any(str(zero.get(k, {}).get("device", "none")) != "none" for k in ("offload_optimizer", "offload_param")):
+            return
+        sharded = accelerator.state.deepspeed_plugin.zero_stage == 3
+    total = torch.cuda.get_device_properties(accelerator.device).total_memory
+    refusal = memory_refusal(parameter_count(name_or_path), lora, accelerator.num_processes, sharded, total)
+    if refusal:
+        raise TofuError(refusal)
+
+
 def load_trained(args, accelerator=None, name_or_path: str | None = None):
     """The model a training stage trains (args.model unless name_or_path), with the memory options.
     --gradient_checkpointing: activation checkpointing (CHECKPOINT_KWARGS). --lora_r > 0: a LoRA
@@ -290,6 +344,7 @@ def load_trained(args, accelerator=None, name_or_path: str | None = None):
                         "flags to train it merged, or merge it first (a merged save, without --save_adapter_only)")
     if getattr(args, "save_adapter_only", False):
         check_adapter_save(accelerator)
+    check_memory(name_or_path, bool(lora), accelerator)
     model = load_model(name_or_path, dtype=default_dtype(frozen=True) if lora else torch.float32)[0]
     no_kv_cache(model)
     if getattr(args, "gradient_checkpointing", False):

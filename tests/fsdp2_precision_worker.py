@@ -4,7 +4,8 @@ with TOFU_UNLEARN_MIXED_PRECISION=bf16: the GPU path's bf16 on CPU): `... fsdp2_
 A frozen model with the fp32 output head (RKLD's teacher models, and references) is placed with
 place_frozen under the launch's FSDP2 policy, and a trained model prepared with its optimizer. Prints
 the placed model's logits dtype, their largest difference from the same model in one process (bf16
-parameters under the same bf16 autocast, the fp32 head), and the trained model's gradient reduce dtype.
+parameters under the same bf16 autocast, the fp32 head), and the trained model's gradient reduce dtype, and whether gradients are synchronised
+after every micro-batch (launch.accumulation_plugin).
 """
 import sys
 
@@ -35,5 +36,5 @@ trained = models.load_model(model_dir, dtype=torch.float32)[0]
 trained, _ = acc.prepare(trained, torch.optim.AdamW(trained.parameters(), lr=1e-3))
 reduce = trained._get_fsdp_state()._mp_policy.reduce_dtype
 print(f"rank {acc.process_index}: logits {got.dtype} diff {(got.float() - want.float()).abs().max().item():.3g} "
-      f"reduce {reduce}", flush=True)
+      f"reduce {reduce} sync_each_batch {acc.gradient_state.plugin_kwargs.get('sync_each_batch')}", flush=True)
 acc.wait_for_everyone()

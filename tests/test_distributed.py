@@ -293,5 +293,30 @@ def test_fsdp2_bf16_keeps_fp32_logits_and_reduces_gradients_in_fp32(tiny_model_d
     for rank, out in enumerate(outs):
         line = next(x for x in out.splitlines() if x.startswith(f"rank {rank}: logits"))
         words = line.split()
-        assert words[3] == "torch.float32" and words[7] == "torch.float32", line
+        assert words[3] == "torch.float32" and words[7] == "torch.float32" and words[9] == "True", line
         assert float(words[5]) <= 1e-5, line  # the one-process values (the DDP tests' tolerance)
+
+
+def test_gradients_are_synchronised_every_micro_batch_where_they_are_sharded():
+    # Catches: accelerate's default under FSDP2 (no synchronisation between micro-batches), which holds
+    # every rank's full unsharded gradients until the step (13.5 GB in bf16 for a 7B model).
+    for env, sync in (({}, False), ({"ACCELERATE_USE_FSDP": "true"}, True), ({"ACCELERATE_USE_DEEPSPEED": "true"}, True),
+                      ({"ACCELERATE_USE_FSDP": "false"}, False)):
+        plugin = launch.accumulation_plugin(4, env)
+        assert plugin.num_steps == 4 and plugin.sync_each_batch is sync, env
+
+
+def test_memory_refusal_arithmetic(tiny_model_dir):
+    # Catches: a 7B full fine-tuning launch under DDP that loads and then runs out of memory, instead of
+    # one sentence before loading; and a refusal of launches that fit (sharded, LoRA).
+    gpu = 80 * 2 ** 30
+    n7 = 6_738_415_616  # Llama-2-7B
+    msg = models.memory_refusal(n7, False, 2, False, gpu)
+    assert msg.startswith("the trained model alone needs 100 GiB per GPU (6.74B parameters x 16 bytes, on each of 2")
+    assert "more than the GPU's 80 GiB" in msg and "--lora_r" in msg
+    assert models.memory_refusal(n7, False, 2, True, gpu) is None       # FSDP2/ZeRO-3 on 2: 50.2 GiB
+    assert models.memory_refusal(n7, True, 1, False, gpu) is None       # LoRA: 12.6 GiB of bf16 base
+    assert models.memory_refusal(n7, False, 1, False, 101 * 2 ** 30) is None  # 100.4 GiB fits 101
+    assert models.memory_refusal(8_030_261_248, False, 2, True, 59 * 2 ** 30) is not None  # 59.8 > 59
+    tiny = models.load_model(str(tiny_model_dir))[0]
+    assert models.parameter_count(str(tiny_model_dir)) == sum(p.numel() for p in tiny.parameters())
