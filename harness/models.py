@@ -324,7 +324,11 @@ def check_memory(name_or_path: str, lora: bool, accelerator) -> None:
             return
         sharded = accelerator.state.deepspeed_plugin.zero_stage == 3
     total = torch.cuda.get_device_properties(accelerator.device).total_memory
-    refusal = memory_refusal(parameter_count(name_or_path), lora, accelerator.num_processes, sharded, total)
+    try:
+        n_params = parameter_count(name_or_path)
+    except Exception:  # no config to count from (offline, a bad name): load_model says why in one sentence
+        return
+    refusal = memory_refusal(n_params, lora, accelerator.num_processes, sharded, total)
     if refusal:
         raise TofuError(refusal)
 
