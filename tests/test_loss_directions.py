@@ -95,8 +95,8 @@ BASELINE_ARGS = {"ga": ns(), "npo": ns(beta=0.1), "dpo": ns(beta=0.1), "kto": ns
 #   undial  undial_loss adds +beta to the gold logit of the teacher instead of -beta
 #   wga     wga_loss returns -(weight * logp) (sign flip)
 #   satimp  satimp_loss returns -(weight * logp) (sign flip)
-#   ce_u    the gold logit kept in the target (q = p: an entropy term, no push on the gold token)
-#   pdu     pdu_loss with min instead of max (raises the margin of the top token... seen red by hand)
+#   ce_u    ce_u_loss's sign flipped (minus CE, which pulls p_t towards its own gold-free copy's opposite)
+#   pdu     pdu_loss's sign flipped (sharpening the margin instead of flattening it)
 @pytest.mark.parametrize("name", ["ga", "npo", "dpo", "kto", "simnpo", "undial", "wga", "satimp", "ce_u", "pdu"])
 def test_baseline_forget_step_lowers_the_forget_answer(start, name):
     def loss(model, ref, batch):
@@ -181,30 +181,46 @@ def test_pdu_step_uses_lam_then_moves_it_by_the_steps_mean_retain_nll(start, mon
 # model's than the forget ones, which are pulled to c*u.
 def test_rmu_step_moves_forget_activations_to_c_u_and_keeps_retain_ones(start):
     import rmu
-    model, batch = start
-    model, ref = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
-    layers = rmu.decoder_layers(model)
-    trained = rmu.freeze_all_but(model, layers, [0], ["all"])
-    assert trained and all(n.startswith(f"{layers}.0.") for n in trained)
-    control = rmu.control_vector(model.config.hidden_size, 20.0, seed=0)
-    args = ns(layer=0, retain_loss="activations", forget_weight=1.0, alpha=50.0)
+    model0, batch = start
+    ref = copy.deepcopy(model0).eval().requires_grad_(False)
     f, r = batch["forget"], batch["retain"]
     mf, mr = f["labels"] != -100, r["labels"] != -100
+    d = model0.config.hidden_size
+    u = torch.rand(d, generator=torch.Generator().manual_seed(0))
+    control = 20.0 * u / u.norm()  # c * u by hand
 
     @torch.no_grad()
     def dist(m, part, mask, target):
         return rmu.activation_mse(rmu.hidden(m, part, 0), target, mask).item()
-    before = dist(model, f, mf, control)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(5):
-        rmu.step_losses(model, batch, {"ref": ref, "control": control}, args)["loss"].backward()
-        opt.step()
-        opt.zero_grad()
-    assert dist(model, f, mf, control) < before - 1e-3
-    with torch.no_grad():
-        drift_forget = dist(model, f, mf, rmu.hidden(ref, f, 0))
-        drift_retain = dist(model, r, mr, rmu.hidden(ref, r, 0))
-    assert drift_retain < drift_forget
+
+    def train(alpha):
+        model = copy.deepcopy(model0)
+        layers = rmu.decoder_layers(model)
+        trained = rmu.freeze_all_but(model, layers, [0], ["all"])
+        assert trained and all(n.startswith(f"{layers}.0.") for n in trained)
+        args = ns(layer=0, retain_loss="activations", forget_weight=1.0, alpha=alpha)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            rmu.step_losses(model, batch, {"ref": ref, "control": control}, args)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            return (dist(model, f, mf, control), dist(model, f, mf, rmu.hidden(ref, f, 0)),
+                    dist(model, r, mr, rmu.hidden(ref, r, 0)))
+    to_c_u, drift_forget, drift_retain = train(50.0)
+    assert to_c_u < dist(ref, f, mf, control) - 1e-3        # forget activations moved towards c * u
+    assert drift_retain < drift_forget                        # retain ones stayed nearer the frozen model's
+    assert drift_retain < 0.5 * train(0.0)[2]                 # and that is the retain term's doing
+
+
+def test_rmu_control_vector_is_c_times_a_positive_unit_vector_fixed_by_the_seed():
+    import rmu
+    # Catches: a negated or unnormalised vector, randn instead of the reference code's rand, a seed ignored.
+    v = rmu.control_vector(16, 6.5, seed=3)
+    u = torch.rand(16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(v, 6.5 * u / u.norm())
+    assert v.norm().item() == pytest.approx(6.5) and (v > 0).all()
+    assert not torch.equal(v, rmu.control_vector(16, 6.5, seed=4))
 
 
 # ---------------------------------------------------------------- me_gd.py
