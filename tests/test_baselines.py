@@ -82,6 +82,23 @@ def test_argument_resolution(tiny_model_dir):
         parse("--method", "ta", "--epochs", 3)
 
 
+def test_newer_baselines_take_open_unlearnings_defaults():
+    # Catches a default that drifted from open-unlearning's TOFU configs (WGA.yaml, SatImp.yaml, CEU.yaml,
+    # community/methods/PDU/run.sh) or the pdu warmup that never lets the dual variable move on the quick path.
+    a = parse("--method", "wga_gd")
+    assert (a.beta, a.forget_weight, a.retain_weight) == (1.0, 1.0, 1.0)
+    a = parse("--method", "satimp_gd")
+    assert (a.beta, a.beta2, a.forget_weight, a.retain_weight) == (5.0, 1.0, 0.1, 1.0)
+    assert parse("--method", "ce_u").ceu_skip_first == 1 and baselines.METHODS["ce_u"] == ("ce_u", None)
+    a = parse("--method", "pdu")
+    assert (a.forget_weight, a.retain_weight, a.retain_bound, a.dual_step, a.dual_warmup_epochs) == (1.0, 100.0, 0.3, 5.0, 0.0)
+    a = parse("--method", "pdu", "--model", "org/real-model")
+    assert (a.epochs, a.dual_warmup_epochs) == (10, 5.0)
+    assert parse("--method", "npo_gd").retain_weight == 1.0
+    with pytest.raises(common.TofuError, match="--dual_step must be"):
+        parse("--method", "pdu", "--dual_step", -1)
+
+
 @pytest.mark.parametrize("method", ["npo", "dpo_kl", "kto_gd", "simnpo"])
 def test_beta_is_checked_at_parse_time_where_a_loss_divides_by_it(method):
     """Catches the check that ran only in setup_frozen, after the data, the evaluation and the
