@@ -25,7 +25,8 @@ Reproducing the paper (WMDP, Zephyr-7B, App. B): the defaults: --layer 7, --trai
   --trained_modules mlp.down_proj, --steering_coeff 6.5, --alpha 1200 (lr 5e-5 there; on TOFU we keep the
   shared lr 1e-5, batch 32, 10 epochs of open-unlearning's TOFU runs).
 open-unlearning on TOFU (RMU.yaml): --steering_coeff 2 --alpha 1 --trained_modules all
-  --trained_layers 0,1,...,7 (it trains every parameter; those above layer 7 get no gradient).
+  --trained_layers 0,1,...,7 (it trains every parameter: those above layer 7 get no gradient, and the
+  embeddings, which it also trains, stay frozen here).
 LoRA: --lora_r puts the adapter on exactly the trained modules (named modules only, not "all").
 """
 from __future__ import annotations
