@@ -1,5 +1,6 @@
-"""Baselines for LLM unlearning on TOFU: GA, NPO, DPO, KTO, IDK, SimNPO, UNDIAL, TA,
-each with an optional retain term GD (retain NLL, also called RT) or KL.
+"""Baselines for LLM unlearning on TOFU: GA, NPO, DPO, KTO, IDK, SimNPO, UNDIAL, TA, WGA, SatImp,
+CE-U and PDU, each with an optional retain term GD (retain NLL, also called RT) or KL.
+(RMU works on hidden activations, not logits: rmu.py.)
 
 Compared against in:
   RKLD: Reverse KL-Divergence-based Knowledge Distillation for Unlearning Personal
@@ -18,6 +19,14 @@ Method sources:
   UNDIAL            Unmemorization in LLMs via Self-Distillation and Deliberate Imagination
                     (Dong et al., 2024), arXiv:2402.10052
   TA                Editing Models with Task Arithmetic (Ilharco et al., 2022), arXiv:2212.04089
+  WGA               Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond
+                    (Wang et al., ICLR 2025), arXiv:2502.19301
+  SatImp            Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning (Yang et al.,
+                    ICML 2025), arXiv:2505.11953
+  CE-U              CE-U: Cross Entropy Unlearning (Yang, 2025), arXiv:2503.01224
+  PDU               Constrained Entropic Unlearning: A Primal-Dual Framework for LLMs (Entesari et al.,
+                    2025), arXiv:2506.05314
+  Defaults of the four from open-unlearning (configs/trainer/*.yaml, community/methods/*/run.sh).
 
 Objective (one method = one forget term + one retain term):
   L = gamma * L_forget + alpha * L_retain
@@ -33,6 +42,14 @@ Objective (one method = one forget term + one retain term):
   simnpo  L_forget = -(2/beta) * mean log sigmoid(beta * (S_theta(y_f|x_f) / |y_f| - delta))
   undial  L_forget = mean over answer tokens t of CE(softmax(l_ref,t - beta * onehot(y_t)), p_theta,t)
   ta      theta = theta_ori - lam * (theta_str - theta_ori)      (no training)
+  wga     L_forget = mean over answer tokens t of sg(p_t)^beta * log p_t,   p_t = p_theta(y_t | x, y_<t),
+          sg = stop-gradient (the weights are constants)
+  satimp  L_forget = mean over answer tokens t of sg(p_t)^beta * sg(1 - p_t)^beta2 * log p_t
+  ce_u    L_forget = mean over answer tokens t (the first --ceu_skip_first of each answer left out) of
+          CE(q_t, p_theta,t),  q_t = softmax of sg(logits_t) with the gold logit set to -inf
+  pdu     L = gamma * L_forget + lam * (NLL_theta(y_r | x_r) - eps),
+          L_forget = mean over answer tokens t of (max_v z_t,v - mean_v z_t,v)^2   (z = logits),
+          lam <- max(0, lam + eta * (mean retain NLL of the step - eps)) after every optimizer step
   retain  gd: NLL_theta(y_r | x_r);  kl: mean over all B x T positions of the padded retain batch,
           padding included, of KL(p_ref || p_theta), as in CL/TOFU/open-unlearning (--pad_to 500 pads
           like CL and TOFU); --loss_reduction tokens: non-padding positions only
@@ -42,8 +59,9 @@ Launch:
   accelerate launch baselines.py --method dpo_kl --split forget05 --model locuslab/tofu_ft_llama2-7b --retain_logs DIR
 
 Flags: --method (the names above, + _gd or _kl for the retain term; RKLD's "X+RT" is x_rt = x_gd;
-  table METHODS), --beta, --delta, --forget_weight (gamma), --retain_weight (alpha), --ta_lambda and,
-  for ta, rkld.py's --strengthen* flags. Runs go to runs/<method>/<split>[-<flag>_<value>...].
+  table METHODS), --beta, --beta2, --delta, --forget_weight (gamma), --retain_weight (alpha; pdu: the
+  starting lam), --ceu_skip_first, --retain_bound (eps), --dual_step (eta), --dual_warmup_epochs,
+  --ta_lambda and, for ta, rkld.py's --strengthen* flags. Runs go to runs/<method>/<split>[-<flag>_<value>...].
 
 Reproducing the papers:
   --method {ga,ga_gd,ga_kl,npo,npo_gd,npo_kl,dpo,dpo_gd,dpo_kl,idk,idk_gd} with the defaults
@@ -56,6 +74,11 @@ Reproducing the papers:
   --method ta: the RKLD paper does not state lam; lam=1 (--ta_lambda) is the plain task-vector
   negation of Ilharco et al., with theta_str the strengthened model that rkld.py builds. No
   training: the loop runs zero steps, then the edited model is saved and evaluated.
+  --method wga_gd: beta=1, gamma=alpha=1 (open-unlearning WGA.yaml); --method satimp_gd: beta=5,
+  beta2=1, gamma=0.1, alpha=1 (SatImp.yaml); --method ce_u: no retain term, the first answer token
+  left out (CEU.yaml; the paper's footnote); --method pdu: gamma=1, lam starts at 100, eps=0.3, eta=5,
+  dual updates after 5 warmup epochs of 10 (open-unlearning community/methods/PDU/run.sh; on the
+  quick path the dual variable moves from the first step). docs/specs.md: each formula and its quirks.
 """
 from __future__ import annotations
 
@@ -205,6 +228,73 @@ def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Te
     return -(q * logp).sum() / keep.sum().clamp(min=1)
 
 
+def answer_token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p_theta(y_t | x, y_<t) of every scored answer token of the micro-batch, flattened [N]
+    (fp32; logits[:, t] predicts labels[:, t + 1]; labels -100 are left out)."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logp = F.log_softmax(logits[:, :-1].float()[keep], dim=-1)
+    return logp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+
+
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """WGA = mean over scored answer tokens t of w_t * log p_t, w_t = sg(p_t)^beta (no gradient
+    through the weight). Gradient ascent on the NLL, each token weighted by its own probability, so
+    tokens already forgotten (p_t small) stop pulling. beta = 0 is GA (ga_loss). Token mean over the
+    micro-batch, as open-unlearning's compute_wga_loss. Default beta=1 (open-unlearning WGA.yaml;
+    Wang et al. 2025, arXiv:2502.19301)."""
+    logp = answer_token_logprob(logits, labels)
+    weight = logp.detach().exp() ** beta
+    return (weight * logp).sum() / logp.numel() if logp.numel() else logp.sum()
+
+
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+    """SatImp = mean over scored answer tokens t of w_t * log p_t, w_t = sg(p_t)^beta * sg(1 - p_t)^beta2:
+    a saturation weight p^beta1 (the paper's beta_1) times an importance weight (1 - p)^beta2, both
+    constants for the gradient. Token mean over the micro-batch, as open-unlearning's
+    compute_satimp_loss. Defaults beta1=5, beta2=1 (open-unlearning SatImp.yaml; Yang et al. 2025,
+    arXiv:2505.11953)."""
+    logp = answer_token_logprob(logits, labels)
+    p = logp.detach().exp()
+    weight = p ** beta * (1.0 - p) ** beta2
+    return (weight * logp).sum() / logp.numel() if logp.numel() else logp.sum()
+
+
+def ce_u_loss(logits: torch.Tensor, labels: torch.Tensor, skip_first: int = 1) -> torch.Tensor:
+    """CE-U = mean over scored answer tokens t of CE(q_t, p_theta,t) = -sum_v q_t(v) log p_theta,t(v),
+    q_t = softmax(sg(logits_t)) with the gold token's logit set to -inf: the model's own distribution
+    without the true token, held constant. Its logit gradient is p_t - q_t, so the gold logit is
+    pushed down by p_t(gold) and no further once p_t(gold) = 0 (no GA blow-up).
+    The first `skip_first` scored tokens of each answer are left out (the paper's footnote in its
+    training settings; open-unlearning CEU.yaml ignore_first_n_answer_tokens=1). Token mean over the
+    kept tokens of the micro-batch. (Yang 2025, arXiv:2503.01224.)"""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    keep = keep & (keep.cumsum(-1) > skip_first)
+    x = logits[:, :-1].float()[keep]
+    gold = targets[keep].unsqueeze(-1)
+    q = F.softmax(x.detach().scatter(-1, gold, float("-inf")), dim=-1)
+    return -(q * F.log_softmax(x, dim=-1)).sum() / keep.sum().clamp(min=1)
+
+
+def pdu_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PDU's logit-margin flattening loss = mean over scored answer positions t of
+    (max_v z_t(v) - mean_v z_t(v))^2, z_t = logits[:, t] predicting labels[:, t + 1]. Zero exactly when
+    every logit of the position is equal (p_t uniform); softmax-free. Token mean over the micro-batch.
+    (Entesari et al. 2025, arXiv:2506.05314.) open-unlearning pairs unshifted logits with the labels,
+    one position off (docs/specs.md); we score the positions that predict answer tokens."""
+    keep = labels[:, 1:] != -100
+    z = logits[:, :-1].float()[keep]
+    return ((z.max(-1).values - z.mean(-1)) ** 2).sum() / keep.sum().clamp(min=1)
+
+
+def pdu_dual_step(lam: float, retain_loss: float, eps: float = 0.3, step_size: float = 5.0) -> float:
+    """PDU's dual ascent on the constraint retain_loss <= eps: lam <- max(0, lam + step_size * (retain_loss - eps)).
+    retain_loss is the step's mean retain NLL. Defaults eps=0.3, step 5 (open-unlearning
+    community/methods/PDU/run.sh)."""
+    return max(0.0, float(lam) + step_size * (float(retain_loss) - eps))
+
+
 def task_arithmetic(original_state_dict: dict[str, torch.Tensor], strengthened_state_dict: dict[str, torch.Tensor],
                     lam: float) -> dict[str, torch.Tensor]:
     """Task-vector negation: theta = theta_ori - lam * (theta_str - theta_ori), per tensor.
@@ -253,25 +343,38 @@ METHODS = {  # name -> (forget term, retain term); gd = retain NLL (RKLD's "+RT"
     "simnpo": ("simnpo", None), "simnpo_gd": ("simnpo", "gd"),
     "undial": ("undial", None),
     "ta": ("ta", None),
+    "wga": ("wga", None), "wga_gd": ("wga", "gd"), "wga_kl": ("wga", "kl"),
+    "satimp": ("satimp", None), "satimp_gd": ("satimp", "gd"),
+    "ce_u": ("ce_u", None),
+    "pdu": ("pdu", "gd"),  # the retain NLL is PDU's constraint, weighted by the dual variable
 }
 ALIASES = {"ga_rt": "ga_gd", "npo_rt": "npo_gd", "dpo_rt": "dpo_gd", "kto_rt": "kto_gd", "idk_rt": "idk_gd",
-           "simnpo_rt": "simnpo_gd"}
+           "simnpo_rt": "simnpo_gd", "wga_rt": "wga_gd", "satimp_rt": "satimp_gd"}
 TERM_DEFAULTS = {  # what a forget term sets among the flags the user left unset
     "npo": {"beta": 0.1}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1},  # NPO paper, CL, open-unlearning
     "simnpo": {"beta": 4.5, "forget_weight": 0.125},                    # open-unlearning SimNPO.yaml
     "undial": {"beta": 10.0},                                           # open-unlearning UNDIAL.yaml
     "ta": {"epochs": 0},                                                # weight edit, no training
+    "wga": {"beta": 1.0},                                               # open-unlearning WGA.yaml
+    "satimp": {"beta": 5.0, "forget_weight": 0.1},                      # open-unlearning SatImp.yaml
+    "pdu": {"retain_weight": 100.0, "dual_warmup_epochs": 0.0},         # PDU run.sh (warmup: quick path, below)
 }
-REAL_MODEL_DEFAULTS = {"undial": {"lr": 1e-4, "epochs": 10}}  # UNDIAL.yaml; not applied to --model quick
+REAL_MODEL_DEFAULTS = {"undial": {"lr": 1e-4, "epochs": 10},            # UNDIAL.yaml; not applied to --model quick
+                       "pdu": {"epochs": 10, "dual_warmup_epochs": 5.0}}  # PDU run.sh (Llama-3.2-1B/3B)
 
 
 @dataclasses.dataclass
 class Args(flags.MethodArgs):
     method: str = flags.flag(None, f"Required. One of {', '.join(METHODS)}; also {', '.join(ALIASES)} (RKLD's +RT names).")
-    beta: float = flags.flag(None, "Default per method: 0.1 for npo/dpo/kto (NPO paper, CL, open-unlearning; the NPO authors' code shares one beta across its losses); 4.5 for simnpo (open-unlearning SimNPO.yaml); 10 for undial, the gold-logit penalty (UNDIAL.yaml).")
+    beta: float = flags.flag(None, "Default per method: 0.1 for npo/dpo/kto (NPO paper, CL, open-unlearning; the NPO authors' code shares one beta across its losses); 4.5 for simnpo (open-unlearning SimNPO.yaml); 10 for undial, the gold-logit penalty (UNDIAL.yaml); 1 for wga, the power of the token weight p^beta (WGA.yaml; Wang et al. 2025); 5 for satimp, its beta1 in p^beta1 (1-p)^beta2 (SatImp.yaml; Yang et al. 2025).")
+    beta2: float = flags.flag(1.0, "satimp: the power beta2 of the importance weight (1-p)^beta2 (open-unlearning SatImp.yaml: 1).")
+    ceu_skip_first: int = flags.flag(1, "ce_u: leave out the first N tokens of each answer (CE-U paper, footnote in its training settings; open-unlearning CEU.yaml ignore_first_n_answer_tokens: 1).")
+    retain_bound: float = flags.flag(0.3, "pdu: eps, the bound of the constraint retain NLL <= eps (open-unlearning community/methods/PDU/run.sh: 0.3 on TOFU; PDU.yaml leaves it to the user; the paper sets it a margin above the starting model's retain loss).")
+    dual_step: float = flags.flag(5.0, "pdu: eta, the dual variable's step lam <- max(0, lam + eta * (retain NLL - eps)) after every optimizer step (PDU run.sh: 5).")
+    dual_warmup_epochs: float = flags.flag(None, "pdu: epochs before the dual variable starts moving (held at --retain_weight until then). Default 5 on a real model (PDU run.sh, of 10 epochs); 0 on the quick path, whose 5 epochs would otherwise never move it.")
     delta: float = flags.flag(0.0, "SimNPO margin delta (open-unlearning SimNPO.yaml: 0).")
-    forget_weight: float = flags.flag(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml).")
-    retain_weight: float = flags.flag(1.0, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1).")
+    forget_weight: float = flags.flag(None, "gamma, weight of the forget term: 1 (CL, RKLD App. A), 0.125 for simnpo (open-unlearning SimNPO.yaml), 0.1 for satimp (SatImp.yaml).")
+    retain_weight: float = flags.flag(None, "alpha, weight of the retain term (CL baselines.sh, RKLD App. A: 1); for pdu the dual variable's starting value lam_0 (PDU run.sh: 100).")
     loss_reduction: str = flags.flag("reference", "How the retain KL (the *_kl methods) averages over positions. reference = mean over all B x T positions of the padded retain batch, question and padding included (CL trainer/losses.py, TOFU dataloader.py and open-unlearning trainer/utils.py: kl_div batchmean on [B*T, V]); tokens = mean over non-padding positions only.")
     pad_to: int = flags.flag(None, "Pad the batch parts that --loss_reduction reference averages over (retain, for the *_kl methods) to this many tokens (or to the longest, if longer), so padding positions count as in the references: closer-look and TOFU pad every sequence to max_length 500 (dataset/data_module.py). Default 500 for real models; 0 (pad to the longest in the micro-batch) for --model quick, to keep the CPU path fast. Ignored with --loss_reduction tokens.")
     ta_lambda: float = flags.flag(1.0, "ta: theta = theta_ori - lambda*(theta_str - theta_ori). The RKLD paper gives no value; 1 is plain task-vector negation (Ilharco et al. 2022).")
@@ -298,12 +401,16 @@ class Args(flags.MethodArgs):
             raise TofuError("--method ta trains no adapter to save alone (its LoRA strengthening is merged for the "
                             "task vector); drop --save_adapter_only")
         real = REAL_MODEL_DEFAULTS.get(forget, {}) if self.model != models.QUICK else {}
-        for k, v in {"forget_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
+        for k, v in {"forget_weight": 1.0, "retain_weight": 1.0, **TERM_DEFAULTS.get(forget, {}), **real}.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
         if forget in ("npo", "dpo", "kto", "simnpo") and not self.beta > 0:
             raise TofuError(f"--beta must be positive for {self.method} (its loss divides by beta), not {self.beta}")
-        flags.check_numbers(self, (("strengthen_lr", *flags.POSITIVE), ("strengthen_epochs", *flags.NON_NEGATIVE)))
+        flags.check_numbers(self, (("strengthen_lr", *flags.POSITIVE), ("strengthen_epochs", *flags.NON_NEGATIVE),
+                                   ("ceu_skip_first", *flags.NON_NEGATIVE), ("dual_step", *flags.NON_NEGATIVE)))
+        if forget == "pdu" and not (self.retain_weight >= 0 and self.dual_warmup_epochs >= 0):
+            raise TofuError(f"pdu needs --retain_weight (the starting dual variable) and --dual_warmup_epochs of at "
+                            f"least 0, not {self.retain_weight} and {self.dual_warmup_epochs}")
 
 
 METHOD = "baselines"  # progress and log label; the run folder is runs/<--method>/<split>
@@ -345,6 +452,14 @@ def forget_term(name: str, model, batch: dict, ref, args) -> torch.Tensor:
         return simnpo_loss(_logp(model, f), (f["labels"][:, 1:] != -100).sum(-1), args.beta, args.delta)
     if name == "undial":
         return undial_loss(_logits(model, f), _logits(ref, f, False), f["labels"], args.beta)
+    if name == "wga":
+        return wga_loss(_logits(model, f), f["labels"], args.beta)
+    if name == "satimp":
+        return satimp_loss(_logits(model, f), f["labels"], args.beta, args.beta2)
+    if name == "ce_u":
+        return ce_u_loss(_logits(model, f), f["labels"], args.ceu_skip_first)
+    if name == "pdu":
+        return pdu_loss(_logits(model, f), f["labels"])
     raise ValueError(f"no forget loss {name!r}")  # ta never trains, so never gets here
 
 
@@ -435,6 +550,11 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
         negate_task_vector(frozen["model"], str_path, args.ta_lambda)
     if forget in USES_REF or retain in USES_REF:
         frozen["ref"] = launch.starting_model(args, accelerator, frozen)  # with LoRA: the trained model's base
+    if forget == "pdu":
+        per_epoch = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs,
+                                       args.warmup_epochs, args.max_steps, args.schedule)["steps_per_epoch"]
+        frozen["dual"] = DualVariable(args.retain_weight, args.retain_bound, args.dual_step,
+                                      int(round(args.dual_warmup_epochs * per_epoch)))
     return frozen
 
 
@@ -444,13 +564,44 @@ def padded_parts(args) -> tuple[str, ...]:
 
 
 def step_losses(model, batch, frozen, args) -> dict:
-    """{'loss': gamma * forget + alpha * retain, 'loss/forget': ..., 'loss/retain': ...} for one micro-batch."""
+    """{'loss': gamma * forget + alpha * retain, 'loss/forget': ..., 'loss/retain': ...} for one micro-batch.
+    pdu: alpha is the dual variable lam (logged as pdu/lambda) and the retain term is NLL - eps."""
     forget, retain = METHODS[args.method]
     out = {"loss/forget": forget_term(forget, model, batch, frozen["ref"], args)}
     if retain:
         out["loss/retain"] = retain_term(retain, model, batch, frozen["ref"], args.loss_reduction)
+    if forget == "pdu":
+        dual = frozen["dual"]
+        out["loss"] = args.forget_weight * out["loss/forget"] + dual.lam * (out["loss/retain"] - args.retain_bound)
+        out["pdu/lambda"] = torch.tensor(dual.lam)
+        dual.observe(out["loss/retain"])
+        return out
     out["loss"] = args.forget_weight * out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)
     return out
+
+
+class DualVariable:
+    """PDU's lam, the same on every rank. observe() collects each micro-batch's retain NLL; at the last
+    micro-batch of an optimizer step (accelerate's sync_gradients) it takes their mean over the step and
+    over every rank (a collective: all ranks reach it at the same micro-batch) and, once warmup_steps
+    steps are done, moves lam by pdu_dual_step. The micro-batch losses of that step used the old lam."""
+
+    def __init__(self, lam: float, eps: float, step_size: float, warmup_steps: int):
+        self.lam, self.eps, self.step_size, self.warmup_steps = float(lam), eps, step_size, warmup_steps
+        self.sum, self.n, self.steps = 0.0, 0, 0
+
+    def observe(self, retain_loss: torch.Tensor) -> None:
+        from accelerate.state import GradientState
+        self.sum, self.n = self.sum + retain_loss.detach().float().item(), self.n + 1
+        if not GradientState().sync_gradients:
+            return
+        total = torch.tensor([self.sum, float(self.n)], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = total.to(retain_loss.device)
+            torch.distributed.all_reduce(total)
+        if self.steps >= self.warmup_steps:
+            self.lam = pdu_dual_step(self.lam, (total[0] / total[1]).item(), self.eps, self.step_size)
+        self.sum, self.n, self.steps = 0.0, 0, self.steps + 1
 
 
 # ====================================================================

@@ -16,13 +16,17 @@ def load_results() -> list[dict]:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
 
 
+NEWER_BASELINES = ("wga_gd", "satimp_gd", "ce_u", "pdu", "rmu")
 METHODS = {  # name -> (script, flags); paper names: RKLD Table 4 and closer-look Table 4
     "rkld": ("rkld.py", []), "rkld_fkl": ("rkld.py", ["--divergence", "fkl"]),
     "me_gd": ("me_gd.py", []), "idk_ap": ("idk_ap.py", []),
     **{m: ("baselines.py", ["--method", m]) for m in ("ga_gd", "npo_gd", "idk_gd", "ga", "npo", "dpo", "kto", "idk")},
+    # the newer baselines (issue 33), each in the form open-unlearning runs on TOFU; no results yet
+    **{m: ("baselines.py", ["--method", m]) for m in NEWER_BASELINES if m != "rmu"}, "rmu": ("rmu.py", []),
 }
 NAMES = {"rkld": "RKLD", "rkld_fkl": "RKLD with FKL", "me_gd": "ME+GD", "idk_ap": "IDK+AP", "ga_gd": "GA+GD",
-         "npo_gd": "NPO+GD", "idk_gd": "IDK+GD", "ga": "GA", "npo": "NPO", "dpo": "DPO", "kto": "KTO", "idk": "IDK"}
+         "npo_gd": "NPO+GD", "idk_gd": "IDK+GD", "ga": "GA", "npo": "NPO", "dpo": "DPO", "kto": "KTO", "idk": "IDK",
+         "wga_gd": "WGA+GD", "satimp_gd": "SatImp+GD", "ce_u": "CE-U", "pdu": "PDU", "rmu": "RMU"}
 GRIDS = ("reference", "sweep", "seeds", "shared", "continual")  # "all"; the gpu grid runs only when named (--grid gpu)
 METHOD_GRIDS = ("sweep", "seeds", "shared")  # runs of a method script from the quick target: they share its caches
 
@@ -44,7 +48,7 @@ CONTINUAL_LR = 1e-4  # scripts/continual.py on the quick path (the grid passes n
 # sweep GA+GD and ME+GD reach forget quality 0.0286 at most there in a run of one task: a sequence at 2e-5 could
 # hardly tell keeping utility from not unlearning.
 CONTINUAL_LOW_LR = 5e-5
-GPU_SPLITS, GPU_METHODS = ("forget05", "forget10"), ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd")
+GPU_SPLITS, GPU_METHODS = ("forget05", "forget10"), ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd", *NEWER_BASELINES)
 
 MU_KEPT = 0.9
 LR_RULE = ("among the swept rates at which the method unlearned anything (last-epoch forget quality above the "

@@ -15,9 +15,12 @@ from harness import flags, models
 import rkld
 
 ALL = ["ga", "ga_gd", "ga_kl", "npo", "npo_gd", "npo_kl", "dpo", "dpo_gd", "dpo_kl", "kto", "kto_gd", "kto_kl",
-       "idk", "idk_gd", "simnpo", "simnpo_gd", "undial", "ta"]
-NO_REF = {"ga", "ga_gd", "idk", "idk_gd", "simnpo", "simnpo_gd", "ta"}
-WITH_RETAIN = {"ga_gd", "ga_kl", "npo_gd", "npo_kl", "dpo_gd", "dpo_kl", "kto_gd", "kto_kl", "idk_gd", "simnpo_gd"}
+       "idk", "idk_gd", "simnpo", "simnpo_gd", "undial", "ta", "wga", "wga_gd", "wga_kl", "satimp", "satimp_gd",
+       "ce_u", "pdu"]
+NO_REF = {"ga", "ga_gd", "idk", "idk_gd", "simnpo", "simnpo_gd", "ta", "wga", "wga_gd", "satimp", "satimp_gd", "ce_u",
+          "pdu"}
+WITH_RETAIN = {"ga_gd", "ga_kl", "npo_gd", "npo_kl", "dpo_gd", "dpo_kl", "kto_gd", "kto_kl", "idk_gd", "simnpo_gd",
+               "wga_gd", "wga_kl", "satimp_gd", "pdu"}
 # At step 1 the trained model still equals the reference, so log-ratios are 0:
 # NPO and DPO give -(2/beta) log sigmoid(0) = 20 ln 2, KTO gives 1 - (2/beta) sigmoid(0) = -9.
 FIRST_FORGET = {"npo": 20 * math.log(2), "dpo": 20 * math.log(2), "kto": -9.0}
@@ -79,6 +82,23 @@ def test_argument_resolution(tiny_model_dir):
         parse("--method", "ta", "--epochs", 3)
 
 
+def test_newer_baselines_take_open_unlearnings_defaults():
+    # Catches a default that drifted from open-unlearning's TOFU configs (WGA.yaml, SatImp.yaml, CEU.yaml,
+    # community/methods/PDU/run.sh) or the pdu warmup that never lets the dual variable move on the quick path.
+    a = parse("--method", "wga_gd")
+    assert (a.beta, a.forget_weight, a.retain_weight) == (1.0, 1.0, 1.0)
+    a = parse("--method", "satimp_gd")
+    assert (a.beta, a.beta2, a.forget_weight, a.retain_weight) == (5.0, 1.0, 0.1, 1.0)
+    assert parse("--method", "ce_u").ceu_skip_first == 1 and baselines.METHODS["ce_u"] == ("ce_u", None)
+    a = parse("--method", "pdu")
+    assert (a.forget_weight, a.retain_weight, a.retain_bound, a.dual_step, a.dual_warmup_epochs) == (1.0, 100.0, 0.3, 5.0, 0.0)
+    a = parse("--method", "pdu", "--model", "org/real-model")
+    assert (a.epochs, a.dual_warmup_epochs) == (10, 5.0)
+    assert parse("--method", "npo_gd").retain_weight == 1.0
+    with pytest.raises(common.TofuError, match="--dual_step must be"):
+        parse("--method", "pdu", "--dual_step", -1)
+
+
 @pytest.mark.parametrize("method", ["npo", "dpo_kl", "kto_gd", "simnpo"])
 def test_beta_is_checked_at_parse_time_where_a_loss_divides_by_it(method):
     """Catches the check that ran only in setup_frozen, after the data, the evaluation and the
@@ -97,7 +117,7 @@ def test_cli_reports_an_unknown_method_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         common.cli(baselines.main)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.count("\n") == 0 and "simnpo_gd, undial, ta" in err
+    assert e.value.code == 2 and err.count("\n") == 0 and "simnpo_gd, undial, ta, wga" in err
 
 
 @pytest.fixture
@@ -110,20 +130,29 @@ def frozen_seen(monkeypatch):
 
 @pytest.mark.parametrize("method", [m for m in ALL if m != "ta"])
 def test_smoke_every_method(monkeypatch, tmp_path, tiny_model_dir, frozen_seen, method):
-    run(monkeypatch, "--method", method, "--model", tiny_model_dir, *SMOKE, "--output_dir", tmp_path)
+    extra = ["--dual_warmup_epochs", 0] if method == "pdu" else []  # a real model's default waits 5 epochs
+    run(monkeypatch, "--method", method, "--model", tiny_model_dir, *SMOKE, *extra, "--output_dir", tmp_path)
     ms = metrics(tmp_path)
     assert [m["step"] for m in ms] == [1, 2]
     for m in ms:
         assert {"loss", "loss/forget", "lr", "epoch"} <= set(m) and ("loss/retain" in m) == (method in WITH_RETAIN)
         assert all(math.isfinite(m[k]) for k in ("loss", "loss/forget"))
-        w = 0.125 if method.startswith("simnpo") else 1.0
-        assert m["loss"] == pytest.approx(w * m["loss/forget"] + m.get("loss/retain", 0.0), rel=1e-5, abs=1e-6)
+        w = {"simnpo": 0.125, "satimp": 0.1}.get(method.split("_")[0], 1.0)
+        if method == "pdu":  # lam * (retain NLL - eps), lam starting at 100 and moving after step 1
+            assert m["loss"] == pytest.approx(m["loss/forget"] + m["pdu/lambda"] * (m["loss/retain"] - 0.3), rel=1e-5)
+        else:
+            assert m["loss"] == pytest.approx(w * m["loss/forget"] + m.get("loss/retain", 0.0), rel=1e-5, abs=1e-6)
     forget, retain = baselines.METHODS[method]
     if forget in FIRST_FORGET:
         assert ms[0]["loss/forget"] == pytest.approx(FIRST_FORGET[forget], abs=1e-4)
     if retain == "kl":
         assert ms[0]["loss/retain"] == pytest.approx(0.0, abs=1e-5)   # KL(p_ref || p_theta) with theta = ref
-    assert {"ga": ms[0]["loss/forget"] < 0, "idk": ms[0]["loss/forget"] > 0}.get(forget, True)
+    assert {"ga": ms[0]["loss/forget"] < 0, "idk": ms[0]["loss/forget"] > 0, "wga": ms[0]["loss/forget"] < 0,
+            "satimp": ms[0]["loss/forget"] < 0, "ce_u": ms[0]["loss/forget"] > 0,
+            "pdu": ms[0]["loss/forget"] > 0}.get(forget, True)
+    if forget == "pdu":  # the dual variable: lam_0 = 100, then lam_1 = max(0, 100 + 5 * (step 1's retain NLL - 0.3))
+        assert ms[0]["pdu/lambda"] == 100.0
+        assert ms[1]["pdu/lambda"] == pytest.approx(max(0.0, 100 + 5 * (ms[0]["loss/retain"] - 0.3)), rel=1e-6)
     assert (frozen_seen["ref"] is None) == (method in NO_REF)
     assert (tmp_path / "model" / "config.json").exists()
 

@@ -29,6 +29,10 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     "npo_kl": ("baselines.py", ["--method", "npo_kl", *RUN, "--eval", "false"]),
     "me_gd": ("me_gd.py", [*RUN, "--retain_loss", "kl", "--eval", "false"]),
     "idk_ap": ("idk_ap.py", [*RUN, "--forget_loss", "dpo", "--eval", "false"]),
+    # PDU's dual variable: each step's mean retain NLL over micro-batches and ranks moves it (pdu/lambda logged)
+    "pdu": ("baselines.py", ["--method", "pdu", *RUN, "--dual_warmup_epochs", 0, "--eval", "false"]),
+    # RMU: hidden states of layer 0, only its mlp.down_proj trained, the frozen copy's activations
+    "rmu": ("rmu.py", [*RUN, "--layer", 0, "--eval", "false"]),
     # strengthening (its own stage), the live teacher, the KL retain term, evaluation of the teacher and
     # of the model before and after: generation and scoring in step across ranks
     "rkld": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl", "--eval_teacher",
@@ -94,7 +98,7 @@ def one_process(tiny_model_dir, tmp_path_factory):
 # Every case under DDP; under FSDP2 the cases whose models FSDP2 places differently: GA (no frozen model),
 # ME+GD's KL and IDK+AP's reference (frozen models like NPO+KL's) run there only when TOFU_FULL_MATRIX=1,
 # to keep the suite inside its 15 minutes (each two-process launch costs ~15 s of imports on 2 cores).
-FSDP2_CASES = ("npo_kl", "rkld", "rkld_pre", "npo_kl_lora", "rkld_lora")
+FSDP2_CASES = ("npo_kl", "rkld", "rkld_pre", "npo_kl_lora", "rkld_lora", "pdu", "rmu")
 MATRIX = [(n, "ddp") for n in CASES] + [(n, "fsdp2") for n in CASES
                                         if n in FSDP2_CASES or os.environ.get("TOFU_FULL_MATRIX") == "1"]
 

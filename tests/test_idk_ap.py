@@ -10,6 +10,7 @@ import common
 import idk_ap
 import me_gd
 import rkld
+import rmu
 
 SMOKE = ["--subset", "quick", "--max_steps", 2, "--batch_size", 2, "--per_device_batch_size", 2, "--eval", "false"]
 
@@ -86,4 +87,5 @@ def test_needs_retain_rows(monkeypatch, tmp_path, tiny_model_dir):
 
 
 def test_main_is_identical_across_method_scripts():
-    assert inspect.getsource(idk_ap.main) == inspect.getsource(rkld.main) == inspect.getsource(me_gd.main)
+    assert inspect.getsource(idk_ap.main) == inspect.getsource(rkld.main) == inspect.getsource(me_gd.main) \
+        == inspect.getsource(rmu.main)

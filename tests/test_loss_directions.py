@@ -81,7 +81,8 @@ def ns(**kw):
 
 
 BASELINE_ARGS = {"ga": ns(), "npo": ns(beta=0.1), "dpo": ns(beta=0.1), "kto": ns(beta=0.1), "idk": ns(),
-                 "simnpo": ns(beta=4.5, delta=0.0), "undial": ns(beta=10.0)}
+                 "simnpo": ns(beta=4.5, delta=0.0), "undial": ns(beta=10.0), "wga": ns(beta=1.0),
+                 "satimp": ns(beta=5.0, beta2=1.0), "ce_u": ns(ceu_skip_first=1), "pdu": ns()}
 
 
 # ---------------------------------------------------------------- baselines.py
@@ -92,7 +93,11 @@ BASELINE_ARGS = {"ga": ns(), "npo": ns(beta=0.1), "dpo": ns(beta=0.1), "kto": ns
 #   kto     kto_loss's sigmoid argument z + beta * log_ratio instead of z - beta * log_ratio
 #   simnpo  simnpo_loss's sign: logsigmoid(-beta * (...)) (descent would lower the NLL)
 #   undial  undial_loss adds +beta to the gold logit of the teacher instead of -beta
-@pytest.mark.parametrize("name", ["ga", "npo", "dpo", "kto", "simnpo", "undial"])
+#   wga     wga_loss returns -(weight * logp) (sign flip)
+#   satimp  satimp_loss returns -(weight * logp) (sign flip)
+#   ce_u    ce_u_loss's sign flipped (minus CE, which pulls p_t towards its own gold-free copy's opposite)
+#   pdu     pdu_loss's sign flipped (sharpening the margin instead of flattening it)
+@pytest.mark.parametrize("name", ["ga", "npo", "dpo", "kto", "simnpo", "undial", "wga", "satimp", "ce_u", "pdu"])
 def test_baseline_forget_step_lowers_the_forget_answer(start, name):
     def loss(model, ref, batch):
         return baselines.forget_term(name, model, batch, ref, BASELINE_ARGS[name])
@@ -134,6 +139,88 @@ def test_baseline_dpo_value_away_from_the_reference(start):
 @torch.no_grad()
 def logp_each(model, part) -> torch.Tensor:
     return common.answer_logprob_stats(_logits(model, part), part["labels"])[0].double()
+
+
+# ---------------------------------------------------------------- pdu: the dual variable in step_losses
+def test_pdu_step_uses_lam_then_moves_it_by_the_steps_mean_retain_nll(start, monkeypatch):
+    # Bugs caught: lam updated before the micro-batch's loss is formed (the first step would use
+    # lam_1), updated per micro-batch instead of once per optimizer step, eps or the sign dropped,
+    # the warmup ignored.
+    from accelerate.state import GradientState
+    model, batch = start
+    args = ns(method="pdu", forget_weight=1.0, loss_reduction="reference", retain_bound=0.3)
+    GradientState()  # accelerate's shared state: sync_gradients marks the last micro-batch of a step
+
+    def last_micro_batch(on):
+        monkeypatch.setitem(GradientState._shared_state, "sync_gradients", on)
+    last_micro_batch(False)
+    dual = baselines.DualVariable(100.0, 0.3, 5.0, warmup_steps=1)
+    frozen = {"ref": None, "dual": dual}
+    with torch.no_grad():
+        r = batch["retain"]
+        nll = -logp(model, r) / (r["labels"][:, 1:] != -100).sum().item()
+        out = baselines.step_losses(model, batch, frozen, args)          # micro-batch 1 of step 1
+        assert out["loss/retain"].item() == pytest.approx(nll, rel=1e-5) and out["pdu/lambda"].item() == 100.0
+        assert out["loss"].item() == pytest.approx(out["loss/forget"].item() + 100.0 * (nll - 0.3), rel=1e-5)
+        last_micro_batch(True)
+        baselines.step_losses(model, batch, frozen, args)                # its last micro-batch: warmup, no move
+        assert dual.lam == 100.0 and dual.steps == 1
+        last_micro_batch(False)
+        baselines.step_losses(model, batch, frozen, args)
+        assert dual.lam == 100.0                                          # not inside a step
+        last_micro_batch(True)
+        out = baselines.step_losses(model, batch, frozen, args)
+        assert out["pdu/lambda"].item() == 100.0                         # this step's loss used the old lam
+    assert dual.lam == pytest.approx(100.0 + 5.0 * (nll - 0.3), rel=1e-5)
+
+
+# ---------------------------------------------------------------- rmu.py
+# Bugs caught: the forget target -c*u or the sign of the forget term flipped (activations move
+# away from c*u); the retain term compared with the trained model's own activations (always 0,
+# no pull back) or dropped: with alpha large the retain activations must stay closer to the frozen
+# model's than the forget ones, which are pulled to c*u.
+def test_rmu_step_moves_forget_activations_to_c_u_and_keeps_retain_ones(start):
+    import rmu
+    model0, batch = start
+    ref = copy.deepcopy(model0).eval().requires_grad_(False)
+    f, r = batch["forget"], batch["retain"]
+    mf, mr = f["labels"] != -100, r["labels"] != -100
+    d = model0.config.hidden_size
+    u = torch.rand(d, generator=torch.Generator().manual_seed(0))
+    control = 20.0 * u / u.norm()  # c * u by hand
+
+    @torch.no_grad()
+    def dist(m, part, mask, target):
+        return rmu.activation_mse(rmu.hidden(m, part, 0), target, mask).item()
+
+    def train(alpha):
+        model = copy.deepcopy(model0)
+        layers = rmu.decoder_layers(model)
+        trained = rmu.freeze_all_but(model, layers, [0], ["all"])
+        assert trained and all(n.startswith(f"{layers}.0.") for n in trained)
+        args = ns(layer=0, retain_loss="activations", forget_weight=1.0, alpha=alpha)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            rmu.step_losses(model, batch, {"ref": ref, "control": control}, args)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            return (dist(model, f, mf, control), dist(model, f, mf, rmu.hidden(ref, f, 0)),
+                    dist(model, r, mr, rmu.hidden(ref, r, 0)))
+    to_c_u, drift_forget, drift_retain = train(50.0)
+    assert to_c_u < dist(ref, f, mf, control) - 1e-3        # forget activations moved towards c * u
+    assert drift_retain < drift_forget                        # retain ones stayed nearer the frozen model's
+    assert drift_retain < 0.5 * train(0.0)[2]                 # and that is the retain term's doing
+
+
+def test_rmu_control_vector_is_c_times_a_positive_unit_vector_fixed_by_the_seed():
+    import rmu
+    # Catches: a negated or unnormalised vector, randn instead of the reference code's rand, a seed ignored.
+    v = rmu.control_vector(16, 6.5, seed=3)
+    u = torch.rand(16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(v, 6.5 * u / u.norm())
+    assert v.norm().item() == pytest.approx(6.5) and (v > 0).all()
+    assert not torch.equal(v, rmu.control_vector(16, 6.5, seed=4))
 
 
 # ---------------------------------------------------------------- me_gd.py

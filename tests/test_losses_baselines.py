@@ -325,3 +325,107 @@ def test_task_arithmetic_keeps_dtype_and_checks_keys():
     assert new["w"].dtype == torch.bfloat16 and new["w"].tolist() == [0.0, 2.0]
     with pytest.raises(ValueError):
         baselines.task_arithmetic(ori, {"v": strong["w"]}, lam=1.0)
+
+
+# ---------------------------------------------------------------- WGA, SatImp, CE-U, PDU
+# Scored tokens of LOGITS/LABELS: LP_00 (seq 0, pos 0 -> 2), LP_01 (seq 0, pos 1 -> 0), LP_11 (seq 1, pos 1 -> 1).
+SCORED = [(0, 0, 2), (0, 1, 0), (1, 1, 1)]  # (sequence, position, gold token)
+
+
+def test_answer_token_logprob_lists_the_scored_tokens():
+    logits, labels = tensors()
+    assert baselines.answer_token_logprob(logits, labels).tolist() == pytest.approx([LP_00, LP_01, LP_11], abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 0.0])
+def test_wga_is_the_probability_weighted_log_likelihood(beta):
+    # Catches: the weight's power (p instead of p^beta), the sign (+NLL), a mean per sequence.
+    logits, labels = tensors()
+    lps = [LP_00, LP_01, LP_11]
+    expected = sum(math.exp(lp) ** beta * lp for lp in lps) / 3
+    assert baselines.wga_loss(logits, labels, beta).item() == pytest.approx(expected, rel=1e-5)
+    if beta == 0.0:  # no weight: GA
+        assert baselines.wga_loss(logits, labels, 0.0).item() == pytest.approx(baselines.ga_loss(logits, labels).item())
+
+
+@pytest.mark.parametrize("beta1,beta2", [(5.0, 1.0), (1.0, 2.0)])
+def test_satimp_weights_are_p_to_beta1_times_one_minus_p_to_beta2(beta1, beta2):
+    # Catches: the two powers swapped, (1 - p) dropped, the sign.
+    logits, labels = tensors()
+    lps = [LP_00, LP_01, LP_11]
+    expected = sum(math.exp(lp) ** beta1 * (1 - math.exp(lp)) ** beta2 * lp for lp in lps) / 3
+    swapped = sum(math.exp(lp) ** beta2 * (1 - math.exp(lp)) ** beta1 * lp for lp in lps) / 3
+    assert abs(expected - swapped) > 1e-3
+    assert baselines.satimp_loss(logits, labels, beta1, beta2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _grad(fn, logits):
+    x = logits.clone().requires_grad_(True)
+    fn(x).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("name", ["wga", "satimp"])
+def test_token_weights_are_held_constant_in_the_gradient(name):
+    # The gradient must be that of sum_t w_t log p_t / N with w_t numbers (computed here by hand from
+    # the logits): catches a weight that is not detached (its own derivative would be added).
+    logits, labels = tensors()
+    w = []
+    for b, t_, y in SCORED:
+        p = math.exp(log_softmax(LOGITS[b][t_])[y])
+        w.append(p ** 2.0 if name == "wga" else p ** 2.0 * (1 - p) ** 1.5)
+
+    def weighted_nll(x):  # the weights as constants
+        lp = torch.stack([torch.log_softmax(x[b, t_], -1)[y] for b, t_, y in SCORED])
+        return (torch.tensor(w) * lp).sum() / 3
+    loss = {"wga": lambda x: baselines.wga_loss(x, labels, 2.0),
+            "satimp": lambda x: baselines.satimp_loss(x, labels, 2.0, 1.5)}[name]
+    assert loss(logits).item() == pytest.approx(weighted_nll(logits).item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, logits), _grad(weighted_nll, logits), rtol=1e-5, atol=1e-7)
+
+
+def _ce_u_by_hand(row, gold):
+    """(loss, gradient wrt the row) of CE(q, p) with q = softmax of the row without the gold token."""
+    others = [x for v, x in enumerate(row) if v != gold]
+    lse = math.log(sum(math.exp(x) for x in others))
+    q = [0.0 if v == gold else math.exp(x - lse) for v, x in enumerate(row)]
+    lp = log_softmax(row)
+    return -sum(qv * lv for qv, lv in zip(q, lp)), [math.exp(lv) - qv for qv, lv in zip(q, lp)]
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_ce_u_by_hand_with_its_target_held_constant(skip):
+    # Catches: the gold logit kept in the target (q = p: loss = entropy), the target not detached
+    # (gradient differs from p - q), the first answer token not skipped, the wrong shift.
+    logits, labels = tensors()
+    kept = SCORED if skip == 0 else [(0, 1, 0)]  # skip 1: each answer's first scored token goes
+    parts = [_ce_u_by_hand(LOGITS[b][t_], y) for b, t_, y in kept]
+    expected = sum(v for v, _ in parts) / len(kept)
+    assert baselines.ce_u_loss(logits, labels, skip).item() == pytest.approx(expected, rel=1e-5)
+    want = torch.zeros_like(logits)
+    for (b, t_, _), (_, g) in zip(kept, parts):
+        want[b, t_] = torch.tensor(g) / len(kept)
+    torch.testing.assert_close(_grad(lambda x: baselines.ce_u_loss(x, labels, skip), logits), want,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_pdu_flattening_loss_by_hand_at_the_positions_that_predict_answers():
+    # Catches: max and mean swapped in sign (the square hides a sign, not a swap to min), the square
+    # dropped, the unshifted positions of open-unlearning (rows 0,1 of seq 0 -> rows 1,2; seq 1 row 2).
+    logits, labels = tensors()
+
+    def margin(row):
+        return (max(row) - sum(row) / len(row)) ** 2
+    expected = sum(margin(LOGITS[b][t_]) for b, t_, _ in SCORED) / 3
+    unshifted = (margin(LOGITS[0][1]) + margin(LOGITS[0][2]) + margin(LOGITS[1][2])) / 3
+    assert abs(expected - unshifted) > 1e-2
+    assert baselines.pdu_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    flat = torch.zeros_like(logits) + 3.0
+    assert baselines.pdu_loss(flat, labels).item() == 0.0
+
+
+def test_pdu_dual_step_by_hand():
+    # Catches: the sign of (retain - eps), the projection onto lam >= 0, the step size ignored.
+    assert baselines.pdu_dual_step(100.0, 0.5, 0.3, 5.0) == pytest.approx(101.0)
+    assert baselines.pdu_dual_step(100.0, 0.1, 0.3, 5.0) == pytest.approx(99.0)
+    assert baselines.pdu_dual_step(0.5, 0.1, 0.3, 5.0) == 0.0

@@ -18,6 +18,7 @@ import finetune
 import idk_ap
 import me_gd
 import rkld
+import rmu
 
 
 def log_softmax(row):
@@ -145,11 +146,11 @@ def test_item_uses_the_picked_template_for_forget_and_retain(tiny_model_dir):
 
 
 @pytest.mark.parametrize("name,modules", [
-    ("sequence_logprob", (baselines, me_gd, idk_ap, rkld)),
-    ("nll_loss", (baselines, me_gd, idk_ap, rkld)),
+    ("sequence_logprob", (baselines, me_gd, idk_ap, rkld, rmu)),
+    ("nll_loss", (baselines, me_gd, idk_ap, rkld, rmu)),
     ("kl_retain_loss", (baselines, me_gd, idk_ap, rkld)),
     ("dpo_loss", (baselines, idk_ap)),
-    ("fit", (baselines, me_gd, idk_ap, rkld, finetune)),  # the training loop of every stage
+    ("fit", (baselines, me_gd, idk_ap, rkld, rmu, finetune)),  # the training loop of every stage
     ("strengthen", (baselines, rkld)),                    # task arithmetic and RKLD build the same model
 ])
 def test_duplicated_helpers_stay_identical(name, modules):

@@ -10,6 +10,7 @@ import common
 import idk_ap
 import me_gd
 import rkld
+import rmu
 
 SMOKE = ["--subset", "quick", "--max_steps", 2, "--batch_size", 2, "--per_device_batch_size", 2, "--eval", "false"]
 
@@ -73,4 +74,5 @@ def test_cli_help_and_bad_flag(monkeypatch, capsys, tmp_path):
 
 
 def test_main_is_identical_across_method_scripts():
-    assert inspect.getsource(me_gd.main) == inspect.getsource(rkld.main) == inspect.getsource(idk_ap.main)
+    assert inspect.getsource(me_gd.main) == inspect.getsource(rkld.main) == inspect.getsource(idk_ap.main) \
+        == inspect.getsource(rmu.main)

@@ -600,7 +600,8 @@ def test_gpu_grid_commands_parse_and_take_the_cpu_sweeps_lr(tmp_path, monkeypatc
     reproduce.save_results([*records, gpu_rec, models, *later])
     results_report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "**forget05** (1 of 5 methods, not run yet: ME+GD, IDK+AP, GA+GD, NPO+GD; NVIDIA H200; 2026-12-03;" in text
+    assert ("**forget05** (1 of 10 methods, not run yet: ME+GD, IDK+AP, GA+GD, NPO+GD, WGA+GD, SatImp+GD, CE-U, PDU, "
+            "RMU; NVIDIA H200; 2026-12-03;") in text
     assert "| RKLD | first peak (3) | 5e-05 | 0.99 |" in text
     # how the runs were made goes to results/commands.md: the models have no wall time in forget05's record; runs
     # that shared the GPU say so

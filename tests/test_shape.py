@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-METHOD_SCRIPTS = ("rkld.py", "me_gd.py", "idk_ap.py", "baselines.py")
+METHOD_SCRIPTS = ("rkld.py", "me_gd.py", "idk_ap.py", "baselines.py", "rmu.py")
 BANNER = r"#\s*=+\s*\n"
 LOSS_BLOCK = re.compile(BANNER + r"#\s*METHOD LOGIC.*?\n" + BANNER + r"(.*?)\n" + BANNER, re.S)
 
@@ -57,6 +57,18 @@ def argument(name: str):
         return torch.tensor([4, 3])
     if name == "lam":
         return 0.5
+    if name == "retain_loss":
+        return 0.7
+    if name in ("hidden", "ref_hidden"):  # one layer's activations [B, T, d], d = V here
+        return torch.randn(B, T, V, generator=g)
+    if name in ("target", "control"):  # a target vector [d]
+        return torch.rand(V, generator=g)
+    if name == "mask":
+        return argument("labels") != -100
+    if name == "dim":
+        return V
+    if name == "coeff":
+        return 6.5
     if name.endswith("state_dict"):
         return {"w": torch.randn(3, 3, generator=g)}
     raise AssertionError(f"tests/test_shape.py has no value for a loss argument named {name!r}: add one to argument()")
