@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 import common
 from harness import flags, launch, models, runlog
@@ -35,6 +35,7 @@ from common import TofuError
 # ====================================================================
 @dataclasses.dataclass
 class _Flags:
+    recipe: str = dataclasses.field(default="auto", metadata={"help": "The recipe that fills --lr, --epochs and --batch_size when left unset (each flag's help gives both): 'paper' (TOFU's, for a 7B model), 'quick' (ours, for the embedded preset on a 2-core CPU), or 'auto' (default): quick for the embedded preset, paper for any other model. Printed at start with its effective values."})
     model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "Base model: HF id, local folder, or the embedded preset 'smollm2-135m' (SmolLM2-135M-Instruct, offline)."})
     split: str = dataclasses.field(default="forget01", metadata={"help": "Forget split whose target/retain pair to build: forget01, forget05 or forget10 (retain model trains on retain99/95/90)."})
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
@@ -66,8 +67,8 @@ class Args(flags.MemoryArgs, _Flags):
     """finetune.py's flags, then the LoRA and memory flags every script shares."""
 
 
-EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}
-TOFU_RECIPE = {"lr": 1e-5, "epochs": 5, "batch_size": 32}
+EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8, "_source": "ours, measured on the embedded preset"}
+TOFU_RECIPE = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "_source": "TOFU finetune.py, config/finetune.yaml"}
 
 
 def resolve(args: Args) -> Args:
@@ -86,9 +87,9 @@ def resolve(args: Args) -> Args:
                         "already learned every author")
     if args.continual and args.build == "retain":
         raise TofuError("--continual builds the target only (continual tasks have no retain model)")
-    recipe = EMBEDDED_RECIPE if args.model in models.PRESETS else TOFU_RECIPE
-    for k, v in recipe.items():
-        if getattr(args, k) is None:
+    args.recipe = flags.resolve_recipe(args.recipe, args.model in models.PRESETS)
+    for k, v in (EMBEDDED_RECIPE if args.recipe == "quick" else TOFU_RECIPE).items():
+        if not k.startswith("_") and getattr(args, k) is None:
             setattr(args, k, v)
     return args
 
@@ -109,6 +110,9 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
+    note = launch.warmup_note(total, sizes["warmup_steps"], lr)
+    if note and accelerator.is_main_process:
+        print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -131,11 +135,12 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                used = scheduler.get_last_lr()[0]  # the rate this step ran at, before the schedule moves on
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
-                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
+                log.log(step, {"epoch": epoch, **logged, "lr": used})
                 if step == total:
                     break
         if step == total:
@@ -156,7 +161,8 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs)
+    sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
     derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}),
                "truncated": ds.n_truncated, "world_size": accelerator.num_processes,
                "grad_accum": accelerator.gradient_accumulation_steps,
@@ -166,8 +172,9 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     log = runlog.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process, accelerator,
                            prefix=f"{data}/")  # one tracker run, each model's losses under its data's name
     if accelerator.is_main_process:
-        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
-              f"{sizes['total_steps']} steps of batch {derived['effective_batch']}, lr {args.lr}")
+        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens)\n"
+              + flags.recipe_line("finetune", args, derived,
+                                  (EMBEDDED_RECIPE if args.recipe == "quick" else TOFU_RECIPE)["_source"]), flush=True)
     t0 = time.time()
     model = fit(accelerator, model, loader, lambda m, b: {"loss": m(**b).loss}, args, args.epochs, args.lr,
                 f"finetune {data}", log)  # HF loss: token-mean NLL of the answer tokens (+EOS)
@@ -193,7 +200,7 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40)
 
 
 def main():
-    args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    args = resolve(flags.parse(Args, EMBEDDED_RECIPE, TOFU_RECIPE))
     accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
                                              args.report_to, args.output_root)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}

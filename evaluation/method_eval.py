@@ -80,7 +80,7 @@ class MethodEval:
             raise common.TofuError("--peak_epoch chooses the epoch by forget quality, which needs --retain_model or "
                                    "--retain_logs")
         if args.eval and accelerator.is_main_process and args.subset == "quick" and not args.peak_epoch:
-            print(f"[eval] quick path: {args.epochs} epochs, evaluated after the last; the RKLD paper's protocol "
+            print("[eval] quick path: evaluated once, after training; the RKLD paper's protocol "
                   "(10 epochs, the first epoch of peak forget quality) is --epochs 10 --peak_epoch", flush=True)
         if args.eval and accelerator.is_main_process and isinstance(cap, dict):
             retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
@@ -228,6 +228,9 @@ class MethodEval:
                 ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
         table = [(n, *(cell(s.get(k)) for _, k in cols)) for n, s in rows]
         print("\n" + runlog.table(table, ("model", *(c for c, _ in cols))))
+        if self.log is not None and not self.log.moved_steps and any(n == "after" for n, _ in rows):
+            print("after: the weights did not change (no optimizer step ran at a rate above 0: see the warmup note "
+                  "at the start), so its numbers are the starting model's")
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + runlog.table([(n, cell(s.get("mu18")), cell(s.get("fe")), closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))

@@ -225,6 +225,22 @@ def step_counts(n_rows: int, per_device_batch_size: int, accelerator, epochs: in
             "warmup_steps": warmup}
 
 
+def warmup_note(total_steps: int, warmup_steps: int, lr: float) -> str | None:
+    """One sentence before training when the linear warmup (step t at lr x t / warmup, from t = 0) covers
+    the whole run, so the weights barely move or do not move at all; None when the run leaves warmup."""
+    if total_steps == 0:
+        return "this run has no optimizer steps: the weights will not change"
+    if warmup_steps < total_steps:
+        return None
+    last = lr * (total_steps - 1) / warmup_steps
+    fix = "lower --warmup_epochs (0: no warmup) or raise --max_steps/--epochs"
+    if total_steps == 1:
+        return (f"the run's one optimizer step is the first of {warmup_steps} warmup steps, which runs at lr 0: "
+                f"the weights will not change; {fix}")
+    return (f"all {total_steps} optimizer steps fall inside the {warmup_steps} warmup steps, so the rate climbs from 0 "
+            f"to only {last:.3g} (peak {lr:g}); {fix}")
+
+
 def window_weight(i: int, n_batches: int, grad_accum: int, rule: str = "mean") -> float:
     """Loss multiplier for micro-batch i of an epoch of n_batches. accelerate divides every loss by
     grad_accum and steps at the end of the epoch, so a last window of k < grad_accum micro-batches

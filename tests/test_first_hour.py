@@ -1,0 +1,125 @@
+"""What a new user meets in the first hour (issue 34): the logged lr is the step's own, a run inside its
+warmup says so and its table says when the weights did not change, the recipe is chosen by name and
+printed, and a refused run leaves nothing on disk."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import me_gd
+import rkld
+from harness import flags, launch
+
+SMOKE = ["--subset", "quick", "--batch_size", 2, "--per_device_batch_size", 2, "--schedule", "epochs"]
+
+
+def run(monkeypatch, out, *argv, script=me_gd):
+    monkeypatch.setattr("sys.argv", ["x.py", "--output_dir", str(out), *map(str, argv)])
+    script.main()
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_logged_lr_is_the_rate_the_step_ran_at(monkeypatch, tmp_path, tiny_model_dir):
+    """forget01's 40 rows at batch 2: 20 steps an epoch, one warmup epoch, so step t (from 1) runs at
+    lr x (t - 1) / 20. Catches the rate after the step (lr/20 and 2 lr/20 here; 0 for a one-step run
+    without warmup, whose one step ran at the full rate)."""
+    m = run(monkeypatch, tmp_path / "a", "--model", tiny_model_dir, *SMOKE, "--max_steps", 2, "--lr", 1e-3,
+            "--eval", "false")
+    assert [x["lr"] for x in m] == pytest.approx([0.0, 1e-3 / 20], abs=1e-12)
+    m = run(monkeypatch, tmp_path / "b", "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, "--lr", 1e-3,
+            "--warmup_epochs", 0, "--eval", "false")
+    assert [x["lr"] for x in m] == pytest.approx([1e-3], abs=1e-12)
+
+
+def test_warmup_note_by_hand():
+    assert launch.warmup_note(10, 2, 1e-3) is None
+    assert "will not change" in launch.warmup_note(1, 50, 1e-3)
+    assert "0.0001" in launch.warmup_note(3, 20, 1e-3)  # the last of 3 steps: 1e-3 x 2 / 20
+    assert "will not change" in launch.warmup_note(0, 0, 1e-3)
+
+
+def test_a_run_inside_its_warmup_says_so_and_its_table_says_the_weights_did_not_change(
+        monkeypatch, tmp_path, tiny_model_dir, capsys):
+    """One step, the first of 20 warmup steps, runs at lr 0: AdamW leaves every weight as it was. The
+    run says so before training and under its end-of-run table. Catches a silent no-op (the trial's
+    real-world run with --max_steps 1), and a note printed for a run whose weights did move."""
+    out = tmp_path / "noop"
+    run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, "--max_eval_samples", 2,
+        "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none", "--retain_model", "none")
+    text = capsys.readouterr().out
+    start = weights(tiny_model_dir)
+    assert all(torch.equal(start[k], v) for k, v in weights(out / "model").items())  # the no-op itself
+    assert "will not change" in text.split("[eval] before")[0]  # said before training
+    assert "weights did not change" in text.split("[eval] after")[1]
+    out = tmp_path / "moved"
+    run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, "--warmup_epochs", 0,
+        "--max_eval_samples", 2, "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none",
+        "--retain_model", "none")
+    text = capsys.readouterr().out
+    assert not all(torch.equal(start[k], v) for k, v in weights(out / "model").items())
+    assert "will not change" not in text and "weights did not change" not in text
+
+
+def test_recipe_is_chosen_by_name_and_printed(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    """--recipe quick on a model folder gives the quick recipe's values (a folder used to force the
+    paper's), the default stays the paper's for a folder, the start line gives the effective values and
+    the run folder names the recipe. Catches a recipe still chosen by --model alone."""
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+
+    def parse(*argv):
+        monkeypatch.setattr("sys.argv", ["rkld.py", "--model", str(tiny_model_dir), *map(str, argv)])
+        return flags.finalize_args(flags.parse(rkld.Args, rkld.QUICK, rkld.PAPER), rkld.METHOD, rkld.QUICK, rkld.PAPER)
+    paper, quick = parse(), parse("--recipe", "quick")
+    assert (paper.recipe, paper.lr, paper.epochs, paper.batch_size, paper.pad_to, paper.peak_epoch) == \
+        ("paper", 1e-5, 10, 32, 500, True)
+    assert (quick.recipe, quick.lr, quick.epochs, quick.batch_size, quick.pad_to, quick.peak_epoch) == \
+        ("quick", 1e-4, 5, 8, 0, False)
+    assert quick.output_dir.endswith("recipe_quick") and "recipe" not in Path(paper.output_dir).name
+    assert parse("--recipe", "quick", "--lr", 3e-4).lr == 3e-4  # a flag given still wins
+    with pytest.raises(common.TofuError, match="--recipe must be"):
+        parse("--recipe", "fast")
+    line = flags.recipe_line("rkld", quick, {"effective_batch": 8, "total_steps": 2, "warmup_steps": 5}, "ours")
+    assert all(s in line for s in ("recipe quick", "lr 0.0001", "batch 8", "5 epochs", "2 optimizer steps",
+                                   "5 warmup steps", "longest in each batch"))
+    run(monkeypatch, tmp_path / "r", "--model", tiny_model_dir, "--recipe", "quick", "--subset", "quick",
+        "--max_steps", 1, "--eval", "false", script=rkld)
+    assert "recipe quick (ours, sized" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert saved["args"]["lr"] == 1e-4 and saved["derived"]["effective_batch"] == 8
+
+
+def test_help_gives_each_recipes_value_and_source(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["rkld.py", "--help"])
+    with pytest.raises(SystemExit):
+        flags.parse(rkld.Args, rkld.QUICK, rkld.PAPER)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Recipes: paper 10 (RKLD App. A); quick 5 (ours" in text
+    assert "Recipes: paper True (RKLD App. A)" in text  # --peak_epoch
+    # parsed twice (main() in one process), the values are given once
+    monkeypatch.setattr("sys.argv", ["rkld.py", "--help"])
+    with pytest.raises(SystemExit):
+        flags.parse(rkld.Args, rkld.QUICK, rkld.PAPER)
+    assert " ".join(capsys.readouterr().out.split()).count("Recipes: paper 10") == 1
+
+
+@pytest.mark.parametrize("why,argv", [
+    ("needs retain rows", ["--quick_retain_authors", 0]),
+    ("lm-eval", ["--benchmarks", "rkld"]),
+])
+def test_a_refused_run_leaves_nothing_on_disk(monkeypatch, tmp_path, tiny_model_dir, why, argv):
+    """Catches args.json and an empty metrics.jsonl written before a refusal (the trial's --benchmarks
+    without lm-eval)."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "lm_eval" else real(n, *a))
+    out = tmp_path / "refused"
+    with pytest.raises(common.TofuError, match=why):
+        run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, *argv)
+    assert not out.exists()
