@@ -53,7 +53,9 @@ def test_a_run_inside_its_warmup_says_so_and_its_table_says_the_weights_did_not_
     out = tmp_path / "noop"
     run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, "--max_eval_samples", 2,
         "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none", "--retain_model", "none")
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "  score" in captured.err and "  generate" in captured.err  # the evaluation's progress bars
     start = weights(tiny_model_dir)
     assert all(torch.equal(start[k], v) for k, v in weights(out / "model").items())  # the no-op itself
     assert "will not change" in text.split("[eval] before")[0]  # said before training
@@ -123,3 +125,33 @@ def test_a_refused_run_leaves_nothing_on_disk(monkeypatch, tmp_path, tiny_model_
     with pytest.raises(common.TofuError, match=why):
         run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, *argv)
     assert not out.exists()
+
+
+def test_every_nc_cell_gets_its_reason_under_the_table():
+    """Catches an n/c printed without a reason (the real-world scenario offline: MU and FE)."""
+    from evaluation import method_eval
+    offline = {"real_world_mu": None, "real_world_mu_reason": "not computed: missing retain_es",
+               "nli_model": "not computed: no NLI model offline", "real_world_fe": 0.5, "forget_leak_top1": None}
+    rows = [("before", offline), ("after", {**offline, "real_world_fe": None, "real_world_fe_reason": "x"})]
+    notes = method_eval.nc_notes(rows, [("MU", "real_world_mu"), ("FE", "real_world_fe"), ("leak", "forget_leak_top1")])
+    assert notes[0] == "n/c MU (before, after): missing retain_es (ES: no NLI model offline)"
+    assert notes[1] == "n/c FE (after): x" and notes[2].startswith("n/c leak (before, after): ")
+    assert method_eval.nc_notes(rows[:1], [("FE", "real_world_fe")]) == []
+
+
+def test_aggregate_only_reads_a_run_folder_with_its_retain_logs_and_extras(monkeypatch, tmp_path, tiny_model_dir):
+    """--aggregate_only --logs RUN (or RUN/eval) without --retain_logs: the retain logs the run recorded give
+    forget quality and eval_extra.json gives TE, as the run's own summary has them. Catches a run folder
+    refused (logs in several subfolders), and FQ and TE left n/c although the run recorded both."""
+    import evaluate_tofu
+    out = tmp_path / "run"
+    run(monkeypatch, out, "--model", tiny_model_dir, *SMOKE, "--max_steps", 1, "--max_eval_samples", 2,
+        "--max_new_tokens", 2, "--nli_model", "none", "--cs_model", "none", "--retain_model", tiny_model_dir)
+    want = json.loads((out / "eval" / "after" / "summary.json").read_text())
+    assert want["forget_quality"] is not None and want["forget_te"] is not None
+    for logs in (out, out / "eval"):
+        got = tmp_path / "agg.json"
+        evaluate_tofu.aggregate_only(evaluate_tofu.Args(aggregate_only=True, logs=str(logs), output_json=str(got)))
+        got = json.loads(got.read_text())
+        for k in ("forget_quality", "forget_te", "retain_te", "forget_prob", "forget_leak_top1"):
+            assert got[k] == pytest.approx(want[k], rel=1e-12), k
