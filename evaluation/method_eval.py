@@ -54,6 +54,22 @@ REAL_WORLD_NO_TOFU_MU = ("not computed: TOFU's model utility needs TOFU's retain
                          "which the real-world scenario does not have; its MU is real_world_mu")
 
 
+# Below this forget Prob (mean p(answer | question)^(1/len)) the starting model hardly knows the forget set:
+# a TOFU target gets about 0.9 (the quick target 0.93), a model that never saw the rows far less.
+KNOWN_PROB = 0.2
+
+
+def barely_known(s: dict) -> str | None:
+    """One sentence when the starting model's forget Prob is below KNOWN_PROB, else None."""
+    prob = s.get("forget_prob")
+    if prob is None or prob >= KNOWN_PROB:
+        return None
+    rouge = f", ROUGE-L {s['forget_rouge']:.3f}" if s.get("forget_rouge") is not None else ""
+    return (f"the starting model barely knows the forget set (forget Prob {prob:.3f}{rouge}; a fine-tuned "
+            f"target has about 0.9), so there is little to unlearn; fine-tune it on the set first "
+            f"(finetune.py --forget_data FILE --retain_data FILE builds a target and a retain model)")
+
+
 def nc_reason(s: dict, key: str) -> str:
     """Why a summary's number is missing, in the evaluator's words; an ES or CS input that is missing
     names the model it needed."""
@@ -148,6 +164,9 @@ class MethodEval:
         if name == "before" and not getattr(self.args, "eval_before", True):
             return None
         summary = self._run(model, name, cache_key, compare_precision)
+        note = barely_known(summary) if name == "before" and summary and not self.real_world else None
+        if note and self.acc.is_main_process:
+            print(f"[eval] before: {note}", flush=True)
         if self.log is not None:
             self.log.log_eval(name, summary)
         return summary
