@@ -407,6 +407,12 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
     log = runlog.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
+    if accelerator.is_main_process:  # its own stage: its own steps, under the same --max_steps cap
+        steps = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.strengthen_epochs,
+                                   args.warmup_epochs, args.max_steps, args.schedule)["total_steps"]
+        print(f"[{METHOD}] strengthening (before unlearning): {args.strengthen_epochs} epochs at lr "
+              f"{args.strengthen_lr:g}, {steps} optimizer steps"
+              f"{' (stopped there by --max_steps)' if args.max_steps and steps == args.max_steps else ''}", flush=True)
     model = fit(accelerator, models.load_trained(args, accelerator), loader,
                 lambda m, b: {"loss": nll_loss(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                                b["labels"])},

@@ -508,7 +508,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         runlog.atomic_write_json(out / "eval_extra.json", extras)
         runlog.atomic_write_json(out / "summary.json", summary)
         if verbose:
-            print_summary(summary, logs)
+            print_summary(summary, logs, {str(r["index"]): r["question"] for r in rows.get("forget", [])})
     return summary
 
 

@@ -180,6 +180,7 @@ def save_model(accelerator, model, tokenizer, fmt: common.PromptFormat, out: Pat
         adapter_only = getattr(unwrapped, "save_adapter_only", False) if adapter_only is None else adapter_only
         if models.is_peft(unwrapped) and adapter_only:
             unwrapped.save_pretrained(tmp, state_dict=state, selected_adapters=[models.TRAINED], save_embedding_layers=False)
+            models.portable_base(tmp, out)
         else:
             if models.is_peft(unwrapped):
                 state = models.merged_state_dict(unwrapped, state)

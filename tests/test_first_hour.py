@@ -184,3 +184,68 @@ def test_finetune_builds_a_target_and_retain_model_from_your_own_data(monkeypatc
     printed = capsys.readouterr().out
     before = json.loads((out / "eval" / "before" / "summary.json").read_text())
     assert before["forget_prob"] < 0.2 and "[eval] before: the starting model barely knows the forget set" in printed
+
+
+def test_max_steps_caps_strengthening_and_the_start_lines_say_so(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    """--max_steps 1 with 3 strengthening epochs: one strengthening step and one unlearning step, each
+    stage's start line giving its steps and the cap, and no line that promises epochs. (The cap itself
+    held before this change; the lines did not: 'quick path: 5 epochs' under --max_steps 2.)"""
+    out = tmp_path / "r"
+    m = run(monkeypatch, out, "--model", tiny_model_dir, "--recipe", "quick", "--subset", "quick", "--max_steps", 1,
+            "--strengthen_epochs", 3, "--retain_model", tiny_model_dir, "--max_eval_samples", 2, "--max_new_tokens", 2,
+            "--nli_model", "none", "--cs_model", "none", "--precompute_teacher", "false", script=rkld)
+    assert len(m) == 1 and len((out / "strengthened" / "metrics.jsonl").read_text().splitlines()) == 1
+    text = capsys.readouterr().out
+    assert "strengthening (before unlearning): 3 epochs at lr 0.0002, 1 optimizer steps (stopped there by --max_steps)" \
+        in text
+    assert "1 optimizer steps (stopped there by --max_steps)" in text.split("strengthening")[0]
+    assert "quick path: 5 epochs" not in text
+
+
+def test_a_saved_adapter_names_its_base_portably(monkeypatch, tmp_path):
+    """A --save_adapter_only folder whose base is the embedded model stores the preset's name; a base
+    inside the repo is stored relative to the adapter, so the repo moved as a whole still loads; a base
+    elsewhere keeps its absolute path. Catches the absolute path that broke when the folder moved."""
+    from harness import models
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(common, "REPO", repo)
+    monkeypatch.setattr(common, "CACHE_DIR", repo / ".cache")
+
+    def adapter(base, where):
+        where.mkdir(parents=True)
+        (where / models.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": str(base)}))
+        models.portable_base(where, where)
+        return json.loads((where / models.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    preset = repo / ".cache" / "models" / "smollm2-135m"
+    inside, outside = repo / "runs" / "models" / "target", tmp_path / "elsewhere" / "base"
+    for p in (preset, inside, outside):
+        p.mkdir(parents=True)
+        (p / "config.json").write_text("{}")
+    assert adapter(preset, repo / "runs" / "a1") == "smollm2-135m"
+    assert adapter(inside, repo / "runs" / "rkld" / "a2") == "../../models/target"
+    assert adapter(outside, repo / "runs" / "a3") == str(outside)
+    moved = tmp_path / "moved"
+    repo.rename(moved)
+    assert models.adapter_base(moved / "runs" / "rkld" / "a2") == str((moved / "runs" / "models" / "target").resolve())
+
+
+def test_lora_model_loads_without_the_deprecation_warning(tiny_model_dir):
+    """Catches transformers' is_gradient_checkpointing FutureWarning, printed in every LoRA run."""
+    import warnings
+    from types import SimpleNamespace
+    from harness import models
+    args = SimpleNamespace(model=str(tiny_model_dir), lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
+                           lora_target_modules="all-linear", save_adapter_only=False, gradient_checkpointing=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        models.peft_module()  # installs the filter, as every LoRA path does first
+        models.load_trained(args, launch.make_accelerator(1, 1)[0])
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_printed_example_questions_are_the_questions_not_the_chat_template(capsys):
+    """Catches 'Q:' showing the log's decoded input (system/user turns of the chat template)."""
+    from evaluation.logs import print_summary
+    logs = {"forget": {"generated_text": {"7": ["system\n\nuser\nWho is X?\nassistant\n", "out", "gold"]}}}
+    print_summary({}, logs, {"7": "Who is X?"})
+    assert "Q: 'Who is X?'" in capsys.readouterr().out
