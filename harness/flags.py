@@ -129,7 +129,7 @@ def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
         raise TofuError("--peak_epoch chooses an epoch by forget quality, which needs --eval true")
     if not args.eval:  # the recipe's peak-epoch protocol needs evaluation: without it, train the epochs
         args.peak_epoch = False
-    for k, v in {"max_grad_norm": 1.0, "schedule": "epochs", "peak_epoch": False,
+    for k, v in {**{k: v for k, (v, _) in RECIPE_BASE.items()},
                  **(quick_recipe if args.recipe == "quick" else paper_recipe)}.items():
         if not k.startswith("_") and getattr(args, k) is None:
             setattr(args, k, v)
@@ -142,6 +142,9 @@ def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
 
 
 RECIPES = ("paper", "quick")
+# What a recipe that leaves these flags out gives them: (value, source).
+RECIPE_BASE = {"max_grad_norm": (1.0, "HF Trainer's default"), "schedule": ("epochs", "ours: every epoch in full"),
+               "peak_epoch": (False, "ours: evaluated after the last epoch")}
 
 
 def resolve_recipe(recipe: str, quick_model: bool) -> str:
@@ -162,8 +165,9 @@ def parse(args_type, quick_recipe: dict, paper_recipe: dict):
     for name in sorted(set(paper_recipe) | set(quick_recipe)):
         if name.startswith("_") or name not in fields or "Recipes:" in fields[name].metadata.get("help", ""):
             continue
-        vals = "; ".join(f"{r} {recipes[r][name]} ({recipes[r].get('_source', 'its recipe')})"
-                         for r in RECIPES if name in recipes[r])
+        vals = "; ".join(f"{r} {recipes[r][name]} ({recipes[r].get('_source', 'its recipe')})" if name in recipes[r]
+                         else f"{r} {RECIPE_BASE[name][0]} ({RECIPE_BASE[name][1]})"
+                         for r in RECIPES if name in recipes[r] or name in RECIPE_BASE)
         f = copy.copy(fields[name])  # a copy: the field object is shared with the parent dataclass
         f.metadata = types.MappingProxyType({**f.metadata, "help": f"{f.metadata.get('help', '')} Recipes: {vals}."})
         fields[name] = f

@@ -103,7 +103,7 @@ def test_help_gives_each_recipes_value_and_source(monkeypatch, capsys):
         flags.parse(rkld.Args, rkld.QUICK, rkld.PAPER)
     text = " ".join(capsys.readouterr().out.split())
     assert "Recipes: paper 10 (RKLD App. A); quick 5 (ours" in text
-    assert "Recipes: paper True (RKLD App. A)" in text  # --peak_epoch
+    assert "Recipes: paper True (RKLD App. A); quick False (ours" in text  # --peak_epoch
     # parsed twice (main() in one process), the values are given once
     monkeypatch.setattr("sys.argv", ["rkld.py", "--help"])
     with pytest.raises(SystemExit):
