@@ -279,7 +279,8 @@ class MethodEval:
         table = [(n, *(cell(s.get(k)) for _, k in cols)) for n, s in rows]
         print("\n" + runlog.table(table, ("model", *(c for c, _ in cols))))
         print("\n".join(nc_notes(rows, cols)))
-        if self.log is not None and not self.log.moved_steps and any(n == "after" for n, _ in rows):
+        log = getattr(self, "log", None)  # None also for an instance made for report() alone
+        if log is not None and not log.moved_steps and any(n == "after" for n, _ in rows):
             print("after: the weights did not change (no optimizer step ran at a rate above 0: see the warmup note "
                   "at the start), so its numbers are the starting model's")
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
