@@ -30,10 +30,15 @@ for open-unlearning's N new tokens). --max_eval_samples 300 evaluates the rows o
 ds_size cap (§8); --row_order closer_look makes them Closer-Look's (forget10 rows 0-99, 200-399).
 Precision, batching and the prompt format also move the numbers: summary.json records the
 precision, prompt format and generation budget, and retain logs that differ are refused.
+Precision: fp32 on CPU; bf16 weights on GPUs (models.default_dtype), as the method scripts'
+frozen models. summary.json's settings.precision records which, and a retain model or retain logs
+at another precision are refused.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +47,7 @@ import torch
 import common
 from harness import launch, models, runlog, scenarios
 from evaluation.engine import GEN_MAX_LENGTH, ROW_ORDERS, evaluate
-from evaluation.logs import aggregate, nan_flags, print_summary, read_logs, read_settings
+from evaluation.logs import LOG_FILES, aggregate, log_dir, nan_flags, print_summary, read_logs, read_settings, summarize
 from evaluation.method_eval import eval_caps
 from evaluation.metrics import PAPER_NLI_MODEL
 
@@ -112,23 +117,51 @@ class Args:
                                                               "exact at these sizes (§5)."})
     source: str = field(default="local", metadata={"help": "Data source: local (data/tofu) or hub."})
     aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})
-    logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read."})
+    logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read, or a method script's run folder (or its eval/ folder): its eval/after. The retain logs and CS/NLI models its summary.json recorded are used (--retain_logs replaces the former), and eval_extra.json beside the logs gives TE, CS, ES and leakage."})
     output_json: str = field(default="", metadata={"help": "With --aggregate_only: where the JSON result goes."})
 
 
 # ---------------------------------------------------------------------------
 # Main (shared boilerplate)
 # ---------------------------------------------------------------------------
+def logs_folder(folder: str) -> Path:
+    """--logs as given, or, for a method script's run folder (RUN/eval/after) or its eval folder
+    (EVAL/after), the evaluation after unlearning."""
+    p = Path(folder)
+    for sub in (p / "eval" / "after", p / "after"):
+        if not any((p / f).exists() for f in LOG_FILES) and (sub / "summary.json").exists():
+            print(f"[aggregate] --logs {folder} is a run: reading its evaluation after unlearning, {sub}")
+            return sub
+    return p
+
+
 def aggregate_only(args: Args):
     if not args.logs or not args.output_json:
         raise common.TofuError("--aggregate_only needs --logs DIR and --output_json FILE")
-    logs = read_logs(args.logs)
-    retain = read_logs(args.retain_logs).get("forget") if args.retain_logs else None
-    if args.retain_logs and retain is None:
-        raise common.TofuError(f"{args.retain_logs} has no eval_log_forget.json")
-    s = aggregate(logs, retain, args.ks_method, "no --retain_logs given", read_settings(args.logs),
-                  read_settings(args.retain_logs) if args.retain_logs else None)
-    s["nan_flags"] = nan_flags(logs, s)
+    folder = logs_folder(args.logs)
+    logs = read_logs(folder)
+    recorded = {}  # what the evaluation that wrote these logs recorded: its retain logs and CS/NLI models
+    if (log_dir(folder) / "summary.json").exists():
+        try:
+            recorded = json.loads((log_dir(folder) / "summary.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            recorded = {}
+    retain_logs = args.retain_logs
+    if not retain_logs and recorded.get("retain_logs") and Path(recorded["retain_logs"]).is_dir():
+        retain_logs = recorded["retain_logs"]
+        print(f"[aggregate] retain logs as recorded in {log_dir(folder) / 'summary.json'}: {retain_logs}")
+    retain = read_logs(retain_logs).get("forget") if retain_logs else None
+    if retain_logs and retain is None:
+        raise common.TofuError(f"{retain_logs} has no eval_log_forget.json")
+    retain_settings = read_settings(retain_logs) if retain_logs else None
+    extra = log_dir(folder) / "eval_extra.json"
+    if extra.exists() and isinstance(recorded, dict) and "cs_model" in recorded:  # TE, CS, ES, leakage too
+        opts = {"cs": (None, recorded["cs_model"]), "nli": (None, recorded.get("nli_model"))}
+        s = summarize(logs, json.loads(extra.read_text()), retain, args.ks_method, opts, retain_logs,
+                      read_settings(folder), retain_settings)
+    else:
+        s = aggregate(logs, retain, args.ks_method, "no --retain_logs given", read_settings(folder), retain_settings)
+        s["nan_flags"] = nan_flags(logs, s)
     for note in s.get("forget_quality_notes", []):
         print(f"note: {note}")
     runlog.atomic_write_json(args.output_json, s)
@@ -138,7 +171,8 @@ def aggregate_only(args: Args):
 def main():
     from accelerate import Accelerator
     from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    (args,) = HfArgumentParser(Args, description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter).parse_args_into_dataclasses()
     if args.aggregate_only:
         return aggregate_only(args)
     if not args.model or not args.output_dir:

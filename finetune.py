@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 import common
-from harness import flags, launch, models, runlog
+from harness import flags, launch, models, runlog, scenarios
 from common import TofuError
 
 
@@ -35,8 +35,11 @@ from common import TofuError
 # ====================================================================
 @dataclasses.dataclass
 class _Flags:
+    recipe: str = dataclasses.field(default="auto", metadata={"help": "The recipe that fills --lr, --epochs and --batch_size when left unset (each flag's help gives both): 'paper' (TOFU's, for a 7B model), 'quick' (ours, for the embedded preset on a 2-core CPU), or 'auto' (default): quick for the embedded preset, paper for any other model. Printed at start with its effective values."})
     model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "Base model: HF id, local folder, or the embedded preset 'smollm2-135m' (SmolLM2-135M-Instruct, offline)."})
     split: str = dataclasses.field(default="forget01", metadata={"help": "Forget split whose target/retain pair to build: forget01, forget05 or forget10 (retain model trains on retain99/95/90)."})
+    forget_data: str = dataclasses.field(default=None, metadata={"help": "Your own forget set instead of --split (JSON lines, CSV or Parquet with question and answer, as the method scripts' --forget_data): the target model trains on it plus --retain_data, so unlearning has something to remove."})
+    retain_data: str = dataclasses.field(default=None, metadata={"help": "Your own retain set, with --forget_data: the target trains on it too, and the retain model on it alone (the yardstick of forget quality and the MIAs). Without it only the target is built."})
     build: str = dataclasses.field(default="both", metadata={"help": "Which models to build: both, target or retain."})
     subset: str = dataclasses.field(default="auto", metadata={"help": "Authors to train on: 'quick' (forget-split authors + authors 0..quick_retain_authors-1), 'all' (the TOFU benchmark), or 'auto' (quick for the embedded preset, all otherwise)."})
     quick_retain_authors: int = dataclasses.field(default=common.QUICK_RETAIN_AUTHORS, metadata={"help": "Retain authors kept by the quick subset (authors 0..N-1, 20 questions each)."})
@@ -66,11 +69,15 @@ class Args(flags.MemoryArgs, _Flags):
     """finetune.py's flags, then the LoRA and memory flags every script shares."""
 
 
-EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8}
-TOFU_RECIPE = {"lr": 1e-5, "epochs": 5, "batch_size": 32}
+EMBEDDED_RECIPE = {"lr": 2e-4, "epochs": 4, "batch_size": 8, "_source": "ours, measured on the embedded preset"}
+TOFU_RECIPE = {"lr": 1e-5, "epochs": 5, "batch_size": 32, "_source": "TOFU finetune.py, config/finetune.yaml"}
 
 
 def resolve(args: Args) -> Args:
+    if args.retain_data and not args.forget_data:
+        raise TofuError("--retain_data goes with --forget_data; give both, or --split alone")
+    if args.forget_data and args.continual:
+        raise TofuError("--continual builds TOFU's continual target; leave it unset with --forget_data")
     if args.split not in common.FORGET_SPLITS:
         raise TofuError(f"unknown split '{args.split}'; valid: {', '.join(common.FORGET_SPLITS)}")
     if args.build not in ("both", "target", "retain"):
@@ -86,9 +93,9 @@ def resolve(args: Args) -> Args:
                         "already learned every author")
     if args.continual and args.build == "retain":
         raise TofuError("--continual builds the target only (continual tasks have no retain model)")
-    recipe = EMBEDDED_RECIPE if args.model in models.PRESETS else TOFU_RECIPE
-    for k, v in recipe.items():
-        if getattr(args, k) is None:
+    args.recipe = flags.resolve_recipe(args.recipe, args.model in models.PRESETS)
+    for k, v in (EMBEDDED_RECIPE if args.recipe == "quick" else TOFU_RECIPE).items():
+        if not k.startswith("_") and getattr(args, k) is None:
             setattr(args, k, v)
     return args
 
@@ -109,6 +116,9 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
+    note = launch.warmup_note(total, sizes["warmup_steps"], lr)
+    if note and accelerator.is_main_process:
+        print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -131,11 +141,12 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                used = scheduler.get_last_lr()[0]  # the rate this step ran at, before the schedule moves on
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
-                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
+                log.log(step, {"epoch": epoch, **logged, "lr": used})
                 if step == total:
                     break
         if step == total:
@@ -156,8 +167,9 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
                                          collate_fn=lambda b: common.collate(b, tok.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs)
-    derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}),
+    sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
+                               args.max_steps, args.schedule)
+    derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}, key=lambda a: (a is None, a or 0)),
                "truncated": ds.n_truncated, "world_size": accelerator.num_processes,
                "grad_accum": accelerator.gradient_accumulation_steps,
                "effective_batch": args.per_device_batch_size * accelerator.gradient_accumulation_steps
@@ -166,8 +178,9 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     log = runlog.RunLogger(out.parent / f".{out.name}.log", args, derived, accelerator.is_main_process, accelerator,
                            prefix=f"{data}/")  # one tracker run, each model's losses under its data's name
     if accelerator.is_main_process:
-        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens), "
-              f"{sizes['total_steps']} steps of batch {derived['effective_batch']}, lr {args.lr}")
+        print(f"[finetune] {data}: {len(ds)} rows ({ds.n_truncated} truncated to {args.max_length} tokens)\n"
+              + flags.recipe_line("finetune", args, derived,
+                                  (EMBEDDED_RECIPE if args.recipe == "quick" else TOFU_RECIPE)["_source"]), flush=True)
     t0 = time.time()
     model = fit(accelerator, model, loader, lambda m, b: {"loss": m(**b).loss}, args, args.epochs, args.lr,
                 f"finetune {data}", log)  # HF loss: token-mean NLL of the answer tokens (+EOS)
@@ -177,13 +190,22 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     return {"rows": rows, "train_s": train_s}
 
 
-def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40) -> list[tuple]:
-    """ROUGE-L recall of greedy answers to up to n questions of the forget-split authors and
-    n of the retain authors trained on. This is what 'the model memorized TOFU' means."""
+def custom_rows(forget_data: str, retain_data: str | None) -> dict[str, list[dict]]:
+    """Your own sets as finetune.py trains on them: the target on forget + retain rows, the retain
+    model on the retain rows; each row keeps the `author` its own set gave it (None without a name)."""
+    forget = scenarios.load_custom(forget_data)
+    retain = scenarios.load_custom(retain_data, "--retain_data") if retain_data else []
+    return {"forget": forget, "target": forget + retain, "retain": retain}
+
+
+def learned_answers(model, tok, fmt, rows, forget: list[dict], accelerator, n: int = 40) -> list[tuple]:
+    """ROUGE-L recall of greedy answers to up to n questions of the forget set (TOFU's forget-split
+    authors, or your --forget_data) and n of the other rows trained on. This is what 'the model
+    memorized them' means."""
     from evaluation import engine, metrics
-    forget = common.load_split(split)
-    forget_authors = {r["author"] for r in forget}
-    groups = {"forget authors": forget[:n], "retain authors": [r for r in rows if r["author"] not in forget_authors][:n]}
+    asked = {r["question"] for r in forget}
+    groups = {"forget authors": forget[:n], "retain authors": [r for r in rows if r["question"] not in asked][:n]}
+    groups = {k: v for k, v in groups.items() if v}
     out = []
     for name, group in groups.items():
         gens = engine.generate_answers(model, tok, fmt, [r["question"] for r in group], accelerator=accelerator)
@@ -193,37 +215,57 @@ def learned_answers(model, tok, fmt, rows, split: str, accelerator, n: int = 40)
 
 
 def main():
-    args = resolve(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    args = resolve(flags.parse(Args, EMBEDDED_RECIPE, TOFU_RECIPE))
     accelerator, _ = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
                                              args.report_to, args.output_root)
     builds = {"target": "full", "retain": common.RETAIN_OF[args.split]}
+    if args.forget_data:  # your own sets: target on forget + retain, retain model on retain alone
+        custom = custom_rows(args.forget_data, args.retain_data)
+        builds = {"target": "custom_target", **({"retain": "custom_retain"} if args.retain_data else {})}
     if args.build != "both" or args.continual:
         builds = {"target": builds["target"]} if args.continual else {args.build: builds[args.build]}
-    Path(args.output_root).mkdir(parents=True, exist_ok=True)
-    built = []
+    if args.forget_data and not builds:
+        raise TofuError("--build retain needs --retain_data: the retain model trains on your retain set")
+    built, paths = [], {}
     for role, data in builds.items():
-        out = models.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors, args.output_root,
-                                   args.continual)
+        if args.forget_data:
+            out = Path(args.output_root) / f"{models.finetuned_dir(args.model, args.split, 'all', data).name}-" \
+                f"{scenarios.custom_fingerprint(args.forget_data, args.retain_data)}"
+        else:
+            out = models.finetuned_dir(args.model, args.split, args.subset, data, args.quick_retain_authors,
+                                       args.output_root, args.continual)
+        paths[role] = out
         if (out / "config.json").exists() and not args.overwrite:
             if accelerator.is_main_process:
                 print(f"[finetune] {role} model exists: {out} (use --overwrite to rebuild)")
             continue
-        authors = (common.quick_authors(args.split, args.quick_retain_authors, args.continual)
-                   if args.subset == "quick" else None)
-        res = train_one(args, common.select_authors(common.load_split(data), authors), data, out, accelerator)
+        if args.forget_data:
+            rows = custom[role]
+        else:
+            authors = (common.quick_authors(args.split, args.quick_retain_authors, args.continual)
+                       if args.subset == "quick" else None)
+            rows = common.select_authors(common.load_split(data), authors)
+        Path(args.output_root).mkdir(parents=True, exist_ok=True)
+        res = train_one(args, rows, data, out, accelerator)
         built.append((role, out, res["rows"], res["train_s"]))
         del res
     summary = []
     for role, out, rows, train_s in built if args.report_rows else []:  # once every model is on disk
         model, tok = models.load_model(str(out), frozen=True)
         fmt = models.prompt_format(tok, str(out))
-        for group, n, rouge in learned_answers(launch.place_frozen(model, accelerator), tok, fmt, rows, args.split,
+        forget = custom["forget"] if args.forget_data else common.load_split(args.split)
+        for group, n, rouge in learned_answers(launch.place_frozen(model, accelerator), tok, fmt, rows, forget,
                                                accelerator, args.report_rows):
             summary.append((role, out.name, group, n, rouge, f"{train_s / 60:.1f} min"))
     if accelerator.is_main_process and summary:
         print("\nHow well each model learned its answers (ROUGE-L recall of greedy answers to training questions;"
               "\nthe retain model never saw the forget authors, so its forget-author score is the floor):")
         print(runlog.table(summary, ("model", "folder", "questions", "n", "ROUGE-L", "train time")))
+    if accelerator.is_main_process and args.forget_data:
+        retain = f" --retain_model {paths['retain']}" if "retain" in paths else ""
+        data = f"--forget_data {args.forget_data}" + (f" --retain_data {args.retain_data}" if args.retain_data else "")
+        print(f"\n[finetune] unlearn your forget set from the target, forget quality against the retain model:\n"
+              f"  python rkld.py --model {paths.get('target', '<target>')}{retain} {data}")
     accelerator.end_training()  # the --report_to trackers, if any
 
 

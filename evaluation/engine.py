@@ -434,7 +434,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
              row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True,
-             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu") -> dict:
+             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu", progress: bool | None = None) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -449,7 +449,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     data={"forget": rows, "retain": rows} (common.load_custom) evaluates your own sets instead of
     TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
     and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
-    says what was left out and why). es_setting: the direction of ES (entailment()).
+    says what was left out and why). es_setting: the direction of ES (entailment()). progress: the
+    scoring and generation bars (main process only); None follows verbose.
     """
     if data is not None:
         tasks = tuple(t for t in tasks if t in data)
@@ -507,7 +508,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         print("[eval] rows: " + ", ".join(f"{t} {len(r)}" for t, r in rows.items()), flush=True)
     opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
     shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
-                                  verbose and is_main)
+                                  (verbose if progress is None else progress) and is_main)
     for task, recs in shard_recs.items():
         if world > 1:
             from accelerate.utils import gather_object
@@ -528,7 +529,7 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
         runlog.atomic_write_json(out / "eval_extra.json", extras)
         runlog.atomic_write_json(out / "summary.json", summary)
         if verbose:
-            print_summary(summary, logs)
+            print_summary(summary, logs, {str(r["index"]): r["question"] for r in rows.get("forget", [])})
     return summary
 
 

@@ -356,8 +356,9 @@ def closer_look_models(s: dict) -> str:
     return f"CS {short(s.get('cs_model'))}, ES {short(s.get('nli_model'))}{tag}"
 
 
-def print_summary(s: dict, logs: dict | None = None):
-    """Compact table of the aggregates, then the headline numbers and two forget generations."""
+def print_summary(s: dict, logs: dict | None = None, questions: dict | None = None):
+    """Compact table of the aggregates, then the headline numbers and two forget generations, each
+    under its question (questions: {row index: question}; the log's input, chat template and all, else)."""
     tasks = [t for t in TASKS if f"n_{t}" in s]
     rows = [(t, s[f"n_{t}"], *(cell(s.get(f"{t}_{k}")) for k in ("prob", "rouge", "truth_ratio", "te", "cs", "es")))
             for t in tasks]
@@ -389,5 +390,5 @@ def print_summary(s: dict, logs: dict | None = None):
               if k not in ("model_utility", "forget_quality", "mu18", "fe", "cs", "es")]  # those have a line
     for k, v in lines:
         print(f"{k:>26}: {v:.4f}" if isinstance(v, float) else f"{k:>26}: {v}")
-    for ex in list((logs or {}).get("forget", {}).get("generated_text", {}).values())[:2]:
-        print(f"\n  Q: {ex[0]!r}\n  gold: {ex[2]!r}\n  generated: {ex[1]!r}")
+    for i, ex in list((logs or {}).get("forget", {}).get("generated_text", {}).items())[:2]:
+        print(f"\n  Q: {(questions or {}).get(str(i), ex[0])!r}\n  gold: {ex[2]!r}\n  generated: {ex[1]!r}")

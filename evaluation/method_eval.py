@@ -16,7 +16,7 @@ import common
 from harness import launch, models, runlog, scenarios
 import evaluate_general
 from evaluation.engine import evaluate, task_rows
-from evaluation.logs import TASKS, cell, closer_look_models
+from evaluation.logs import TASKS, cell, closer_look_models, skipped
 from evaluation.metrics import real_world_scores
 
 # ---------------------------------------------------------------------------
@@ -51,6 +51,51 @@ def eval_caps(max_eval_samples: int | None, quick: bool) -> int | dict | None:
     return {t: None if t == "forget" else cap for t in TASKS} if quick and cap else cap
 
 
+REAL_WORLD_NO_TOFU_MU = ("not computed: TOFU's model utility needs TOFU's retain, real authors and world facts, "
+                         "which the real-world scenario does not have; its MU is real_world_mu")
+
+
+# Below this forget Prob (mean p(answer | question)^(1/len)) the starting model hardly knows the forget set:
+# a TOFU target gets about 0.9 (the quick target 0.93), a model that never saw the rows far less.
+KNOWN_PROB = 0.2
+
+
+def barely_known(s: dict) -> str | None:
+    """One sentence when the starting model's forget Prob is below KNOWN_PROB, else None."""
+    prob = s.get("forget_prob")
+    if prob is None or prob >= KNOWN_PROB:
+        return None
+    rouge = f", ROUGE-L {s['forget_rouge']:.3f}" if s.get("forget_rouge") is not None else ""
+    return (f"the starting model barely knows the forget set (forget Prob {prob:.3f}{rouge}; a fine-tuned "
+            f"target has about 0.9), so there is little to unlearn; fine-tune it on the set first "
+            f"(finetune.py --forget_data FILE --retain_data FILE builds a target and a retain model)")
+
+
+def nc_reason(s: dict, key: str) -> str:
+    """Why a summary's number is missing, in the evaluator's words; an ES or CS input that is missing
+    names the model it needed."""
+    why = s.get(f"{key}_reason") or (s.get("skipped") or {}).get(key)
+    if key.endswith("_leak_top1") and not why:
+        why = "not computed: no scored answer tokens"
+    why = (why or "not in this evaluation's summary").removeprefix("not computed: ")
+    for part, model in (("_es", "nli_model"), ("_cs", "cs_model")):
+        if part in why and str(s.get(model, "")).startswith("not computed"):
+            why += f" ({'ES' if part == '_es' else 'CS'}: {str(s[model]).removeprefix('not computed: ')})"
+    return why
+
+
+def nc_notes(rows: list[tuple[str, dict]], cols: list[tuple[str, str]]) -> list[str]:
+    """One line under a table for each column with an n/c cell: the rows it is in and why."""
+    notes = []
+    for name, key in cols:
+        reasons = {}
+        for n, s in rows:
+            if s.get(key) is None:
+                reasons.setdefault(nc_reason(s, key), []).append(n)
+        notes += [f"n/c {name} ({', '.join(ns)}): {why}" for why, ns in reasons.items()]
+    return notes
+
+
 class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
@@ -81,7 +126,7 @@ class MethodEval:
             raise common.TofuError("--peak_epoch chooses the epoch by forget quality, which needs --retain_model or "
                                    "--retain_logs")
         if args.eval and accelerator.is_main_process and args.subset == "quick" and not args.peak_epoch:
-            print(f"[eval] quick path: {args.epochs} epochs, evaluated after the last; the RKLD paper's protocol "
+            print("[eval] quick path: evaluated once, after training; the RKLD paper's protocol "
                   "(10 epochs, the first epoch of peak forget quality) is --epochs 10 --peak_epoch", flush=True)
         if args.eval and accelerator.is_main_process and isinstance(cap, dict):
             retain_authors = sorted({r["author"] for r in task_rows("retain", args.split, self.kw["authors"],
@@ -127,6 +172,9 @@ class MethodEval:
         if name == "before" and not getattr(self.args, "eval_before", True):
             return None
         summary = self._run(model, name, cache_key, compare_precision)
+        note = barely_known(summary) if name == "before" and summary and not self.real_world else None
+        if note and self.acc.is_main_process:
+            print(f"[eval] before: {note}", flush=True)
         if self.log is not None:
             self.log.log_eval(name, summary)
         return summary
@@ -151,9 +199,11 @@ class MethodEval:
         if self.acc.is_main_process:
             print(f"[eval] {name}", flush=True)
         summary = evaluate(model, self.tok, self.fmt, self.args.split, out, retain_logs=self._retain(), verbose=False,
-                           compare_precision=compare_precision, **self.kw)
+                           progress=True, compare_precision=compare_precision, **self.kw)
         if self.real_world:  # MU over the held-out neighbours, FE over the forget people
             summary.update(real_world_scores(summary))
+            summary["model_utility_reason"] = REAL_WORLD_NO_TOFU_MU
+            summary["skipped"] = skipped(summary)
         if self.bench:  # general capability, on the same model in memory (evaluate_general.py)
             summary["benchmarks"] = evaluate_general.run_benchmarks(
                 model, self.tok, self.bench, self.acc, self.args.benchmark_batch_size, self.args.benchmark_limit,
@@ -178,7 +228,7 @@ class MethodEval:
             if self.acc.is_main_process:
                 print(f"[eval] {name}: forget quality", flush=True)
             summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
-                               generation=False, retain_logs=self._retain(), verbose=False,
+                               generation=False, retain_logs=self._retain(), verbose=False, progress=True,
                                **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
             if self.log is not None:
                 self.log.log_eval(name, summary)
@@ -239,13 +289,20 @@ class MethodEval:
                 ("r.ROUGE", "retain_rouge"), ("r.Prob", "retain_prob")]
         table = [(n, *(cell(s.get(k)) for _, k in cols)) for n, s in rows]
         print("\n" + runlog.table(table, ("model", *(c for c, _ in cols))))
+        print("\n".join(nc_notes(rows, cols)))
+        log = getattr(self, "log", None)  # None also for an instance made for report() alone
+        if log is not None and not log.moved_steps and any(n == "after" for n, _ in rows):
+            print("after: the weights did not change (no optimizer step ran at a rate above 0: see the warmup note "
+                  "at the start), so its numbers are the starting model's")
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + runlog.table([(n, cell(s.get("mu18")), cell(s.get("fe")), closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
+            print("\n".join(nc_notes(rows, [("MU-18", "mu18"), ("FE", "fe")])))
         if getattr(self, "real_world", False):
             print("\nreal-world scenario (MU: held-out neighbours; FE: forget people)\n" + runlog.table(
                 [(n, cell(s.get("real_world_mu")), cell(s.get("real_world_fe"))) for n, s in rows],
                 ("model", "MU", "FE")))
+            print("\n".join(nc_notes(rows, [("MU", "real_world_mu"), ("FE", "real_world_fe")])))
         bench = evaluate_general.table(rows)
         if bench:
             print("\n" + bench)

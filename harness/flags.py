@@ -2,11 +2,13 @@
 fill in (quick or paper), the checks made at parse time, and the run folder's name."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import types
 from pathlib import Path
 
 import common
@@ -47,14 +49,15 @@ class _MethodFlags:
     real_world_dir: str = flag(None, "With --scenario real_world: the folder holding Closer-Look's forget.json, forget_perturbed.json, neighbor.json and neighbor_perturbed.json (its data/real_world/, downloaded as the README says).")
     retain_data: str = flag(None, "Your own retain set, with --forget_data (same format); without it the run has no retain rows, so methods with a retain term refuse.")
     forget_task: int = flag(None, "Continual unlearning (closer-look §5.2): unlearn task k of the split's task sequence; set --model to the previous task's output.")
+    recipe: str = flag("auto", "The recipe that fills every flag below you leave unset (lr, batch, epochs, schedule, padding; each flag's help gives both recipes' values and sources): 'paper' (the method paper's settings for a 7B model), 'quick' (ours, sized for the embedded 135M model on a 2-core CPU), or 'auto' (default): quick for --model quick, paper for any other model. The run prints the recipe's effective values at start.")
     model: str = flag(models.QUICK, "Model to unlearn: HF id or folder (e.g. locuslab/tofu_ft_llama2-7b), or 'quick': the quick target built by `python finetune.py --split SPLIT`.")
     retain_model: str = flag("auto", "Retain (oracle) model for forget quality: folder/HF id, 'auto' (the quick retain model when --model quick, else none), or 'none'.")
     retain_logs: str = flag(None, "Folder of TOFU-format logs of the retain model (eval_log_forget.json, here or in one subfolder), e.g. TOFU's data/ft_epoch5_lr1e-05_llama2-7b_retain95_wd0.01 as downloaded (README); replaces --retain_model.")
     subset: str = flag("auto", "'quick' (CPU subset: forget-split authors + retain authors 0..quick_retain_authors-1), 'all', or 'auto' (quick when --model quick).")
     quick_retain_authors: int = flag(common.QUICK_RETAIN_AUTHORS, "Retain authors in the quick subset (must match finetune.py).")
-    lr: float = flag(None, "Learning rate. Default: the paper's 1e-5 (AdamW) for real models; the method's quick recipe for --model quick.")
-    epochs: int = flag(None, "Epochs over the forget set. Default: the paper's; the quick recipe for --model quick.")
-    batch_size: int = flag(None, "Effective batch (per device x accumulation x processes). Default 32 (all three reference codebases).")
+    lr: float = flag(None, "AdamW learning rate. Default: the --recipe's.")
+    epochs: int = flag(None, "Epochs over the forget set. Default: the --recipe's.")
+    batch_size: int = flag(None, "Effective batch (per device x accumulation x processes). Default: the --recipe's (paper: 32 in all three reference codebases).")
     per_device_batch_size: int = flag(4, "Micro-batch per process (closer-look: 4).")
     weight_decay: float = flag(0.01, "AdamW weight decay (TOFU / closer-look / RKLD: 0.01).")
     warmup_epochs: float = flag(1.0, "Linear warmup in epochs, then linear decay to 0 (TOFU / closer-look / RKLD: one epoch).")
@@ -115,6 +118,7 @@ def check_numbers(args, rules=NUMBER_RULES) -> None:
 def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
     """The defaults that depend on the model: --subset, and the recipe (quick or paper) for unset flags."""
     quick = args.model == models.QUICK
+    args.recipe = resolve_recipe(args.recipe, quick)
     if args.subset == "auto":
         args.subset = "quick" if quick else "all"
     if args.subset not in ("quick", "all"):
@@ -125,9 +129,9 @@ def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
         raise TofuError("--peak_epoch chooses an epoch by forget quality, which needs --eval true")
     if not args.eval:  # the recipe's peak-epoch protocol needs evaluation: without it, train the epochs
         args.peak_epoch = False
-    for k, v in {"max_grad_norm": 1.0, "schedule": "epochs", "peak_epoch": False,
-                 **(quick_recipe if quick else paper_recipe)}.items():
-        if getattr(args, k) is None:
+    for k, v in {**{k: v for k, (v, _) in RECIPE_BASE.items()},
+                 **(quick_recipe if args.recipe == "quick" else paper_recipe)}.items():
+        if not k.startswith("_") and getattr(args, k) is None:
             setattr(args, k, v)
     if args.schedule not in ("reference", "epochs"):
         raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
@@ -135,6 +139,51 @@ def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
         raise TofuError(f"--last_window must be mean or reference, not {args.last_window!r}")
     if args.ref_precision not in ("match", "bf16"):
         raise TofuError(f"--ref_precision must be match or bf16, not {args.ref_precision!r}")
+
+
+RECIPES = ("paper", "quick")
+# What a recipe that leaves these flags out gives them: (value, source).
+RECIPE_BASE = {"max_grad_norm": (1.0, "HF Trainer's default"), "schedule": ("epochs", "ours: every epoch in full"),
+               "peak_epoch": (False, "ours: evaluated after the last epoch")}
+
+
+def resolve_recipe(recipe: str, quick_model: bool) -> str:
+    """--recipe auto as the model implies it (quick for the embedded quick model, paper otherwise)."""
+    if recipe == "auto":
+        return "quick" if quick_model else "paper"
+    if recipe not in RECIPES:
+        raise TofuError(f"--recipe must be auto, paper or quick, not {recipe!r}")
+    return recipe
+
+
+def parse(args_type, quick_recipe: dict, paper_recipe: dict):
+    """Parse the command line into args_type, whose --help gives, for every flag a recipe sets, the
+    value of each recipe and its source (the recipe's "_source")."""
+    from transformers import HfArgumentParser
+    recipes = {"paper": paper_recipe, "quick": quick_recipe}
+    fields = args_type.__dataclass_fields__
+    for name in sorted(set(paper_recipe) | set(quick_recipe)):
+        if name.startswith("_") or name not in fields or "Recipes:" in fields[name].metadata.get("help", ""):
+            continue
+        vals = "; ".join(f"{r} {recipes[r][name]} ({recipes[r].get('_source', 'its recipe')})" if name in recipes[r]
+                         else f"{r} {RECIPE_BASE[name][0]} ({RECIPE_BASE[name][1]})"
+                         for r in RECIPES if name in recipes[r] or name in RECIPE_BASE)
+        f = copy.copy(fields[name])  # a copy: the field object is shared with the parent dataclass
+        f.metadata = types.MappingProxyType({**f.metadata, "help": f"{f.metadata.get('help', '')} Recipes: {vals}."})
+        fields[name] = f
+    return HfArgumentParser(args_type).parse_args_into_dataclasses()[0]
+
+
+def recipe_line(name: str, args, derived: dict, source: str | None) -> str:
+    """The start line: the recipe in use and the values it leads to, once flags and launch are known."""
+    pad = getattr(args, "pad_to", 0)
+    cap = " (stopped there by --max_steps)" if args.max_steps and derived["total_steps"] == args.max_steps else ""
+    peak = ", forget quality after every epoch and the first peak kept (--peak_epoch)" if getattr(
+        args, "peak_epoch", False) else ""
+    return (f"[{name}] recipe {args.recipe} ({source or 'its recipe'}): lr {args.lr:g}, effective batch "
+            f"{derived['effective_batch']}, {args.epochs} epochs, {derived['total_steps']} optimizer steps{cap}, "
+            f"{derived['warmup_steps']} warmup steps, {getattr(args, 'schedule', 'epochs')} schedule, padding "
+            f"{f'to {pad} tokens' if pad else 'to the longest in each batch'}{peak}; flags you give override it")
 
 
 def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
@@ -149,7 +198,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
     quick, given_model = args.model == models.QUICK, args.model
     # What every flag would be if only the split, task, method and model had been given: the script's
     # own resolution (__post_init__) and the recipe, so a default filled in is never named as a choice.
-    same = {k: getattr(args, k) for k in ("split", "forget_task", "method", "model") if hasattr(args, k)}
+    same = {k: getattr(args, k) for k in ("split", "forget_task", "method", "model", "recipe") if hasattr(args, k)}
     defaults = type(args)(**same) if dataclasses.is_dataclass(args) else None
     for a in (args, defaults) if defaults is not None else (args,):
         fill_defaults(a, quick_recipe, paper_recipe)
@@ -174,7 +223,7 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 # Flags left out of a run folder's name: the folder's own path (split, task, method), where it is and
 # whether it may be replaced, and what only changes the evaluation, not the trained model (a run that
 # differs in them alone is refused by check_run_folder instead).
-UNNAMED = {"split", "forget_task", "method", "model", "output_dir", "overwrite", "retain_model", "retain_logs",
+UNNAMED = {"split", "forget_task", "method", "model", "recipe", "output_dir", "overwrite", "retain_model", "retain_logs",
            "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
            "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
            "gradient_checkpointing", "save_adapter_only"}
@@ -206,6 +255,8 @@ def run_name(args, defaults, model: str = models.QUICK) -> str:
     parts = [args.split] + ([f"task{args.forget_task}"] if args.forget_task else [])
     if model != models.QUICK:
         parts.append(f"model_{path_part(model)}")
+    if getattr(args, "recipe", None) not in (None, resolve_recipe("auto", model == models.QUICK)):
+        parts.append(f"recipe_{args.recipe}")  # the other recipe's values are then the defaults, not named
     for f in sorted(f.name for f in dataclasses.fields(args)) if defaults is not None else []:
         filled = getattr(args, "scenario", "tofu") == "real_world" and f in ("forget_data", "retain_data")
         if f not in UNNAMED and not filled and not f.startswith("eval") and getattr(args, f) != getattr(defaults, f):

@@ -248,6 +248,7 @@ def save_model(accelerator, model, tokenizer, fmt: common.PromptFormat, out: Pat
         adapter_only = getattr(unwrapped, "save_adapter_only", False) if adapter_only is None else adapter_only
         if models.is_peft(unwrapped) and adapter_only:
             unwrapped.save_pretrained(tmp, state_dict=state, selected_adapters=[models.TRAINED], save_embedding_layers=False)
+            models.portable_base(tmp, out)
         else:
             if models.is_peft(unwrapped):
                 state = models.merged_state_dict(unwrapped, state)
@@ -291,6 +292,22 @@ def step_counts(n_rows: int, per_device_batch_size: int, accelerator, epochs: in
         total, warmup = steps_per_epoch * epochs, int(round(warmup_epochs * steps_per_epoch))
     return {"steps_per_epoch": steps_per_epoch, "total_steps": min(total, max_steps) if max_steps else total,
             "warmup_steps": warmup}
+
+
+def warmup_note(total_steps: int, warmup_steps: int, lr: float) -> str | None:
+    """One sentence before training when the linear warmup (step t at lr x t / warmup, from t = 0) covers
+    the whole run, so the weights barely move or do not move at all; None when the run leaves warmup."""
+    if total_steps == 0:
+        return "this run has no optimizer steps: the weights will not change"
+    if warmup_steps < total_steps:
+        return None
+    last = lr * (total_steps - 1) / warmup_steps
+    fix = "lower --warmup_epochs (0: no warmup) or raise --max_steps/--epochs"
+    if total_steps == 1:
+        return (f"the run's one optimizer step is the first of {warmup_steps} warmup steps, which runs at lr 0: "
+                f"the weights will not change; {fix}")
+    return (f"all {total_steps} optimizer steps fall inside the {warmup_steps} warmup steps, so the rate climbs from 0 "
+            f"to only {last:.3g} (peak {lr:g}); {fix}")
 
 
 def window_weight(i: int, n_batches: int, grad_accum: int, rule: str = "mean") -> float:

@@ -220,6 +220,10 @@ def peft_module():
         import peft
     except ImportError:
         raise TofuError("LoRA needs the `peft` package: pip install peft==0.21.0 (requirements.txt)") from None
+    # peft 0.21 asks transformers' deprecated is_gradient_checkpointing on every LoRA model: a FutureWarning
+    # in every run that says nothing about the run
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     return peft
 
 
@@ -231,7 +235,33 @@ def adapter_base(path) -> str | None:
     base = json.loads(cfg.read_text()).get("base_model_name_or_path")
     if not base:
         raise TofuError(f"{cfg} names no base model (base_model_name_or_path); cannot load the adapter")
+    if base.startswith(".") and (Path(str(path)) / base).exists():  # relative to the adapter (portable_base)
+        return str((Path(str(path)) / base).resolve())
     return base
+
+
+def portable_base(adapter_dir, final_dir) -> None:
+    """Rewrite a saved adapter's base (adapter_config.json) so the folder still loads when moved: the
+    embedded model by its preset name; a base inside the repo (runs/models/...) as a path relative to
+    the adapter's final folder, so the repo can move as a whole. A base elsewhere keeps its absolute
+    path (the adapter may move, the base may not); a hub id is kept as is."""
+    cfg_path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    base = Path(str(cfg.get("base_model_name_or_path") or ""))
+    if not base.is_absolute() or not base.exists():
+        return
+    preset = next((n for n in PRESETS if (common.CACHE_DIR / "models" / n).resolve() == base.resolve()), None)
+    if preset:
+        cfg["base_model_name_or_path"] = preset
+    elif base.resolve().is_relative_to(common.REPO.resolve()):
+        cfg["base_model_name_or_path"] = os.path.relpath(base.resolve(), Path(final_dir).resolve())
+        if not cfg["base_model_name_or_path"].startswith("."):
+            cfg["base_model_name_or_path"] = f"./{cfg['base_model_name_or_path']}"
+    else:
+        return
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def is_peft(model) -> bool:

@@ -126,11 +126,23 @@ class RunLogger:
     """args.json (args, derived sizes, versions) and metrics.jsonl in the run folder, and, when the
     accelerator was built with trackers (--report_to), the same to them: the arguments as the run's
     config, every logged step, and each evaluation's numbers (log_eval). Only the main process
-    writes or prints; accelerate's trackers run on the main process only."""
+    writes or prints; accelerate's trackers run on the main process only. With defer=True nothing is
+    written until open() (or the first log): a run refused while it sets up leaves no files behind.
+    moved_steps counts the logged steps whose lr was above 0 (AdamW at lr 0 leaves every weight as it was)."""
 
-    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None, prefix: str = ""):
+    def __init__(self, out_dir, args, derived: dict, is_main: bool = True, accelerator=None, prefix: str = "",
+                 defer: bool = False):
         self.dir, self.is_main, self.step, self.prefix = Path(out_dir), is_main, 0, prefix
         self.acc = accelerator if accelerator is not None and accelerator.log_with else None
+        self.args, self.derived, self.opened, self.moved_steps = args, derived, False, 0
+        if not defer:
+            self.open()
+
+    def open(self) -> None:
+        """Create the folder, args.json, an empty metrics.jsonl and the trackers' run (once)."""
+        if self.opened:
+            return
+        self.opened, args, derived, is_main = True, self.args, self.derived, self.is_main
         a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +157,7 @@ class RunLogger:
     def log_eval(self, name: str, summary: dict | None) -> None:
         """An evaluation's numbers to the trackers, at the last logged step: eval/<metric> for the
         models along training (before, epoch<k>, after), eval_<name>/<metric> for any other."""
+        self.open()
         if self.acc is None or not summary:
             return
         prefix = "eval/" if name in ("before", "after") or re.fullmatch(r"epoch\d+", name) else f"eval_{name}/"
@@ -156,7 +169,9 @@ class RunLogger:
             self.acc.end_training()
 
     def log(self, step: int, metrics: dict, echo: bool = False):
+        self.open()
         self.step = step
+        self.moved_steps += float(metrics.get("lr", 0)) > 0
         if self.acc is not None:
             self.acc.log(scalars(metrics, self.prefix), step=step)
         if not self.is_main:

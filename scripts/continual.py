@@ -9,14 +9,13 @@ table of MU, FE and the forget split's ROUGE-L and Prob after every task.
 Task k runs `METHOD.py --forget_task k --model <task k-1>/model`, writing to
 <out>/task<k>/ (default out: runs/continual/<method>/<split>). Flags after `--` go to every
 launch. On the quick path (--model quick) later tasks also get --subset quick and the
-script's QUICK recipe, which a model folder would not select by itself. A task whose
+script's quick recipe (--recipe quick), which a model folder would not select by itself. A task whose
 folder already holds model/ and eval/after/summary.json is skipped, so a stopped sequence
 resumes. The table (continual.md in <out>) has one row per task, plus task 0 = the
 starting model; its columns come from each eval/<before|after>/summary.json. For
 baselines.py, pass its method after `--` and a separate --out per baseline.
 """
 import argparse
-import importlib
 import json
 import shlex
 import subprocess
@@ -38,8 +37,7 @@ def task_command(method: str, split: str, k: int, model: str, out: Path, launche
     # the start, task k-1's model, was evaluated at the end of task k-1: no "before" evaluation again
     cmd += ["--model", str(out / f"task{k - 1}" / "model"), "--eval_before", "false"]
     if model == "quick":  # keep task 1's data subset and recipe (extra flags still override them)
-        recipe = importlib.import_module(method).QUICK
-        cmd += ["--subset", "quick", *[x for k_, v in recipe.items() for x in (f"--{k_}", str(v))]]
+        cmd += ["--subset", "quick", "--recipe", "quick"]
     return cmd + extra
 
 
@@ -70,19 +68,23 @@ def write_table(out: Path, tasks: int) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--method", required=True, choices=["me_gd", "idk_ap", "rkld", "baselines"])
     p.add_argument("--split", default="forget01", choices=["forget01", "forget05", "forget10"])
     p.add_argument("--tasks", type=int, default=None, help="N: unlearn tasks 1..N (paper: 10, or 9 for forget10)")
-    p.add_argument("--model", default="quick", help="the starting model of task 1 (as the method scripts take it)")
-    p.add_argument("--out", default=None, help="folder of the per-task runs and the table")
+    p.add_argument("--model", default="quick", help="the starting model of task 1 (as the method scripts take it); "
+                   "'quick' is the continual target, which must be built first: python finetune.py --split SPLIT "
+                   "--continual")
+    p.add_argument("--out", default=None, help="folder of the per-task runs and the table; None: "
+                   "runs/continual/METHOD/SPLIT")
     p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)}", help='e.g. "accelerate launch"')
     args, extra = p.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
     tasks = args.tasks or (9 if args.split == "forget10" else 10)
     out = Path(args.out or REPO / "runs" / "continual" / args.method / args.split)
-    out.mkdir(parents=True, exist_ok=True)
-    for k in range(1, tasks + 1):
+    for k in range(1, tasks + 1):  # each task's run makes its folder once its checks pass: a refusal leaves none
         done = out / f"task{k}"
         if (done / "model" / "config.json").exists() and (done / "eval" / "after" / "summary.json").exists():
             print(f"[continual] task {k}: done already, skipped", flush=True)
@@ -91,6 +93,7 @@ def main(argv=None):
         print(f"[continual] task {k}/{tasks}: {shlex.join(cmd)}", flush=True)
         if launch(cmd) != 0:
             raise SystemExit(f"error: task {k} failed; fix it and rerun this command to resume from task {k}")
+    out.mkdir(parents=True, exist_ok=True)
     print(write_table(out, tasks))
 
 

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser  # noqa: E402
 import me_gd  # noqa: E402
 
 
-def test_task_commands_chain_models_and_keep_the_quick_recipe(tmp_path):
+def test_task_commands_chain_models_and_keep_the_quick_recipe(tmp_path, tiny_model_dir, monkeypatch):
     first = continual.task_command("me_gd", "forget05", 1, "quick", tmp_path, "python", ["--seed", "1"])
     assert first[1].endswith("me_gd.py") and first[-4:] == ["--model", "quick", "--seed", "1"]
     assert first[first.index("--forget_task") + 1] == "1"
@@ -23,7 +23,15 @@ def test_task_commands_chain_models_and_keep_the_quick_recipe(tmp_path):
     assert third[:2] == ["accelerate", "launch"]
     assert third[third.index("--model") + 1] == str(tmp_path / "task2" / "model")
     assert third[third.index("--subset") + 1] == "quick" and third[-2:] == ["--lr", "3e-4"]   # extra flags win
-    assert third[third.index("--batch_size") + 1] == str(me_gd.QUICK["batch_size"])
+    assert third[third.index("--recipe") + 1] == "quick"
+    # task 3 runs task 1's recipe whole, not the paper's schedule and clipping under the quick lr and batch
+    # (catches a command that passed the QUICK dict's flags alone: me_gd's paper recipe filled the rest)
+    argv = third[third.index("--split"):-2]
+    argv[argv.index("--model") + 1] = str(tiny_model_dir)  # task 2's model, which this test did not build
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
+    args = HfArgumentParser(me_gd.Args).parse_args_into_dataclasses(argv)[0]
+    args = flags.finalize_args(args, me_gd.METHOD, me_gd.QUICK, me_gd.PAPER)
+    assert (args.schedule, args.max_grad_norm, args.lr, args.batch_size) == ("epochs", 1.0, 1e-4, 8)
     assert third[third.index("--eval_before") + 1] == "false" and "--eval_before" not in first
     real = continual.task_command("idk_ap", "forget01", 2, "org/model", tmp_path, "python", [])
     assert "--subset" not in real and "--lr" not in real
@@ -110,3 +118,12 @@ def test_quick_model_of_a_continual_task_is_the_continual_target(tmp_path, monke
     (path / "config.json").write_text("{}")
     assert parse(["--split", "forget01", "--forget_task", "1"]).model == str(path)
     assert path.name == "smollm2-135m_quick4-forget01-continual_full"
+
+
+def test_a_refused_first_task_leaves_no_folder(tmp_path):
+    """Catches the empty <out> folder a sequence refused at task 1 left behind (issue 34)."""
+    out = tmp_path / "seq"
+    with pytest.raises(SystemExit, match="task 1 failed"):
+        continual.main(["--method", "me_gd", "--tasks", "1", "--model", str(tmp_path / "no_such_model"),
+                        "--out", str(out)])
+    assert not out.exists()

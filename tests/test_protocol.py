@@ -103,7 +103,8 @@ def test_closer_look_paper_defaults_train_the_reference_steps(monkeypatch, tmp_p
     assert (derived["total_steps"], derived["warmup_steps"], derived["grad_accum"]) == (6, 0, 4)
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]
-    assert metrics[0]["lr"] == pytest.approx(1e-5 * 5 / 6)  # no warmup: decay from the first step
+    # no warmup: step 1 runs at the full rate, then the decay (the logged lr is the one each step used)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-5 * (6 - k) / 6 for k in range(6)])
 
 
 def test_with_every_epoch_evaluated_the_peak_reuses_its_epoch(monkeypatch, tmp_path, tiny_model_dir):

@@ -52,7 +52,7 @@ def test_aggregates_reproduce_table8_initial_row():
     assert metrics.real_world_scores(s)["real_world_mu_reason"] == "not computed: missing retain_es"
 
 
-def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
+def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir, capsys):
     sets = write(tmp_path / "rw")
     golden = {r["golden_answer"] for name in ("forget_perturbed.json", "neighbor_perturbed.json") for r in sets[name]}
     pairs = []
@@ -83,6 +83,11 @@ def test_scenario_end_to_end(monkeypatch, tmp_path, tiny_model_dir):
     # ES: generation => golden answer on both sets (TOFU's direction on a neighbour would give 0 here)
     assert after["retain_es"] == 1.0 and after["forget_es"] == 1.0
     assert pairs and all(h in golden and p not in golden for p, h in pairs)
+    # TOFU's model utility is n/c here, for this scenario's reason (it used to give TOFU's), said under the table
+    from evaluation import method_eval
+    assert after["model_utility"] is None and after["skipped"]["model_utility"] == method_eval.REAL_WORLD_NO_TOFU_MU
+    printed = capsys.readouterr().out
+    assert "n/c MU (before, after): TOFU's model utility needs" in printed
 
 
 def test_held_out_neighbours_must_be_other_people(tmp_path):
