@@ -100,7 +100,7 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 # ====================================================================
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import HfArgumentParser, get_linear_schedule_with_warmup  # noqa: E402
+from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 import common  # noqa: E402
 from common import TofuError  # noqa: E402
@@ -150,8 +150,9 @@ class Args(flags.MethodArgs):
 
 
 METHOD = "rmu"
-PAPER = {"lr": 1e-5, "epochs": 10, "batch_size": 32}  # open-unlearning's TOFU runs (finetune.yaml: lr 1e-5, 10 epochs)
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8}  # rkld's quick recipe, not tuned for RMU
+PAPER = {"lr": 1e-5, "epochs": 10, "batch_size": 32,
+         "_source": "open-unlearning's TOFU runs (finetune.yaml: lr 1e-5, 10 epochs)"}
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "_source": "ours: rkld.py's quick recipe, not tuned for RMU"}
 
 
 # ====================================================================
@@ -247,6 +248,9 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
+    note = launch.warmup_note(total, sizes["warmup_steps"], lr)
+    if note and accelerator.is_main_process:
+        print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
     bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
@@ -269,11 +273,12 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
+                used = scheduler.get_last_lr()[0]  # the rate this step ran at, before the schedule moves on
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
-                log.log(step, {"epoch": epoch, **logged, "lr": scheduler.get_last_lr()[0]})
+                log.log(step, {"epoch": epoch, **logged, "lr": used})
                 if step == total:
                     break
         if step == total:
@@ -285,7 +290,7 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
 
 
 def main():
-    args = flags.finalize_args(HfArgumentParser(Args).parse_args_into_dataclasses()[0], METHOD, QUICK, PAPER)
+    args = flags.finalize_args(flags.parse(Args, QUICK, PAPER), METHOD, QUICK, PAPER)
     accelerator, ga = launch.make_accelerator(args.batch_size, args.per_device_batch_size, args.max_grad_norm,
                                               args.report_to, args.output_dir)
     set_seed(args.seed)
@@ -304,11 +309,14 @@ def main():
                "retain_rows": len(retain), "truncated": ds.n_truncated, "prompt_format": dataclasses.asdict(fmt),
                **launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                     args.max_steps, args.schedule)}
-    log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator)
+    if accelerator.is_main_process:
+        print(flags.recipe_line(METHOD, args, derived, (QUICK if args.recipe == "quick" else PAPER).get("_source")))
+    log = runlog.RunLogger(out_dir, args, derived, accelerator.is_main_process, accelerator, defer=True)
     evaluator = method_eval.MethodEval(args, tok, fmt, accelerator, out_dir, log)
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
+    log.open()  # set up without a refusal: the run folder gets args.json and metrics.jsonl now
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training
         if epoch == 0:
