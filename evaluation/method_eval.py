@@ -235,7 +235,7 @@ class MethodEval:
         if self.args.peak_epoch:
             self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
             if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
-                launch.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
+                launch.save_peak(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")  # sharded: no gather
                 self.epochs[-1]["saved"] = True
             if not self.args.eval_every_epoch:
                 self.selection_s += time.time() - t0
@@ -251,6 +251,9 @@ class MethodEval:
         epochs = [*self.epochs, {"epoch": last_epoch, "forget_quality": last["forget_quality"]}]
         best = first_peak(epochs) or epochs[-1]
         t0 = time.time()
+        # FSDP2 / ZeRO-3 kept the peak sharded: its HF folder written now, once (launch.write_peak)
+        launch.write_peak(self.acc, lambda: models.load_trained(self.args, self.acc), self.tok, self.fmt,
+                          self.run_dir / "peak_model")
         if best["epoch"] == last_epoch:
             summary = last
         elif best["epoch"] in self.full:  # --eval_every_epoch evaluated that epoch's weights in full already
