@@ -334,7 +334,7 @@ def test_memory_refusal_arithmetic(tiny_model_dir):
 
 # ---------------------------------------------------------------- peak-epoch weights without a full gather
 PEAK = ["--method", "ga", "--subset", "quick", "--epochs", 2, "--schedule", "epochs", "--peak_epoch", *BATCH,
-        "--lr", 1e-4, *EVAL]  # forget quality 0.99, then 0.77: the peak is epoch 1
+        "--lr", 1e-4, *EVAL]  # forget quality falls after epoch 1: the peak is epoch 1
 
 
 def test_peak_checkpoint_decision():
