@@ -218,7 +218,7 @@ class MethodEval:
     def epoch_end(self, model, epoch: int) -> list[tuple[str, dict | None]]:
         """After an epoch (not the last): a full evaluation with --eval_every_epoch; with --peak_epoch,
         at least forget quality (the forget split scored, no generation: what choosing the epoch needs),
-        and the model's weights saved to OUTPUT_DIR/peak_model when it is the best epoch so far."""
+        and the model's weights kept for OUTPUT_DIR/peak_model when it is the best epoch so far (launch.save_peak)."""
         if not self.args.eval or not (self.args.eval_every_epoch or self.args.peak_epoch):
             return []
         name, t0 = f"epoch{epoch}", time.time()
