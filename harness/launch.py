@@ -397,8 +397,7 @@ def save_peak(accelerator, model, tokenizer, fmt: common.PromptFormat, out) -> N
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         dcp.save(get_model_state_dict(model), checkpoint_id=tmp)  # DTensors: each rank its own shards
     else:
-        parts = {n: p.ds_tensor.detach().cpu() for n, p in unwrapped(model).named_parameters()}
-        torch.save(parts, tmp / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.pt")
+        torch.save(zero3_parts(model), tmp / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         runlog.replace_dir(tmp, shards)
@@ -418,10 +417,29 @@ def restore_peak(accelerator, model, shards) -> None:
         dcp.load(state, checkpoint_id=shards)
         set_model_state_dict(model, state)
         return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     parts = torch.load(shards / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.pt")
     with torch.no_grad():
         for n, p in unwrapped(model).named_parameters():
             p.ds_tensor.copy_(parts[n])
+            if p.ds_status == ZeroParamStatus.AVAILABLE:  # persistent: DeepSpeed keeps it whole and does not re-gather
+                if f"{n}#whole" not in parts:
+                    raise TofuError(f"the peak checkpoint has only a partition of {n}, which this model keeps whole; "
+                                    "give both ZeRO-3 engines the same stage3_param_persistence_threshold")
+                p.data.copy_(parts[f"{n}#whole"])
+
+
+def zero3_parts(model) -> dict:
+    """A ZeRO-3 model's parameters as this rank holds them: its 16-bit partition of each (`ds_tensor`),
+    and the whole tensor of each that DeepSpeed keeps whole on every rank (persistent small parameters,
+    `<name>#whole`), which a gather would not refresh from the partitions."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    parts = {}
+    for n, p in unwrapped(model).named_parameters():
+        parts[n] = p.ds_tensor.detach().cpu()
+        if p.ds_status == ZeroParamStatus.AVAILABLE:
+            parts[f"{n}#whole"] = p.data.detach().cpu()
+    return parts
 
 
 def write_peak(accelerator, build, tokenizer, fmt: common.PromptFormat, out) -> None:
