@@ -251,9 +251,9 @@ class MethodEval:
         epochs = [*self.epochs, {"epoch": last_epoch, "forget_quality": last["forget_quality"]}]
         best = first_peak(epochs) or epochs[-1]
         t0 = time.time()
-        # FSDP2 / ZeRO-3 kept the peak sharded: its HF folder written now, once (launch.write_peak)
-        launch.write_peak(self.acc, lambda: models.load_trained(self.args, self.acc), self.tok, self.fmt,
-                          self.run_dir / "peak_model")
+        if any(e.get("saved") for e in self.epochs):  # FSDP2/ZeRO-3 kept it sharded: the HF folder written once
+            launch.write_peak(self.acc, lambda: models.load_trained(self.args, self.acc), self.tok, self.fmt,
+                              self.run_dir / "peak_model")
         if best["epoch"] == last_epoch:
             summary = last
         elif best["epoch"] in self.full:  # --eval_every_epoch evaluated that epoch's weights in full already

@@ -447,9 +447,9 @@ def write_peak(accelerator, build, tokenizer, fmt: common.PromptFormat, out) -> 
     loads it, for its structure) placed like a frozen model, the peak shards restored into it, the HF
     folder `out` written through save_model (the one gather of the run's peak weights) and the shards
     removed. The folder then holds what save_model would have written at that epoch. Nothing to do
-    when there are no shards (the "full" path wrote `out` itself)."""
+    on the "full" path (save_peak wrote `out` itself), nor without shards."""
     shards = peak_shards_dir(out)
-    if not main_decides(accelerator, shards.exists):
+    if launch_peak_checkpoint(accelerator) == "full" or not main_decides(accelerator, shards.exists):
         return
     model = place_frozen(build(), accelerator)
     restore_peak(accelerator, model, shards)
