@@ -2,9 +2,9 @@
 runs SCRIPT like tests/dist_worker.py does, with spies on the launch's saving:
   every accelerator.get_state_dict (the full gather) is logged with the function that called it
   (save_peak: an improving epoch; write_peak: the one gather at the end; other: the final model);
-  after every launch.save_peak, the files of the peak shards' folder are logged, and what the path
-  before sharded checkpoints wrote at that epoch (launch.save_model) goes to SPY_DIR/epoch<N>/ (its
-  gather logged as "reference"). Each rank writes its log to SPY_DIR/rank<r>.jsonl.
+  after every launch.save_peak, the files of the peak shards' folder are logged, and what the
+  one-process path writes at that epoch (launch.save_model) goes to SPY_DIR/epoch<N>/ (its gather
+  logged as "reference"). Each rank writes its log to SPY_DIR/rank<r>.jsonl.
 """
 import inspect
 import json

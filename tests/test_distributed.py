@@ -350,7 +350,7 @@ def test_peak_checkpoint_decision():
 def test_fsdp2_peak_epoch_keeps_shards_and_writes_the_peak_once(tiny_model_dir, tmp_path):
     # Catches: a full gather at every improving epoch under FSDP2 (27 GB in rank 0's memory for 7B); a rank
     # whose shard is not written; a peak_model restored from the wrong epoch (the last one, or no restore);
-    # a peak_model unlike what save_model (the path before shards) writes at that epoch.
+    # a peak_model unlike what save_model (the one-process path) writes at that epoch.
     spy, two = tmp_path / "spy", tmp_path / "two"
     spy.mkdir()
     distributed.launch("fsdp2", "tests/peak_worker.py", spy, "fsdp2", "baselines.py", "--model", tiny_model_dir,
@@ -366,7 +366,7 @@ def test_fsdp2_peak_epoch_keeps_shards_and_writes_the_peak_once(tiny_model_dir, 
         gathers = [e["within"] for e in log if e["event"] == "gather" and e["within"] != "reference"]
         assert sorted(gathers) == ["other", "write_peak"], gathers  # the final model, and the peak once
     assert not launch.peak_shards_dir(two / "peak_model").exists()
-    got, want = two / "peak_model", spy / "epoch1"  # save_model's folder at epoch 1, as the path before wrote it
+    got, want = two / "peak_model", spy / "epoch1"  # save_model's folder at epoch 1 (the one-process path)
     assert sorted(os.listdir(got)) == sorted(os.listdir(want))
     a, b = load_file(got / "model.safetensors"), load_file(want / "model.safetensors")
     assert a.keys() == b.keys()
