@@ -327,8 +327,8 @@ class MethodEval:
         first = rows[0][0]
         for n in (first, last):
             log = self.out / n / "eval_log_forget.json"
-            if log.exists():
-                gens[n] = json.loads(log.read_text())["generated_text"]
+            if log.exists():  # a forget-quality-only epoch (--peak_epoch without --eval_before) has no generations
+                gens[n] = json.loads(log.read_text()).get("generated_text") or {}
         asked = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
             task_rows("forget", self.args.split, forget_task=self.args.forget_task)
         questions = {str(r["index"]): r["question"] for r in asked}
