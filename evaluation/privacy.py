@@ -144,7 +144,7 @@ AUC_CONVENTION = ("holdout labelled 1, forget 0, loss-like scores: AUC 1 = forge
                   "indistinguishable from unseen rows (open-unlearning; MUSE reports 1 - AUC)")
 
 
-def _forward_scores(model, tokenizer, seqs, texts, device, batch_size, bar, es_form) -> list[dict]:
+def forward_scores(model, tokenizer, seqs, texts, device, batch_size, bar, es_form) -> list[dict]:
     """LOSS, ZLib, Min-K%, Min-K%++, extraction strength and exact memorization of each tokenized row:
     batched forward passes, longest first, answer tokens only."""
     import common
@@ -167,7 +167,7 @@ def _forward_scores(model, tokenizer, seqs, texts, device, batch_size, bar, es_f
     return out
 
 
-def _gradnorm_scores(model, tokenizer, seqs, device, bar) -> list[float]:
+def gradnorm_scores(model, tokenizer, seqs, device, bar) -> list[float]:
     """GradNorm of each row, one row per backward (open-unlearning: batch_size 1, p = 2). The loss is the mean
     NLL of the answer tokens but the EOS (drop_last). Gradients of every floating-point parameter (frozen ones
     made to require grad for the call) through torch.autograd.grad, so no .grad buffer is touched; the model
@@ -230,13 +230,13 @@ def evaluate_privacy(model, tokenizer, fmt, forget: list[dict], spec: dict, devi
     seqs = {t: [common.encode_qa(tokenizer, fmt, r["question"], r["answer"]) for r in rs] for t, rs in rows.items()}
     all_seqs = seqs["forget"] + seqs["holdout"]
     texts = [tokenizer.decode([t for t in s["labels"] if t != -100], skip_special_tokens=True) for s in all_seqs]
-    recs = _forward_scores(model, tokenizer, all_seqs, texts, device, batch_size, bar, spec.get("es_form", "definition"))
+    recs = forward_scores(model, tokenizer, all_seqs, texts, device, batch_size, bar, spec.get("es_form", "definition"))
     gn_reason = ("not computed: --privacy_gradnorm false" if not spec.get("gradnorm", True) else
                  "not computed: the parameters are sharded (FSDP2/ZeRO-3)" if synced else
                  "not computed: the model has no parameters" if not callable(getattr(model, "parameters", None))
                  or not any(True for _ in model.parameters()) else None)
     if gn_reason is None:
-        for r, g in zip(recs, _gradnorm_scores(model, tokenizer, all_seqs, device, bar)):
+        for r, g in zip(recs, gradnorm_scores(model, tokenizer, all_seqs, device, bar)):
             r["gradnorm"] = g
     n = len(forget)
     per = {"forget": {str(r["index"]): s for r, s in zip(forget, recs[:n])},
