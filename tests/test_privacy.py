@@ -230,3 +230,23 @@ def test_evaluate_reports_privacy_with_the_retain_models_auc(tiny_model_dir, tmp
     assert {"privleak", "extraction_strength", "exact_memorization", "mia_auc/min_k++"} <= set(summary)
     assert all(not p.grad_fn and p.grad is None for p in model.parameters())  # GradNorm left no gradients behind
     assert not any(p.requires_grad for p in model.parameters())  # and the frozen model frozen
+
+
+def test_results_report_shows_the_privacy_columns_and_not_run():
+    """bench/results_report.py: privleak, ExtStr and ExactMem appear when a run has them; a run evaluated
+    without --privacy reads "not run" there; with no such run the columns stay out."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import grids
+    import results_report
+    a, b = list(grids.METHODS)[:2]
+    base = {"forget_quality": 0.5, "model_utility": 0.4}
+    rs = [{"name": "a", "grid": "sweep", "method": a, "lr": 1e-4, "seed": 42,
+           "last": {**base, "privleak": -12.5, "extraction_strength": 0.25, "exact_memorization": 0.75}},
+          {"name": "b", "grid": "sweep", "method": b, "lr": 1e-4, "seed": 42, "last": dict(base)}]
+    lrs = {m: 1e-4 for m in grids.METHODS}
+    lines = results_report.main_table(rs, lrs, "last").splitlines()
+    assert lines[0].endswith("| privleak | ExtStr | ExactMem |")
+    assert lines[2].endswith("| -12.500 | 0.250 | 0.750 |") and lines[3].endswith("| not run | not run | not run |")
+    assert "privleak" not in results_report.main_table(rs[1:], lrs, "last")
