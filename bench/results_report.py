@@ -847,8 +847,9 @@ def render(records, lrs, made, claims, gpu=(), files=()) -> str:
         "reach offline, so FE and MU-18 themselves are not computed; its CS model is replaced offline by "
         "all-MiniLM-L6-v2, so even this part is not the paper's number.",
         "- top-5 leak = share of forget-answer tokens ranked in the model's top 5 (teacher-forced).",
-        "- privleak, ExtStr (extraction strength), ExactMem (exact memorization): evaluation/privacy.py, shown when "
-        "runs have them (docs/evaluation.md); 'not run' for runs evaluated without --privacy.",
+        *(["- privleak, ExtStr (extraction strength), ExactMem (exact memorization): evaluation/privacy.py "
+           "(docs/evaluation.md); 'not run' for runs evaluated without --privacy."]
+          if any(isinstance((r.get(w) or {}).get("privleak"), float) for r in records for w in ("peak", "last")) else []),
         "",
         main_table(records, lrs, "peak"),
         "",
