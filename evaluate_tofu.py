@@ -130,8 +130,10 @@ class Args:
                               "--forget_data), rows of the same kind as the forget set that no model trained on. "
                               "Default: with --quick, the first TOFU authors neither quick model saw (printed); "
                               "otherwise TOFU's holdout01/05/10 from the hub (locuslab/TOFU, as open-unlearning)."})
-    privacy_gradnorm: bool = field(default=True, metadata={"help": "With --privacy: run the GradNorm attack (a "
-                                   "backward per row, batch of 1, as open-unlearning); false skips it."})
+    privacy_gradnorm: bool = field(default=False, metadata={"help": "With --privacy: also run the GradNorm attack "
+                                   "(a backward per row, batch of 1, as open-unlearning; the memory of a full "
+                                   "gradient). Off by default for its cost, as in open-unlearning's default TOFU "
+                                   "evaluation; see the method scripts' --privacy_gradnorm."})
     extraction_form: str = field(default="definition", metadata={"help": "Extraction strength's edge: 'definition' "
                                  "(a missed last token gives 0) or 'open_unlearning' (its loop gives 1/n)."})
     aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})

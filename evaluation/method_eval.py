@@ -143,7 +143,7 @@ class MethodEval:
             self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
         self.kw["privacy"] = scenarios.privacy_spec(
             getattr(args, "privacy", False) and args.eval, args.split, self.kw["authors"], getattr(args, "holdout_data", None),
-            args.quick_retain_authors, args.forget_task is not None, getattr(args, "privacy_gradnorm", True),
+            args.quick_retain_authors, args.forget_task is not None, getattr(args, "privacy_gradnorm", False),
             getattr(args, "extraction_form", "definition"))
         if self.kw["privacy"] and accelerator.is_main_process:
             print(f"[eval] privacy: {self.kw['privacy'].get('reason') or 'holdout ' + self.kw['privacy']['holdout_name']}",

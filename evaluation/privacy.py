@@ -217,7 +217,7 @@ def evaluate_privacy(model, tokenizer, fmt, forget: list[dict], spec: dict, devi
                      out_dir=None, retain_dir=None, synced: bool = False) -> dict:
     """The privacy and memorization numbers of a model in memory, for evaluate()'s summary.
 
-    spec: {"holdout": rows, "holdout_name": where they come from, "gradnorm": bool, "es_form": ...}, or
+    spec: {"holdout": rows, "holdout_name": where they come from, "gradnorm": run GradNorm, "es_form": ...}, or
     {"reason": why there is no holdout}. Every process scores every row (no sharding: the same forward
     passes on each rank keep sharded models in step); the main process (out_dir given) writes
     eval_privacy.json with each row's scores. retain_dir: the retain model's logs folder, whose
@@ -231,7 +231,8 @@ def evaluate_privacy(model, tokenizer, fmt, forget: list[dict], spec: dict, devi
     all_seqs = seqs["forget"] + seqs["holdout"]
     texts = [tokenizer.decode([t for t in s["labels"] if t != -100], skip_special_tokens=True) for s in all_seqs]
     recs = forward_scores(model, tokenizer, all_seqs, texts, device, batch_size, bar, spec.get("es_form", "definition"))
-    gn_reason = ("not computed: --privacy_gradnorm false" if not spec.get("gradnorm", True) else
+    gn_reason = ("not computed: --privacy_gradnorm false (the default: a backward per row)" if not spec.get("gradnorm")
+                 else
                  "not computed: the parameters are sharded (FSDP2/ZeRO-3)" if synced else
                  "not computed: the model has no parameters" if not callable(getattr(model, "parameters", None))
                  or not any(True for _ in model.parameters()) else None)

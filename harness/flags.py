@@ -46,7 +46,7 @@ PRIVACY_HELP = ("Membership inference and memorization on the forget set (evalua
                 "retain model's) separating forget rows from holdout rows (--holdout_data), privleak on Min-K% against the "
                 "retain model's AUC (0.5 without a retain model, open-unlearning's fallback), extraction strength (ExtStr) and "
                 "exact memorization (ExactMem). AUC convention: holdout labelled 1, forget 0, loss-like scores (AUC 1: the "
-                "forget rows look remembered; 0.5: like unseen rows); MUSE's code reports 1 - AUC. Cost: PRIVACY_COST.")
+                "forget rows look remembered; 0.5: like unseen rows); MUSE's code reports 1 - AUC. Cost: one batched forward pass over the forget and holdout rows, 0.13x of the rest of the evaluation for SmolLM2-135M on the quick path (40 + 40 rows, 2-core CPU; 0.06x for the tests' tiny model; docs/evaluation.md). On by default for that cost; GradNorm is --privacy_gradnorm.")
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ class _MethodFlags:
     report_to: str = flag("none", "Experiment trackers, through accelerate (main process only): tensorboard (OUTPUT_DIR/tensorboard), wandb, all (those installed) or none. They get the arguments as config, the losses and lr of every step and the numbers of every evaluation; metrics.jsonl is written either way.")
     privacy: bool = flag(True, PRIVACY_HELP)
     holdout_data: str = flag(None, "With --privacy: your own holdout set for membership inference (same format as --forget_data): rows of the same kind as the forget set that no model trained on. Default: on the quick path, the first TOFU authors neither quick model saw (authors 4.. by default; the run prints which); otherwise TOFU's holdout01/05/10 from the hub (locuslab/TOFU, as open-unlearning).")
-    privacy_gradnorm: bool = flag(True, "With --privacy: run the GradNorm attack (one forward and backward per forget and holdout row, batch of 1 as open-unlearning; gradients of every weight, so it needs the memory of a full gradient). false leaves mia_auc/gradnorm not computed.")
+    privacy_gradnorm: bool = flag(False, "With --privacy: also run the GradNorm attack (mia_auc/gradnorm): one forward and backward per forget and holdout row (batch of 1, as open-unlearning) with gradients of every weight, so the memory of a full gradient. Off by default for its cost (another 0.44x of the rest of the evaluation for SmolLM2-135M on the quick path, 2-core CPU) and memory; open-unlearning's default TOFU evaluation leaves it out too (configs/eval/tofu.yaml).")
     extraction_form: str = flag("definition", "Extraction strength's edge case: 'definition' (Carlini et al. 2021, Wang et al. 2025: 1 - k/n with k in 0..n, so a missed last token gives 0) or 'open_unlearning' (its loop stops at k = n-1, so such a row gives 1/n).")
     nli_model: str = flag("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 

@@ -79,7 +79,7 @@ def real_world_eval_rows(folder) -> dict[str, list[dict]]:
 
 
 def privacy_spec(privacy: bool, split: str, authors: set[int] | None, holdout_data: str | None = None,
-                 n_retain: int = common.QUICK_RETAIN_AUTHORS, continual: bool = False, gradnorm: bool = True,
+                 n_retain: int = common.QUICK_RETAIN_AUTHORS, continual: bool = False, gradnorm: bool = False,
                  es_form: str = "definition") -> dict | None:
     """What evaluate(privacy=...) takes: None when --privacy is off; else the holdout rows and where they come
     from (--holdout_data, the quick path's unseen TOFU authors, or TOFU's hub holdout), or {"reason": ...}

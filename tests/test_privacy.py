@@ -209,7 +209,7 @@ def test_evaluate_reports_privacy_with_the_retain_models_auc(tiny_model_dir, tmp
     model, tok = models.load_model(str(tiny_model_dir), frozen=True)
     fmt = models.prompt_format(tok, str(tiny_model_dir))
     authors = common.quick_authors("forget01")
-    spec = scenarios.privacy_spec(True, "forget01", authors)
+    spec = scenarios.privacy_spec(True, "forget01", authors, gradnorm=True)
     kw = dict(tasks=("forget",), generation=False, authors=authors, verbose=False, privacy=spec)
     retain = evaluate(model, tok, fmt, "forget01", tmp_path / "retain", **kw)
     assert retain["privleak_auc_retain"] == 0.5 and "fallback" in retain["privleak_auc_retain_source"]
