@@ -42,8 +42,8 @@ def check_memory_args(args) -> None:
 
 
 PRIVACY_HELP = ("Membership inference and memorization on the forget set (evaluation/privacy.py, open-unlearning's "
-                "definitions): the AUC of six attacks (LOSS, ZLib, Min-K% k=0.4, Min-K%++, GradNorm, Reference = NLL minus the "
-                "retain model's) separating forget rows from holdout rows (--holdout_data), privleak on Min-K% against the "
+                "definitions): the AUC of six attacks (LOSS, ZLib, Min-K%% k=0.4, Min-K%%++, GradNorm, Reference = NLL minus the "
+                "retain model's) separating forget rows from holdout rows (--holdout_data), privleak on Min-K%% against the "
                 "retain model's AUC (0.5 without a retain model, open-unlearning's fallback), extraction strength (ExtStr) and "
                 "exact memorization (ExactMem). AUC convention: holdout labelled 1, forget 0, loss-like scores (AUC 1: the "
                 "forget rows look remembered; 0.5: like unseen rows); MUSE's code reports 1 - AUC. Cost: one batched forward pass over the forget and holdout rows, 0.13x of the rest of the evaluation for SmolLM2-135M on the quick path (40 + 40 rows, 2-core CPU; 0.06x for the tests' tiny model; docs/evaluation.md). On by default for that cost; GradNorm is --privacy_gradnorm.")
