@@ -250,3 +250,14 @@ def test_results_report_shows_the_privacy_columns_and_not_run():
     assert lines[0].endswith("| privleak | ExtStr | ExactMem |")
     assert lines[2].endswith("| -12.500 | 0.250 | 0.750 |") and lines[3].endswith("| not run | not run | not run |")
     assert "privleak" not in results_report.main_table(rs[1:], lrs, "last")
+
+
+def test_end_of_run_table_has_one_line_each_and_says_why_a_model_has_none():
+    from evaluation.method_eval import privacy_table
+    s = {"privleak": -87.5, "extraction_strength": 0.25, "exact_memorization": 0.5, "privleak_auc_retain": 0.5,
+         "privleak_auc_retain_source": "fallback", "privacy": {"holdout": "authors 4-5", "n_forget": 40,
+                                                               "n_holdout": 40, "auc_convention": "holdout 1"}}
+    lines = privacy_table([("before", {"privacy_reason": "not computed: no holdout"}), ("after", s)]).splitlines()
+    assert lines[2].split() == ["privleak", "n/c", "-87.5000"]
+    assert lines[3].split() == ["ExtStr", "n/c", "0.2500"] and lines[4].split() == ["ExactMem", "n/c", "0.5000"]
+    assert "authors 4-5" in lines[5] and lines[6] == "n/c privacy (before): no holdout"
