@@ -177,6 +177,7 @@ def test_hub_holdout_and_holdout_data(monkeypatch, tmp_path):
         calls.append((source, name))
         return [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
     monkeypatch.setattr(common, "read_rows", hub)
+    monkeypatch.setattr(common, "hub_reachable", lambda: True)
     rows, name = common.holdout_rows("forget05", None)
     assert calls == [(common.HUB_DATASET, "holdout05")] and [r["index"] for r in rows] == [0, 1, 2]
     assert "holdout05" in name and "hub" in name
@@ -188,6 +189,14 @@ def test_hub_holdout_and_holdout_data(monkeypatch, tmp_path):
         common.holdout_rows("forget10", None)
     spec = scenarios.privacy_spec(True, "forget10", None)
     assert spec["reason"].startswith("not computed") and "--holdout_data" in spec["reason"]
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)  # out of reach: refused before any hub read
+    monkeypatch.setattr(common, "read_rows", hub)
+    with pytest.raises(common.TofuError, match="out of reach.*--holdout_data"):
+        common.holdout_rows("forget01", None)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert common.hub_reachable() is False
     monkeypatch.undo()
     f = tmp_path / "held.jsonl"
     f.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))
