@@ -14,6 +14,7 @@ from pathlib import Path
 import common
 from common import TofuError
 from harness import models, runlog, scenarios
+from evaluation.attacks import ATTACK_FLAGS, AttackArgs
 
 
 def flag(default, help):
@@ -91,7 +92,7 @@ class _MethodFlags:
 
 
 @dataclasses.dataclass
-class MethodArgs(MemoryArgs, _MethodFlags):
+class MethodArgs(MemoryArgs, AttackArgs, _MethodFlags):
     """The flags every method script shares: the run's first (in --help too), then LoRA and memory."""
 
 
@@ -227,6 +228,7 @@ UNNAMED = {"split", "forget_task", "method", "model", "recipe", "output_dir", "o
            "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
            "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
            "gradient_checkpointing", "save_adapter_only"}
+UNNAMED |= set(ATTACK_FLAGS)  # the attacks evaluate the saved model; they do not change it
 
 
 def path_part(value) -> str:
