@@ -20,6 +20,10 @@ engine, method_eval).
                1 - mean(forget ROUGE, Prob, 1 - min(TR,1/TR), CS, ES) (§10)
   Leakage      teacher-forced fraction of forget-answer tokens (EOS excluded) whose gold
                token is the model's top-1 / in its top-5
+  Attacks      (evaluation/attacks.py) --relearn_attack: a copy fine-tuned a few steps on half of the
+               forget questions, evaluated on the other half (Hu et al. 2025); --quantize_attack
+               4bit,8bit: loaded through bitsandbytes (Zhang et al. 2025); each beside the retain
+               model under the same attack; summary.json: relearn_attack/..., quantize_attack/...
 
 Launch:
   python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR

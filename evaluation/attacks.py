@@ -295,6 +295,7 @@ class Attacks:
     def _relearned(self, model_path: str, bar: bool):
         """A fresh fp32 copy of the saved model, relearned on the relearn part; (model, losses)."""
         model = models.load_model(model_path, dtype=torch.float32)[0].to(self._device())
+        models.no_kv_cache(model)  # training forwards build no KV cache (as fit() does)
         r = self.recipe
         losses = relearn(model, self.tok, self.fmt, self.parts[0], r["steps"], r["lr"], r["batch_size"], self.seed,
                          self.max_length, bar)
