@@ -228,7 +228,6 @@ UNNAMED = {"split", "forget_task", "method", "model", "recipe", "output_dir", "o
            "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
            "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
            "gradient_checkpointing", "save_adapter_only"}
-UNNAMED |= set(ATTACK_FLAGS)  # the attacks evaluate the saved model; they do not change it
 
 
 def path_part(value) -> str:
@@ -247,6 +246,9 @@ def path_part(value) -> str:
     if len(value) > 48:
         value = f"{value[:40]}_{hashlib.sha1(value.encode()).hexdigest()[:7]}"
     return value
+
+
+UNNAMED |= set(ATTACK_FLAGS)  # the attacks (evaluation/attacks.py) evaluate the saved model, not change it
 
 
 def run_name(args, defaults, model: str = models.QUICK) -> str:
