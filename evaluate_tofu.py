@@ -50,11 +50,10 @@ import torch
 
 import common
 from harness import launch, models, runlog, scenarios
-from evaluation import attacks
-from evaluation.attacks import AttackArgs
 from evaluation.engine import GEN_MAX_LENGTH, ROW_ORDERS, evaluate
 from evaluation.logs import LOG_FILES, aggregate, log_dir, nan_flags, print_summary, read_logs, read_settings, summarize
 from evaluation.method_eval import eval_caps
+from evaluation import attacks  # after the others: the attack flags and runner
 from evaluation.metrics import PAPER_NLI_MODEL
 
 # ---------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class EvalFlags:
 
 
 @dataclass
-class Args(AttackArgs, EvalFlags):
+class Args(attacks.AttackArgs, EvalFlags):
     """The evaluation's flags, then the attacks' (evaluation/attacks.py)."""
     target_model: str = field(default="", metadata={"help": "With --quantize_attack: the model before unlearning, "
                                                             "quantized the same way as a yardstick (a method script "
