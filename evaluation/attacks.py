@@ -24,6 +24,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -193,6 +194,8 @@ def load_quantized(path: str, bits: str, device):
     if models.adapter_base(folder):
         raise common.TofuError(f"{path} holds a LoRA adapter alone; --quantize_attack quantizes a whole model: save "
                                "the run without --save_adapter_only (the adapter merged), or merge it first")
+    # LLM.int8() casts fp32 inputs to fp16 for its int8 matmul and logs it at every forward (docs/specs.md)
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     device = torch.device(device)
     place = torch.cuda.current_device() if device.type == "cuda" else str(device)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANT_BITS[bits]),
