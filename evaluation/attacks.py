@@ -389,6 +389,10 @@ class Attacks:
         return res
 
 
+def num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(cell(v))
+
+
 def table(s: dict) -> str:
     """One line per attack: forget ROUGE-L and Prob of the unlearned model, the attacked one and the retain
     model under the same attack (the yardstick), and the attacked model's forget quality against it."""
@@ -409,7 +413,7 @@ def table(s: dict) -> str:
                        for m in ("unlearned", "attacked", "retain")), cell(s.get(f"{p}attacked/forget_quality"))))
         if f"{p}target/forget_prob" in s:
             notes.append(f"quantize {bits}: the target quantized the same way has f.ROUGE "
-                         f"{cell(s.get(p + 'target/forget_rouge'))}, f.Prob {cell(s.get(p + 'target/forget_prob'))}")
+                         f"{num(s.get(p + 'target/forget_rouge'))}, f.Prob {num(s.get(p + 'target/forget_prob'))}")
         notes += [f"n/c quantize {bits} {role}: {s[p + role + '_reason'].removeprefix('not computed: ')}"
                   for role in ("retain", "target") if p + role + "_reason" in s]
     if not rows:
