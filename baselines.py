@@ -711,6 +711,7 @@ def main():
     history.append(("after", evaluator.run(model, "after")))
     launch.release(accelerator, model)
     history.extend(evaluator.peak(history[-1][1], args.epochs))  # --peak_epoch: that epoch in full
+    evaluator.attack(out_dir / "model", history)  # --relearn_attack, --quantize_attack (evaluation/attacks.py)
     evaluator.report(history)
     log.finish()
 

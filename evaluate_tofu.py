@@ -29,6 +29,10 @@ engine, method_eval).
                ExtStr       extraction strength: 1 - k/n, k the first answer position from which
                             every greedy teacher-forced prediction matches (Carlini et al. 2021)
                ExactMem     exact memorization: share of answer tokens predicted exactly
+  Attacks      (evaluation/attacks.py) --relearn_attack: a copy fine-tuned a few steps on half of the
+               forget questions, evaluated on the other half (Hu et al. 2025); --quantize_attack
+               4bit,8bit: loaded through bitsandbytes (Zhang et al. 2025); each beside the retain
+               model under the same attack; summary.json: relearn_attack/..., quantize_attack/...
 
 Launch:
   python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR
@@ -58,13 +62,14 @@ from harness import flags, launch, models, runlog, scenarios
 from evaluation.engine import GEN_MAX_LENGTH, ROW_ORDERS, evaluate
 from evaluation.logs import LOG_FILES, aggregate, log_dir, nan_flags, print_summary, read_logs, read_settings, summarize
 from evaluation.method_eval import eval_caps
+from evaluation import attacks  # after the others: the attack flags and runner
 from evaluation.metrics import PAPER_NLI_MODEL
 
 # ---------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------
 @dataclass
-class Args:
+class EvalFlags:
     model: str = field(default="", metadata={"help": "Model to evaluate: local folder, HF id or the preset "
                                                      "'smollm2-135m'."})
     split: str = field(default="forget10", metadata={"help": "Forget split: forget01/05/10 (TOFU default "
@@ -139,6 +144,17 @@ class Args:
     aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})
     logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read, or a method script's run folder (or its eval/ folder): its eval/after. The retain logs and CS/NLI models its summary.json recorded are used (--retain_logs replaces the former), and eval_extra.json beside the logs gives TE, CS, ES and leakage."})
     output_json: str = field(default="", metadata={"help": "With --aggregate_only: where the JSON result goes."})
+
+
+@dataclass
+class Args(attacks.AttackArgs, EvalFlags):
+    """The evaluation's flags, then the attacks' (evaluation/attacks.py)."""
+    target_model: str = field(default="", metadata={"help": "With --quantize_attack: the model before unlearning, "
+                                                            "quantized the same way as a yardstick (a method script "
+                                                            "uses its --model)."})
+    seed: int = field(default=42, metadata={"help": "With --relearn_attack: the seed of the question split and the "
+                                                    "relearning batches (the method scripts' --seed default, 42); the "
+                                                    "retain model is attacked with the same one."})
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +253,13 @@ def main():
                      ks_method=args.ks_method, source=args.source, row_order=args.row_order,
                      verbose=accelerator.is_main_process, data=data)
 
+    tok = models.load_tokenizer(args.model)  # the attacks refuse bad input before any model loads
+    plan = attacks.Attacks(tok, models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt), args.split,
+                           {**common_kw, "max_new_tokens": args.max_new_tokens, "gen_max_length": args.gen_max_length,
+                            "cs_model": args.cs_model, "nli_model": args.nli_model}, out, accelerator,
+                           "quick" if args.quick else "paper", args.seed,
+                           **{k: getattr(args, k) for k in attacks.ATTACK_FLAGS})
+
     def load(name):
         model, tok = models.load_model(name, frozen=True)
         fmt = models.prompt_format(tok, name, args.prompt_format, args.system_prompt)
@@ -250,6 +273,11 @@ def main():
     summary = evaluate(*load(args.model), args.split, out, retain_logs=retain_logs,
                        max_new_tokens=args.max_new_tokens, gen_max_length=args.gen_max_length, cs_model=args.cs_model,
                        nli_model=args.nli_model, **common_kw)
+    if plan.active:  # --relearn_attack, --quantize_attack: their numbers join summary.json
+        summary.update(plan.run(args.model, args.target_model or None, args.retain_model or None))
+        if accelerator.is_main_process:
+            runlog.atomic_write_json(out / "summary.json", summary)
+            print("\n" + attacks.table(summary))
     accelerator.log(runlog.scalars({k: v for k, v in summary.items() if k != "settings"}, "eval/"), step=0)
     accelerator.end_training()
 

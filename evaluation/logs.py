@@ -5,6 +5,7 @@ a retain model's logs can stand for this model's, TOFU's aggregates, and the sum
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from harness import runlog
+from harness import models, runlog
 from evaluation.metrics import (UTILITY_TASKS, closer_look, closer_look_provenance, forget_quality, harmonic_mean,
                                 probability, tr_forget, tr_utility, truth_ratio)
 
@@ -71,6 +72,17 @@ def log_dir(folder) -> Path:
         raise common.TofuError(f"no TOFU-format logs in {folder} (expected eval_log.json, eval_log_forget.json, "
                                "... or eval_log_aggregated.json, here or in one subfolder)")
     return found[0]
+
+
+def eval_cache_dir(model_path: str, settings: dict) -> Path:
+    """runs/eval_cache/<hash>: evaluations of a saved model that later runs reuse (the starting model,
+    the retain model's logs, the attacks' yardsticks). The key holds the folder, its weights'
+    modification time and every evaluation setting."""
+    p = Path(models.resolve_model_path(model_path))
+    stamp = max((f.stat().st_mtime for f in p.glob("*.safetensors")), default=0) if p.exists() else 0
+    key = json.dumps({"model": str(p.resolve()) if p.exists() else model_path, "stamp": stamp, **settings},
+                     sort_keys=True, default=str)
+    return common.RUNS_DIR / "eval_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def read_settings(folder) -> dict | None:

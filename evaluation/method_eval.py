@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import shutil
 import tempfile
@@ -13,25 +12,17 @@ import time
 from pathlib import Path
 
 import common
-from harness import launch, models, runlog, scenarios
+from harness import launch, runlog, scenarios
 import evaluate_general
+from evaluation import attacks
 from evaluation.engine import evaluate, task_rows
 from evaluation.logs import TASKS, cell, closer_look_models, skipped
+from evaluation.logs import eval_cache_dir as _cache_dir  # shared with evaluation/attacks.py
 from evaluation.metrics import real_world_scores
 
 # ---------------------------------------------------------------------------
 # What the method scripts call: before/after/per-epoch evaluation and the summary table
 # ---------------------------------------------------------------------------
-def _cache_dir(model_path: str, settings: dict) -> Path:
-    """runs/eval_cache/<hash>: evaluations of a saved model that later runs reuse. The key
-    holds the folder, its weights' modification time and every evaluation setting."""
-    p = Path(models.resolve_model_path(model_path))
-    stamp = max((f.stat().st_mtime for f in p.glob("*.safetensors")), default=0) if p.exists() else 0
-    key = json.dumps({"model": str(p.resolve()) if p.exists() else model_path, "stamp": stamp, **settings},
-                     sort_keys=True, default=str)
-    return common.RUNS_DIR / "eval_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
-
-
 def first_peak(epochs: list[dict]) -> dict | None:
     """The first epoch of peak forget quality (RKLD's protocol): a later epoch replaces the best so far
     only when its forget quality is higher by more than float noise (relative 1e-9: the KS p-value of
@@ -151,6 +142,12 @@ class MethodEval:
         self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
         evaluate_general.check_available(getattr(args, "benchmarks", None))
         self.retain_logs = args.retain_logs
+        self.attack_plan = attacks.Attacks(tokenizer, fmt, args.split, self.kw, self.out, accelerator, args.recipe, args.seed,
+                                            **{k: getattr(args, k, None) for k in attacks.ATTACK_FLAGS},
+                                            max_length=args.max_length)
+        if self.attack_plan.active and not args.eval:
+            raise common.TofuError("--relearn_attack and --quantize_attack evaluate the attacked models, which needs "
+                                   "--eval true")
         self.run_dir, self.epochs, self.selection_s = Path(out_dir), [], 0.0  # the peak-epoch protocol's record
         self.full = {}  # epoch -> its full evaluation (--eval_every_epoch), which the peak row then reuses
         if args.peak_epoch and not (args.retain_logs or args.retain_model):
@@ -313,6 +310,20 @@ class MethodEval:
                   f"for its full evaluation", flush=True)
         return [(f"peak (epoch {best['epoch']})", summary)]
 
+    def attack(self, model_dir, rows: list[tuple[str, dict | None]]) -> None:
+        """--relearn_attack / --quantize_attack on the saved unlearned model (evaluation/attacks.py): their
+        numbers join the evaluation after unlearning (its summary.json, under relearn_attack/... and
+        quantize_attack/...), so report() prints them."""
+        after = dict(rows).get("after")
+        if not self.attack_plan.active or after is None:
+            return
+        res = self.attack_plan.run(str(model_dir), self.args.model, self.args.retain_model)
+        after.update(res)
+        if self.acc.is_main_process:
+            runlog.atomic_write_json(self.out / "after" / "summary.json", after)
+        if self.log is not None:
+            self.log.log_eval("attacks", res)
+
     def report(self, rows: list[tuple[str, dict | None]]):
         """The end-of-run table (one line per evaluated model) and forget answers before/after."""
         rows = [(n, s) for n, s in rows if s]
@@ -339,6 +350,9 @@ class MethodEval:
                 [(n, cell(s.get("real_world_mu")), cell(s.get("real_world_fe"))) for n, s in rows],
                 ("model", "MU", "FE")))
             print("\n".join(nc_notes(rows, [("MU", "real_world_mu"), ("FE", "real_world_fe")])))
+        attack_table = attacks.table(dict(rows).get("after") or {})
+        if attack_table:
+            print("\n" + attack_table)
         bench = evaluate_general.table(rows)
         if bench:
             print("\n" + bench)

@@ -14,6 +14,7 @@ from pathlib import Path
 import common
 from common import TofuError
 from harness import models, runlog, scenarios
+from evaluation.attacks import ATTACK_FLAGS, AttackArgs
 
 
 def flag(default, help):
@@ -103,7 +104,7 @@ class _MethodFlags:
 
 
 @dataclasses.dataclass
-class MethodArgs(MemoryArgs, _MethodFlags):
+class MethodArgs(MemoryArgs, AttackArgs, _MethodFlags):
     """The flags every method script shares: the run's first (in --help too), then LoRA and memory."""
 
 
@@ -260,6 +261,9 @@ def path_part(value) -> str:
     if len(value) > 48:
         value = f"{value[:40]}_{hashlib.sha1(value.encode()).hexdigest()[:7]}"
     return value
+
+
+UNNAMED |= set(ATTACK_FLAGS)  # the attacks (evaluation/attacks.py) evaluate the saved model, not change it
 
 
 def run_name(args, defaults, model: str = models.QUICK) -> str:
