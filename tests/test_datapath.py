@@ -155,3 +155,6 @@ def test_loader_pins_memory_on_cuda_only(rows, tiny_model_dir):
     collate = lambda b: common.collate(b, tok.pad_token_id)  # noqa: E731
     assert not launch.make_loader(ds, 4, 0, SimpleNamespace(device=torch.device("cpu")), collate).pin_memory
     assert launch.make_loader(ds, 4, 0, SimpleNamespace(device=torch.device("cuda", 0)), collate).pin_memory
+    acc = launch.make_accelerator(4, 4)[0]  # copies to a GPU do not block; on CPU there is no copy
+    assert acc.dataloader_config.non_blocking == torch.cuda.is_available()
+    assert launch.LOADER_WORKERS == 0  # workers cost more than they save here (bench/bench_datapath.py)
