@@ -476,6 +476,7 @@ def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size:
     from accelerate.utils import gather_object
     items, counts = [ds[i]["forget"] for i in range(len(ds))], answer_counts(ds)
     vocab, rank, world = teacher.config.vocab_size, accelerator.process_index, accelerator.num_processes
+    path.parent.mkdir(parents=True, exist_ok=True)  # the run folder (strengthening made it, unless skipped)
     TeacherStore(path, counts, vocab, world, "w+", rank).flush()
     store = TeacherStore(path, counts, vocab, world, "r+", rank)
     mine = list(range(rank, len(items), world))

@@ -61,10 +61,10 @@ class PerDraw(torch.utils.data.Dataset):
 
 
 def epoch(ds, parts, pad_id, workers=0):
+    keep = ("index", *parts)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                         num_workers=workers,
-                                         collate_fn=lambda b: common.collate_pairs([{k: it[k] for k in ("index", *parts)}
-                                                                                    for it in b], pad_id))
+                                         num_workers=workers, collate_fn=lambda b: common.collate_pairs(
+                                             [{k: it[k] for k in keep} for it in b], pad_id))
     t0 = time.perf_counter()
     batches = list(loader)
     return time.perf_counter() - t0, batches
