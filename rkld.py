@@ -371,7 +371,8 @@ def decide_precompute(asked: bool | None, counts: list[int], vocab: int, acceler
     precompute = fits if asked is None else bool(asked)
     if accelerator.is_main_process:
         why = "as --precompute_teacher says" if asked is not None else "it fits" if fits else "it fits neither"
-        print(f"[{METHOD}] teacher store: {sum(counts):,} answer tokens x {vocab:,} x 4 bytes = {nbytes / 2**30:.2f} GiB "
+        print(f"[{METHOD}] teacher store: {sum(counts):,} answer tokens x {vocab:,} x 4 bytes = "
+              f"{nbytes / 2**30:.2f} GiB "
               f"(budget: device {budgets[0] / 2**30:.1f} GiB, host {budgets[1] / 2**30:.1f} GiB); "
               f"{'precomputed' if precompute else 'live teacher'} ({why})", flush=True)
     return precompute
