@@ -344,9 +344,10 @@ STORE_SHARE = 0.25  # the share of a device's memory, and of the host's availabl
 def store_budgets(device: torch.device) -> tuple[int, int]:
     """(device, host) bytes the precomputed teacher may take: STORE_SHARE of the device's memory, capped
     by what is free on it now (the rest is the student's: weights, gradients, Adam moments, activations),
-    and STORE_SHARE of the host memory available now. On CPU the device is the host."""
+    and STORE_SHARE of the host memory available now, shared by the node's processes (each holds its own
+    copy; LOCAL_WORLD_SIZE, which every launcher sets). On CPU the device is the host."""
     import psutil  # an accelerate dependency
-    host = int(STORE_SHARE * psutil.virtual_memory().available)
+    host = int(STORE_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type != "cuda":
         return host, host
     gc.collect()
