@@ -520,9 +520,8 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     set_seed(args.seed)
     forget = scenarios.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate(b, tok.pad_token_id))
     log = runlog.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
     if accelerator.is_main_process:  # its own stage: its own steps, under the same --max_steps cap
         steps = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.strengthen_epochs,
@@ -567,6 +566,13 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
 def padded_parts(args) -> tuple[str, ...]:
     """Batch parts padded to --pad_to: those a reference-reduced loss averages over, padding included."""
     return ("retain",) if METHODS[args.method][1] == "kl" and args.loss_reduction == "reference" else ()
+
+
+def batch_parts(args) -> tuple[str, ...]:
+    """The batch parts step_losses reads (common.ForgetRetainDataset tokenizes only these): the refusal
+    for the terms that use one, the retain pair for a retain term."""
+    forget, retain = METHODS[args.method]
+    return ("forget", *(("forget_idk",) if forget in ("idk", "dpo", "kto") else ()), *(("retain",) if retain else ()))
 
 
 def step_losses(model, batch, frozen, args) -> dict:
@@ -677,10 +683,10 @@ def main():
     tok = models.load_tokenizer(args.model)
     fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = scenarios.method_rows(args)
-    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk(),
+                                    parts=batch_parts(args))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
     derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),

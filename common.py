@@ -382,12 +382,24 @@ def encode_qa(tokenizer, fmt: PromptFormat, question: str, answer: str, max_leng
     the answer tokens and one EOS are scored. Longer sequences are cut to max_length
     (then no EOS is added, as in TOFU) and flagged `truncated`."""
     prompt_ids = encode_prompt(tokenizer, fmt, question)
+    return qa_from_ids(prompt_ids, answer_ids(tokenizer, fmt, prompt_ids, question, answer),
+                       tokenizer.eos_token_id, max_length)
+
+
+def answer_ids(tokenizer, fmt: PromptFormat, prompt_ids: list[int], question: str, answer: str) -> list[int]:
+    """The tokens that follow the prompt when prompt and answer are tokenized together (what a model
+    sees), refused when the prompt's own tokens are not a prefix of that sequence."""
     text = fmt.prompt(tokenizer, question) + fmt.answer_text(answer)
     ids = tokenizer(text, add_special_tokens=fmt.add_special_tokens)["input_ids"]
     if ids[: len(prompt_ids)] != prompt_ids:
         raise TofuError(f"the prompt's tokens are not a prefix of the full sequence's tokens for "
                         f"question {question[:60]!r}; try another --prompt_format")
-    ids = ids + [tokenizer.eos_token_id]
+    return ids[len(prompt_ids):]
+
+
+def qa_from_ids(prompt_ids: list[int], answer: list[int], eos_id: int, max_length: int = 512) -> dict:
+    """encode_qa's item from token ids: prompt + answer + EOS, cut to max_length, labels -100 on the prompt."""
+    ids = [*prompt_ids, *answer, eos_id]
     truncated = len(ids) > max_length
     ids = ids[:max_length]
     n_prompt = min(len(prompt_ids), len(ids))
@@ -435,29 +447,61 @@ def item_rng(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+PAIR_PARTS = ("forget", "retain", "forget_idk", "retain_idk")
+
+
 class ForgetRetainDataset(torch.utils.data.Dataset):
     """One item per forget row (an epoch is one pass over the forget set, as in every
     reference). Each item holds the tokenized forget example, a retain partner drawn by
-    item_generator(seed, epoch, index), and, when `idk` templates are given, the forget
-    and retain questions answered with one template drawn from the same generator.
-    Keys: forget, retain, forget_idk, retain_idk (those that apply)."""
+    item_rng(seed, epoch, index), and, when `idk` templates are given, the forget and retain
+    questions answered with one template drawn from the same generator.
+    Keys: index and those of `parts` that apply (forget always; retain with retain rows; forget_idk
+    and retain_idk with templates). A method names the parts its step reads (its batch_parts()).
 
-    def __init__(self, forget, retain, tokenizer, fmt, max_length=512, seed=0, idk=None):
+    Every row is tokenized once, here: each forget and retain (question, answer), and, for the IDK
+    parts, each question's prompt and each template's answer tokens, joined per draw. The template's
+    tokens are the same after every prompt of a format (each prompt ends in the format's fixed tail,
+    and encode_qa refuses a prompt whose tokens are not a prefix), which two different questions
+    check here; a tokenizer where they differ falls back to encode_qa per draw. Items are the same
+    token lists encode_qa gives (tests/test_datapath.py)."""
+
+    def __init__(self, forget, retain, tokenizer, fmt, max_length=512, seed=0, idk=None, parts=PAIR_PARTS):
+        unknown = set(parts) - set(PAIR_PARTS)
+        if unknown or "forget" not in parts:
+            raise ValueError(f"parts must include 'forget' and be among {PAIR_PARTS}, got {parts}")
         self.forget, self.retain, self.idk = forget, retain or [], idk
         self.tok, self.fmt, self.max_length, self.seed, self.epoch = tokenizer, fmt, max_length, seed, 0
-        self.n_truncated = 0
+        self.parts = tuple(p for p in PAIR_PARTS if p in parts and (self.retain or "retain" not in p)
+                           and (idk or "idk" not in p))
+        self.n_truncated, self.items = 0, {}
         for name, rows in (("forget", forget), ("retain", self.retain)):
-            cut = sum(self._enc(r["question"], r["answer"])["truncated"] for r in rows)
+            prompts = [encode_prompt(tokenizer, fmt, r["question"]) for r in rows]
+            enc = [qa_from_ids(p, answer_ids(tokenizer, fmt, p, r["question"], r["answer"]), tokenizer.eos_token_id,
+                               max_length) for p, r in zip(prompts, rows)]
+            cut = sum(e["truncated"] for e in enc)
             if rows and cut == len(rows):  # training on them would train on cut-off answers only
                 raise TofuError(f"every {name} row is longer than --max_length {max_length} tokens; raise "
                                 "--max_length or give shorter rows")
             self.n_truncated += cut
+            if name in self.parts:
+                self.items[name] = enc
+            if f"{name}_idk" in self.parts:
+                self.items[f"{name}_prompt"] = prompts
+        self.idk_ids = self._template_ids() if {"forget_idk", "retain_idk"} & set(self.parts) else None
+
+    def _template_ids(self) -> list[list[int]] | None:
+        """Each template's answer tokens after a prompt, or None when they depend on the question."""
+        probes = [r["question"] for r in (self.forget[:1] + self.retain[:1] + self.forget[1:2])][:2]
+        out = []
+        for t in self.idk:
+            seen = [answer_ids(self.tok, self.fmt, encode_prompt(self.tok, self.fmt, q), q, t) for q in probes]
+            if any(s != seen[0] for s in seen):
+                return None
+            out.append(seen[0])
+        return out
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
-
-    def _enc(self, q, a):
-        return encode_qa(self.tok, self.fmt, q, a, self.max_length)
 
     def pick(self, index: int) -> tuple[int | None, int | None]:
         """(retain partner, IDK template) for forget item `index` in the current epoch."""
@@ -466,20 +510,24 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         t = int(torch.randint(len(self.idk), (1,), generator=g)) if self.idk else None
         return r, t
 
+    def _idk(self, side: str, row: int, t: int) -> dict:
+        if self.idk_ids is None:
+            q = (self.forget if side == "forget" else self.retain)[row]["question"]
+            return encode_qa(self.tok, self.fmt, q, self.idk[t], self.max_length)
+        return qa_from_ids(self.items[f"{side}_prompt"][row], self.idk_ids[t], self.tok.eos_token_id, self.max_length)
+
     def __len__(self):
         return len(self.forget)
 
     def __getitem__(self, i):
-        f = self.forget[i]
         r_idx, t_idx = self.pick(i)
-        item = {"index": i, "forget": self._enc(f["question"], f["answer"])}
-        if r_idx is not None:
-            r = self.retain[r_idx]
-            item["retain"] = self._enc(r["question"], r["answer"])
-        if t_idx is not None:
-            item["forget_idk"] = self._enc(f["question"], self.idk[t_idx])
-            if r_idx is not None:
-                item["retain_idk"] = self._enc(self.retain[r_idx]["question"], self.idk[t_idx])
+        item = {"index": i, "forget": self.items["forget"][i]}
+        if "retain" in self.parts:
+            item["retain"] = self.items["retain"][r_idx]
+        if "forget_idk" in self.parts:
+            item["forget_idk"] = self._idk("forget", i, t_idx)
+        if "retain_idk" in self.parts:
+            item["retain_idk"] = self._idk("retain", r_idx, t_idx)
         return item
 
 

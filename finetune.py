@@ -164,9 +164,8 @@ def train_one(args: Args, rows: list[dict], data: str, out: Path, accelerator) -
     model, tok = models.load_trained(args, accelerator), models.load_tokenizer(args.model)
     fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     ds = common.QADataset(rows, tok, fmt, args.max_length)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate(b, tok.pad_token_id))
     sizes = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.epochs, args.warmup_epochs,
                                args.max_steps, args.schedule)
     derived = {"data": data, "rows": len(ds), "authors": sorted({r["author"] for r in rows}, key=lambda a: (a is None, a or 0)),

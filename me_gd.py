@@ -227,6 +227,11 @@ def padded_parts(args) -> tuple[str, ...]:
     return (*(() if args.mask_question else ("forget",)), *(("retain",) if args.retain_loss == "kl" else ()))
 
 
+def batch_parts(args) -> tuple[str, ...]:
+    """The batch parts step_losses reads (common.ForgetRetainDataset tokenizes only these)."""
+    return ("forget", "retain")
+
+
 def step_losses(model, batch, frozen, args) -> dict:
     """{'loss': alpha * ME + retain, 'loss/forget': ME, 'loss/retain': ...} for one micro-batch."""
     f, r = batch["forget"], batch["retain"]
@@ -311,10 +316,10 @@ def main():
     tok = models.load_tokenizer(args.model)
     fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = scenarios.method_rows(args)
-    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk(),
+                                    parts=batch_parts(args))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
     derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),

@@ -144,7 +144,7 @@ class Args(flags.MethodArgs):
     strengthened_model: str = flags.flag(None, "Reuse a strengthened model (folder) instead of building one.")
     strengthen_epochs: int = flags.flag(5, "Epochs of continued training on the forget set. App. A says the strengthened model 'is trained for total 10 epochs'; we read that as the 5 fine-tuning epochs + 5 more here.")
     strengthen_lr: float = flags.flag(None, "LR of the continued training ('same optimizer settings', App. A): 1e-5 for real models, the fine-tuning lr (2e-4) for --model quick.")
-    precompute_teacher: bool = flags.flag(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into float32 files in the run folder, one per rank (4 x vocabulary bytes per answer token: 128 kB at a 32,000-token vocabulary; forget10 has 14,934 answer tokens with SmolLM2's tokenizer, 1.8 GiB at that vocabulary), then free the frozen models: only the student stays resident while distilling. Default: on for --model quick (about half the CPU step time, bench/bench_rkld_memory.py), off otherwise.")
+    precompute_teacher: bool = flags.flag(None, "Compute the teacher's log-probs over the forget set once, each rank its own rows, into float32 files in the run folder, one per rank (4 x vocabulary bytes per answer token: 128 kB at a 32,000-token vocabulary; forget05 has 7,275 answer tokens with SmolLM2's tokenizer, 0.87 GiB at that vocabulary), free the frozen models, and keep the store on the device when it takes at most a quarter of its memory (else in pinned host memory, else read from the files): only the student runs while distilling. Default: on whenever the store fits the device or a quarter of the available host memory (the teacher is constant: one teacher pass per row instead of one per row and epoch; measured in docs/throughput.md); the run prints the store's size and the choice.")
     eval_teacher: bool = flags.flag(False, "Also evaluate the unlearning teacher itself (logit arithmetic at inference), as in RKLD Fig. 3.")
 
     def __post_init__(self):  # checked at parse time, before any model is loaded
@@ -165,9 +165,8 @@ class Args(flags.MethodArgs):
 
 METHOD = "rkld"
 PAPER = {"lr": 1e-5, "epochs": 10, "peak_epoch": True, "batch_size": 32, "strengthen_lr": 1e-5,
-         "precompute_teacher": False,
          "pad_to": 500, "_source": "RKLD App. A"}
-QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4, "precompute_teacher": True,
+QUICK = {"lr": 1e-4, "epochs": 5, "batch_size": 8, "strengthen_lr": 2e-4,
          "pad_to": 0, "_source": "ours, sized for the embedded 135M model on a 2-core CPU"}
 
 
@@ -249,9 +248,8 @@ def strengthen(args, tok, fmt, accelerator, adapter_only: bool = False) -> str:
     set_seed(args.seed)
     forget = scenarios.method_rows(args)[0]
     ds = common.QADataset(forget, tok, fmt, args.max_length)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.per_device_batch_size, shuffle=True,
-                                         collate_fn=lambda b: common.collate(b, tok.pad_token_id),
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate(b, tok.pad_token_id))
     log = runlog.RunLogger(Path(args.output_dir) / ".strengthen_log", settings, {}, accelerator.is_main_process)
     if accelerator.is_main_process:  # its own stage: its own steps, under the same --max_steps cap
         steps = launch.step_counts(len(ds), args.per_device_batch_size, accelerator, args.strengthen_epochs,
@@ -296,11 +294,16 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
     frozen = {"store": None}
     if args.lora_r:
         frozen["model"] = models.load_trained(args, accelerator)
+        vocab = launch.unwrapped(frozen["model"]).config.vocab_size
+    else:
+        ori = models.load_model(args.model, frozen=True)[0]
+        vocab = ori.config.vocab_size
+    counts = answer_counts(ds)
+    args.precompute_teacher = decide_precompute(args.precompute_teacher, counts, vocab, accelerator)
+    if args.lora_r:
         if args.precompute_teacher or args.eval_teacher:  # the views run before fit() prepares the model
             launch.place_for_views(frozen["model"], accelerator, "--precompute_teacher or --eval_teacher")
         ori = models.AdapterView(frozen["model"])
-    else:
-        ori = models.load_model(args.model, frozen=True)[0]
     if args.lora_r and _same_model(models.adapter_base(str_path), args.model):
         frozen["model"].load_adapter(str_path, adapter_name=STRENGTHENED)  # frozen (is_trainable=False)
         strong = models.AdapterView(frozen["model"], STRENGTHENED)
@@ -329,7 +332,51 @@ def setup_frozen(args, ds, tok, accelerator, evaluator) -> dict:
             frozen["model"].delete_adapter(STRENGTHENED)
         del ori
         gc.collect()
+        where = frozen["store"].place(accelerator.device, *store_budgets(accelerator.device))
+        if accelerator.is_main_process:
+            print(f"[{METHOD}] teacher store: {frozen['store'].nbytes / 2**30:.2f} GiB, read from {where}", flush=True)
     return frozen
+
+
+STORE_SHARE = 0.25  # the share of a device's memory, and of the host's available memory, the teacher store may take
+
+
+def store_budgets(device: torch.device) -> tuple[int, int]:
+    """(device, host) bytes the precomputed teacher may take: STORE_SHARE of the device's memory, capped
+    by what is free on it now (the rest is the student's: weights, gradients, Adam moments, activations),
+    and STORE_SHARE of the host memory available now, shared by the node's processes (each holds its own
+    copy; LOCAL_WORLD_SIZE, which every launcher sets). On CPU the device is the host."""
+    import psutil  # an accelerate dependency
+    host = int(STORE_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.type != "cuda":
+        return host, host
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return int(min(STORE_SHARE * total, free)), host
+
+
+def answer_counts(ds) -> list[int]:
+    """Answer tokens of each forget row (labels[1:] != -100): the teacher store's rows."""
+    return [sum(t != -100 for t in ds[i]["forget"]["labels"][1:]) for i in range(len(ds))]
+
+
+def decide_precompute(asked: bool | None, counts: list[int], vocab: int, accelerator) -> bool:
+    """--precompute_teacher as asked, or by default whenever the store fits the device or the host
+    (store_budgets): the teacher is constant, so one teacher pass per row replaces one per row and
+    epoch, and a step then runs only the student. Rank 0 decides for every rank (the precompute's
+    passes keep the ranks in step). Prints the store's size."""
+    nbytes = 4 * vocab * sum(counts)
+    budgets = store_budgets(accelerator.device)
+    fits = launch.main_decides(accelerator, lambda: nbytes <= max(budgets))
+    precompute = fits if asked is None else bool(asked)
+    if accelerator.is_main_process:
+        why = "as --precompute_teacher says" if asked is not None else "it fits" if fits else "it fits neither"
+        print(f"[{METHOD}] teacher store: {sum(counts):,} answer tokens x {vocab:,} x 4 bytes = "
+              f"{nbytes / 2**30:.2f} GiB "
+              f"(budget: device {budgets[0] / 2**30:.1f} GiB, host {budgets[1] / 2**30:.1f} GiB); "
+              f"{'precomputed' if precompute else 'live teacher'} ({why})", flush=True)
+    return precompute
 
 
 class TeacherStore:
@@ -341,7 +388,8 @@ class TeacherStore:
     rows' edges, and a network file system can lose one node's writes to a shared page (tokens then
     read back as zeros); separate files share no page. The files live in the run folder (shared by
     every rank; on several nodes it must be a shared file system); rank 0 deletes them when its store
-    is collected. mode: 'w+' creates rank `rank`'s file, 'r+' writes into it, 'r' reads every file."""
+    is collected. mode: 'w+' creates rank `rank`'s file, 'r+' writes into it, 'r' reads every file.
+    place() then reads the files into memory once (on the device when they fit, see setup_frozen)."""
 
     def __init__(self, path: Path, counts: list[int], vocab: int, world: int = 1, mode: str = "r",
                  rank: int = 0, owner: bool = False):
@@ -352,6 +400,7 @@ class TeacherStore:
             self.offsets.append(sizes[i % world])
             sizes[i % world] += int(n)
         self.counts, self.vocab = [int(n) for n in counts], vocab
+        self.tensors, self.copy_to = None, None  # place(): the rows in memory, and the device they go to
         rows = range(world) if mode == "r" else [rank]
         self.mm = {r: np.memmap(self.files[r], np.float32, mode, shape=(max(sizes[r], 1), vocab)) for r in rows}
         if owner:
@@ -361,9 +410,35 @@ class TeacherStore:
     def _lines(self, i: int):
         return self.mm[self.where[i]], slice(self.offsets[i], self.offsets[i] + self.counts[i])
 
+    @property
+    def nbytes(self) -> int:
+        return 4 * sum(self.counts) * self.vocab
+
+    def place(self, device: torch.device, device_budget: int, host_budget: int) -> str:
+        """Read every file into memory once, after verify(): onto `device` when the store takes at most
+        device_budget bytes, so a step reads its rows by index where it computes; else, on CUDA, into
+        page-locked host memory (within host_budget), each row then copied without blocking; else the
+        rows stay in the memory-mapped files, read at each step. Returns where the rows are."""
+        if self.nbytes <= device_budget:
+            where, target = ("the device" if device.type == "cuda" else "memory"), device
+        elif device.type == "cuda" and self.nbytes <= host_budget:
+            where, target, self.copy_to = "pinned host memory", None, device
+        else:
+            return "memory-mapped files"
+        self.tensors = {}
+        for r, mm in self.mm.items():
+            t = torch.empty(mm.shape, dtype=torch.float32, device=target, pin_memory=target is None)
+            for a in range(0, mm.shape[0], 4096):  # in chunks: no second whole copy in host memory
+                t[a:a + 4096].copy_(torch.from_numpy(np.array(mm[a:a + 4096])))
+            self.tensors[r] = t
+        return where
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        mm, lines = self._lines(i)
-        return torch.from_numpy(np.array(mm[lines]))
+        if self.tensors is None:
+            mm, lines = self._lines(i)
+            return torch.from_numpy(np.array(mm[lines]))
+        rows = self.tensors[self.where[i]][self.offsets[i]:self.offsets[i] + self.counts[i]]
+        return rows if self.copy_to is None else rows.to(self.copy_to, non_blocking=True)
 
     def write(self, i: int, logp: torch.Tensor) -> float:
         """Store row i (this rank's file must hold it); returns its checksum (checksum())."""
@@ -401,9 +476,9 @@ def precompute_teacher(teacher, ds, pad_id, accelerator, path: Path, batch_size:
     every rank runs the same number of them. Then every rank reads every row back and checks it
     against its writer's checksum (TeacherStore.verify)."""
     from accelerate.utils import gather_object
-    items = [ds[i]["forget"] for i in range(len(ds))]
-    counts = [sum(t != -100 for t in it["labels"][1:]) for it in items]
+    items, counts = [ds[i]["forget"] for i in range(len(ds))], answer_counts(ds)
     vocab, rank, world = teacher.config.vocab_size, accelerator.process_index, accelerator.num_processes
+    path.parent.mkdir(parents=True, exist_ok=True)  # the run folder (strengthening made it, unless skipped)
     TeacherStore(path, counts, vocab, world, "w+", rank).flush()
     store = TeacherStore(path, counts, vocab, world, "r+", rank)
     mine = list(range(rank, len(items), world))
@@ -439,6 +514,11 @@ def live_teacher_logp(teacher, f: dict) -> torch.Tensor:
 def padded_parts(args) -> tuple[str, ...]:
     """Batch parts padded to --pad_to: those a reference-reduced loss averages over, padding included."""
     return ("retain",) if args.retain_loss == "kl" and args.loss_reduction == "reference" else ()
+
+
+def batch_parts(args) -> tuple[str, ...]:
+    """The batch parts step_losses reads (common.ForgetRetainDataset tokenizes only these)."""
+    return ("forget", *(("retain",) if args.retain_loss != "none" else ()))
 
 
 def step_losses(model, batch, frozen, args) -> dict:
@@ -530,10 +610,10 @@ def main():
     tok = models.load_tokenizer(args.model)
     fmt = models.prompt_format(tok, args.model, args.prompt_format, args.system_prompt)
     forget, retain = scenarios.method_rows(args)
-    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk())
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.per_device_batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
+    ds = common.ForgetRetainDataset(forget, retain, tok, fmt, args.max_length, args.seed, idk=common.load_idk(),
+                                    parts=batch_parts(args))
+    loader = launch.make_loader(ds, args.per_device_batch_size, args.seed, accelerator,
+                                lambda b: common.collate_pairs(b, tok.pad_token_id, args.pad_to, padded_parts(args)))
     derived = {"world_size": accelerator.num_processes, "grad_accum": ga,
                "effective_batch": args.per_device_batch_size * ga * accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type), "forget_rows": len(forget),

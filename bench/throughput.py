@@ -22,7 +22,8 @@ must agree to --rtol) show they compute the same thing. Tokens: non-padding toke
 every forward pass through the trained model, counted by a forward hook; frozen-model forwards are counted and
 compared with what the method's objective needs per step. rkld runs with --strengthened_model = --model (no
 strengthening stage: the teacher's cost does not depend on its weights). Not measured, by design: the cost of
-making the batches (main()'s loader tokenizes in the training process). What it found: docs/throughput.md.
+making the batches (main()'s loader collates token ids tokenized at start; bench/bench_datapath.py times it).
+What it found: docs/throughput.md.
 
   python bench/throughput.py --batch 8 --steps 6 --rounds 8 --methods rkld,ga_gd --json results/throughput_interleaved.json
   python bench/throughput.py --model PATH --methods me_gd,npo_gd --steps 2 --rounds 2

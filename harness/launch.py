@@ -45,6 +45,8 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
     On CPU, cpu=True makes a multi-process launch DDP over gloo (a plain Accelerator() would
     run independent single-process copies there). Under DeepSpeed, which clips inside its engine,
     the config's gradient_clipping becomes `max_grad_norm` (0: none), as the scripts' flag says.
+    On CUDA the prepared loaders copy batches to the device without blocking (from pinned memory,
+    make_loader), so a copy overlaps the work queued before it.
     report_to (--report_to) picks accelerate's experiment trackers; TensorBoard writes under
     project_dir/tensorboard. RunLogger starts them and logs to them (main process only)."""
     from accelerate import Accelerator
@@ -58,7 +60,9 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
                         f"{batch_size}")
     ga = batch_size // (per_device_batch_size * world)
     log_with = runlog.trackers(report_to)
+    from accelerate.utils import DataLoaderConfiguration
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_plugin=accumulation_plugin(ga),
+                              dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
                               mixed_precision=models.mixed_precision(), log_with=log_with or None,
                               project_dir=str(Path(project_dir) / "tensorboard") if log_with and project_dir else None)
     if accelerator.num_processes != world:
@@ -83,6 +87,19 @@ def make_accelerator(batch_size: int, per_device_batch_size: int, max_grad_norm:
     if accelerator.is_fsdp2 and accelerator.mixed_precision in ("bf16", "fp16"):  # read when a model is prepared
         accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp2_policy(accelerator.mixed_precision)
     return accelerator, ga
+
+
+LOADER_WORKERS = 0  # collating token ids takes well under a millisecond a batch; workers cost more (docs/throughput.md)
+
+
+def make_loader(ds, batch_size: int, seed: int, accelerator, collate_fn) -> torch.utils.data.DataLoader:
+    """The training loader of every stage: shuffled by a generator seeded with `seed`, batches collated
+    by `collate_fn` in the main process, pinned in page-locked memory on CUDA so that accelerate's
+    prepared loader copies them without blocking (make_accelerator). The prepared loader reads one
+    batch ahead, so the next batch is collated while the device runs the queued work of this one."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
+                                       generator=torch.Generator().manual_seed(seed), num_workers=LOADER_WORKERS,
+                                       pin_memory=accelerator.device.type == "cuda")
 
 
 def fsdp2_policy(mixed_precision: str):

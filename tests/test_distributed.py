@@ -36,7 +36,7 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     # strengthening (its own stage), the live teacher, the KL retain term, evaluation of the teacher and
     # of the model before and after: generation and scoring in step across ranks
     "rkld": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl", "--eval_teacher",
-                         *EVAL, *CS]),
+                         "--precompute_teacher", "false", *EVAL, *CS]),
     # the teacher precomputed into a store that each rank fills with its own rows
     "rkld_pre": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--precompute_teacher",
                              "--eval", "false"]),
@@ -46,7 +46,7 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
                                      "--eval", "false"]),
     # RKLD on one base: strengthening trains an adapter, the live teacher runs the base with it on and off
     "rkld_lora": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl",
-                              "--lora_r", 8, "--eval", "false"]),
+                              "--lora_r", 8, "--precompute_teacher", "false", "--eval", "false"]),
 }
 
 

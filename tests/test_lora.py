@@ -349,7 +349,7 @@ def test_rkld_teacher_views_run_after_the_base_is_placed_as_prepare_places_it(mo
 
     def spy_precompute(teacher, *a):
         events.append(("teacher", teacher.ori.model, {p.device for p in teacher.ori.model.parameters()}))
-        return None
+        return SimpleNamespace(place=lambda *a: "memory", nbytes=0)  # a store that setup_frozen places
     monkeypatch.setattr(launch, "place_for_views", spy_place)
     monkeypatch.setattr(rkld, "precompute_teacher", spy_precompute)
     frozen = rkld.setup_frozen(args, ds, tok, acc, None)

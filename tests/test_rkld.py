@@ -112,6 +112,38 @@ def test_precomputed_teacher_gives_the_live_loss(tiny_model_dir, tmp_path):
     pre = rkld.step_losses(student, batch, {"teacher": None, "store": store, "ori": None}, args)["loss"]
     assert live.item() > 0.01
     assert pre.item() == pytest.approx(live.item(), abs=1e-5)
+    # Catches: rows read from memory by the wrong index or offset, or a store that drops rows when placed.
+    from_files = [store[i] for i in range(len(ds))]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device, budgets, where in [(d, (1 << 40, 0), ("the device" if d.type == "cuda" else "memory")) for d in devices] \
+            + [(torch.device("cuda"), (0, 1 << 40), "pinned host memory")] * torch.cuda.is_available():
+        placed = rkld.precompute_teacher(teacher, ds, tok.pad_token_id, Accelerator(cpu=True), tmp_path / "p.f32", 4)
+        assert placed.place(device, *budgets) == where
+        assert all(torch.equal(placed[i].cpu(), from_files[i]) for i in range(len(ds)))
+        assert placed[4].device.type == device.type
+        on = rkld.step_losses(student.to(device), {k: ({f: t.to(device) for f, t in v.items()} if isinstance(v, dict)
+                                                       else v.to(device)) for k, v in batch.items()},
+                              {"teacher": None, "store": placed, "ori": None}, args)["loss"]
+        assert on.item() == pytest.approx(live.item(), abs=1e-5)
+        student.cpu()
+    assert store.place(torch.device("cpu"), 0, 0) == "memory-mapped files" and store.tensors is None
+
+
+def test_teacher_is_precomputed_by_default_whenever_its_store_fits(monkeypatch, capsys):
+    # Catches: a default that stays off for real models (two frozen forwards every micro-batch although
+    # the store fits), one that ignores the size, an explicit choice overridden, and a missing size line.
+    from types import SimpleNamespace
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
+    counts, vocab = [1000, 2000, 4000], 32000  # 7,000 tokens x 32,000 x 4 bytes = 0.83 GiB
+    for budgets, asked, want in [((1 << 30, 1 << 30), None, True), ((1 << 20, 1 << 30), None, True),
+                                 ((1 << 20, 1 << 20), None, False), ((1 << 40, 1 << 40), False, False),
+                                 ((1 << 20, 1 << 20), True, True)]:
+        monkeypatch.setattr(rkld, "store_budgets", lambda device, b=budgets: b)
+        assert rkld.decide_precompute(asked, counts, vocab, acc) is want
+        line = capsys.readouterr().out
+        assert "teacher store: 7,000 answer tokens x 32,000 x 4 bytes = 0.83 GiB" in line
+        assert ("precomputed" if want else "live teacher") in line
+    assert "precompute_teacher" not in rkld.PAPER and "precompute_teacher" not in rkld.QUICK
 
 
 def test_teacher_generate_with_kv_caches_matches_decoding_without(tiny_model_dir):
@@ -177,11 +209,13 @@ def test_smoke_default_run_writes_model_logs_and_eval(strengthened, hand_forget_
 @pytest.mark.parametrize("extra,keys", [(["--retain_loss", "rt"], {"loss/retain"}),
                                         (["--retain_loss", "kl", "--precompute_teacher"], {"loss/retain"}),
                                         (["--divergence", "fkl"], set())])
-def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, strengthened, extra, keys):
+def test_smoke_variants(monkeypatch, tmp_path, tiny_model_dir, strengthened, extra, keys, capsys):
     import json
     run_rkld(monkeypatch, "--model", tiny_model_dir, "--subset", "quick", "--max_steps", 2, "--batch_size", 2,
              "--per_device_batch_size", 2, "--eval", "false", "--strengthened_model", strengthened / "strengthened",
              "--output_dir", tmp_path, *extra)
+    out = capsys.readouterr().out  # the store's size, and where its rows are read from (a real model's default: on)
+    assert "answer tokens x" in out and "teacher store:" in out and "read from memory" in out
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and keys <= set(metrics[0]) and all(m["loss"] == m["loss"] for m in metrics)
     assert (tmp_path / "model" / "config.json").exists()
