@@ -594,7 +594,8 @@ def probe_forward_size(accelerator, model, loader, loss_fn, per_device_batch_siz
         try:
             batches = [send_to_device(collate([ds[j] for j in rows[g * per_device_batch_size:(g + 1) * per_device_batch_size]]),
                                       accelerator.device) for g in range(k)]
-            with torch.random.fork_rng(devices=[accelerator.device]), accelerator.no_sync(model):
+            cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), accelerator.no_sync(model):
                 with ForwardGroup(batches, None) as group:
                     losses = group.losses(loss_fn, SharedForward(model))
                 accelerator.backward(group_loss(losses, 0, k, k, k))

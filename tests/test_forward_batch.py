@@ -25,7 +25,8 @@ STEPS = ["--recipe", "quick", "--subset", "quick", "--batch_size", 32, "--per_de
 UNLEARN = [*STEPS, "--eval", "false"]
 RKLD = [*UNLEARN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2]
 CASES = {  # name -> (script, arguments after --model and --output_dir)
-    **{m: ("baselines.py", ["--method", m, *UNLEARN]) for m in baselines.METHODS if m != "ta"},  # ta: no training
+    **{m: ("baselines.py", ["--method", m, *UNLEARN]) for m in baselines.METHODS if m not in ("ta", "pdu")},  # ta: no training
+    "pdu": ("baselines.py", ["--method", "pdu", *UNLEARN, "--dual_warmup_epochs", 0]),  # lam moves after step 1
     "rkld": ("rkld.py", RKLD),                                                     # precomputed teacher (quick)
     "rkld_live_kl": ("rkld.py", [*RKLD, "--precompute_teacher", "false", "--retain_loss", "kl"]),
     "me_gd": ("me_gd.py", UNLEARN),
@@ -34,15 +35,17 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     "idk_dpo_kl": ("idk_ap.py", [*UNLEARN, "--forget_loss", "dpo", "--retain_loss", "kl"]),
     "rmu": ("rmu.py", [*UNLEARN, "--layer", 0]),
     "rmu_gd": ("rmu.py", [*UNLEARN, "--layer", 0, "--retain_loss", "gd"]),
+    # LoRA: the reference is the trained model's own base (models.AdapterView), batched like the trained model
+    "npo_kl_lora": ("baselines.py", ["--method", "npo_kl", *UNLEARN, "--lora_r", 8]),
     "finetune": ("finetune.py", ["--subset", "quick", "--quick_retain_authors", 0, "--build", "target", *STEPS,
                                  "--report_rows", 2]),
 }
 
 
 # In the default suite: one case for each way a loss calls the models (a reference under no_grad, the trained
-# model under no_grad (KTO), PDU's dual variable, the teacher store and the live teacher, hidden states, the
+# model under no_grad (KTO), a LoRA adapter view, PDU's dual variable, the teacher store and the live teacher, hidden states, the
 # model's own loss in finetune.py); TOFU_FULL_MATRIX=1 runs every method (about 5 min on 2 cores).
-DEFAULT = ("npo_kl", "dpo_gd", "kto_kl", "pdu", "rkld", "rkld_live_kl", "me_gd_kl", "idk_dpo_kl", "rmu", "finetune")
+DEFAULT = ("npo_kl", "npo_kl_lora", "dpo_gd", "kto_kl", "pdu", "rkld", "rkld_live_kl", "me_gd_kl", "idk_dpo_kl", "rmu", "finetune")
 MATRIX = [n for n in CASES if n in DEFAULT or os.environ.get("TOFU_FULL_MATRIX") == "1"]
 
 
@@ -81,3 +84,44 @@ def test_one_forward_of_the_window_equals_eight_micro_batches(name, monkeypatch,
     # a frozen model run per micro-batch on the wrong rows; accelerate counting micro-batches, not forwards.
     assert_same(train(monkeypatch, tmp_path, tiny_model_dir, name, 4),
                 train(monkeypatch, tmp_path, tiny_model_dir, name, 32))
+
+
+def test_forward_batch_refusals():
+    # Catches: a forward that straddles two optimizer steps (6 micro-batches of a window of 8), or a
+    # forward of a part of a micro-batch, run instead of refused.
+    assert launch.micro_batches_per_forward("32", 4, 8) == 8 and launch.micro_batches_per_forward("auto", 4, 8) is None
+    for value, msg in (("24", "6 micro-batches of 4, which does not divide this process's accumulation window of 8; "
+                               r"choose one of \[4, 8, 16, 32\]"),
+                       ("6", "must be a multiple of --per_device_batch_size 4"), ("0", "auto or a number of rows"),
+                       ("big", "auto or a number of rows")):
+        with pytest.raises(launch.common.TofuError, match=msg):
+            launch.micro_batches_per_forward(value, 4, 8)
+
+
+def test_auto_probe_takes_the_largest_that_fits_and_leaves_no_trace(tiny_model_dir, monkeypatch):
+    # Catches: a probe that stops at the first size that fits from below, leaves gradients or moves the
+    # random state (dropout, sampling after it), or counts a probe step in PDU's dual variable.
+    from accelerate import Accelerator
+    from harness import models
+    model = models.load_model(str(tiny_model_dir))[0]
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    rows = launch.common.load_split("forget01")[:12]
+    ds = launch.common.QADataset(rows, tok, fmt, 64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda b: launch.common.collate(b, tok.pad_token_id))
+    seen, dual = [], baselines.DualVariable(1.0, 0.1, 1.0, 0)
+
+    def loss_fn(m, b):
+        group = launch.ForwardGroup.active
+        seen.append(len(group.batches))
+        if len(group.batches) > 2:  # what a GPU that fits two micro-batches a forward says
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        loss = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        dual.observe(loss, launch.ends_step())
+        return {"loss": loss + 0 * torch.rand(())}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    state = torch.random.get_rng_state()
+    k = launch.probe_forward_size(Accelerator(cpu=True), model, loader, loss_fn, 2, 8)
+    assert k == 2 and seen == [8, 4, 2, 2]            # 8 and 4 micro-batches fail, 2 fits (both of its losses)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters()) and dual.n == 0
