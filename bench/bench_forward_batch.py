@@ -18,6 +18,7 @@ model's own loss on the forget rows (finetune.py's loss_fn). Results and command
   python bench/bench_forward_batch.py --model PATH --methods me_gd --steps 2 --rounds 2
 """
 import argparse
+import copy
 import importlib
 import itertools
 import statistics
@@ -73,14 +74,20 @@ class Turns:
 
 class StepLog:
     """fit()'s `log`: at each optimizer step's log call, the step's wall and thread CPU time since this side
-    got the turn, and its losses; then the turn goes to the other side."""
+    got the turn, and its losses; then the turn goes to the other side. The two sides share one process's
+    accelerate state, so a side that gets the turn (always at a step boundary) puts back its own
+    accumulation: the micro-batches of a window before its fit() starts, its forwards a window after."""
 
-    def __init__(self, turns, side):
+    def __init__(self, turns, side, accelerator, micro_batches: int, forwards: int):
         self.turns, self.side, self.step_s, self.cpu_s, self.losses = turns, side, [], [], []
-        self.start()
+        self.accelerator, self.forwards = accelerator, forwards
+        self.turns.wait(self.side)
+        accelerator.gradient_accumulation_steps, accelerator.step = micro_batches, 0
+        self.t0, self.c0 = time.perf_counter(), time.thread_time()
 
     def start(self):
         self.turns.wait(self.side)
+        self.accelerator.gradient_accumulation_steps, self.accelerator.step = self.forwards, 0
         self.t0, self.c0 = time.perf_counter(), time.thread_time()
 
     def log(self, step, metrics):
@@ -133,8 +140,9 @@ def setup(name: str, a, out: Path) -> dict:
 
 
 def run_side(s, a, side: str, turns) -> StepLog:
-    log = StepLog(turns, side)  # the model loads and fit() sets up in this side's first turn
-    args = s["args"]
+    ga = a.batch // a.micro
+    log = StepLog(turns, side, s["accelerator"], ga, ga if side == "before" else ga // (a.forward // a.micro))
+    args = copy.copy(s["args"])  # the model loads and fit() sets up in this side's first turn
     args.forward_batch = str(a.micro if side == "before" else a.forward)
     model = models.load_trained(args, s["accelerator"])
     loader = torch.utils.data.DataLoader(s["rows"], batch_size=a.micro, shuffle=False, collate_fn=s["collate"])

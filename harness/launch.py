@@ -448,19 +448,21 @@ class ForwardGroup:
         return self.merged[key]
 
     def output(self, model, key, g, kwargs):
-        """Micro-batch g's share of `model`'s one forward over part `key` of the group."""
+        """Micro-batch g's share of `model`'s one forward over part `key` of the group. The outputs are
+        split by rows once (one split: the backward puts the micro-batches' gradients together in one
+        concatenation, where a slice each would write k full-size gradients) and cut to g's own length."""
         extra = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels")))
         cache = (id(model), key, torch.is_grad_enabled(), extra)
         if cache not in self.outputs:
             m = self.merge(key)
-            self.outputs[cache] = model(input_ids=m["input_ids"], attention_mask=m["attention_mask"], **dict(extra))
-        out = self.outputs[cache]
-        start = sum(self.part(key, j)["input_ids"].shape[0] for j in range(g))
-        part = self.part(key, g)
-        rows, width = slice(start, start + part["input_ids"].shape[0]), part["input_ids"].shape[1]
-        hidden = getattr(out, "hidden_states", None)
-        mine = SharedOutput(logits=out.logits[rows, :width],
-                            hidden_states=None if hidden is None else tuple(h[rows, :width] for h in hidden))
+            out = model(input_ids=m["input_ids"], attention_mask=m["attention_mask"], **dict(extra))
+            rows = [self.part(key, j)["input_ids"].shape[0] for j in range(len(self.batches))]
+            hidden = getattr(out, "hidden_states", None)
+            self.outputs[cache] = (out.logits.split(rows), None if hidden is None else [h.split(rows) for h in hidden])
+        logits, hidden = self.outputs[cache]
+        width = self.part(key, g)["input_ids"].shape[1]
+        cut = lambda t: t if t.shape[1] == width else t[:, :width]  # noqa: E731
+        mine = SharedOutput(logits=cut(logits[g]), hidden_states=None if hidden is None else tuple(cut(h[g]) for h in hidden))
         if "labels" in kwargs:  # the model's own loss, as its forward computes it from labels
             inner = unwrapped(model)
             mine.loss = inner.loss_function(logits=mine.logits.contiguous(), labels=kwargs["labels"],
