@@ -579,7 +579,7 @@ def step_losses(model, batch, frozen, args) -> dict:
     if forget == "pdu":
         dual = frozen["dual"]
         out["loss"] = args.forget_weight * out["loss/forget"] + dual.lam * (out["loss/retain"] - args.retain_bound)
-        out["pdu/lambda"] = torch.tensor(dual.lam, device=out["loss/retain"].device)
+        out["pdu/lambda"] = torch.full((), dual.lam, device=out["loss/retain"].device)  # a fill, no host copy
         dual.observe(out["loss/retain"], launch.ends_step())
         return out
     out["loss"] = args.forget_weight * out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)

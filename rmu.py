@@ -220,7 +220,8 @@ def step_losses(model, batch, frozen, args) -> dict:
     """{'loss': gamma * forget + alpha * retain, 'loss/forget': ..., 'loss/retain': ...} for one micro-batch."""
     f, r = batch["forget"], batch["retain"]
     h = hidden(model, f, args.layer)
-    out = {"loss/forget": rmu_forget_loss(h, frozen["control"].to(h.device), f["labels"] != -100)}
+    frozen["control"] = frozen["control"].to(h.device)  # copied to the device once, not every micro-batch
+    out = {"loss/forget": rmu_forget_loss(h, frozen["control"], f["labels"] != -100)}
     if args.retain_loss == "activations":
         with torch.no_grad():
             h_ref = hidden(frozen["ref"], r, args.layer)
