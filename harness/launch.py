@@ -352,9 +352,9 @@ FORWARD_BATCH_HELP = (
     "micro-batches divide one process's accumulation window. auto (default): on a GPU the largest that fits, "
     "probed once at start on the longest rows and printed, up to the window (one micro-batch under FSDP2/ZeRO-3 "
     "on several processes, where a probe that runs out of memory on one rank would hang the others); on CPU one "
-    "micro-batch a forward: there bench/bench_forward_batch.py measured one forward of 32 rows level with 8 of 4 "
-    "(its wider padding costs what the fewer calls save; docs/throughput.md), and CPU runs stay on the path the "
-    "results grids were made with.")
+    "micro-batch a forward: there bench/bench_forward_batch.py measured one forward of 32 rows at 0.80-1.04 of the "
+    "time of 8 of 4 (within noise for most methods: its wider padding costs about what the fewer calls save; "
+    "docs/throughput.md), so CPU runs (tests, the quick path, the results grids) keep the path they were made with.")
 
 
 def check_forward_batch(value: str, per_device_batch_size: int) -> None:
