@@ -250,6 +250,62 @@ def continual_authors(split: str) -> set[int]:
     return {lookup[r["question"]] for r in tasks}
 
 
+HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}  # locuslab/TOFU configs
+
+
+def quick_holdout_authors(split: str, n_retain: int = QUICK_RETAIN_AUTHORS, continual: bool = False) -> list[int]:
+    """The quick path's holdout for membership inference: as many TOFU authors as the forget split has,
+    the first ones that neither the quick target (quick_authors, continual tasks included when
+    continual) nor the quick retain model (authors 0..n_retain-1) trained on: authors 4, 5, ... by default."""
+    seen = quick_authors(split, n_retain, continual)
+    unseen = [a for a in range(SPLIT_SIZES["full"] // AUTHOR_ROWS) if a not in seen]
+    return unseen[:SPLIT_SIZES[split] // AUTHOR_ROWS]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a connection within `timeout` seconds and no HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE is set: asked before an optional hub read, whose client otherwise retries for
+    about 40 seconds offline."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def holdout_rows(split: str, authors: set[int] | None, n_retain: int = QUICK_RETAIN_AUTHORS,
+                 continual: bool = False) -> tuple[list[dict], str]:
+    """(rows, where they come from) of the holdout set that membership inference compares the forget set
+    with: rows of the same distribution that no model trained on. On the quick subset (`authors` given):
+    the rows of quick_holdout_authors in full.json (offline); otherwise TOFU's holdout01/05/10 from the hub
+    (locuslab/TOFU; raises TofuError at once when the hub is out of reach). Rows carry `index` (their row in full.json, or in the hub
+    split) and `author`."""
+    if split not in FORGET_SPLITS:
+        raise TofuError(f"unknown forget split '{split}'; valid: {', '.join(FORGET_SPLITS)}")
+    if authors is not None:
+        held = quick_holdout_authors(split, n_retain, continual)
+        rows = [dict(r) for r in load_split("full") if r["author"] in held]
+        return rows, (f"TOFU authors {held[0]}-{held[-1]} (full.json rows {rows[0]['index']}-{rows[-1]['index']}), "
+                      "which neither the quick target nor the quick retain model trained on")
+    name = HOLDOUT_OF[split]
+    if not hub_reachable():
+        raise TofuError(f"TOFU's {name} holdout comes from the hub ({HUB_DATASET}), which is out of reach; give "
+                        "--holdout_data FILE, or --privacy false")
+    try:
+        rows = read_rows(HUB_DATASET, QA, name=name)
+    except TofuError as e:
+        raise TofuError(f"TOFU's {name} holdout comes from the hub ({HUB_DATASET}) and could not be read ({e}); "
+                        "give --holdout_data FILE, or --privacy false") from None
+    for i, r in enumerate(rows):
+        r["index"], r["author"] = i, None
+    return rows, f"{HUB_DATASET} {name} (hub)"
+
+
 def forget_retain_rows(split: str, authors: set[int] | None = None, forget_task: int | None = None):
     """(forget rows, retain rows) for unlearning a forget split, restricted to `authors`.
     With forget_task=k: task k of the continual sequence and its shrinking retain set."""

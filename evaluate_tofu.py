@@ -20,6 +20,15 @@ engine, method_eval).
                1 - mean(forget ROUGE, Prob, 1 - min(TR,1/TR), CS, ES) (§10)
   Leakage      teacher-forced fraction of forget-answer tokens (EOS excluded) whose gold
                token is the model's top-1 / in its top-5
+  Privacy      (--privacy, evaluation/privacy.py, open-unlearning's definitions) on the forget rows
+               against a holdout (--holdout_data; quick: unseen TOFU authors; else hub holdoutNN):
+               mia_auc/{loss,zlib,min_k,min_k++,gradnorm,reference}: AUC, holdout labelled 1 and
+                 forget 0 over loss-like scores (1 = remembered, 0.5 = like unseen; MUSE: 1 - AUC)
+               privleak     ((1-AUC) - (1-AUC_retain)) / (1-AUC_retain) x 100 on Min-K% (k=0.4);
+                            AUC_retain from the retain model on the same rows, else 0.5
+               ExtStr       extraction strength: 1 - k/n, k the first answer position from which
+                            every greedy teacher-forced prediction matches (Carlini et al. 2021)
+               ExactMem     exact memorization: share of answer tokens predicted exactly
 
 Launch:
   python evaluate_tofu.py --model PATH --split forget05 --retain_logs RETAIN_EVAL_DIR --output_dir DIR
@@ -45,7 +54,7 @@ from pathlib import Path
 import torch
 
 import common
-from harness import launch, models, runlog, scenarios
+from harness import flags, launch, models, runlog, scenarios
 from evaluation.engine import GEN_MAX_LENGTH, ROW_ORDERS, evaluate
 from evaluation.logs import LOG_FILES, aggregate, log_dir, nan_flags, print_summary, read_logs, read_settings, summarize
 from evaluation.method_eval import eval_caps
@@ -116,6 +125,17 @@ class Args:
     ks_method: str = field(default="exact", metadata={"help": "scipy ks_2samp method; TOFU's default 'auto' is "
                                                               "exact at these sizes (§5)."})
     source: str = field(default="local", metadata={"help": "Data source: local (data/tofu) or hub."})
+    privacy: bool = field(default=True, metadata={"help": flags.PRIVACY_HELP})
+    holdout_data: str = field(default="", metadata={"help": "With --privacy: your own holdout set (same format as "
+                              "--forget_data), rows of the same kind as the forget set that no model trained on. "
+                              "Default: with --quick, the first TOFU authors neither quick model saw (printed); "
+                              "otherwise TOFU's holdout01/05/10 from the hub (locuslab/TOFU, as open-unlearning)."})
+    privacy_gradnorm: bool = field(default=False, metadata={"help": "With --privacy: also run the GradNorm attack "
+                                   "(a backward per row, batch of 1, as open-unlearning; the memory of a full "
+                                   "gradient). Off by default for its cost, as in open-unlearning's default TOFU "
+                                   "evaluation; see the method scripts' --privacy_gradnorm."})
+    extraction_form: str = field(default="definition", metadata={"help": "Extraction strength's edge: 'definition' "
+                                 "(a missed last token gives 0) or 'open_unlearning' (its loop gives 1/n)."})
     aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})
     logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read, or a method script's run folder (or its eval/ folder): its eval/after. The retain logs and CS/NLI models its summary.json recorded are used (--retain_logs replaces the former), and eval_extra.json beside the logs gives TE, CS, ES and leakage."})
     output_json: str = field(default="", metadata={"help": "With --aggregate_only: where the JSON result goes."})
@@ -204,8 +224,15 @@ def main():
     authors = common.quick_authors(args.split) if args.quick else None
     if args.quick and args.max_eval_samples is None:  # the method scripts' quick evaluation
         args.max_eval_samples = common.QUICK_EVAL_SAMPLES
+    if args.extraction_form not in ("definition", "open_unlearning"):
+        raise common.TofuError(f"--extraction_form must be definition or open_unlearning, not {args.extraction_form!r}")
+    privacy = scenarios.privacy_spec(args.privacy, args.split, authors, args.holdout_data or None,
+                                     continual=args.forget_task is not None, gradnorm=args.privacy_gradnorm,
+                                     es_form=args.extraction_form)
+    if privacy and accelerator.is_main_process:
+        print(f"[eval] privacy: {privacy.get('reason') or 'holdout ' + privacy['holdout_name']}", flush=True)
     common_kw = dict(accelerator=accelerator, max_eval_samples=eval_caps(args.max_eval_samples, args.quick),
-                     authors=authors,
+                     authors=authors, privacy=privacy,
                      forget_task=args.forget_task, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
                      ks_method=args.ks_method, source=args.source, row_order=args.row_order,
                      verbose=accelerator.is_main_process, data=data)

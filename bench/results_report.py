@@ -31,6 +31,8 @@ COLS = [("FQ", "forget_quality"), ("MU", "model_utility"), ("FE w/o ES", "fe_wo_
         ("forget ROUGE-L", "forget_rouge"), ("forget Prob", "forget_prob"), ("retain ROUGE-L", "retain_rouge"),
         ("retain Prob", "retain_prob"), ("top-5 leak", "forget_leak_top5")]
 PAPER_COLS = [("FE", "fe"), ("MU-18", "mu18")]  # shown when a run had Closer-Look's NLI model (hub access)
+# evaluation/privacy.py (--privacy): shown when any run has them; a run evaluated without them reads "not run"
+PRIVACY_COLS = [("privleak", "privleak"), ("ExtStr", "extraction_strength"), ("ExactMem", "exact_memorization")]
 FE = "fe_wo_es"
 MU_TOL = 0.05
 
@@ -121,8 +123,14 @@ def sweep_table(records, lrs):
     return "\n".join(lines)
 
 
+def privacy_cell(text: str, key: str) -> str:
+    """A privacy column's cell reads "not run" where the runs were evaluated without --privacy."""
+    return "not run" if text == "n/a" and key in dict((k, c) for c, k in PRIVACY_COLS) else text
+
+
 def main_table(records, lrs, where):
-    cols = COLS + [c for c in PAPER_COLS if any(isinstance((r.get(where) or {}).get(c[1]), float) for r in records)]
+    cols = COLS + [c for c in PAPER_COLS + PRIVACY_COLS
+                   if any(isinstance((r.get(where) or {}).get(c[1]), float) for r in records)]
     head = "| model | lr | seeds | " + " | ".join(c for c, _ in cols) + " |"
     lines = [head, "|---" * (len(cols) + 3) + "|"]
     before = [r["before"] for r in records if r.get("before")][:1]
@@ -131,8 +139,8 @@ def main_table(records, lrs, where):
     for name, s in (("target (before unlearning)", before[0] if before else None), ("retain model", retain),
                     ("RKLD's unlearning teacher alone", teacher)):
         if s:
-            lines.append(f"| {name} | | | " + " | ".join(cell([s[k]] if isinstance(s.get(k), (int, float)) else [],
-                                                              "g" if k == "forget_quality" else 3)
+            lines.append(f"| {name} | | | " + " | ".join(privacy_cell(cell([s[k]] if isinstance(s.get(k), (int, float))
+                                                                           else [], "g" if k == "forget_quality" else 3), k)
                                                          for _, k in cols) + " |")
     for m in METHODS:
         lr = lrs[m] or SWEEP_LRS[0]
@@ -145,7 +153,7 @@ def main_table(records, lrs, where):
             continue
         runs = [r for r in runs if r.get(where)]
         lines.append(f"| {NAMES[m]}{tag} | {lr:g} | {len(runs)} | " + " | ".join(
-            cell(values(runs, k, where), "g" if k == "forget_quality" else 3) for _, k in cols) + " |")
+            privacy_cell(cell(values(runs, k, where), "g" if k == "forget_quality" else 3), k) for _, k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -839,6 +847,9 @@ def render(records, lrs, made, claims, gpu=(), files=()) -> str:
         "reach offline, so FE and MU-18 themselves are not computed; its CS model is replaced offline by "
         "all-MiniLM-L6-v2, so even this part is not the paper's number.",
         "- top-5 leak = share of forget-answer tokens ranked in the model's top 5 (teacher-forced).",
+        *(["- privleak, ExtStr (extraction strength), ExactMem (exact memorization): evaluation/privacy.py "
+           "(docs/evaluation.md); 'not run' for runs evaluated without --privacy."]
+          if any(isinstance((r.get(w) or {}).get("privleak"), float) for r in records for w in ("peak", "last")) else []),
         "",
         main_table(records, lrs, "peak"),
         "",

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 import common
 from harness import launch, runlog
 from evaluation.logs import (TASKS, check_retain_rows, check_retain_settings, forget_rows, log_dir, print_summary,
-                             read_logs, read_settings, summarize, task_log, write_logs)
+                             read_logs, read_settings, skipped, summarize, task_log, write_logs)
+from evaluation.privacy import evaluate_privacy
 from evaluation.metrics import (OFFLINE_CS_NAME, OFFLINE_CS_PACKAGE, PAPER_CS_MODEL, PAPER_NLI_MODEL, entailment,
                                 rouge_recall, token_entropy, truth_ratio)
 
@@ -434,7 +435,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
              generation: bool = True, cs_model: str = "auto",
              nli_model: str = PAPER_NLI_MODEL, ks_method: str = "exact", source: str = "local",
              row_order: str = "tofu", compare_precision: bool = True, verbose: bool = True,
-             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu", progress: bool | None = None) -> dict:
+             data: dict[str, list[dict]] | None = None, es_setting: str = "tofu", progress: bool | None = None,
+             privacy: dict | None = None) -> dict:
     """Evaluate a model in memory on TOFU; returns the summary dict (also on every process).
 
     `model` is a causal LM or any object callable as model(input_ids=, attention_mask=) that
@@ -450,7 +452,9 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     TOFU's splits, with split=common.CUSTOM: the tasks it holds, with the same engine; the truth ratio
     and forget quality need rows with paraphrased_answer and perturbed_answer (summary["skipped"]
     says what was left out and why). es_setting: the direction of ES (entailment()). progress: the
-    scoring and generation bars (main process only); None follows verbose.
+    scoring and generation bars (main process only); None follows verbose. privacy: membership inference,
+    privleak, extraction strength and exact memorization on the forget rows against a holdout
+    (scenarios.privacy_spec; evaluation/privacy.py), into the summary and eval_privacy.json.
     """
     if data is not None:
         tasks = tuple(t for t in tasks if t in data)
@@ -509,6 +513,9 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
     opts["gen_budget"] = generation_budgets(tokenizer, fmt, rows, max_new_tokens, gen_max_length) if generation else {}
     shard_recs = _evaluate_shards(model, tokenizer, fmt, {t: r[rank::world] for t, r in rows.items()}, device, opts,
                                   (verbose if progress is None else progress) and is_main)
+    priv = {} if privacy is None or "forget" not in rows else evaluate_privacy(
+        model, tokenizer, fmt, rows["forget"], privacy, device, batch_size, (verbose if progress is None else progress)
+        and is_main, Path(output_dir) if is_main else None, log_dir(retain_logs) if retain_logs else None, opts["synced"])
     for task, recs in shard_recs.items():
         if world > 1:
             from accelerate.utils import gather_object
@@ -519,7 +526,8 @@ def evaluate(model, tokenizer, fmt, split: str, output_dir, accelerator=None, re
                         if k in recs[0]}
     if was_training:
         model.train()
-    summary = summarize(logs, extras, retain_log, ks_method, opts, retain_logs, settings, retain_settings)
+    summary = {**summarize(logs, extras, retain_log, ks_method, opts, retain_logs, settings, retain_settings), **priv}
+    summary["skipped"] = skipped(summary)
     summary["settings"] = {**settings, "seconds": round(time.time() - t0, 1)}
     if is_main:
         for note in summary.get("forget_quality_notes", []):

@@ -381,6 +381,14 @@ def print_summary(s: dict, logs: dict | None = None, questions: dict | None = No
             lines.append(("MU-18/FE note", s["closer_look_note"]))
     if s.get("forget_leak_top1") is not None:
         lines.append(("forget leakage top-1/top-5", f"{s['forget_leak_top1']:.4f} / {s['forget_leak_top5']:.4f}"))
+    if s.get("privleak") is not None:  # evaluation/privacy.py
+        lines += [("privleak (Min-K%)", f"{s['privleak']:.2f} (AUC {s['mia_auc/min_k']:.4f}, AUC_retain "
+                                        f"{s['privleak_auc_retain']:.4f}: {s['privleak_auc_retain_source']})"),
+                  ("extraction str. (ExtStr)", cell(s.get("extraction_strength"))),
+                  ("exact memoriz. (ExactMem)", cell(s.get("exact_memorization"))),
+                  ("MIA AUC (forget vs holdout)", ", ".join(f"{k[8:]} {v:.4f}" for k, v in s.items() if k.startswith(
+                      "mia_auc/") and isinstance(v, float)) + f"; {s['privacy']['auc_convention']}"),
+                  ("holdout", f"{s['privacy']['holdout']}, {s['privacy']['n_holdout']} rows")]
     truncated = {t: s[f"{t}_truncated"] for t in tasks if s.get(f"{t}_truncated")}
     if truncated:
         lines.append(("rows with truncated answers", truncated))

@@ -96,6 +96,30 @@ def nc_notes(rows: list[tuple[str, dict]], cols: list[tuple[str, str]]) -> list[
     return notes
 
 
+PRIVACY_COLUMNS = (("privleak", "privleak"), ("ExtStr", "extraction_strength"), ("ExactMem", "exact_memorization"))
+
+
+def privacy_table(rows: list[tuple[str, dict]]) -> str:
+    """privleak, extraction strength and exact memorization, one line each with a column per model, then
+    where the holdout and AUC_retain came from (the last model's) and why any number is missing."""
+    lines = [runlog.table([(name, *(cell(s.get(k)) for _, s in rows)) for name, k in PRIVACY_COLUMNS],
+                          ("forget set", *(n for n, _ in rows)))]
+    s = rows[-1][1]
+    if s.get("privacy"):
+        lines.append(f"privacy: holdout {s['privacy']['holdout']} ({s['privacy']['n_forget']} forget vs "
+                     f"{s['privacy']['n_holdout']} holdout rows); privleak's AUC_retain {s['privleak_auc_retain']:.4f}: "
+                     f"{s['privleak_auc_retain_source']}; MIA AUCs in summary.json (mia_auc/...), "
+                     f"{s['privacy']['auc_convention']}")
+    reasons = {}
+    for n, s in rows:
+        why = s.get("privacy_reason") or ("not in this evaluation's summary (--privacy false)" if "privleak" not in s
+                                          else None)
+        if why:
+            reasons.setdefault(why.removeprefix("not computed: "), []).append(n)
+    lines += [f"n/c privacy ({', '.join(ns)}): {why}" for why, ns in reasons.items()]
+    return "\n".join(lines)
+
+
 class MethodEval:
     """Evaluation for a method script's run: `run(model, name)` evaluates into
     OUTPUT_DIR/eval/<name>/ (a model saved on disk, like the starting one, is evaluated once and
@@ -117,6 +141,13 @@ class MethodEval:
         elif args.split == scenarios.CUSTOM:  # your own sets: forget, and retain when given
             forget, retain = scenarios.method_rows(args)
             self.kw["data"] = {"forget": forget, **({"retain": retain} if retain else {})}
+        self.kw["privacy"] = scenarios.privacy_spec(
+            getattr(args, "privacy", False) and args.eval, args.split, self.kw["authors"], getattr(args, "holdout_data", None),
+            args.quick_retain_authors, args.forget_task is not None, getattr(args, "privacy_gradnorm", False),
+            getattr(args, "extraction_form", "definition"))
+        if self.kw["privacy"] and accelerator.is_main_process:
+            print(f"[eval] privacy: {self.kw['privacy'].get('reason') or 'holdout ' + self.kw['privacy']['holdout_name']}",
+                  flush=True)
         self.bench = evaluate_general.benchmark_tasks(getattr(args, "benchmarks", None))
         evaluate_general.check_available(getattr(args, "benchmarks", None))
         self.retain_logs = args.retain_logs
@@ -146,7 +177,7 @@ class MethodEval:
         if self.retain_logs or not self.args.retain_model:
             return self.retain_logs
         settings = {k: v for k, v in self._key().items() if k in ("max_eval_samples", "forget_task", "row_order",
-                                                                       "data")}
+                                                                       "data", "privacy")}
         cache = _cache_dir(self.args.retain_model, {"split": self.args.split, "tasks": "forget", **settings,
                                                     "fmt": dataclasses.asdict(self.fmt)})
         # rank 0 decides for every rank (a cache another job writes meanwhile must not split them); the
@@ -218,7 +249,7 @@ class MethodEval:
     def epoch_end(self, model, epoch: int) -> list[tuple[str, dict | None]]:
         """After an epoch (not the last): a full evaluation with --eval_every_epoch; with --peak_epoch,
         at least forget quality (the forget split scored, no generation: what choosing the epoch needs),
-        and the model's weights saved to OUTPUT_DIR/peak_model when it is the best epoch so far."""
+        and the model's weights kept for OUTPUT_DIR/peak_model when it is the best epoch so far (launch.save_peak)."""
         if not self.args.eval or not (self.args.eval_every_epoch or self.args.peak_epoch):
             return []
         name, t0 = f"epoch{epoch}", time.time()
@@ -229,13 +260,13 @@ class MethodEval:
                 print(f"[eval] {name}: forget quality", flush=True)
             summary = evaluate(model, self.tok, self.fmt, self.args.split, self.out / name, tasks=("forget",),
                                generation=False, retain_logs=self._retain(), verbose=False, progress=True,
-                               **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model")})
+                               **{k: v for k, v in self.kw.items() if k not in ("nli_model", "cs_model", "privacy")})
             if self.log is not None:
                 self.log.log_eval(name, summary)
         if self.args.peak_epoch:
             self.epochs.append({"epoch": epoch, "forget_quality": summary["forget_quality"]})
             if first_peak(self.epochs) is self.epochs[-1]:  # a tie keeps the earlier epoch (the first peak)
-                launch.save_model(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")
+                launch.save_peak(self.acc, model, self.tok, self.fmt, self.run_dir / "peak_model")  # sharded: no gather
                 self.epochs[-1]["saved"] = True
             if not self.args.eval_every_epoch:
                 self.selection_s += time.time() - t0
@@ -251,6 +282,9 @@ class MethodEval:
         epochs = [*self.epochs, {"epoch": last_epoch, "forget_quality": last["forget_quality"]}]
         best = first_peak(epochs) or epochs[-1]
         t0 = time.time()
+        if any(e.get("saved") for e in self.epochs):  # FSDP2/ZeRO-3 kept it sharded: the HF folder written once
+            launch.write_peak(self.acc, lambda: models.load_trained(self.args, self.acc), self.tok, self.fmt,
+                              self.run_dir / "peak_model")
         if best["epoch"] == last_epoch:
             summary = last
         elif best["epoch"] in self.full:  # --eval_every_epoch evaluated that epoch's weights in full already
@@ -294,6 +328,8 @@ class MethodEval:
         if log is not None and not log.moved_steps and any(n == "after" for n, _ in rows):
             print("after: the weights did not change (no optimizer step ran at a rate above 0: see the warmup note "
                   "at the start), so its numbers are the starting model's")
+        if any("privleak" in s or "privacy_reason" in s for _, s in rows):  # evaluation/privacy.py, one line each
+            print("\n" + privacy_table(rows))
         if any("mu18" in s for _, s in rows):  # Closer-Look aggregates, each with the models it comes from
             print("\n" + runlog.table([(n, cell(s.get("mu18")), cell(s.get("fe")), closer_look_models(s))
                                        for n, s in rows], ("model", "MU-18", "FE", "computed with")))
@@ -324,8 +360,8 @@ class MethodEval:
         first = rows[0][0]
         for n in (first, last):
             log = self.out / n / "eval_log_forget.json"
-            if log.exists():
-                gens[n] = json.loads(log.read_text())["generated_text"]
+            if log.exists():  # a forget-quality-only epoch (--peak_epoch without --eval_before) has no generations
+                gens[n] = json.loads(log.read_text()).get("generated_text") or {}
         asked = self.kw["data"]["forget"] if "data" in getattr(self, "kw", {}) else \
             task_rows("forget", self.args.split, forget_task=self.args.forget_task)
         questions = {str(r["index"]): r["question"] for r in asked}

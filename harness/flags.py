@@ -43,6 +43,14 @@ def check_memory_args(args) -> None:
         raise TofuError("--lora_target_modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
 
 
+PRIVACY_HELP = ("Membership inference and memorization on the forget set (evaluation/privacy.py, open-unlearning's "
+                "definitions): the AUC of six attacks (LOSS, ZLib, Min-K%% k=0.4, Min-K%%++, GradNorm, Reference = NLL minus the "
+                "retain model's) separating forget rows from holdout rows (--holdout_data), privleak on Min-K%% against the "
+                "retain model's AUC (0.5 without a retain model, open-unlearning's fallback), extraction strength (ExtStr) and "
+                "exact memorization (ExactMem). AUC convention: holdout labelled 1, forget 0, loss-like scores (AUC 1: the "
+                "forget rows look remembered; 0.5: like unseen rows); MUSE's code reports 1 - AUC. Cost: one batched forward pass over the forget and holdout rows, 0.13x of the rest of the evaluation for SmolLM2-135M on the quick path (40 + 40 rows, 2-core CPU; 0.06x for the tests' tiny model; docs/evaluation.md). On by default for that cost; GradNorm is --privacy_gradnorm.")
+
+
 @dataclasses.dataclass
 class _MethodFlags:
     split: str = flag("forget01", "Forget split: forget01, forget05 or forget10 (TOFU); its retain split is retain99/95/90.")
@@ -89,6 +97,10 @@ class _MethodFlags:
     benchmark_batch_size: int = flag(8, "Sequences per lm-eval forward pass.")
     benchmark_include_path: str = flag(None, "A folder of your own lm-eval task YAMLs, so --benchmarks can name them.")
     report_to: str = flag("none", "Experiment trackers, through accelerate (main process only): tensorboard (OUTPUT_DIR/tensorboard), wandb, all (those installed) or none. They get the arguments as config, the losses and lr of every step and the numbers of every evaluation; metrics.jsonl is written either way.")
+    privacy: bool = flag(True, PRIVACY_HELP)
+    holdout_data: str = flag(None, "With --privacy: your own holdout set for membership inference (same format as --forget_data): rows of the same kind as the forget set that no model trained on. Default: on the quick path, the first TOFU authors neither quick model saw (authors 4.. by default; the run prints which); otherwise TOFU's holdout01/05/10 from the hub (locuslab/TOFU, as open-unlearning).")
+    privacy_gradnorm: bool = flag(False, "With --privacy: also run the GradNorm attack (mia_auc/gradnorm): one forward and backward per forget and holdout row (batch of 1, as open-unlearning) with gradients of every weight, so the memory of a full gradient. Off by default for its cost (another 0.44x of the rest of the evaluation for SmolLM2-135M on the quick path, 2-core CPU) and memory; open-unlearning's default TOFU evaluation leaves it out too (configs/eval/tofu.yaml).")
+    extraction_form: str = flag("definition", "Extraction strength's edge case: 'definition' (Carlini et al. 2021, Wang et al. 2025: 1 - k/n with k in 0..n, so a missed last token gives 0) or 'open_unlearning' (its loop stops at k = n-1, so such a row gives 1/n).")
     nli_model: str = flag("sileod/deberta-v3-base-tasksource-nli", "NLI model for the entailment score (closer-look); a folder or HF id. Offline without it, ES is 'not computed'.")
 
 
@@ -139,6 +151,8 @@ def fill_defaults(args, quick_recipe: dict, paper_recipe: dict) -> None:
         raise TofuError(f"--schedule must be reference or epochs, not {args.schedule!r}")
     if args.last_window not in ("mean", "reference"):
         raise TofuError(f"--last_window must be mean or reference, not {args.last_window!r}")
+    if getattr(args, "extraction_form", "definition") not in ("definition", "open_unlearning"):
+        raise TofuError(f"--extraction_form must be definition or open_unlearning, not {args.extraction_form!r}")
     if args.ref_precision not in ("match", "bf16"):
         raise TofuError(f"--ref_precision must be match or bf16, not {args.ref_precision!r}")
 
@@ -228,7 +242,8 @@ def finalize_args(args, method: str, quick_recipe: dict, paper_recipe: dict):
 UNNAMED = {"split", "forget_task", "method", "model", "recipe", "output_dir", "overwrite", "retain_model", "retain_logs",
            "report_to", "benchmarks", "benchmark_limit", "benchmark_batch_size", "benchmark_include_path",
            "max_eval_samples", "gen_max_length", "max_new_tokens", "cs_model", "nli_model", "save_peak",
-           "gradient_checkpointing", "save_adapter_only"}
+           "gradient_checkpointing", "save_adapter_only", "privacy", "holdout_data", "privacy_gradnorm",
+           "extraction_form"}
 
 
 def path_part(value) -> str:

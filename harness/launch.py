@@ -343,6 +343,124 @@ class LossMeter:
         return dict(zip(keys, t.tolist()))
 
 
+# ---------------------------------------------------------------------------
+# Peak-epoch weights (--peak_epoch): kept without a full gather where the weights are sharded
+# ---------------------------------------------------------------------------
+def peak_checkpoint(distributed_type: str, processes: int, zero_stage: int = 0) -> str:
+    """How --peak_epoch keeps an improving epoch's weights, from the launch's backend (accelerate's
+    DistributedType name), its processes and DeepSpeed's ZeRO stage:
+      "full"   one process, DDP, ZeRO-1/2: the weights are whole on every rank, so save_model writes
+               the HF folder with no gather (the one-process path, unchanged);
+      "dcp"    FSDP2 on several processes: each rank writes its own shards (torch distributed
+               checkpoint), no gather;
+      "zero3"  DeepSpeed ZeRO-3 on several processes: each rank writes its own 16-bit partitions.
+    With "dcp" and "zero3" the HF folder is written once, after training (write_peak)."""
+    if processes > 1 and distributed_type == "FSDP":
+        return "dcp"
+    if processes > 1 and distributed_type == "DEEPSPEED" and zero_stage == 3:
+        return "zero3"
+    return "full"
+
+
+def launch_peak_checkpoint(accelerator) -> str:
+    """peak_checkpoint for this launch."""
+    from accelerate.utils import DistributedType
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return peak_checkpoint(accelerator.distributed_type.value, accelerator.num_processes,
+                           accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0)
+
+
+def peak_shards_dir(out) -> Path:
+    """Where save_peak keeps the sharded peak weights of the HF folder `out` until write_peak."""
+    return Path(out).with_name(f"{Path(out).name}.shards")
+
+
+def save_peak(accelerator, model, tokenizer, fmt: common.PromptFormat, out) -> None:
+    """Keep the prepared model's weights as the peak epoch's (--peak_epoch, every improving epoch).
+    "full" (peak_checkpoint): the HF folder `out` through save_model. "dcp" (FSDP2): every rank writes
+    its own shards of the sharded state dict into peak_shards_dir(out) with torch.distributed.checkpoint
+    (`__<rank>_0.distcp` and rank 0's `.metadata`): no rank gathers the model. "zero3": every rank
+    writes its own 16-bit partitions (rank<r>-of-<world>.pt). A temp folder renamed into place, so a
+    crash leaves the last complete peak. write_peak turns the shards into the HF folder once."""
+    kind = launch_peak_checkpoint(accelerator)
+    if kind == "full":
+        return save_model(accelerator, model, tokenizer, fmt, out)
+    shards = peak_shards_dir(out)
+    tmp = shards.with_name(f".{shards.name}.tmp")  # one path every rank knows
+    if accelerator.is_main_process:
+        shards.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    if kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        dcp.save(get_model_state_dict(model), checkpoint_id=tmp)  # DTensors: each rank its own shards
+    else:
+        torch.save(zero3_parts(model), tmp / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        runlog.replace_dir(tmp, shards)
+    accelerator.wait_for_everyone()
+
+
+def restore_peak(accelerator, model, shards) -> None:
+    """Load the peak weights that save_peak sharded into `model`, placed (place_frozen) like the
+    trained one: torch distributed checkpoint under FSDP2 (each rank reads the pieces of its own
+    shards, whatever the layout they were written with), each rank's 16-bit partitions under ZeRO-3
+    (the same world size and model give the same partitions)."""
+    shards = Path(shards)
+    if (shards / ".metadata").exists():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        state = get_model_state_dict(model)
+        dcp.load(state, checkpoint_id=shards)
+        set_model_state_dict(model, state)
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    parts = torch.load(shards / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.pt")
+    with torch.no_grad():
+        for n, p in unwrapped(model).named_parameters():
+            p.ds_tensor.copy_(parts[n])
+            if p.ds_status == ZeroParamStatus.AVAILABLE:  # persistent: DeepSpeed keeps it whole and does not re-gather
+                if f"{n}#whole" not in parts:
+                    raise TofuError(f"the peak checkpoint has only a partition of {n}, which this model keeps whole; "
+                                    "give both ZeRO-3 engines the same stage3_param_persistence_threshold")
+                p.data.copy_(parts[f"{n}#whole"])
+
+
+def zero3_parts(model) -> dict:
+    """A ZeRO-3 model's parameters as this rank holds them: its 16-bit partition of each (`ds_tensor`),
+    and the whole tensor of each that DeepSpeed keeps whole on every rank (persistent small parameters,
+    `<name>#whole`), which a gather would not refresh from the partitions."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    parts = {}
+    for n, p in unwrapped(model).named_parameters():
+        parts[n] = p.ds_tensor.detach().cpu()
+        if p.ds_status == ZeroParamStatus.AVAILABLE:
+            parts[f"{n}#whole"] = p.data.detach().cpu()
+    return parts
+
+
+def write_peak(accelerator, build, tokenizer, fmt: common.PromptFormat, out) -> None:
+    """After training, when save_peak kept the peak sharded: `build()` (the trained model as the run
+    loads it, for its structure) placed like a frozen model, the peak shards restored into it, the HF
+    folder `out` written through save_model (the one gather of the run's peak weights) and the shards
+    removed. The folder then holds what save_model would have written at that epoch. Nothing to do
+    on the "full" path (save_peak wrote `out` itself), nor without shards."""
+    shards = peak_shards_dir(out)
+    if launch_peak_checkpoint(accelerator) == "full" or not main_decides(accelerator, shards.exists):
+        return
+    model = place_frozen(build(), accelerator)
+    restore_peak(accelerator, model, shards)
+    save_model(accelerator, model, tokenizer, fmt, out)
+    del model
+    gc.collect()
+    if accelerator.is_main_process:
+        shutil.rmtree(shards)
+    accelerator.wait_for_everyone()
+
+
 # ---------------------------------------------------------------- forwards of several micro-batches
 FORWARD_BATCH_HELP = (
     "Rows that go through the model in one forward (and one backward), independent of --per_device_batch_size, "

@@ -78,6 +78,29 @@ def real_world_eval_rows(folder) -> dict[str, list[dict]]:
     return out
 
 
+def privacy_spec(privacy: bool, split: str, authors: set[int] | None, holdout_data: str | None = None,
+                 n_retain: int = common.QUICK_RETAIN_AUTHORS, continual: bool = False, gradnorm: bool = False,
+                 es_form: str = "definition") -> dict | None:
+    """What evaluate(privacy=...) takes: None when --privacy is off; else the holdout rows and where they come
+    from (--holdout_data, the quick path's unseen TOFU authors, or TOFU's hub holdout), or {"reason": ...}
+    when there is none (offline without the hub holdout, your own forget set without --holdout_data), so
+    the evaluation runs and says why the privacy numbers are missing."""
+    if not privacy:
+        return None
+    opts = {"gradnorm": gradnorm, "es_form": es_form}
+    if holdout_data:
+        return {"holdout": load_custom(holdout_data, "--holdout_data"), "holdout_name": f"--holdout_data {holdout_data}",
+                **opts}
+    if split not in common.FORGET_SPLITS:
+        return {"reason": "not computed: your own forget set needs --holdout_data FILE (rows of the same kind that no "
+                          "model trained on) for membership inference"}
+    try:
+        rows, name = common.holdout_rows(split, authors, n_retain, continual)
+    except TofuError as e:
+        return {"reason": f"not computed: {e}"}
+    return {"holdout": rows, "holdout_name": name, **opts}
+
+
 def custom_fingerprint(*sources) -> str:
     """A short hash of the given sources' bytes (local files) or names (hub ids), to key what a run
     built from them (a strengthened model, an evaluation cache)."""

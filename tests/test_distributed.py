@@ -337,3 +337,47 @@ def test_memory_refusal_arithmetic(tiny_model_dir):
     assert models.memory_refusal(8_030_261_248, False, 2, True, 59 * 2 ** 30) is not None  # 59.8 > 59
     tiny = models.load_model(str(tiny_model_dir))[0]
     assert models.parameter_count(str(tiny_model_dir)) == sum(p.numel() for p in tiny.parameters())
+
+
+# ---------------------------------------------------------------- peak-epoch weights without a full gather
+PEAK = ["--method", "ga", "--subset", "quick", "--epochs", 3, "--schedule", "epochs", "--peak_epoch", *BATCH,
+        "--lr", 1e-4, *EVAL]  # forget quality falls after epoch 1: the peak is epoch 1, saved once
+
+
+def test_peak_checkpoint_decision():
+    # Catches: a sharded backend sent through the full gather ("full") at every improving epoch, or one
+    # process / DDP (weights already whole on each rank) sent through shards it cannot write.
+    assert launch.peak_checkpoint("NO", 1) == "full"
+    assert launch.peak_checkpoint("MULTI_GPU", 2) == launch.peak_checkpoint("MULTI_CPU", 2) == "full"
+    assert launch.peak_checkpoint("FSDP", 1) == "full" and launch.peak_checkpoint("FSDP", 2) == "dcp"
+    assert launch.peak_checkpoint("DEEPSPEED", 4, 3) == "zero3" and launch.peak_checkpoint("DEEPSPEED", 1, 3) == "full"
+    assert launch.peak_checkpoint("DEEPSPEED", 2, 2) == "full"
+
+
+def test_fsdp2_peak_epoch_keeps_shards_and_writes_the_peak_once(tiny_model_dir, tmp_path):
+    # Catches: a full gather at every improving epoch under FSDP2 (27 GB in rank 0's memory for 7B); a rank
+    # whose shard is not written; a peak_model restored from the wrong epoch (the last one, or no restore);
+    # a peak_model unlike what save_model (the one-process path) writes at that epoch.
+    spy, two = tmp_path / "spy", tmp_path / "two"
+    spy.mkdir()
+    distributed.launch("fsdp2", "tests/peak_worker.py", spy, "fsdp2", "baselines.py", "--model", tiny_model_dir,
+                       "--retain_model", tiny_model_dir, *PEAK, "--output_dir", two,
+                       env={"TOFU_UNLEARN_RUNS": str(tmp_path / "runs")}, timeout=300)
+    record = json.loads((two / "peak_epoch.json").read_text())
+    assert record["peak_epoch"] == 1 and [e.get("saved") for e in record["epochs"]] == [True, None, None], record
+    for rank in (0, 1):
+        log = [json.loads(x) for x in (spy / f"rank{rank}.jsonl").read_text().splitlines()]
+        saves = [e for e in log if e["event"] == "save_peak"]
+        assert [e["epoch"] for e in saves] == [1], saves
+        assert all({"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(e["files"]) for e in saves), saves
+        gathers = [e["within"] for e in log if e["event"] == "gather" and e["within"] != "reference"]
+        assert sorted(gathers) == ["other", "write_peak"], gathers  # the final model, and the peak once
+    assert not launch.peak_shards_dir(two / "peak_model").exists()
+    got, want = two / "peak_model", spy / "epoch1"  # save_model's folder at epoch 1 (the one-process path)
+    assert sorted(os.listdir(got)) == sorted(os.listdir(want))
+    a, b = load_file(got / "model.safetensors"), load_file(want / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)  # exactly that epoch's weights
+    for f in ("config.json", common.FORMAT_FILE):
+        assert (got / f).read_text() == (want / f).read_text()

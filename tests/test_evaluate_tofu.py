@@ -794,3 +794,21 @@ def test_metric_models_load_outside_a_zero3_launchs_deepspeed_config(tiny, tmp_p
         assert is_deepspeed_zero3_enabled()  # the launch's registration is back for the models it trains
     finally:
         hf_deepspeed.unset_hf_deepspeed_config()
+
+
+def test_report_takes_a_first_row_without_generations(tmp_path, capsys):
+    """--peak_epoch --eval_before false: the first row is a forget-quality-only epoch whose log has no
+    generated_text; the end-of-run table still prints the last row's answers (was a KeyError)."""
+    out = tmp_path / "eval"
+    (out / "epoch0").mkdir(parents=True)
+    (out / "epoch0" / "eval_log_forget.json").write_text(json.dumps({"avg_gt_loss": {"0": 1.0}}))
+    (out / "after").mkdir()
+    (out / "after" / "eval_log_forget.json").write_text(json.dumps(
+        {"generated_text": {"0": ["q", "an answer after", "the gold answer"]}}))
+    ev = method_eval.MethodEval.__new__(method_eval.MethodEval)  # only report(): no model, no run folder
+    ev.acc, ev.out = types.SimpleNamespace(is_main_process=True), out
+    ev.args = types.SimpleNamespace(split="forget01", forget_task=None)
+    s = {"forget_quality": None, "forget_quality_reason": "no retain logs", "model_utility": 0.5}
+    ev.report([("epoch0", s), ("after", s)])
+    printed = capsys.readouterr().out
+    assert "'an answer after'" in printed and "'the gold answer'" in printed
