@@ -248,45 +248,49 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
                                args.max_steps, args.schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    micro, (model, optimizer, loader) = loader.batch_size, accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
+    per_forward = launch.forward_size(accelerator, model, loader, loss_fn, args.forward_batch, micro, ga, desc)
     note = launch.warmup_note(total, sizes["warmup_steps"], lr)
     if note and accelerator.is_main_process:
         print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
-    bar = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process)
-    for epoch in range(epochs if total else 0):
-        model.train()
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            with accelerator.accumulate(model):
-                losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] * launch.window_weight(i, len(loader), ga, args.last_window))
-                meter.add(losses)
+    bar, shared = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process), launch.SharedForward(model)
+    with launch.forwards_per_step(accelerator, ga // per_forward):  # accelerate counts forwards, not micro-batches
+        for epoch in range(epochs if total else 0):
+            model.train()
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            for i, batches in launch.forward_groups(loader, per_forward):  # i: the group's first micro-batch
+                with accelerator.accumulate(model):
+                    with launch.ForwardGroup(batches, accelerator.sync_gradients) as group:
+                        losses = group.losses(loss_fn, shared)  # one loss per micro-batch, forwards shared
+                    accelerator.backward(launch.group_loss(losses, i, len(loader), ga, per_forward, args.last_window))
+                    for one in losses:
+                        meter.add(one)
+                    if accelerator.sync_gradients:
+                        logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
+                        if not math.isfinite(logged["loss"]):
+                            raise TofuError(f"loss is {logged['loss']} at step {step + 1} (epoch {epoch}); "
+                                            "stopped before saving anything")
+                        if args.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
                 if accelerator.sync_gradients:
-                    logged = meter.mean(accelerator)  # a collective: every rank stops here, or none does
-                    if not math.isfinite(logged["loss"]):
-                        raise TofuError(f"loss is {logged['loss']} at step {step + 1} (epoch {epoch}); "
-                                        "stopped before saving anything")
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                used = scheduler.get_last_lr()[0]  # the rate this step ran at, before the schedule moves on
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
-                log.log(step, {"epoch": epoch, **logged, "lr": used})
-                if step == total:
-                    break
-        if step == total:
-            break
-        if at_epoch and epoch + 1 < epochs:
-            at_epoch(epoch + 1, model)
+                    used = scheduler.get_last_lr()[0]  # the rate this step ran at, before the schedule moves on
+                    scheduler.step()
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()})
+                    log.log(step, {"epoch": epoch, **logged, "lr": used})
+                    if step == total:
+                        break
+            if step == total:
+                break
+            if at_epoch and epoch + 1 < epochs:
+                at_epoch(epoch + 1, model)
     bar.close()
     return model
 
@@ -318,6 +322,7 @@ def main():
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
+    launch.share_forwards(frozen)  # frozen models batch like the trained one under --forward_batch
     log.open()  # set up without a refusal: the run folder gets args.json and metrics.jsonl now
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training

