@@ -533,9 +533,11 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 
 def collate_pairs(items: list[dict], pad_id: int, pad_to: int = 0, padded_parts=()) -> dict:
     """Collate each part (forget, retain, ...) of ForgetRetainDataset items separately, the parts
-    named in `padded_parts` to at least `pad_to` tokens; `index` (the forget row) becomes a tensor."""
+    named in `padded_parts` to at least `pad_to` tokens. `index` (the forget rows) stays a list of ints:
+    accelerate moves tensors to the device, and a store read by row (RKLD's teacher) would then sync
+    the device once per row to learn which rows to read."""
     return {k: collate([it[k] for it in items], pad_id, pad_to=pad_to if k in padded_parts else 0)
-            if isinstance(items[0][k], dict) else torch.tensor([it[k] for it in items]) for k in items[0]}
+            if isinstance(items[0][k], dict) else [int(it[k]) for it in items] for k in items[0]}
 
 
 # ---------------------------------------------------------------------------

@@ -526,7 +526,7 @@ def step_losses(model, batch, frozen, args) -> dict:
     f = batch["forget"]
     logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
     if frozen["store"] is not None:
-        t_logp = torch.cat([frozen["store"][int(i)] for i in batch["index"]]).to(logits.device)
+        t_logp = torch.cat([frozen["store"][i] for i in batch["index"]]).to(logits.device)
     else:
         t_logp = live_teacher_logp(frozen["teacher"], f)
     out = {"loss/forget": divergence_loss(logits, t_logp, f["labels"], args.divergence)}

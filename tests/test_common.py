@@ -231,7 +231,7 @@ def test_paired_dataset_is_seeded_per_epoch(tiny_model_dir):
     assert item["index"] == 3 and tok.decode(_scored(tok, item["forget_idk"])) == idk[t] + "<|im_end|>"
     assert tok.decode(_scored(tok, item["retain"])) == retain[r]["answer"] + "<|im_end|>"
     batch = common.collate_pairs([a[0], a[1]], tok.pad_token_id)
-    assert set(batch) == {"index", "forget", "retain", "forget_idk", "retain_idk"} and batch["index"].tolist() == [0, 1]
+    assert set(batch) == {"index", "forget", "retain", "forget_idk", "retain_idk"} and batch["index"] == [0, 1]
 
 
 # ---------------------------------------------------------------- log-probs

@@ -158,3 +158,16 @@ def test_loader_pins_memory_on_cuda_only(rows, tiny_model_dir):
     acc = launch.make_accelerator(4, 4)[0]  # copies to a GPU do not block; on CPU there is no copy
     assert acc.dataloader_config.non_blocking == torch.cuda.is_available()
     assert launch.LOADER_WORKERS == 0  # workers cost more than they save here (bench/bench_datapath.py)
+
+
+def test_forget_rows_stay_on_the_host_through_the_prepared_loader(rows, tiny_model_dir):
+    # Catches: batch["index"] collated as a tensor, which accelerate moves to the device, so that RKLD's
+    # store lookup (one row per index) syncs the GPU once per row; on CPU the decision is what we can see.
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    ds = common.ForgetRetainDataset(*rows, tok, fmt, parts=rkld.batch_parts(SimpleNamespace(retain_loss="gd")))
+    acc = launch.make_accelerator(4, 4)[0]
+    loader = acc.prepare(launch.make_loader(ds, 4, 0, acc, lambda b: common.collate_pairs(b, tok.pad_token_id)))
+    batch = next(iter(loader))
+    assert isinstance(batch["index"], list) and all(type(i) is int for i in batch["index"])
+    assert isinstance(batch["forget"]["input_ids"], torch.Tensor)
