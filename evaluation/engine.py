@@ -58,16 +58,19 @@ _IDLE = {"input_ids": [0], "labels": [-100]}  # what a rank with no batch left f
 
 @torch.no_grad()
 def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
-          leak: set[int] = frozenset(), synced: bool = False, shared: bool | None = None) -> list[dict]:
+          leak: set[int] = frozenset(), synced: bool = False, shared: bool | None = None,
+          states: dict | None = None) -> list[dict]:
     """Summed log-prob and token count of each tokenized sequence, plus leakage hits for the
     sequences numbered in `leak`. synced: every rank runs the same number of forward passes (idle
     ones on a one-token input whose result is dropped). shared: score the sequences that share a
     prompt in one packed row, the prompt once (score_packed); None packs where the model allows
-    it (packs_prompts), False pads every sequence on its own (score_padded)."""
+    it (packs_prompts), False pads every sequence on its own (score_padded). states: see
+    score_packed (left empty by score_padded)."""
     if shared is None:
         shared = packs_prompts(model, max((len(s["input_ids"]) for s in seqs), default=0))
-    fn = score_packed if shared else score_padded
-    return fn(model, seqs, pad_id, eos_id, batch_size, device, bar, leak, synced)
+    if shared:
+        return score_packed(model, seqs, pad_id, eos_id, batch_size, device, bar, leak, synced, states)
+    return score_padded(model, seqs, pad_id, eos_id, batch_size, device, bar, leak, synced)
 
 
 @torch.no_grad()
@@ -93,7 +96,8 @@ def score_padded(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: 
     return out
 
 
-PACKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask as it is
+PACKED_ATTENTION = ("sdpa", "eager")
+STATE_BYTES = 2 ** 30  # most bytes of prompt keys and values score_packed keeps for generation  # attention implementations that take a custom 4D mask as it is
 
 
 def packs_prompts(model, longest: int = 0) -> bool:
@@ -122,7 +126,7 @@ def prompt_length(seq: dict) -> int:
 
 def pack_group(seqs: list[dict]) -> dict:
     """One packed row for sequences with the same prompt: the prompt, then each answer (its tokens
-    after the prompt) in turn. position_ids restart after the prompt for every answer; `branch` is
+    after the prompt, but the last, whose output nothing uses) in turn. position_ids restart after the prompt for every answer; `branch` is
     -1 on the prompt and the answer's number on its tokens (the mask lets a token see the prompt and
     its own answer's earlier tokens). `pairs` lists (predicting position, target label, answer) for
     every label after the prompt: the last prompt position predicts every answer's first token."""
@@ -130,11 +134,11 @@ def pack_group(seqs: list[dict]) -> dict:
     ids, pos, branch, pairs = list(seqs[0]["input_ids"][:k]), list(range(k)), [-1] * k, []
     for j, s in enumerate(seqs):
         start, n = len(ids), len(s["input_ids"]) - k
-        ids += s["input_ids"][k:]
-        pos += range(k, k + n)
-        branch += [j] * n
+        ids += s["input_ids"][k:-1]  # an answer's last token (its EOS) predicts nothing that is scored
+        pos += range(k, k + n - 1)
+        branch += [j] * (n - 1)
         pairs += [(k - 1 if i == 0 else start + i - 1, s["labels"][k + i], j) for i in range(n)]
-    return {"input_ids": ids, "position_ids": pos, "branch": branch, "pairs": pairs}
+    return {"input_ids": ids, "position_ids": pos, "branch": branch, "pairs": pairs, "prompt": tuple(ids[:k])}
 
 
 def packed_mask(branch: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
@@ -152,12 +156,16 @@ def packed_mask(branch: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def score_packed(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
-                 leak: set[int] = frozenset(), synced: bool = False) -> list[dict]:
+                 leak: set[int] = frozenset(), synced: bool = False, states: dict | None = None) -> list[dict]:
     """score() with each prompt computed once: the sequences that share a prompt (TOFU's answer,
     paraphrase and perturbed answers of one question) go into one packed row (pack_group) under a
     mask that keeps the answers apart, and logits are computed only where a label is scored. The
     same log-probs as score_padded up to float rounding. Rows are grouped longest first, at most
-    `batch_size` sequences a batch (at least one row)."""
+    `batch_size` sequences a batch (at least one row).
+    states: a dict whose keys are prompts (token tuples) that greedy decoding will continue; for
+    each, its value becomes the prompt's first greedy token and keys and values (as prompt_states
+    gives them), so that generation need not run the prompt again; up to STATE_BYTES in all, the
+    other keys keep the value None."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(seqs):
         groups.setdefault(tuple(s["input_ids"][:prompt_length(s)]), []).append(i)
@@ -174,7 +182,7 @@ def score_packed(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: 
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     additive = base.config._attn_implementation == "eager"
     dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
-    out = [None] * len(seqs)
+    out, held = [None] * len(seqs), 0
     for c in tqdm(range(synced_count(len(chunks), device, synced)), desc="  score", disable=not bar, leave=False):
         if c >= len(chunks):
             model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
@@ -193,10 +201,19 @@ def score_packed(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: 
             pred += [int(flat[b, p]) for p, _, _ in r["pairs"]]
             target += [y for _, y, _ in r["pairs"]]
             seq_id += [members[j] for _, _, j in r["pairs"]]
-        logits = model(input_ids=ids.to(device), position_ids=pos.to(device),
-                       attention_mask=packed_mask(branch.to(device), dtype, additive),
-                       logits_to_keep=keep.to(device), use_cache=False).logits
-        logits = logits.reshape(-1, logits.shape[-1]).float()  # [kept positions, V]
+        want = [b for b, (_, r) in enumerate(chunks[c]) if r["prompt"] in (states or {})]
+        res = model(input_ids=ids.to(device), position_ids=pos.to(device),
+                    attention_mask=packed_mask(branch.to(device), dtype, additive),
+                    logits_to_keep=keep.to(device), use_cache=bool(want))
+        logits = res.logits.reshape(-1, res.logits.shape[-1]).float()  # [kept positions, V]
+        for b in want:  # the prompt's keys and values, and its last position's greedy token
+            r = rows[b]
+            k = len(r["prompt"])
+            kv = [(layer.keys[b, :, :k].clone(), layer.values[b, :, :k].clone()) for layer in res.past_key_values.layers]
+            size = sum(x.numel() * x.element_size() for pair in kv for x in pair)
+            if held + size <= STATE_BYTES:
+                states[r["prompt"]] = (int(logits[int(flat[b, k - 1])].argmax()), kv)
+                held += size
         pred, target = torch.tensor(pred, device=logits.device), torch.tensor(target, device=logits.device)
         valid = target != -100
         gold = logits[pred, target.clamp(min=0)]
@@ -282,23 +299,53 @@ def prunes_finished(model) -> bool:
     return all(k in params for k in ("position_ids", "past_key_values", "logits_to_keep"))
 
 
+def model_config(model):
+    """The transformers config of a model or of the model a peft wrapper holds."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return base.config
+
+
 @torch.no_grad()
-def greedy_cached(model, prompts: list[list[int]], pad_id, eos_ids, budgets: list[int], device) -> list[list[int]]:
+def prompt_states(model, prompts: list[list[int]], pad_id, device) -> list[tuple]:
+    """(first greedy token, [(keys, values) of each layer, [heads, prompt length, head dim]]) of each
+    prompt, from one left-padded forward with position ids counted over the attention mask, as the
+    model's generate prefills."""
+    b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in prompts], pad_id, "left").items()}
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=b["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first, n = out.logits[:, -1].float().argmax(-1).tolist(), mask.shape[1]
+    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(first[r], [(k[r, :, n - len(p):], v[r, :, n - len(p):]) for k, v in layers]) for r, p in enumerate(prompts)]
+
+
+@torch.no_grad()
+def greedy_cached(model, prompts: list[list[int]], pad_id, eos_ids, budgets: list[int], device,
+                  states: dict | None = None) -> list[list[int]]:
     """Greedy decoding with a KV cache, as the model's generate does it (left padding, position ids
     counted over the attention mask, the argmax of the fp32 logits), except that a row leaves the
     batch, and its keys and values the cache, as soon as it emits an EOS or reaches its budget:
-    later steps run only the rows still going. New token ids per prompt, EOS included."""
+    later steps run only the rows still going. A prompt found in `states` ({prompt token tuple:
+    prompt_states entry}, e.g. from score_packed, which computed the prompt already) is not run
+    again. New token ids per prompt, EOS included."""
+    from transformers import DynamicCache
     gens = [[] for _ in prompts]
     live = [i for i, n in enumerate(budgets) if n > 0]
     if not live:
         return gens
-    b = {k: v.to(device) for k, v in common.collate([{"input_ids": prompts[i]} for i in live], pad_id, "left").items()}
-    mask = b["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(input_ids=b["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, last = out.past_key_values, pos[:, -1:]
+    states = states or {}
+    todo = [i for i in live if states.get(tuple(prompts[i])) is None]
+    fresh = dict(zip(todo, prompt_states(model, [prompts[i] for i in todo], pad_id, device))) if todo else {}
+    got = [fresh[i] if i in fresh else states[tuple(prompts[i])] for i in live]
+    n = max(len(prompts[i]) for i in live)
+    cache = DynamicCache(config=model_config(model))
+    for layer in range(len(got[0][1])):
+        keys, values = ([F.pad(g[1][layer][kv], (0, 0, n - g[1][layer][kv].shape[1], 0)) for g in got] for kv in (0, 1))
+        cache.update(torch.stack(keys), torch.stack(values), layer)
+    mask = common.collate([{"input_ids": prompts[i]} for i in live], pad_id, "left")["attention_mask"].to(device)
+    last = torch.tensor([[len(prompts[i]) - 1] for i in live], device=device)
+    nxt = torch.tensor([g[0] for g in got], device=device)
     while True:
-        nxt = out.logits[:, -1].float().argmax(-1)
         keep = []
         for r, (i, t) in enumerate(zip(live, nxt.tolist())):
             gens[i].append(t)
@@ -315,6 +362,7 @@ def greedy_cached(model, prompts: list[list[int]], pad_id, eos_ids, budgets: lis
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, past_key_values=cache,
                     use_cache=True)
+        nxt = out.logits[:, -1].float().argmax(-1)
 
 
 def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = TOFU_GEN_BATCH) -> list[int]:
@@ -327,11 +375,12 @@ def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = T
 
 @torch.no_grad()
 def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar,
-                    synced: bool = False, prune: bool | None = None) -> list[list[int]]:
+                    synced: bool = False, prune: bool | None = None, states: dict | None = None) -> list[list[int]]:
     """New token ids per prompt, cut before the first EOS and after `max_new_tokens` (one budget,
     or a list with one per prompt). Uses greedy_cached, which drops finished rows from the batch,
     where the model allows it (prunes_finished; prune=None decides, False never), else the model's
-    KV-cached `generate` on left-padded batches when it has one, else greedy_loop. Prompts of similar length share a batch to waste little
+    KV-cached `generate` on left-padded batches when it has one, else greedy_loop. states: prompts
+    computed already, for greedy_cached. Prompts of similar length share a batch to waste little
     on padding; a batch runs to its largest budget and each row is cut to its own, which gives
     the same tokens as a call with that budget (greedy decoding does not look ahead).
     synced: every rank makes the same number of calls (an idle rank generates from a one-token
@@ -347,7 +396,7 @@ def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size,
         batch = [prompts[i] for i in chunk] or [_IDLE["input_ids"]]
         n = max([1, *(budgets[i] for i in chunk)])
         if not synced and chunk and (prunes_finished(model) if prune is None else prune):
-            ids = greedy_cached(model, batch, pad_id, eos_ids, [budgets[i] for i in chunk], device)
+            ids = greedy_cached(model, batch, pad_id, eos_ids, [budgets[i] for i in chunk], device, states)
         elif callable(getattr(model, "generate", None)):
             b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in batch], pad_id, "left").items()}
             ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
@@ -537,15 +586,16 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
                 slot.setdefault((r["question"], a), len(slot))
     seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
     gold = {slot[r["question"], r["answer"]] for rows in shards.values() for r in rows}
+    questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
+    prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions] if opts["generation"] else []
+    states = {} if opts["synced"] else {tuple(p): None for p in prompts}  # prompts scoring hands to generation
     scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold,
-                   opts["synced"])
+                   opts["synced"], states=states)
     gens = {}
     if opts["generation"]:
-        questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
-        prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
         budgets = [opts["gen_budget"][q] for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              budgets, opts["gen_batch_size"], device, bar, opts["synced"])
+                              budgets, opts["gen_batch_size"], device, bar, opts["synced"], states=states)
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer

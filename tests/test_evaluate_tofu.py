@@ -467,6 +467,35 @@ def test_pruned_greedy_decoding_matches_generate(tiny_model_dir):
     assert len({len(g) for g in got}) >= 5 and len({len(p) for p in prompts}) > 1  # many stops; left padding
 
 
+def test_fast_evaluation_paths_give_todays_numbers(tiny_model_dir, tmp_path, monkeypatch):
+    """evaluate() with packed scoring, pruned decoding and the prompts' keys and values handed from
+    scoring to generation: the same per-row losses (1e-5), leakage hits and generations as with one
+    padded row per sequence and the model's generate. Weights redrawn so that generations differ."""
+    model, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3) if p.dim() > 1 else None
+
+    def run(name):
+        engine.evaluate(model, tok, fmt, "forget01", tmp_path / name, max_eval_samples=3, max_new_tokens=12,
+                        cs_model="none", nli_model="none", verbose=False)
+        return tofu_logs.read_logs(tmp_path / name), json.loads((tmp_path / name / "eval_extra.json").read_text())
+
+    fast = run("fast")
+    monkeypatch.setattr(engine, "packs_prompts", lambda *a, **k: False)
+    monkeypatch.setattr(engine, "prunes_finished", lambda *a, **k: False)
+    slow = run("slow")
+    assert fast[1]["forget"]["leak"] == slow[1]["forget"]["leak"]
+    for task, log in slow[0].items():
+        assert fast[0][task]["generated_text"] == log["generated_text"]
+        for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss"):
+            for i, v in log[key].items():
+                assert np.allclose(fast[0][task][key][i], v, rtol=0, atol=1e-5), (task, key, i)
+    gens = [g[1] for log in slow[0].values() for g in log["generated_text"].values()]
+    assert len(set(gens)) == len(gens)  # every question its own generation
+
+
 class _NoGenerate:
     """A model-like object: callable, returns .logits, has no `generate`."""
 
