@@ -6,24 +6,31 @@ per perturbed-answer slot; greedy generation of every prompt batch to a total le
 stopping at EOS. Both use the same tokenization (common.encode_qa), so their per-sample losses must agree;
 the script asserts |difference| < 1e-4 and prints the speed ratio. Ours runs before and after the
 reference and the two times are averaged, which cancels a steady drift in the load of a shared machine.
+With --old_path (default on) the evaluator also runs once with its fast paths off (one padded row per
+sequence and the model's generate: engine.score_padded, no greedy_cached), and the table gives the
+per-row agreement of the two (losses, generations, ROUGE) and the ratio between them.
 The primary ratio uses process CPU time, which neither another process's load nor a paused process
 inflates; run with OMP_NUM_THREADS=1 so that OpenMP spin-waiting does not count as work. Wall time is
 reported beside it.
-Where ours wins: dynamic padding, all answers of all tasks in one length-sorted pool, one pool of
-prompts for generation, and stopping at EOS. A model that never stops (the untuned embedded SmolLM2
-often rambles to the cap) leaves generation to dominate both loops, so the ratio is lower there.
+Where ours wins: each question's prompt computed once, its answers packed behind it and logits only
+where a label is scored (engine.score_packed); generation that continues from the prompt keys and
+values scoring computed and drops each row from the batch at its EOS (engine.greedy_cached); one
+length-sorted pool for all tasks. A model that never stops (the untuned embedded SmolLM2 often rambles
+to the cap) leaves generation to dominate both loops, so the ratio is lower there.
 
-  OMP_NUM_THREADS=1 python bench/bench_eval.py --model smollm2-135m --n 8
+  OMP_NUM_THREADS=1 python bench/bench_eval.py --model runs/models/smollm2-135m_quick4-forget01_full --n 10
   python bench/bench_eval.py --model PATH --split forget05 --n 30 --output_json bench.json
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,6 +50,9 @@ class Args:
                                                            "(TOFU eval: 200)."})
     tol: float = field(default=1e-4, metadata={"help": "Largest allowed per-sample loss difference (nats/token)."})
     output_json: str = field(default="", metadata={"help": "Optional JSON file for the numbers."})
+    old_path: bool = field(default=True, metadata={"help": "Also run the evaluator with its fast paths off (one "
+                                                           "padded row per sequence, the model's generate) and "
+                                                           "compare per row (default: on)."})
 
 
 @torch.no_grad()
@@ -81,6 +91,29 @@ def reference_task(model, tok, fmt, task, rows, max_length, device) -> tuple[lis
             for g, p, q in zip(gt, para, pert)], gens
 
 
+def old_path_agreement(new: dict, old: dict, cpu_old: float, cpu_new: float) -> dict:
+    """Per-row agreement of the evaluator's logs with its fast paths on (`new`) and off (`old`): the
+    largest loss difference (nats/token) and probability difference over every row and answer, and
+    the fractions of rows with the same generation and the same ROUGE-L recall."""
+    worst_loss = worst_prob = 0.0
+    same_gen = same_rouge = n = 0
+    for task, log in old.items():
+        for i in log["avg_gt_loss"]:
+            a = [log["avg_gt_loss"][i], *([log["avg_paraphrased_loss"][i], *log["average_perturb_loss"][i]]
+                                         if "avg_paraphrased_loss" in log else [])]
+            b = [new[task]["avg_gt_loss"][i], *([new[task]["avg_paraphrased_loss"][i],
+                                                 *new[task]["average_perturb_loss"][i]]
+                                                if "avg_paraphrased_loss" in log else [])]
+            worst_loss = max(worst_loss, *(abs(x - y) for x, y in zip(a, b)))
+            worst_prob = max(worst_prob, *(abs(math.exp(-x) - math.exp(-y)) for x, y in zip(a, b)))
+            same_gen += new[task]["generated_text"][i] == log["generated_text"][i]
+            same_rouge += new[task]["rougeL_recall"][i] == log["rougeL_recall"][i]
+            n += 1
+    return {"cpu_seconds_old_path": round(cpu_old, 1), "speedup_cpu_vs_old_path": round(cpu_old / cpu_new, 2),
+            "max_abs_loss_diff_vs_old_path": f"{worst_loss:.2e}", "max_abs_prob_diff_vs_old_path": f"{worst_prob:.2e}",
+            "same_generation_vs_old_path": f"{same_gen}/{n}", "same_rougeL_vs_old_path": f"{same_rouge}/{n}"}
+
+
 def main():
     from transformers import HfArgumentParser
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
@@ -103,6 +136,11 @@ def main():
                             nli_model="none", verbose=False)
             return tofu_logs.read_logs(tmp)
 
+    def today():  # the evaluator with packed scoring and pruned decoding off
+        with mock.patch.object(engine, "packs_prompts", lambda *a, **k: False), \
+                mock.patch.object(engine, "prunes_finished", lambda *a, **k: False):
+            return ours()
+
     def reference():
         rows = {t: engine.task_rows(t, args.split, max_eval_samples=args.n) for t in tofu_logs.TASKS}
         return {t: (r, *reference_task(model, tok, fmt, t, r, args.max_length, device)) for t, r in rows.items()}
@@ -110,12 +148,13 @@ def main():
     # ours, reference, ours again: averaging the two runs of ours cancels a steady drift in machine load.
     load = [os.getloadavg()[0]]
     runs = []
-    for name, fn in (("ours", ours), ("reference", reference), ("ours", ours)):
+    plan = [("ours", ours), ("reference", reference), *([("old path", today)] if args.old_path else []), ("ours", ours)]
+    for name, fn in plan:
         runs.append(timed(fn))
         load.append(os.getloadavg()[0])
         print(f"[bench] {name}: {runs[-1][0]:.1f} CPU s, {runs[-1][1]:.1f} wall s", flush=True)
     logs, ref = runs[0][2], runs[1][2]
-    cpu_ours, wall_ours = (runs[0][0] + runs[2][0]) / 2, (runs[0][1] + runs[2][1]) / 2
+    cpu_ours, wall_ours = (runs[0][0] + runs[-1][0]) / 2, (runs[0][1] + runs[-1][1]) / 2
 
     worst, same_gen, n_rows, skipped = 0.0, 0, 0, 0
     for task, (rows, recs, gens) in ref.items():
@@ -135,11 +174,13 @@ def main():
 
     numbers = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
                "load_average_1min": " ".join(f"{x:.2f}" for x in load), "rows_per_task": args.n,
-               "rows_compared": n_rows, "rows_skipped_truncated": skipped, "cpu_seconds_ours": f"{runs[0][0]:.1f} / {runs[2][0]:.1f}",
+               "rows_compared": n_rows, "rows_skipped_truncated": skipped, "cpu_seconds_ours": f"{runs[0][0]:.1f} / {runs[-1][0]:.1f}",
                "cpu_seconds_reference": round(runs[1][0], 1), "speedup_cpu": round(runs[1][0] / cpu_ours, 2),
-               "wall_seconds_ours": f"{runs[0][1]:.1f} / {runs[2][1]:.1f}", "wall_seconds_reference": round(runs[1][1], 1),
+               "wall_seconds_ours": f"{runs[0][1]:.1f} / {runs[-1][1]:.1f}", "wall_seconds_reference": round(runs[1][1], 1),
                "speedup_wall": round(runs[1][1] / wall_ours, 2),
                "max_abs_loss_diff": f"{worst:.2e}", "same_generation_fraction": same_gen / max(n_rows, 1)}
+    if args.old_path:
+        numbers.update(old_path_agreement(logs, runs[2][2], runs[2][0], cpu_ours))
     print(runlog.table([(k, v) for k, v in numbers.items()], ("quantity", "value")))
     if args.output_json:
         runlog.atomic_write_json(args.output_json, numbers)

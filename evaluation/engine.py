@@ -59,11 +59,26 @@ _IDLE = {"input_ids": [0], "labels": [-100]}  # what a rank with no batch left f
 
 @torch.no_grad()
 def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
-          leak: set[int] = frozenset(), synced: bool = False) -> list[dict]:
+          leak: set[int] = frozenset(), synced: bool = False, shared: bool | None = None,
+          states: dict | None = None) -> list[dict]:
     """Summed log-prob and token count of each tokenized sequence, plus leakage hits for the
-    sequences numbered in `leak`. Longest first, padded per batch to its longest member, so
-    padding costs little and OOM shows up early. synced: every rank runs the same number of
-    forward passes (idle ones on a one-token input whose result is dropped)."""
+    sequences numbered in `leak`. synced: every rank runs the same number of forward passes (idle
+    ones on a one-token input whose result is dropped). shared: score the sequences that share a
+    prompt in one packed row, the prompt once (score_packed); None packs where the model allows
+    it (packs_prompts), False pads every sequence on its own (score_padded). states: see
+    score_packed (left empty by score_padded)."""
+    if shared is None:
+        shared = packs_prompts(model, max((len(s["input_ids"]) for s in seqs), default=0))
+    if shared:
+        return score_packed(model, seqs, pad_id, eos_id, batch_size, device, bar, leak, synced, states)
+    return score_padded(model, seqs, pad_id, eos_id, batch_size, device, bar, leak, synced)
+
+
+@torch.no_grad()
+def score_padded(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
+                 leak: set[int] = frozenset(), synced: bool = False) -> list[dict]:
+    """score() one sequence per row: longest first, padded per batch to its longest member, so
+    padding costs little and OOM shows up early."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["input_ids"]))
     out = [None] * len(seqs)
     chunks = _batches(order, batch_size)
@@ -79,6 +94,150 @@ def score(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, de
         hits = dict(zip(rows, leak_hits(logits[rows], b["labels"][rows], eos_id).tolist())) if rows else {}
         for j, i in enumerate(chunk):
             out[i] = {"logp": float(logp[j]), "count": int(count[j]), "hits": hits.get(j)}
+    return out
+
+
+PACKED_ATTENTION = ("sdpa", "eager")
+STATE_BYTES = 2 ** 30  # most bytes of prompt keys and values score_packed keeps for generation  # attention implementations that take a custom 4D mask as it is
+
+
+def packs_prompts(model, longest: int = 0) -> bool:
+    """Whether score_packed can run `model`: a transformers causal LM (or a peft wrapper of one) whose
+    forward takes position_ids and logits_to_keep, with sdpa or eager attention (they apply a 4D mask
+    as given; flash and flex attention do not), and no sliding window shorter than `longest` tokens
+    (the packed mask does not apply one)."""
+    import inspect
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    cfg = getattr(base, "config", None)
+    if getattr(cfg, "_attn_implementation", None) not in PACKED_ATTENTION or not callable(getattr(base, "forward", None)):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window < longest:
+        return False
+    params = inspect.signature(base.forward).parameters
+    return "position_ids" in params and "logits_to_keep" in params
+
+
+def prompt_length(seq: dict) -> int:
+    """Tokens before the first scored label (at least 1: the first token is never scored). Sequences
+    whose first prompt_length tokens agree share that prefix in score_packed."""
+    labels = seq["labels"]
+    return max(1, next((i for i, x in enumerate(labels) if x != -100), len(labels)))
+
+
+def pack_group(seqs: list[dict]) -> dict:
+    """One packed row for sequences with the same prompt: the prompt, then each answer (its tokens
+    after the prompt, but the last, whose output nothing uses) in turn. position_ids restart after the prompt for every answer; `branch` is
+    -1 on the prompt and the answer's number on its tokens (the mask lets a token see the prompt and
+    its own answer's earlier tokens). `pairs` lists (predicting position, target label, answer) for
+    every label after the prompt: the last prompt position predicts every answer's first token."""
+    k = prompt_length(seqs[0])
+    ids, pos, branch, pairs = list(seqs[0]["input_ids"][:k]), list(range(k)), [-1] * k, []
+    for j, s in enumerate(seqs):
+        start, n = len(ids), len(s["input_ids"]) - k
+        ids += s["input_ids"][k:-1]  # an answer's last token (its EOS) predicts nothing that is scored
+        pos += range(k, k + n - 1)
+        branch += [j] * (n - 1)
+        pairs += [(k - 1 if i == 0 else start + i - 1, s["labels"][k + i], j) for i in range(n)]
+    return {"input_ids": ids, "position_ids": pos, "branch": branch, "pairs": pairs, "prompt": tuple(ids[:k])}
+
+
+def packed_mask(branch: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
+    """[B, 1, T, T] attention mask of packed rows: a position sees the earlier positions of the
+    prompt (branch -1) and of its own branch. Padding (branch -2) sees the prompt and earlier padding,
+    so no softmax row is empty. Boolean (sdpa), or 0 / dtype-min added to the scores (eager)."""
+    t = branch.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=branch.device).tril()
+    allowed = causal & ((branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None]))
+    allowed = allowed[:, None]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=branch.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def score_packed(model, seqs: list[dict], pad_id: int, eos_id: int, batch_size: int, device, bar: bool,
+                 leak: set[int] = frozenset(), synced: bool = False, states: dict | None = None) -> list[dict]:
+    """score() with each prompt computed once: the sequences that share a prompt (TOFU's answer,
+    paraphrase and perturbed answers of one question) go into one packed row (pack_group) under a
+    mask that keeps the answers apart, and logits are computed only where a label is scored. The
+    same log-probs as score_padded up to float rounding. Rows are grouped longest first, at most
+    `batch_size` sequences a batch (at least one row).
+    states: a dict whose keys are prompts (token tuples) that greedy decoding will continue; for
+    each, its value becomes the prompt's first greedy token and keys and values (as prompt_states
+    gives them), so that generation need not run the prompt again; up to STATE_BYTES in all, the
+    other keys keep the value None."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(tuple(s["input_ids"][:prompt_length(s)]), []).append(i)
+    packed = sorted(((members, pack_group([seqs[i] for i in members])) for members in groups.values()),
+                    key=lambda g: -len(g[1]["input_ids"]))
+    chunks, cur, n = [], [], 0
+    for g in packed:
+        if cur and n + len(g[0]) > batch_size:
+            chunks.append(cur)
+            cur, n = [], 0
+        cur.append(g)
+        n += len(g[0])
+    chunks += [cur] if cur else []
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    additive = base.config._attn_implementation == "eager"
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+    out, held = [None] * len(seqs), 0
+    for c in tqdm(range(synced_count(len(chunks), device, synced)), desc="  score", disable=not bar, leave=False):
+        if c >= len(chunks):
+            model(**{k: v.to(device) for k, v in common.collate([_IDLE], pad_id).items() if k != "labels"})
+            continue
+        rows = [g[1] for g in chunks[c]]
+        t = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (t - len(r["input_ids"])) for r in rows])
+        pos = torch.tensor([r["position_ids"] + [0] * (t - len(r["position_ids"])) for r in rows])
+        branch = torch.tensor([r["branch"] + [-2] * (t - len(r["branch"])) for r in rows])
+        keep = torch.zeros(len(rows), t, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            keep[b, [p for p, _, _ in r["pairs"]]] = True
+        flat = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # (row, position) -> row of the kept logits
+        pred, target, seq_id = [], [], []
+        for b, ((members, r)) in enumerate(chunks[c]):
+            pred += [int(flat[b, p]) for p, _, _ in r["pairs"]]
+            target += [y for _, y, _ in r["pairs"]]
+            seq_id += [members[j] for _, _, j in r["pairs"]]
+        want = [b for b, (_, r) in enumerate(chunks[c]) if r["prompt"] in (states or {})]
+        res = model(input_ids=ids.to(device), position_ids=pos.to(device),
+                    attention_mask=packed_mask(branch.to(device), dtype, additive),
+                    logits_to_keep=keep.to(device), use_cache=bool(want))
+        logits = res.logits.reshape(-1, res.logits.shape[-1]).float()  # [kept positions, V]
+        for b in want:  # the prompt's keys and values, and its last position's greedy token
+            r = rows[b]
+            k = len(r["prompt"])
+            kv = [(layer.keys[b, :, :k].clone(), layer.values[b, :, :k].clone()) for layer in res.past_key_values.layers]
+            size = sum(x.numel() * x.element_size() for pair in kv for x in pair)
+            if held + size <= STATE_BYTES:
+                states[r["prompt"]] = (int(logits[int(flat[b, k - 1])].argmax()), kv)
+                held += size
+        pred, target = torch.tensor(pred, device=logits.device), torch.tensor(target, device=logits.device)
+        valid = target != -100
+        gold = logits[pred, target.clamp(min=0)]
+        lp = torch.where(valid, gold - torch.logsumexp(logits, -1)[pred], torch.zeros_like(gold))
+        local = {i: j for j, i in enumerate(dict.fromkeys(seq_id))}
+        idx = torch.tensor([local[i] for i in seq_id], device=logits.device)
+        logp = torch.zeros(len(local), device=logits.device).index_add_(0, idx, lp).tolist()
+        count = torch.zeros(len(local), dtype=torch.long, device=logits.device).index_add_(0, idx, valid.long()).tolist()
+        hits = {}
+        sel = [k for k, i in enumerate(seq_id) if i in leak]
+        if sel:
+            s = torch.tensor(sel, device=logits.device)
+            m = valid[s] & (target[s] != eos_id)
+            rank = (logits[pred[s]] > gold[s, None]).sum(-1)
+            per = torch.stack([(rank < 1) & m, (rank < 5) & m, m], -1).long()
+            agg = torch.zeros(len(local), 3, dtype=torch.long, device=logits.device).index_add_(0, idx[s], per)
+            hits = {i: agg[local[i]].tolist() for i in {seq_id[k] for k in sel}}
+        for i, j in local.items():
+            out[i] = {"logp": logp[j], "count": count[j], "hits": hits.get(i)}
+        for members, _ in chunks[c]:
+            for i in members:  # a sequence with nothing after its prompt (cut to max_length)
+                if out[i] is None:
+                    out[i] = {"logp": 0.0, "count": 0, "hits": [0, 0, 0] if i in leak else None}
     return out
 
 
@@ -116,6 +275,97 @@ def greedy_loop(model, prompts: list[list[int]], pad_id, eos_ids, max_new_tokens
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
+# generation_config fields that leave greedy decoding plain (token ids, output switches, sampling
+# settings that do_sample=False ignores); any other field may add a logits processor, and then
+# greedy_generate leaves decoding to the model's generate.
+PLAIN_GENERATION_FIELDS = {"_from_model_config", "transformers_version", "use_cache", "output_attentions",
+                           "output_hidden_states", "return_dict_in_generate", "output_scores", "output_logits",
+                           "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "do_sample",
+                           "temperature", "top_p", "top_k", "max_length", "max_new_tokens", "num_beams",
+                           "num_return_sequences"}
+
+
+def prunes_finished(model) -> bool:
+    """Whether greedy_cached can decode for `model`: a transformers causal LM whose forward takes
+    position_ids, past_key_values and logits_to_keep, with a generation config that adds no logits
+    processing (PLAIN_GENERATION_FIELDS) and no beams."""
+    import inspect
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    cfg = getattr(base, "generation_config", None)
+    if cfg is None or getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    if set(cfg.to_diff_dict()) - PLAIN_GENERATION_FIELDS or (cfg.num_beams or 1) > 1:
+        return False
+    params = inspect.signature(base.forward).parameters
+    return all(k in params for k in ("position_ids", "past_key_values", "logits_to_keep"))
+
+
+def model_config(model):
+    """The transformers config of a model or of the model a peft wrapper holds."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return base.config
+
+
+@torch.no_grad()
+def prompt_states(model, prompts: list[list[int]], pad_id, device) -> list[tuple]:
+    """(first greedy token, [(keys, values) of each layer, [heads, prompt length, head dim]]) of each
+    prompt, from one left-padded forward with position ids counted over the attention mask, as the
+    model's generate prefills."""
+    b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in prompts], pad_id, "left").items()}
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=b["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first, n = out.logits[:, -1].float().argmax(-1).tolist(), mask.shape[1]
+    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(first[r], [(k[r, :, n - len(p):], v[r, :, n - len(p):]) for k, v in layers]) for r, p in enumerate(prompts)]
+
+
+@torch.no_grad()
+def greedy_cached(model, prompts: list[list[int]], pad_id, eos_ids, budgets: list[int], device,
+                  states: dict | None = None) -> list[list[int]]:
+    """Greedy decoding with a KV cache, as the model's generate does it (left padding, position ids
+    counted over the attention mask, the argmax of the fp32 logits), except that a row leaves the
+    batch, and its keys and values the cache, as soon as it emits an EOS or reaches its budget:
+    later steps run only the rows still going. A prompt found in `states` ({prompt token tuple:
+    prompt_states entry}, e.g. from score_packed, which computed the prompt already) is not run
+    again. New token ids per prompt, EOS included."""
+    from transformers import DynamicCache
+    gens = [[] for _ in prompts]
+    live = [i for i, n in enumerate(budgets) if n > 0]
+    if not live:
+        return gens
+    states = states or {}
+    todo = [i for i in live if states.get(tuple(prompts[i])) is None]
+    fresh = dict(zip(todo, prompt_states(model, [prompts[i] for i in todo], pad_id, device))) if todo else {}
+    got = [fresh[i] if i in fresh else states[tuple(prompts[i])] for i in live]
+    n = max(len(prompts[i]) for i in live)
+    cache = DynamicCache(config=model_config(model))
+    for layer in range(len(got[0][1])):
+        keys, values = ([F.pad(g[1][layer][kv], (0, 0, n - g[1][layer][kv].shape[1], 0)) for g in got] for kv in (0, 1))
+        cache.update(torch.stack(keys), torch.stack(values), layer)
+    mask = common.collate([{"input_ids": prompts[i]} for i in live], pad_id, "left")["attention_mask"].to(device)
+    last = torch.tensor([[len(prompts[i]) - 1] for i in live], device=device)
+    nxt = torch.tensor([g[0] for g in got], device=device)
+    while True:
+        keep = []
+        for r, (i, t) in enumerate(zip(live, nxt.tolist())):
+            gens[i].append(t)
+            if t not in eos_ids and len(gens[i]) < budgets[i]:
+                keep.append(r)
+        if not keep:
+            return gens
+        if len(keep) < len(live):
+            sel = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(sel)
+            mask, last, nxt = mask[sel], last[sel], nxt[sel]
+            live = [live[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, past_key_values=cache,
+                    use_cache=True)
+        nxt = out.logits[:, -1].float().argmax(-1)
+
+
 def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = TOFU_GEN_BATCH) -> list[int]:
     """New-token budget of each prompt under TOFU's `generate(max_length=200)`: its prompts are
     left-padded in batches of 30 rows in dataset order, so row i may add max_length minus the
@@ -126,10 +376,12 @@ def total_length_budgets(prompt_lens: list[int], max_length: int, batch: int = T
 
 @torch.no_grad()
 def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size, device, bar,
-                    synced: bool = False) -> list[list[int]]:
+                    synced: bool = False, prune: bool | None = None, states: dict | None = None) -> list[list[int]]:
     """New token ids per prompt, cut before the first EOS and after `max_new_tokens` (one budget,
-    or a list with one per prompt). Uses the model's KV-cached `generate` on left-padded batches
-    when it has one, else greedy_loop. Prompts of similar length share a batch to waste little
+    or a list with one per prompt). Uses greedy_cached, which drops finished rows from the batch,
+    where the model allows it (prunes_finished; prune=None decides, False never), else the model's
+    KV-cached `generate` on left-padded batches when it has one, else greedy_loop. states: prompts
+    computed already, for greedy_cached. Prompts of similar length share a batch to waste little
     on padding; a batch runs to its largest budget and each row is cut to its own, which gives
     the same tokens as a call with that budget (greedy decoding does not look ahead).
     synced: every rank makes the same number of calls (an idle rank generates from a one-token
@@ -144,7 +396,9 @@ def greedy_generate(model, prompts, pad_id, eos_ids, max_new_tokens, batch_size,
         chunk = chunks[c] if c < len(chunks) else []
         batch = [prompts[i] for i in chunk] or [_IDLE["input_ids"]]
         n = max([1, *(budgets[i] for i in chunk)])
-        if callable(getattr(model, "generate", None)):
+        if not synced and chunk and (prunes_finished(model) if prune is None else prune):
+            ids = greedy_cached(model, batch, pad_id, eos_ids, [budgets[i] for i in chunk], device, states)
+        elif callable(getattr(model, "generate", None)):
             b = {k: v.to(device) for k, v in common.collate([{"input_ids": p} for p in batch], pad_id, "left").items()}
             ids = model.generate(**b, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=sorted(eos_ids), synced_gpus=synced)[:, b["input_ids"].shape[1]:].tolist()
@@ -333,15 +587,16 @@ def _evaluate_shards(model, tokenizer, fmt, shards: dict[str, list[dict]], devic
                 slot.setdefault((r["question"], a), len(slot))
     seqs = [common.encode_qa(tokenizer, fmt, q, a) for q, a in slot]
     gold = {slot[r["question"], r["answer"]] for rows in shards.values() for r in rows}
+    questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
+    prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions] if opts["generation"] else []
+    states = {} if opts["synced"] else {tuple(p): None for p in prompts}  # prompts scoring hands to generation
     scores = score(model, seqs, tokenizer.pad_token_id, tokenizer.eos_token_id, opts["batch_size"], device, bar, gold,
-                   opts["synced"])
+                   opts["synced"], states=states)
     gens = {}
     if opts["generation"]:
-        questions = list(dict.fromkeys(r["question"] for rows in shards.values() for r in rows))
-        prompts = [common.encode_prompt(tokenizer, fmt, q) for q in questions]
         budgets = [opts["gen_budget"][q] for q in questions]
         ids = greedy_generate(model, prompts, tokenizer.pad_token_id, _eos_ids(model, tokenizer),
-                              budgets, opts["gen_batch_size"], device, bar, opts["synced"])
+                              budgets, opts["gen_batch_size"], device, bar, opts["synced"], states=states)
         gens = {q: [tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(g, skip_special_tokens=True)]
                 for q, p, g in zip(questions, prompts, ids)}
     def nll(q, a):  # (per-token, summed, count) NLL of one answer

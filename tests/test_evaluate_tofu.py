@@ -1,5 +1,6 @@
 """evaluate_tofu.py and evaluation/: metric formulas against hand-computed examples, the TOFU log round trip
 through --aggregate_only, and smoke runs on the tiny fixture model."""
+import collections
 import importlib.util
 import json
 import math
@@ -407,7 +408,92 @@ def test_batched_scoring_matches_one_sequence_at_a_time(tiny):
             logits = model(input_ids=torch.tensor([s["input_ids"]])).logits
         logp, _, count = common.answer_logprob_stats(logits, torch.tensor([s["labels"]]))
         assert b["count"] == int(count) == sum(x != -100 for x in s["labels"])
-        assert b["logp"] == pytest.approx(float(logp), abs=1e-4)
+        assert b["logp"] == pytest.approx(float(logp), rel=1e-6, abs=1e-4)  # a float32 sum of ~100 log-probs
+
+
+@pytest.fixture
+def boosted(tiny):
+    """The tiny model with a few word tokens pushed up, so that leakage hits are not all zero."""
+    model, tok, _ = tiny
+    words = torch.tensor(tok.convert_tokens_to_ids(["Ġthe", "Ġand", "Ġof", "Ġin"]))
+    bonus = torch.zeros(model.config.vocab_size).index_fill_(0, words, 4.0)
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: out + bonus.to(out.dtype))
+    yield
+    hook.remove()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_scoring_matches_one_sequence_per_row(tiny, boosted, attention):
+    """Each prompt once, its answers packed behind it: the same log-probs, counts and leakage hits as
+    one padded row per sequence, for three questions (two of them sharing an answer text) in batches
+    that split a question's answers from the next question's."""
+    model, tok, fmt = tiny
+    rows = common.load_split("forget01_perturbed")[:3]
+    seqs = [common.encode_qa(tok, fmt, r["question"], a) for r in rows
+            for a in [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]]
+    seqs.append(common.encode_qa(tok, fmt, rows[1]["question"], rows[0]["answer"]))
+    leak = set(range(0, len(seqs), 3))
+    model.set_attn_implementation(attention)
+    try:
+        assert engine.packs_prompts(model)
+        padded = engine.score(model, seqs, tok.pad_token_id, tok.eos_token_id, 5, "cpu", False, leak, shared=False)
+        packed = engine.score(model, seqs, tok.pad_token_id, tok.eos_token_id, 9, "cpu", False, leak, shared=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert sum(sum(p["hits"][:2]) for p in padded if p["hits"]) > 0  # the leakage check sees hits
+    for p, q in zip(padded, packed):
+        assert (q["count"], q["hits"]) == (p["count"], p["hits"])
+        assert q["logp"] / q["count"] == pytest.approx(p["logp"] / p["count"], abs=1e-5)
+    assert engine.packs_prompts(_NoGenerate(model)) is False  # a model-like object is scored row by row
+
+
+def test_pruned_greedy_decoding_matches_generate(tiny_model_dir):
+    """Rows leave the batch (and the KV cache) at their EOS or budget: the same tokens as the model's
+    generate on the whole batch. The model's weights are redrawn so that it says different things
+    to different prompts, and the EOS is a token it emits mid-answer, so rows stop at many steps."""
+    model, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    prompts = [common.encode_prompt(tok, fmt, r["question"]) for r in common.load_split("forget01")[:10]]
+    full = engine.greedy_generate(model, prompts, tok.pad_token_id, {tok.eos_token_id}, 24, 10, "cpu", False,
+                                  prune=False)
+    eos = {collections.Counter(t for g in full for t in set(g[2:])).most_common(1)[0][0]}
+    budgets = [24, 3, 24, 0, 17, 24, 24, 9, 24, 24]
+    want = engine.greedy_generate(model, prompts, tok.pad_token_id, eos, budgets, 10, "cpu", False, prune=False)
+    got = engine.greedy_generate(model, prompts, tok.pad_token_id, eos, budgets, 10, "cpu", False, prune=True)
+    assert engine.prunes_finished(model) and got == want
+    assert len({len(g) for g in got}) >= 5 and len({len(p) for p in prompts}) > 1  # many stops; left padding
+
+
+def test_fast_evaluation_paths_give_todays_numbers(tiny_model_dir, tmp_path, monkeypatch):
+    """evaluate() with packed scoring, pruned decoding and the prompts' keys and values handed from
+    scoring to generation: the same per-row losses (1e-5), leakage hits and generations as with one
+    padded row per sequence and the model's generate. Weights redrawn so that generations differ."""
+    model, tok = models.load_model(str(tiny_model_dir), frozen=True)
+    fmt = models.prompt_format(tok, str(tiny_model_dir))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3) if p.dim() > 1 else None
+
+    def run(name):
+        engine.evaluate(model, tok, fmt, "forget01", tmp_path / name, max_eval_samples=3, max_new_tokens=12,
+                        cs_model="none", nli_model="none", verbose=False)
+        return tofu_logs.read_logs(tmp_path / name), json.loads((tmp_path / name / "eval_extra.json").read_text())
+
+    fast = run("fast")
+    monkeypatch.setattr(engine, "packs_prompts", lambda *a, **k: False)
+    monkeypatch.setattr(engine, "prunes_finished", lambda *a, **k: False)
+    slow = run("slow")
+    assert fast[1]["forget"]["leak"] == slow[1]["forget"]["leak"]
+    for task, log in slow[0].items():
+        assert fast[0][task]["generated_text"] == log["generated_text"]
+        for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss"):
+            for i, v in log[key].items():
+                assert np.allclose(fast[0][task][key][i], v, rtol=0, atol=1e-5), (task, key, i)
+    gens = [g[1] for log in slow[0].values() for g in log["generated_text"].values()]
+    assert len(set(gens)) == len(gens)  # every question its own generation
 
 
 class _NoGenerate:
@@ -477,8 +563,10 @@ def test_generation_length_total_and_new_tokens(tiny, never_stops, tmp_path):
         engine.evaluate(model, tok, fmt, "forget01", tmp_path / "x", max_new_tokens=0)
 
 
-def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path):
+def test_evaluate_api_retain_logs_then_forget_quality(tiny, tmp_path, monkeypatch):
     model, tok, fmt = tiny
+    # scored one padded row per sequence, as the model-like object below is (packing rounds differently)
+    monkeypatch.setattr(engine, "packs_prompts", lambda *a, **k: False)
     kw = dict(max_eval_samples=3, authors=common.quick_authors("forget01"), verbose=False)
     s = engine.evaluate(model, tok, fmt, "forget01", tmp_path / "retain", tasks=("forget",), generation=False, **kw)
     files = sorted(p.name for p in (tmp_path / "retain").iterdir())
