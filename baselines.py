@@ -332,7 +332,7 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 import common  # noqa: E402
 from common import TofuError  # noqa: E402
 from evaluation import method_eval  # noqa: E402
-from harness import flags, launch, models, runlog, scenarios  # noqa: E402
+from harness import flags, forward_batch, launch, models, runlog, scenarios  # noqa: E402
 
 METHODS = {  # name -> (forget term, retain term); gd = retain NLL (RKLD's "+RT"), kl = KL(p_ref || p_theta)
     "ga": ("ga", None), "ga_gd": ("ga", "gd"), "ga_kl": ("ga", "kl"),
@@ -586,7 +586,7 @@ def step_losses(model, batch, frozen, args) -> dict:
         dual = frozen["dual"]
         out["loss"] = args.forget_weight * out["loss/forget"] + dual.lam * (out["loss/retain"] - args.retain_bound)
         out["pdu/lambda"] = torch.full((), dual.lam, device=out["loss/retain"].device)  # a fill, no host copy
-        dual.observe(out["loss/retain"], launch.ends_step())
+        dual.observe(out["loss/retain"], forward_batch.ends_step())
         return out
     out["loss"] = args.forget_weight * out["loss/forget"] + args.retain_weight * out.get("loss/retain", 0.0)
     return out
@@ -594,7 +594,7 @@ def step_losses(model, batch, frozen, args) -> dict:
 
 class DualVariable:
     """PDU's lam, the same on every rank. observe() collects each micro-batch's retain NLL (on the device,
-    no sync); at the last micro-batch of an optimizer step (launch.ends_step: accelerate's sync_gradients,
+    no sync); at the last micro-batch of an optimizer step (forward_batch.ends_step: accelerate's sync_gradients,
     the last micro-batch of fit's group under --forward_batch) it takes their mean over the step and
     over every rank (a collective: all ranks reach it at the same micro-batch) and, once warmup_steps
     steps are done, moves lam by pdu_dual_step. The micro-batch losses of that step used the old lam.
@@ -634,23 +634,23 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     micro, (model, optimizer, loader) = loader.batch_size, accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
-    per_forward = launch.forward_size(accelerator, model, loader, loss_fn, args.forward_batch, micro, ga, desc)
+    per_forward = forward_batch.forward_size(accelerator, model, loader, loss_fn, args.forward_batch, micro, ga, desc)
     note = launch.warmup_note(total, sizes["warmup_steps"], lr)
     if note and accelerator.is_main_process:
         print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
-    bar, shared = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process), launch.SharedForward(model)
-    with launch.forwards_per_step(accelerator, ga // per_forward):  # accelerate counts forwards, not micro-batches
+    bar, shared = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process), forward_batch.SharedForward(model)
+    with forward_batch.forwards_per_step(accelerator, ga // per_forward):  # accelerate counts forwards, not micro-batches
         for epoch in range(epochs if total else 0):
             model.train()
             if hasattr(loader.dataset, "set_epoch"):
                 loader.dataset.set_epoch(epoch)
-            for i, batches in launch.forward_groups(loader, per_forward):  # i: the group's first micro-batch
+            for i, batches in forward_batch.forward_groups(loader, per_forward):  # i: the group's first micro-batch
                 with accelerator.accumulate(model):
-                    with launch.ForwardGroup(batches, accelerator.sync_gradients) as group:
+                    with forward_batch.ForwardGroup(batches, accelerator.sync_gradients) as group:
                         losses = group.losses(loss_fn, shared)  # one loss per micro-batch, forwards shared
-                    accelerator.backward(launch.group_loss(losses, i, len(loader), ga, per_forward, args.last_window))
+                    accelerator.backward(forward_batch.group_loss(losses, i, len(loader), ga, per_forward, args.last_window))
                     for one in losses:
                         meter.add(one)
                     if accelerator.sync_gradients:
@@ -706,7 +706,7 @@ def main():
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
-    launch.share_forwards(frozen)  # frozen models batch like the trained one under --forward_batch
+    forward_batch.share_forwards(frozen)  # frozen models batch like the trained one under --forward_batch
     log.open()  # set up without a refusal: the run folder gets args.json and metrics.jsonl now
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training

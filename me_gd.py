@@ -167,7 +167,7 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 import common  # noqa: E402
 from common import TofuError  # noqa: E402
 from evaluation import method_eval  # noqa: E402
-from harness import flags, launch, models, runlog, scenarios  # noqa: E402
+from harness import flags, forward_batch, launch, models, runlog, scenarios  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -265,23 +265,23 @@ def fit(accelerator, model, loader, loss_fn, args, epochs: int, lr: float, desc:
     scheduler = get_linear_schedule_with_warmup(optimizer, sizes["warmup_steps"], sizes["total_steps"])
     micro, (model, optimizer, loader) = loader.batch_size, accelerator.prepare(model, optimizer, loader)
     ga, meter, step, total = accelerator.gradient_accumulation_steps, launch.LossMeter(), 0, sizes["total_steps"]
-    per_forward = launch.forward_size(accelerator, model, loader, loss_fn, args.forward_batch, micro, ga, desc)
+    per_forward = forward_batch.forward_size(accelerator, model, loader, loss_fn, args.forward_batch, micro, ga, desc)
     note = launch.warmup_note(total, sizes["warmup_steps"], lr)
     if note and accelerator.is_main_process:
         print(f"[{desc}] {note}", flush=True)
     if at_epoch:
         at_epoch(0, model)
-    bar, shared = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process), launch.SharedForward(model)
-    with launch.forwards_per_step(accelerator, ga // per_forward):  # accelerate counts forwards, not micro-batches
+    bar, shared = tqdm(total=total, desc=desc, disable=not accelerator.is_main_process), forward_batch.SharedForward(model)
+    with forward_batch.forwards_per_step(accelerator, ga // per_forward):  # accelerate counts forwards, not micro-batches
         for epoch in range(epochs if total else 0):
             model.train()
             if hasattr(loader.dataset, "set_epoch"):
                 loader.dataset.set_epoch(epoch)
-            for i, batches in launch.forward_groups(loader, per_forward):  # i: the group's first micro-batch
+            for i, batches in forward_batch.forward_groups(loader, per_forward):  # i: the group's first micro-batch
                 with accelerator.accumulate(model):
-                    with launch.ForwardGroup(batches, accelerator.sync_gradients) as group:
+                    with forward_batch.ForwardGroup(batches, accelerator.sync_gradients) as group:
                         losses = group.losses(loss_fn, shared)  # one loss per micro-batch, forwards shared
-                    accelerator.backward(launch.group_loss(losses, i, len(loader), ga, per_forward, args.last_window))
+                    accelerator.backward(forward_batch.group_loss(losses, i, len(loader), ga, per_forward, args.last_window))
                     for one in losses:
                         meter.add(one)
                     if accelerator.sync_gradients:
@@ -337,7 +337,7 @@ def main():
     frozen = setup_frozen(args, ds, tok, accelerator, evaluator)  # stages that train (strengthening) end here
     history = [(k.split("/")[1], v) for k, v in frozen.items() if k.startswith("eval/")]
     model = frozen.pop("model", None) or models.load_trained(args, accelerator)  # with --lora_r: base + adapter
-    launch.share_forwards(frozen)  # frozen models batch like the trained one under --forward_batch
+    forward_batch.share_forwards(frozen)  # frozen models batch like the trained one under --forward_batch
     log.open()  # set up without a refusal: the run folder gets args.json and metrics.jsonl now
 
     def at_epoch(epoch, prepared):  # epoch 0: the starting model, evaluated as prepared for training

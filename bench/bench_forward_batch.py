@@ -2,7 +2,7 @@
 micro-batch a forward, per method, in the same run.
 
 For each method the bench builds what the script's main() builds (Args finalized with the quick or paper
-recipe, the dataset, setup_frozen with its frozen models wrapped by launch.share_forwards) and the rows of
+recipe, the dataset, setup_frozen with its frozen models wrapped by forward_batch.share_forwards) and the rows of
 warmup + steps optimizer steps of --batch rows in micro-batches of --micro, in main()'s shuffled order, encoded
 once. Two sides then run the script's own fit() from the model loaded fresh, over loaders that collate the
 same rows in the same order, one with --forward_batch --micro (one micro-batch a forward, the path before
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from harness import flags, launch, models, runlog, scenarios  # noqa: E402
+from harness import flags, forward_batch, launch, models, runlog, scenarios  # noqa: E402
 
 METHODS = {  # name -> (script, extra flags)
     "rkld": ("rkld", []), "me_gd": ("me_gd", []), "idk_ap": ("idk_ap", []),
@@ -128,7 +128,7 @@ def setup(name: str, a, out: Path) -> dict:
         new_model = lambda: mod.setup_frozen(args, ds, tok, accelerator, None)["model"]  # noqa: E731
     elif "model" in frozen:
         raise common.TofuError(f"{name}: the bench does not cover LoRA or task arithmetic (setup_frozen built the model)")
-    launch.share_forwards(frozen)
+    forward_batch.share_forwards(frozen)
     order = torch.Generator().manual_seed(args.seed)
     rows = []
     for e in itertools.count():  # main()'s order: set_epoch(e), then a shuffled pass

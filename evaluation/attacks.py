@@ -64,7 +64,7 @@ RELEARN_MAX_GRAD_NORM = 1.0  # HF Trainer's default clipping, as TOFU's fine-tun
 # load_in_8bit=True and nothing else, so bitsandbytes' defaults hold (4 bit: FP4, no double quantization).
 QUANT_BITS = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_8bit": True}}
 QUANT_LIBRARY = "bitsandbytes"
-QUANT_INSTALL = "pip install bitsandbytes==0.50.2 (requirements.txt; it runs on CPU and CUDA)"
+QUANT_INSTALL = "pip install bitsandbytes==0.50.2 (optional in requirements.txt; it runs on CPU and CUDA)"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import common
 from common import TofuError
-from harness import launch, models, runlog, scenarios
+from harness import forward_batch, launch, models, runlog, scenarios
 from evaluation.attacks import ATTACK_FLAGS, AttackArgs
 
 
@@ -29,7 +29,7 @@ class MemoryArgs:
     lora_dropout: float = flag(0.0, "Dropout on the adapter's input. Closer-Look App. E.8 states none; 0 is peft's default and keeps a step deterministic (two processes give one's result).")
     lora_target_modules: str = flag("all-linear", "Modules that get an adapter: comma-separated names (peft matches a module's name or its last dotted parts, e.g. q_proj,v_proj), each of which must match a module, or 'all-linear' (peft's keyword: every linear layer but the output head). Closer-Look App. E.8 names none; all-linear is our choice.")
     save_adapter_only: bool = flag(False, "With LoRA, save the trained adapter alone (peft's adapter_config.json + adapter_model.safetensors, with the tokenizer) instead of the default: the adapter merged into the base, a plain model that every tool loads. The evaluator and the scripts load an adapter folder as its base (named in adapter_config.json) plus the adapter.")
-    forward_batch: str = flag("auto", launch.FORWARD_BATCH_HELP)
+    forward_batch: str = flag("auto", forward_batch.FORWARD_BATCH_HELP)
     gradient_checkpointing: bool = flag(False, "Recompute each layer's activations in the backward pass instead of storing them (transformers' activation checkpointing, non-reentrant): about a third more compute for activation memory of one layer instead of all. Off by default, as in the references. Works with LoRA (the embeddings' output requires grad).")
 
 
@@ -39,7 +39,7 @@ def check_memory_args(args) -> None:
                          ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")))
     if args.save_adapter_only and not args.lora_r:
         raise TofuError("--save_adapter_only needs a LoRA adapter to save: set --lora_r (e.g. 8, Closer-Look App. E.8)")
-    launch.check_forward_batch(args.forward_batch, getattr(args, "per_device_batch_size", 1))
+    forward_batch.check_forward_batch(args.forward_batch, getattr(args, "per_device_batch_size", 1))
     if not args.lora_target_modules.strip():
         raise TofuError("--lora_target_modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
 

@@ -107,6 +107,7 @@ def wide_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_quantized_copy_loads_and_evaluates(wide_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="optional (requirements.txt): --quantize_attack needs it; .ci/run installs it")
     tiny_model_dir = wide_model_dir
 
     q4 = attacks.load_quantized(str(tiny_model_dir), "4bit", "cpu")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import baselines
-from harness import launch
+from harness import forward_batch, launch
 
 REPO = launch.common.REPO
 STEPS = ["--recipe", "quick", "--subset", "quick", "--batch_size", 32, "--per_device_batch_size", 4, "--epochs", 1, "--schedule", "epochs",
@@ -89,13 +89,13 @@ def test_one_forward_of_the_window_equals_eight_micro_batches(name, monkeypatch,
 def test_forward_batch_refusals():
     # Catches: a forward that straddles two optimizer steps (6 micro-batches of a window of 8), or a
     # forward of a part of a micro-batch, run instead of refused.
-    assert launch.micro_batches_per_forward("32", 4, 8) == 8 and launch.micro_batches_per_forward("auto", 4, 8) is None
+    assert forward_batch.micro_batches_per_forward("32", 4, 8) == 8 and forward_batch.micro_batches_per_forward("auto", 4, 8) is None
     for value, msg in (("24", "6 micro-batches of 4, which does not divide this process's accumulation window of 8; "
                                r"choose one of \[4, 8, 16, 32\]"),
                        ("6", "must be a multiple of --per_device_batch_size 4"), ("0", "auto or a number of rows"),
                        ("big", "auto or a number of rows")):
         with pytest.raises(launch.common.TofuError, match=msg):
-            launch.micro_batches_per_forward(value, 4, 8)
+            forward_batch.micro_batches_per_forward(value, 4, 8)
 
 
 def test_auto_probe_takes_the_largest_that_fits_and_leaves_no_trace(tiny_model_dir, monkeypatch):
@@ -112,16 +112,16 @@ def test_auto_probe_takes_the_largest_that_fits_and_leaves_no_trace(tiny_model_d
     seen, dual = [], baselines.DualVariable(1.0, 0.1, 1.0, 0)
 
     def loss_fn(m, b):
-        group = launch.ForwardGroup.active
+        group = forward_batch.ForwardGroup.active
         seen.append(len(group.batches))
         if len(group.batches) > 2:  # what a GPU that fits two micro-batches a forward says
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         loss = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        dual.observe(loss, launch.ends_step())
+        dual.observe(loss, forward_batch.ends_step())
         return {"loss": loss + 0 * torch.rand(())}
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     state = torch.random.get_rng_state()
-    k = launch.probe_forward_size(Accelerator(cpu=True), model, loader, loss_fn, 2, 8)
+    k = forward_batch.probe_forward_size(Accelerator(cpu=True), model, loader, loss_fn, 2, 8)
     assert k == 2 and seen == [8, 4, 2, 2]            # 8 and 4 micro-batches fail, 2 fits (both of its losses)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters()) and dual.n == 0
