@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import common
-from harness import launch, runlog, scenarios
+from harness import launch, models, runlog, scenarios
 import evaluate_general
 from evaluation import attacks
 from evaluation.engine import evaluate, task_rows

@@ -18,7 +18,7 @@ LORA = ["--lora_r", 8, "--lora_alpha", 32]
 
 def lora_args(model, **kw):
     a = dict(model=str(model), lora_r=8, lora_alpha=32.0, lora_dropout=0.0, lora_target_modules="all-linear",
-             save_adapter_only=False, gradient_checkpointing=False, ref_precision="match")
+             save_adapter_only=False, gradient_checkpointing=False, ref_precision="match", forward_batch="auto")
     return SimpleNamespace(**{**a, **kw})
 
 
