@@ -218,3 +218,26 @@ def test_private_check_goes_red(tmp_path):
     (tmp_path / "a.py").write_text("def _helper():\n    return 1\n")
     (tmp_path / "b.py").write_text("import a as A\n\nA._helper()\n")
     assert private_uses(repo_modules(tmp_path)) == ["b.py:3: A._helper"]
+
+
+def undefined_names(files) -> list[str]:
+    """pyflakes' 'undefined name' messages over `files`: a name used but never imported or defined, which
+    Python reports only when that line runs (a merge that drops an import used on a rare path)."""
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+    import io
+    out = io.StringIO()
+    for f in files:
+        check(Path(f).read_text(), str(f), Reporter(out, out))
+    return [line for line in out.getvalue().splitlines() if "undefined name" in line]
+
+
+def test_no_undefined_names():
+    files = [*repo_modules().values(), *sorted((REPO / "tests").glob("*.py"))]
+    assert undefined_names(files) == []
+
+
+def test_undefined_name_check_goes_red(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\n\ndef peak():\n    return models.load_trained(os.sep)\n")
+    assert len(undefined_names([f])) == 1 and "models" in undefined_names([f])[0]
