@@ -960,3 +960,19 @@ def test_list_estimates_the_robust_grid_from_the_seeds_grid_until_a_robust_run_i
         "time is not in it)")
     reproduce.save_results([{"name": items[0]["name"], "grid": "robust", "method": "ga", "wall_s": 1500.0, "jobs": 1}])
     assert reproduce.cost("robust", items, {items[0]["name"]}).startswith("; the 1 runs left (1 forget01): about 25 min")
+
+
+def test_robust_grid_commands_parse_with_the_attacks_on(monkeypatch):
+    """Each robust run's command against its script's own parser: a renamed attack flag would otherwise fail only
+    in the sitting that runs the grid."""
+    import importlib
+    from transformers import HfArgumentParser
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
+    records = [rec(m, lr, fq, mu) for m in grids.METHODS for lr, fq, mu in ((hi, 0.9, 0.2), (mid, 0.5, 0.39), (lo, 0.1, 0.39))]
+    items, waiting = reproduce.grid_items("robust", records)
+    assert len(items) == len(grids.METHODS) and not waiting
+    for it in items:
+        args = HfArgumentParser(importlib.import_module(Path(it["command"][1]).stem).Args).parse_args_into_dataclasses(
+            args=it["command"][2:])[0]
+        assert args.relearn_attack is True and args.quantize_attack == "4bit,8bit" and args.seed == 42
+        assert args.lr == mid and args.peak_epoch and args.split == "forget01"
