@@ -976,3 +976,20 @@ def test_robust_grid_commands_parse_with_the_attacks_on(monkeypatch):
             args=it["command"][2:])[0]
         assert args.relearn_attack is True and args.quantize_attack == "4bit,8bit" and args.seed == 42
         assert args.lr == mid and args.peak_epoch and args.split == "forget01"
+
+
+def test_robust_grid_without_bitsandbytes_is_one_sentence_named_and_skipped_in_all(monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "robust_missing", lambda: "--quantize_attack needs the bitsandbytes package")
+    monkeypatch.setattr(reproduce, "grid_items", lambda g, records: ([reproduce.method_item(g, "ga", 1e-4, 42)], []))
+    monkeypatch.setattr(reproduce, "ensure_quick_models", lambda: None)
+    ran = []
+    monkeypatch.setattr(reproduce, "run_grid", lambda items, *a: ran.append(items[0]["grid"]))
+    monkeypatch.setattr(reproduce, "done_names", lambda records: set())
+    with pytest.raises(SystemExit, match="--grid robust: --quantize_attack needs the bitsandbytes package"):
+        reproduce.main(["--grid", "robust"])
+    assert ran == []
+    import results_report
+    monkeypatch.setattr(results_report, "main", lambda argv: ran.append("report"))
+    reproduce.main([])
+    assert ran == [*(g for g in grids.GRIDS if g != "robust"), "report"]
+    assert "grid robust skipped: --quantize_attack needs" in capsys.readouterr().out
