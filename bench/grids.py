@@ -27,7 +27,7 @@ METHODS = {  # name -> (script, flags); paper names: RKLD Table 4 and closer-loo
 NAMES = {"rkld": "RKLD", "rkld_fkl": "RKLD with FKL", "me_gd": "ME+GD", "idk_ap": "IDK+AP", "ga_gd": "GA+GD",
          "npo_gd": "NPO+GD", "idk_gd": "IDK+GD", "ga": "GA", "npo": "NPO", "dpo": "DPO", "kto": "KTO", "idk": "IDK",
          "wga_gd": "WGA+GD", "satimp_gd": "SatImp+GD", "ce_u": "CE-U", "pdu": "PDU", "rmu": "RMU"}
-GRIDS = ("reference", "sweep", "seeds", "shared", "continual")  # "all"; the gpu grid runs only when named (--grid gpu)
+GRIDS = ("reference", "sweep", "seeds", "shared", "continual", "robust")  # "all"; the gpu grid runs only when named (--grid gpu)
 METHOD_GRIDS = ("sweep", "seeds", "shared")  # runs of a method script from the quick target: they share its caches
 
 SWEEP_LRS = (1e-4, 5e-5, 2e-5)
@@ -48,6 +48,11 @@ CONTINUAL_LR = 1e-4  # scripts/continual.py on the quick path (the grid passes n
 # sweep GA+GD and ME+GD reach forget quality 0.0286 at most there in a run of one task: a sequence at 2e-5 could
 # hardly tell keeping utility from not unlearning.
 CONTINUAL_LOW_LR = 5e-5
+# The robust grid: every method of the seeds grid at its chosen lr, seed 42, attacked after unlearning by relearning
+# and by 4- and 8-bit quantization (evaluation/attacks.py; the quantization needs bitsandbytes, an optional install:
+# requirements.txt), privacy on (the default); the retain and target yardsticks come from the attacks' own caches
+ROBUST_BITS = ("4bit", "8bit")
+ROBUST_FLAGS = ["--relearn_attack", "true", "--quantize_attack", ",".join(ROBUST_BITS)]
 GPU_SPLITS, GPU_METHODS = ("forget05", "forget10"), ("rkld", "me_gd", "idk_ap", "ga_gd", "npo_gd", *NEWER_BASELINES)
 
 MU_KEPT = 0.9

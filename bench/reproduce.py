@@ -25,6 +25,10 @@ Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has it
              here (a sweep run's 25, measured, less its 8 of per-epoch forget-quality evaluations), so
              the 4 sequences of 10 would take 11 core-hours; forget01's decline (Closer-Look §5.2: the
              baselines' MU "nearly zero on a certain subtask") shows within the first tasks
+  robust     every method of the seeds grid at its chosen lr, seed 42, with --relearn_attack true
+             --quantize_attack 4bit,8bit (evaluation/attacks.py; needs bitsandbytes, an optional install:
+             requirements.txt) and privacy on (the default); waits for the sweep. The retain and target
+             yardsticks come from the attacks' caches, so the first run goes alone until it has finished
 
 The grids' methods, rates, seeds and the lr rule that picks each method's rate (LR_RULE) are defined in
 bench/grids.py, which bench/results_report.py reads too.
@@ -55,8 +59,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import grids  # noqa: E402
 from grids import (CONTINUAL, CONTINUAL_LOW_LR, CONTINUAL_TASKS, CURVE_SEED, CURVES, FIRST_SEED, GPU_METHODS,  # noqa: E402
-                   GPU_SPLITS, GRIDS, METHOD_GRIDS, METHODS, MORE_SEEDS, SHARED, SHARED_LR, SWEEP_LRS, chosen_lr,
-                   load_results)
+                   GPU_SPLITS, GRIDS, METHOD_GRIDS, METHODS, MORE_SEEDS, ROBUST_BITS, ROBUST_FLAGS, SHARED, SHARED_LR,
+                   SWEEP_LRS, chosen_lr, load_results)
 
 GRID_DIR = REPO / "runs" / "grid"
 BASE = ["--split", "forget01", "--peak_epoch", "true"]
@@ -125,6 +129,14 @@ def grid_items(grid: str, records: list[dict]) -> tuple[list[dict], list[str]]:
                 continue
             items += [method_item("seeds", m, lr, s, ["--eval_every_epoch", "true"] if (m in CURVES and s == CURVE_SEED)
                                   else ()) for s in MORE_SEEDS]
+        return share_teacher(items), waiting
+    if grid == "robust":  # tagged: seed 42 at the chosen lr is also a sweep run's name
+        items = []
+        for m in METHODS:
+            if (lr := chosen_lr(m, records)) is None:
+                waiting.append(f"{m}: its sweep is not complete")
+                continue
+            items.append(method_item("robust", m, lr, FIRST_SEED, ROBUST_FLAGS, tag="robust"))
         return share_teacher(items), waiting
     if grid == "shared":  # ME+GD's seeds at 1e-4 are the seeds grid's (its chosen lr): same names, done there
         # seed by seed, so that a sitting that runs two runs gives both methods of a pair a second seed
@@ -250,7 +262,7 @@ def launch(item: dict, threads: int) -> subprocess.Popen:
     src = GRID_DIR / item.get("teacher_from", "") / "strengthened"
     if item.get("teacher_from") and (src / "config.json").exists():
         cmd += ["--strengthened_model", str(src)]
-    if item["grid"] in (*METHOD_GRIDS, "gpu") and item.get("collect") is None and (GRID_DIR / item["name"] / "args.json").exists():
+    if item["grid"] in (*METHOD_GRIDS, "robust", "gpu") and item.get("collect") is None and (GRID_DIR / item["name"] / "args.json").exists():
         cmd += ["--overwrite", "true"]  # the grid's own folder of a run that did not finish: redo it
     GRID_DIR.mkdir(parents=True, exist_ok=True)
     log = open(GRID_DIR / f"{item['name']}.log", "w")
@@ -276,8 +288,12 @@ def finished(item: dict) -> bool:
     if item["grid"] == "reference":
         return (out / "eval" / "after" / "summary.json").exists()
     # with --peak_epoch the run ends after the peak epoch's evaluation (peak_epoch.json), not the last epoch's
-    return all((out / f).exists() for f in ("model", "eval/after/summary.json")) and \
+    done = all((out / f).exists() for f in ("model", "eval/after/summary.json")) and \
         ("--peak_epoch" not in item["command"] or (out / "peak_epoch.json").exists())
+    if done and item["grid"] == "robust":  # then the attacks, whose numbers join eval/after/summary.json last
+        after = json.loads((out / "eval" / "after" / "summary.json").read_text())
+        return all(k in after for k in ("relearn_attack/seconds", *(f"quantize_attack/{b}/seconds" for b in ROBUST_BITS)))
+    return done
 
 
 def builds(item: dict) -> bool:
@@ -391,6 +407,18 @@ def last_line(log: Path) -> str:
 QUICK_MODELS = ("target", "retain")
 
 
+def robust_missing() -> str | None:
+    """What the robust grid lacks to run (its quantization needs bitsandbytes, optional in requirements.txt), in
+    one sentence, or None: said before any run, not every run failing."""
+    import common
+    from evaluation import attacks
+    try:
+        attacks.quantization_library()
+    except common.TofuError as e:
+        return str(e)
+    return None
+
+
 def ensure_quick_models(split: str = "forget01") -> None:
     """The sweep, seeds and reference grids start from the quick target and score against the quick
     retain model, which live in runs/models and so do not outlive a machine: build them when missing
@@ -424,10 +452,15 @@ def cost(grid: str, items: list[dict], done: set) -> str:
     """What the grid's remaining runs should cost, from the machine time (wall time / jobs) of its recorded
     runs: the estimate --list gives before a sitting is planned. A run's steps grow with its forget split
     (forget10 has twice forget05's rows), so the time is taken per percent of TOFU forgotten and scaled to each
-    run left; the gpu grid's runs are a GPU's time, not this machine's."""
+    run left; the gpu grid's runs are a GPU's time, not this machine's. The robust grid, until one of its runs is
+    recorded, from the seeds grid's: the same runs less the attacks, which that estimate leaves out."""
     pct = lambda r: int(str(r.get("split") or "forget01")[-2:])
-    per = [r["wall_s"] / max(1, r.get("jobs") or 1) / pct(r) for r in load_results()
-           if r["grid"] == grid and r.get("wall_s") and r["method"] != "finetune"]
+    per_of = lambda g: [r["wall_s"] / max(1, r.get("jobs") or 1) / pct(r) for r in load_results()
+                        if r["grid"] == g and r.get("wall_s") and r["method"] != "finetune"]
+    per, basis = per_of(grid), ""
+    if not per and grid == "robust":
+        per, basis = per_of("seeds"), (" (the seeds grid's runs: no robust run is recorded yet, so the attacks' own "
+                                       "time is not in it)")
     todo = [i for i in items if i["name"] not in done and i["method"] != "finetune"]
     if not todo or not per:
         return ""
@@ -436,7 +469,7 @@ def cost(grid: str, items: list[dict], done: set) -> str:
     runs = ", ".join(f"{n} {s}" for s, n in sorted(collections.Counter(i.get("split") or "forget01" for i in todo).items()))
     t = sum(m * pct(i) for i in todo)
     return (f"; the {len(todo)} runs left ({runs}): about {f'{t / 3600:.1f} h' if t >= 3600 else f'{t / 60:.0f} min'} "
-            f"of {where}, from the recorded runs' median of {m / 60:.1f} min a run per percent of TOFU forgotten")
+            f"of {where}, from the recorded runs' median of {m / 60:.1f} min a run per percent of TOFU forgotten{basis}")
 
 
 def main(argv=None):
@@ -472,6 +505,11 @@ def main(argv=None):
                     print(f"  waiting: {w}")
                 continue
             print(f"[reproduce] grid {g}" + (f" (waiting: {'; '.join(waiting)})" if waiting else ""), flush=True)
+            if g == "robust" and any(i["name"] not in done for i in items) and (why := robust_missing()):
+                if args.grid != "all":  # named: an error; in all, the other grids' sitting still ends with the report
+                    raise SystemExit(f"error: --grid robust: {why}")
+                print(f"[reproduce] grid robust skipped: {why}", flush=True)
+                continue
             if g not in ("continual", "gpu") and any(i["name"] not in done for i in items):
                 ensure_quick_models()
             run_grid(items, args.jobs, args.max_runs, start_by)

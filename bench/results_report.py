@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import grids  # noqa: E402
 from grids import (CONTINUAL, CONTINUAL_LOW_LR, CONTINUAL_LR, CONTINUAL_TASKS, CURVES, GPU_METHODS,  # noqa: E402
-                   GPU_SPLITS, GRIDS, METHOD_GRIDS, METHODS, NAMES, SHARED_LR, SWEEP_LRS)
+                   GPU_SPLITS, GRIDS, METHOD_GRIDS, METHODS, NAMES, ROBUST_BITS, SHARED_LR, SWEEP_LRS)
 
 OUT = REPO / "RESULTS.md"
 PLOTS = REPO / "results"  # the plots, results/commands.md and the throughput files
@@ -35,6 +35,13 @@ PAPER_COLS = [("FE", "fe"), ("MU-18", "mu18")]  # shown when a run had Closer-Lo
 PRIVACY_COLS = [("privleak", "privleak"), ("ExtStr", "extraction_strength"), ("ExactMem", "exact_memorization")]
 FE = "fe_wo_es"
 MU_TOL = 0.05
+# The robust grid's rules, fixed before any of its runs: a method *keeps* its forgetting under an attack when the
+# attacked model's forget Prob is at most ATTACK_TOL above the retain model's under the same attack (relearned, or
+# quantized alike), and *does not keep* it otherwise; it *over-unlearns* when privleak is above PRIVLEAK_FAR (the
+# forget set looks less likely to it than to the retain model by more than a fifth of the retain model's margin).
+# One seed each: an observation per method, not a separated comparison.
+ATTACK_TOL = 0.1
+PRIVLEAK_FAR = 20.0
 
 
 def metric(s: dict | None, key: str) -> float:
@@ -510,6 +517,101 @@ def bullets(lines: list, depth: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Robustness (`--grid robust`): the attacks of evaluation/attacks.py and privleak, one run per method
+# ----------------------------------------------------------------------------------------------
+# (name, summary key prefix, the three models of its cells): each attack's numbers in the run's eval/after/summary.json
+ATTACKS = [("relearning", "relearn_attack/", ("unlearned", "attacked", "retain")),
+           *((f"{b[:-3]}-bit quantization", f"quantize_attack/{b}/", ("attacked", "target", "retain")) for b in ROBUST_BITS)]
+
+
+def robust_run(records, method, lr) -> dict | None:
+    """The robust grid's run of a method at its chosen lr: its last epoch's summary (the saved model the attacks load)."""
+    return next((r["last"] for r in records if r["grid"] == "robust" and r["method"] == method and r["lr"] == lr
+                 and r.get("last")), None)
+
+
+def keeps_forgetting(s: dict | None, prefix: str) -> str:
+    """ATTACK_TOL's rule on one run under one attack: 'keeps', 'does not keep', or 'not run yet'."""
+    a, r = metric(s, prefix + "attacked/forget_prob"), metric(s, prefix + "retain/forget_prob")
+    if math.isnan(a) or math.isnan(r):
+        return "not run yet"
+    return "keeps" if a <= r + ATTACK_TOL else "does not keep"
+
+
+def over_unlearns(s: dict | None) -> str:
+    """PRIVLEAK_FAR's rule on one run: 'over-unlearns', 'does not', or 'not run yet'."""
+    v = metric(s, "privleak")
+    return "not run yet" if math.isnan(v) else "over-unlearns" if v > PRIVLEAK_FAR else "does not"
+
+
+def robust_verdicts(records, lrs) -> list[tuple[str, str, str, str]]:
+    """(question, rule, verdict, key numbers) of each robustness question over the methods' robust runs; the
+    verdict names the methods each way, and reads "not run yet" until a run has the numbers; the key numbers are
+    the range of what the rule reads (the table above has each method's)."""
+    runs = {m: robust_run(records, m, lrs[m]) for m in METHODS if lrs[m]}
+    qs = [(f"keeps its forgetting under {name}", f"attacked forget Prob ≤ retain's attacked + {ATTACK_TOL}",
+           lambda s, p=prefix: keeps_forgetting(s, p), ("keeps", "does not keep"), "attacked − retain's attacked forget Prob",
+           lambda s, p=prefix: metric(s, p + "attacked/forget_prob") - metric(s, p + "retain/forget_prob"))
+          for name, prefix, _ in ATTACKS]
+    qs.append(("over-unlearns (privleak far above 0)", f"privleak > {PRIVLEAK_FAR:g}", over_unlearns,
+               ("over-unlearns", "does not"), "privleak", lambda s: metric(s, "privleak")))
+    out = []
+    for question, rule, judge, answers, what, read in qs:
+        by = {m: judge(s) for m, s in runs.items()}
+        ran = [m for m in runs if by[m] != "not run yet"]
+        missing = len(METHODS) - len(ran)
+        verdict = "; ".join(f"{a}: {', '.join(NAMES[m] for m in ran if by[m] == a) or 'none'}" for a in answers) \
+            if ran else "not run yet"
+        verdict += f" ({missing} method{'s' * (missing != 1)} not run yet)" if ran and missing else ""
+        lo, hi = (min(ran, key=lambda m: read(runs[m])), max(ran, key=lambda m: read(runs[m]))) if ran else (None, None)
+        out.append((question, rule, verdict, f"{what} from {read(runs[lo]):+.3g} ({NAMES[lo]}) to {read(runs[hi]):+.3g} "
+                    f"({NAMES[hi]})" if ran else "not run yet"))
+    return out
+
+
+def robust_section(records, lrs) -> list[str]:
+    """RESULTS.md's robustness section: per method, privleak, ExtStr and each attack's forget ROUGE-L and Prob
+    beside its yardsticks, then the verdicts (ATTACK_TOL, PRIVLEAK_FAR)."""
+    f = lambda x: "n/a" if math.isnan(x) else f"{x:.3f}"
+    head = ["method", "lr", "privleak", "ExtStr"] + [f"{name.split(' ')[0]}: forget {c}" for name, _, _ in ATTACKS
+                                                      for c in ("ROUGE-L", "Prob")]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in METHODS:
+        s = robust_run(records, m, lrs[m]) if lrs[m] else None
+        if s is None:
+            lines.append(f"| {NAMES[m]} | {lrs[m] or 'sweep incomplete'} | " + " | ".join(["not run yet"] * (len(head) - 2)) + " |")
+            continue
+        cells = [f"{metric(s, 'privleak'):.1f}" if not math.isnan(metric(s, "privleak")) else "not run yet",
+                 f(metric(s, "extraction_strength")) if not math.isnan(metric(s, "extraction_strength")) else "not run yet"]
+        for _, prefix, models in ATTACKS:
+            for k in ("forget_rouge", "forget_prob"):
+                v = [metric(s, f"{prefix}{x}/{k}") for x in models]
+                cells.append("not run yet" if all(math.isnan(x) for x in v) else " / ".join(map(f, v)))
+        lines.append(f"| {NAMES[m]} | {lrs[m]:g} | " + " | ".join(cells) + " |")
+    return [
+        "One run per method (`--grid robust`): seed 42 at its chosen lr, last epoch (the saved model the attacks load); "
+        "docs/evaluation.md, *Attacks that undo unlearning*.",
+        "",
+        "- relearning cells: the unlearned model / relearned / the retain model relearned alike, on the held-out half "
+        "of the forget questions.",
+        "- quantization cells: the unlearned model quantized / the target quantized / the retain model quantized "
+        "alike, on the whole forget split.",
+        "- privleak: 0 = like the retain model, far above 0 = over-unlearned; ExtStr = extraction strength.",
+        "",
+        *lines,
+        "",
+        f"Rules, fixed before any robust run: a method *keeps* its forgetting under an attack when its attacked forget "
+        f"Prob is at most {ATTACK_TOL} above the retain model's under the same attack; it *over-unlearns* when privleak "
+        f"is above {PRIVLEAK_FAR:g}. One seed each: an observation per method, not a separated comparison.",
+        "",
+        "| question | rule | our verdict | key numbers |",
+        "|---|---|---|---|",
+        *(f"| {q} | {rule} | **{v}** | {nums} |" for q, rule, v, nums in robust_verdicts(records, lrs)),
+        "",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
 def gpu_reading(runs: list[dict]) -> list[str]:
@@ -857,6 +959,9 @@ def render(records, lrs, made, claims, gpu=(), files=()) -> str:
         "",
         main_table(records, lrs, "last"),
         "",
+        "## Robustness: relearning, quantization and privacy (`--grid robust`)",
+        "",
+        *robust_section(records, lrs),
         "## On a GPU: the full benchmark of the embedded model",
         "",
         *gpu_section(list(gpu)),

@@ -877,3 +877,119 @@ def test_no_import_circle_among_the_bench_scripts():
             reach(n, seen)
         return seen
     assert not [m for m in graph if m in reach(m, set())]
+
+
+def robust_rec(method, lr, privleak, relearn, q4, q8, ext=0.1):
+    """A robust-grid record: each attack's (attacked, yardstick, retain) forget Prob, as eval/after/summary.json holds."""
+    s = {"forget_quality": 0.5, "model_utility": 0.4, "privleak": privleak, "extraction_strength": ext}
+    for prefix, models, v in (("relearn_attack/", ("unlearned", "attacked", "retain"), relearn),
+                              ("quantize_attack/4bit/", ("attacked", "target", "retain"), q4),
+                              ("quantize_attack/8bit/", ("attacked", "target", "retain"), q8)):
+        s |= {f"{prefix}{m}/forget_prob": x for m, x in zip(models, v)}
+        s |= {f"{prefix}{m}/forget_rouge": x / 2 for m, x in zip(models, v)}
+    return {"name": reproduce.run_name(method, lr, 42, "robust"), "grid": "robust", "method": method, "lr": lr,
+            "seed": 42, "before": {"forget_quality": 0.01, "model_utility": 0.4}, "last": s, "peak": s}
+
+
+def test_robust_verdicts_keep_near_the_retain_yardstick_and_flag_privleak_far_above_0(tmp_path, monkeypatch):
+    """A method relearned (or quantized) back to the target's level does not keep its forgetting; one that stays
+    within ATTACK_TOL of the retain model under the same attack keeps it; privleak above PRIVLEAK_FAR over-unlearns."""
+    assert (results_report.ATTACK_TOL, results_report.PRIVLEAK_FAR) == (0.1, 20.0)  # fixed before any robust run
+    lrs = {m: (1e-4 if m in ("rkld", "ga", "npo") else None) for m in grids.METHODS}
+    # (unlearned, attacked, retain) for relearning; (attacked, target, retain) for quantization
+    rs = [robust_rec("rkld", 1e-4, 5.0, (0.1, 0.34, 0.25), (0.21, 0.8, 0.2), (0.15, 0.9, 0.2)),  # near the retain model
+          robust_rec("ga", 1e-4, -3.0, (0.05, 0.9, 0.25), (0.8, 0.8, 0.2), (0.37, 0.9, 0.26)),  # back to the target's (8 bit: just past ATTACK_TOL)
+          robust_rec("npo", 1e-4, 60.0, (0.01, 0.2, 0.25), (0.1, 0.8, 0.2), (0.1, 0.9, 0.2))]  # privleak far above 0
+    got = {q: v for q, _, v, _ in results_report.robust_verdicts(rs, lrs)}
+    n = len(grids.METHODS) - 3
+    assert got["keeps its forgetting under relearning"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
+    assert got["keeps its forgetting under 4-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
+    assert got["keeps its forgetting under 8-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
+    assert got["over-unlearns (privleak far above 0)"] == f"over-unlearns: NPO; does not: RKLD, GA ({n} methods not run yet)"
+    # no robust run yet: every verdict reads "not run yet"
+    assert {v for _, _, v, _ in results_report.robust_verdicts([], lrs)} == {"not run yet"}
+    nums = {q: x for q, _, _, x in results_report.robust_verdicts(rs, lrs)}
+    assert nums["over-unlearns (privleak far above 0)"] == "privleak from -3 (GA) to +60 (NPO)"
+    # the report: the section's numbers per method, "not run yet" for the rest
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(results_report, "OUT", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results_report, "PLOTS", tmp_path)
+    reproduce.save_results(rs)
+    monkeypatch.setattr(results_report, "chosen", lambda records: lrs)
+    results_report.main([])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert ("| GA | 0.0001 | -3.0 | 0.100 | 0.025 / 0.450 / 0.125 | 0.050 / 0.900 / 0.250 | 0.400 / 0.400 / 0.100 | "
+            "0.800 / 0.800 / 0.200 | 0.185 / 0.450 / 0.130 | 0.370 / 0.900 / 0.260 |") in text
+    assert "| ME+GD | sweep incomplete | not run yet |" in text
+    assert "| keeps its forgetting under relearning | attacked forget Prob ≤ retain's attacked + 0.1 |" in text
+
+
+def test_robust_grid_tags_its_runs_and_counts_a_run_finished_only_with_its_attacks(tmp_path, monkeypatch):
+    """Seed 42 at the chosen lr is also a sweep run's name: the robust runs are tagged, or --grid robust would take
+    the sweep's records as done. A run stopped during its attacks (peak_epoch.json and eval/after written before
+    them) is not finished; its record keeps the attacks' and privacy's summary keys."""
+    records = [rec(m, lr, fq, 0.39) for m in ("ga", "npo") for lr, fq in zip(grids.SWEEP_LRS, (0.5, 0.3, 0.2))]
+    items, waiting = reproduce.grid_items("robust", records)
+    assert [i["name"] for i in items] == ["ga-lr0.0001-seed42-robust", "npo-lr0.0001-seed42-robust"]
+    assert len(waiting) == len(grids.METHODS) - 2 and not {i["name"] for i in items} & {r["name"] for r in records}
+    cmd = items[0]["command"]
+    assert cmd[cmd.index("--quantize_attack") + 1] == "4bit,8bit" and cmd[cmd.index("--relearn_attack") + 1] == "true"
+    monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path)
+    fake_run(tmp_path / items[0]["name"])
+    assert not reproduce.finished(items[0])  # no attack numbers yet
+    after = tmp_path / items[0]["name"] / "eval" / "after" / "summary.json"
+    s = json.loads(after.read_text()) | {"relearn_attack/seconds": 9.0, "quantize_attack/4bit/seconds": 3.0,
+                                         "relearn_attack/attacked/forget_prob": 0.3, "privleak": 12.5,
+                                         "extraction_strength": 0.2, "mia_auc/min_k": 0.4}
+    write(after, s)
+    assert not reproduce.finished(items[0])  # 8 bit still missing
+    write(after, s | {"quantize_attack/8bit/seconds": 2.0, "quantize_attack/8bit/retain/forget_prob": 0.2})
+    assert reproduce.finished(items[0])
+    last = reproduce.collect(items[0], 5.0, 1)["last"]
+    assert last["relearn_attack/attacked/forget_prob"] == 0.3 and last["quantize_attack/8bit/retain/forget_prob"] == 0.2
+    assert (last["privleak"], last["extraction_strength"], last["mia_auc/min_k"]) == (12.5, 0.2, 0.4)
+
+
+def test_list_estimates_the_robust_grid_from_the_seeds_grid_until_a_robust_run_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(grids, "RESULTS", tmp_path / "results.json")
+    items = [reproduce.method_item("robust", m, 1e-4, 42, grids.ROBUST_FLAGS, tag="robust") for m in ("ga", "npo")]
+    reproduce.save_results([{"name": "ga-lr1e-05-seed1", "grid": "seeds", "method": "ga", "wall_s": 600.0, "jobs": 1}])
+    assert reproduce.cost("robust", items, set()) == (
+        "; the 2 runs left (2 forget01): about 20 min of this machine, from the recorded runs' median of 10.0 min a "
+        "run per percent of TOFU forgotten (the seeds grid's runs: no robust run is recorded yet, so the attacks' own "
+        "time is not in it)")
+    reproduce.save_results([{"name": items[0]["name"], "grid": "robust", "method": "ga", "wall_s": 1500.0, "jobs": 1}])
+    assert reproduce.cost("robust", items, {items[0]["name"]}).startswith("; the 1 runs left (1 forget01): about 25 min")
+
+
+def test_robust_grid_commands_parse_with_the_attacks_on(monkeypatch):
+    """Each robust run's command against its script's own parser: a renamed attack flag would otherwise fail only
+    in the sitting that runs the grid."""
+    import importlib
+    from transformers import HfArgumentParser
+    lo, mid, hi = sorted(grids.SWEEP_LRS)
+    records = [rec(m, lr, fq, mu) for m in grids.METHODS for lr, fq, mu in ((hi, 0.9, 0.2), (mid, 0.5, 0.39), (lo, 0.1, 0.39))]
+    items, waiting = reproduce.grid_items("robust", records)
+    assert len(items) == len(grids.METHODS) and not waiting
+    for it in items:
+        args = HfArgumentParser(importlib.import_module(Path(it["command"][1]).stem).Args).parse_args_into_dataclasses(
+            args=it["command"][2:])[0]
+        assert args.relearn_attack is True and args.quantize_attack == "4bit,8bit" and args.seed == 42
+        assert args.lr == mid and args.peak_epoch and args.split == "forget01"
+
+
+def test_robust_grid_without_bitsandbytes_is_one_sentence_named_and_skipped_in_all(monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "robust_missing", lambda: "--quantize_attack needs the bitsandbytes package")
+    monkeypatch.setattr(reproduce, "grid_items", lambda g, records: ([reproduce.method_item(g, "ga", 1e-4, 42)], []))
+    monkeypatch.setattr(reproduce, "ensure_quick_models", lambda: None)
+    ran = []
+    monkeypatch.setattr(reproduce, "run_grid", lambda items, *a: ran.append(items[0]["grid"]))
+    monkeypatch.setattr(reproduce, "done_names", lambda records: set())
+    with pytest.raises(SystemExit, match="--grid robust: --quantize_attack needs the bitsandbytes package"):
+        reproduce.main(["--grid", "robust"])
+    assert ran == []
+    import results_report
+    monkeypatch.setattr(results_report, "main", lambda argv: ran.append("report"))
+    reproduce.main([])
+    assert ran == [*(g for g in grids.GRIDS if g != "robust"), "report"]
+    assert "grid robust skipped: --quantize_attack needs" in capsys.readouterr().out
