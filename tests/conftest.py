@@ -67,3 +67,13 @@ def hand_forget_quality():
         a, b = truth_ratios(model_dir), truth_ratios(retain_dir)
         return stats.ks_2samp(a, b, method="exact").pvalue, a, b
     return fq
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): its
+    in-process model calls then match the one-thread subprocesses they are compared with, and run faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
