@@ -7,7 +7,7 @@ path, collect every run into results/results.json, then write RESULTS.md and its
   python bench/reproduce.py --jobs 2 --hours 2.5  # start no run after 2.5 h (those under way finish)
   python bench/reproduce.py --report_only         # RESULTS.md and plots from results/results.json
 
-Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has its first-peak epoch):
+Grids (forget01, quick subset, `--peak_epoch true` everywhere but robust, so each run has its first-peak epoch):
   reference  the quick retain model evaluated like every run (the target's row is each run's "before")
   sweep      every method at lr 1e-4 (the quick recipe), 5e-5 and 2e-5, seed 42
   seeds      seeds 1 and 2 for every method at its chosen lr (LR_RULE); waits for the sweep. The
@@ -28,7 +28,8 @@ Grids (forget01, quick subset, `--peak_epoch true` everywhere so each run has it
   robust     every method of the seeds grid at its chosen lr, seed 42, with --relearn_attack true
              --quantize_attack 4bit,8bit (evaluation/attacks.py; needs bitsandbytes, an optional install:
              requirements.txt) and privacy on (the default); waits for the sweep. The retain and target
-             yardsticks come from the attacks' caches, so the first run goes alone until it has finished
+             yardsticks come from the attacks' caches, so the first run goes alone until it has finished.
+             With --peak_epoch false: its numbers are the last epoch's (the saved model the attacks load)
 
 The grids' methods, rates, seeds and the lr rule that picks each method's rate (LR_RULE) are defined in
 bench/grids.py, which bench/results_report.py reads too.
@@ -88,7 +89,10 @@ def save_results(records: list[dict]) -> None:
 def method_item(grid: str, method: str, lr: float, seed: int, extra=(), tag: str = "") -> dict:
     script, flags = METHODS[method]
     name = run_name(method, lr, seed, tag)
-    cmd = [sys.executable, script, *BASE, *flags, "--lr", f"{lr:g}", "--seed", str(seed),
+    # the robust grid reads the last epoch (the saved model its attacks load): no per-epoch forget quality (false,
+    # not left out: rkld.py's default turns it on)
+    base = ["--split", "forget01", "--peak_epoch", "false"] if grid == "robust" else BASE
+    cmd = [sys.executable, script, *base, *flags, "--lr", f"{lr:g}", "--seed", str(seed),
            "--output_dir", str(GRID_DIR / name), *extra]
     return {"name": name, "grid": grid, "method": method, "lr": lr, "seed": seed, "command": cmd}
 
@@ -270,10 +274,16 @@ def launch(item: dict, threads: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def peak_on(command) -> bool:
+    """Whether a run's command (a list, or the record's string) asks for --peak_epoch true."""
+    cmd = shlex.split(command) if isinstance(command, str) else list(command or [])
+    return "--peak_epoch" in cmd[:-1] and cmd[cmd.index("--peak_epoch") + 1] == "true"
+
+
 def done_names(records: list[dict]) -> set[str]:
     """Runs recorded in full: a --peak_epoch run recorded without its peak row (collected from a folder of
     an earlier version that stopped before the peak evaluation) is run again, and its record replaced."""
-    return {r["name"] for r in records if "--peak_epoch" not in str(r.get("command")) or r.get("peak")}
+    return {r["name"] for r in records if not peak_on(r.get("command")) or r.get("peak")}
 
 
 def finished(item: dict) -> bool:
@@ -289,7 +299,7 @@ def finished(item: dict) -> bool:
         return (out / "eval" / "after" / "summary.json").exists()
     # with --peak_epoch the run ends after the peak epoch's evaluation (peak_epoch.json), not the last epoch's
     done = all((out / f).exists() for f in ("model", "eval/after/summary.json")) and \
-        ("--peak_epoch" not in item["command"] or (out / "peak_epoch.json").exists())
+        (not peak_on(item["command"]) or (out / "peak_epoch.json").exists())
     if done and item["grid"] == "robust":  # then the attacks, whose numbers join eval/after/summary.json last
         after = json.loads((out / "eval" / "after" / "summary.json").read_text())
         return all(k in after for k in ("relearn_attack/seconds", *(f"quantize_attack/{b}/seconds" for b in ROBUST_BITS)))

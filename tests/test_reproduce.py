@@ -934,8 +934,13 @@ def test_robust_grid_tags_its_runs_and_counts_a_run_finished_only_with_its_attac
     assert len(waiting) == len(grids.METHODS) - 2 and not {i["name"] for i in items} & {r["name"] for r in records}
     cmd = items[0]["command"]
     assert cmd[cmd.index("--quantize_attack") + 1] == "4bit,8bit" and cmd[cmd.index("--relearn_attack") + 1] == "true"
+    # the robust table reads the last epoch: no per-epoch forget quality; the other grids keep their first-peak epoch
+    assert cmd[cmd.index("--peak_epoch") + 1] == "false"
+    sweep = reproduce.method_item("sweep", "ga", 1e-4, 42)["command"]
+    assert sweep[sweep.index("--peak_epoch") + 1] == "true"
     monkeypatch.setattr(reproduce, "GRID_DIR", tmp_path)
     fake_run(tmp_path / items[0]["name"])
+    (tmp_path / items[0]["name"] / "peak_epoch.json").unlink()  # --peak_epoch false: the run writes none
     assert not reproduce.finished(items[0])  # no attack numbers yet
     after = tmp_path / items[0]["name"] / "eval" / "after" / "summary.json"
     s = json.loads(after.read_text()) | {"relearn_attack/seconds": 9.0, "quantize_attack/4bit/seconds": 3.0,
@@ -945,7 +950,9 @@ def test_robust_grid_tags_its_runs_and_counts_a_run_finished_only_with_its_attac
     assert not reproduce.finished(items[0])  # 8 bit still missing
     write(after, s | {"quantize_attack/8bit/seconds": 2.0, "quantize_attack/8bit/retain/forget_prob": 0.2})
     assert reproduce.finished(items[0])
-    last = reproduce.collect(items[0], 5.0, 1)["last"]
+    robust = reproduce.collect(items[0], 5.0, 1)
+    assert robust["name"] in reproduce.done_names([robust])  # recorded in full without a peak row
+    last = robust["last"]
     assert last["relearn_attack/attacked/forget_prob"] == 0.3 and last["quantize_attack/8bit/retain/forget_prob"] == 0.2
     assert (last["privleak"], last["extraction_strength"], last["mia_auc/min_k"]) == (12.5, 0.2, 0.4)
 
@@ -975,7 +982,7 @@ def test_robust_grid_commands_parse_with_the_attacks_on(monkeypatch):
         args = HfArgumentParser(importlib.import_module(Path(it["command"][1]).stem).Args).parse_args_into_dataclasses(
             args=it["command"][2:])[0]
         assert args.relearn_attack is True and args.quantize_attack == "4bit,8bit" and args.seed == 42
-        assert args.lr == mid and args.peak_epoch and args.split == "forget01"
+        assert args.lr == mid and args.peak_epoch is False and args.split == "forget01"
 
 
 def test_robust_grid_without_bitsandbytes_is_one_sentence_named_and_skipped_in_all(monkeypatch, capsys):
