@@ -63,6 +63,7 @@ from evaluation.engine import GEN_MAX_LENGTH, ROW_ORDERS, evaluate
 from evaluation.logs import LOG_FILES, aggregate, log_dir, nan_flags, print_summary, read_logs, read_settings, summarize
 from evaluation.method_eval import eval_caps
 from evaluation import attacks  # after the others: the attack flags and runner
+from evaluation import privacy
 from evaluation.metrics import PAPER_NLI_MODEL
 
 # ---------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class EvalFlags:
     extraction_form: str = field(default="definition", metadata={"help": "Extraction strength's edge: 'definition' "
                                  "(a missed last token gives 0) or 'open_unlearning' (its loop gives 1/n)."})
     aggregate_only: bool = field(default=False, metadata={"help": "Only aggregate the TOFU-format logs in --logs."})
-    logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read, or a method script's run folder (or its eval/ folder): its eval/after. The retain logs and CS/NLI models its summary.json recorded are used (--retain_logs replaces the former), and eval_extra.json beside the logs gives TE, CS, ES and leakage."})
+    logs: str = field(default="", metadata={"help": "With --aggregate_only: the folder of logs to read, or a method script's run folder (or its eval/ folder): its eval/after. The retain logs and CS/NLI models its summary.json recorded are used (--retain_logs replaces the former), eval_extra.json beside the logs gives TE, CS, ES and leakage, and eval_privacy.json the MIA AUCs, privleak, ExtStr and ExactMem (Reference and AUC_retain from the retain logs' own eval_privacy.json)."})
     output_json: str = field(default="", metadata={"help": "With --aggregate_only: where the JSON result goes."})
 
 
@@ -198,6 +199,10 @@ def aggregate_only(args: Args):
     else:
         s = aggregate(logs, retain, args.ks_method, "no --retain_logs given", read_settings(folder), retain_settings)
         s["nan_flags"] = nan_flags(logs, s)
+    scores = log_dir(folder) / privacy.PRIVACY_FILE
+    if scores.exists():  # MIAs, privleak, ExtStr, ExactMem from the recorded per-row scores, as the evaluation gave them
+        s.update(privacy.privacy_summary(json.loads(scores.read_text()), log_dir(retain_logs) if retain_logs else None))
+        print(f"[aggregate] privacy numbers from {scores}")
     for note in s.get("forget_quality_notes", []):
         print(f"note: {note}")
     runlog.atomic_write_json(args.output_json, s)

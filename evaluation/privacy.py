@@ -242,12 +242,35 @@ def evaluate_privacy(model, tokenizer, fmt, forget: list[dict], spec: dict, devi
     n = len(forget)
     per = {"forget": {str(r["index"]): s for r, s in zip(forget, recs[:n])},
            "holdout": {str(r["index"]): s for r, s in zip(holdout, recs[n:])}}
+    rec = {"holdout": spec["holdout_name"], "es_form": spec.get("es_form", "definition"), "gradnorm_reason": gn_reason,
+           "scores": per}
+    s = privacy_summary(rec, retain_dir)
+    if out_dir is not None:
+        from harness import runlog
+        from pathlib import Path
+        runlog.atomic_write_json(Path(out_dir) / PRIVACY_FILE, {
+            **rec, "rows": {t: list(per[t]) for t in per}, "auc_convention": AUC_CONVENTION,
+            "auc": {a: s[f"mia_auc/{a}"] for a in ATTACKS}})
+    return s
+
+
+def privacy_summary(rec: dict, retain_dir=None) -> dict:
+    """The summary's privacy numbers from per-row scores: rec holds "scores" ({"forget"|"holdout": {index: scores}}),
+    "holdout" (where the holdout rows came from), "es_form" and "gradnorm_reason" (None when GradNorm was run), as
+    eval_privacy.json does, so `evaluate_tofu.py --aggregate_only` gives the numbers the evaluation gave. The
+    Reference scores are computed here, from retain_dir's eval_privacy.json (replacing any recorded); rec's scores
+    become these, so a file written from rec afterwards holds them."""
+    per = {t: {i: {k: v for k, v in sc.items() if k != "reference"} for i, sc in rec["scores"][t].items()}
+           for t in ("forget", "holdout")}
     idx = {t: list(per[t]) for t in per}
-    retain, why = _retain_scores(retain_dir, idx["forget"], idx["holdout"], spec["holdout_name"])
+    n = len(idx["forget"])
+    retain, why = _retain_scores(retain_dir, idx["forget"], idx["holdout"], rec["holdout"])
     if retain is not None:
         for t in per:
-            for i, s in per[t].items():
-                s["reference"] = reference_score(s["loss"], retain["scores"][t][i]["loss"])
+            for i, sc in per[t].items():
+                sc["reference"] = reference_score(sc["loss"], retain["scores"][t][i]["loss"])
+    rec["scores"] = per
+    gn_reason = rec.get("gradnorm_reason", "not computed in the recorded evaluation")
     s = {}
     for a in ATTACKS:
         if a in per["forget"][idx["forget"][0]]:
@@ -263,12 +286,6 @@ def evaluate_privacy(model, tokenizer, fmt, forget: list[dict], spec: dict, devi
     ems = [v["em"] for v in per["forget"].values() if v["em"] is not None]
     s["extraction_strength"] = sum(v["es"] for v in per["forget"].values()) / n
     s["exact_memorization"] = sum(ems) / len(ems) if ems else None
-    s["privacy"] = {"holdout": spec["holdout_name"], "n_forget": n, "n_holdout": len(holdout), "min_k": MIN_K,
-                    "auc_convention": AUC_CONVENTION, "extraction_strength_form": spec.get("es_form", "definition")}
-    if out_dir is not None:
-        from harness import runlog
-        from pathlib import Path
-        runlog.atomic_write_json(Path(out_dir) / PRIVACY_FILE, {
-            "holdout": spec["holdout_name"], "rows": idx, "auc_convention": AUC_CONVENTION,
-            "auc": {a: s[f"mia_auc/{a}"] for a in ATTACKS}, "scores": per})
+    s["privacy"] = {"holdout": rec["holdout"], "n_forget": n, "n_holdout": len(idx["holdout"]), "min_k": MIN_K,
+                    "auc_convention": AUC_CONVENTION, "extraction_strength_form": rec.get("es_form", "definition")}
     return s

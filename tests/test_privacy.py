@@ -237,6 +237,15 @@ def test_evaluate_reports_privacy_with_the_retain_models_auc(tiny_model_dir, tmp
     assert s["extraction_strength"] == pytest.approx(sum(v["es"] for v in rec["scores"]["forget"].values()) / 40)
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert {"privleak", "extraction_strength", "exact_memorization", "mia_auc/min_k++"} <= set(summary)
+    # --aggregate_only gives the same numbers from the stored per-row scores (Reference from the retain's file)
+    import evaluate_tofu
+    out = tmp_path / "aggregated.json"
+    evaluate_tofu.aggregate_only(evaluate_tofu.Args(aggregate_only=True, logs=str(tmp_path / "model"),
+                                                    retain_logs=str(tmp_path / "retain"), output_json=str(out)))
+    agg = json.loads(out.read_text())
+    for k in (*(f"mia_auc/{a}" for a in privacy.ATTACKS), "privleak", "privleak_auc_retain", "extraction_strength",
+              "exact_memorization", "privacy"):
+        assert agg[k] == pytest.approx(s[k]) if not isinstance(s[k], dict) else agg[k] == s[k], k
     assert all(not p.grad_fn and p.grad is None for p in model.parameters())  # GradNorm left no gradients behind
     assert not any(p.requires_grad for p in model.parameters())  # and the frozen model frozen
 
