@@ -474,6 +474,11 @@ def paper_lines() -> dict[str, tuple[str, str | None]]:
         "me_gd": (f"forget01 MU / FE: {mufe('ME+GD(Ours)')}, {mufe('GA+GD')}", None),
         "idk_ap": (f"forget01 MU / FE: {mufe('IDK+AP(Ours)')}, {mufe('IDK+GD')}", None),
         "continual": ("no per-task numbers (Fig. 6 only)", quote(p["closer_look_continual"]["quotes"][0])),
+        # not in ../shared/papers: the attack papers' abstracts, in our words
+        "relearn": ("WMDP, TOFU, Harry Potter: relearning on part of the data restores the rest; no numbers quoted here "
+                    "(arXiv 2406.13356)", None),
+        "quant4": ("MUSE, methods with a utility constraint: 21% of the forgotten knowledge kept in full precision, "
+                   "83% after 4-bit quantization (arXiv 2410.16454, abstract)", None),
     }
 
 
@@ -491,6 +496,12 @@ CLAIMS = (  # short name, the claims table's label, the title over its details
      "IDK+AP keeps utility where IDK+GD does not (Closer-Look Table 4; last epoch)"),
     ("continual", "Continual: ME+GD and IDK+AP keep MU over tasks, GA+GD and NPO+GD decline (Closer-Look Fig. 6)",
      "Continual: ME+GD and IDK+AP keep MU over tasks where GA+GD and NPO+GD decline (Closer-Look Fig. 6)"),
+    ("relearn", "A few relearning steps on part of the forget set bring the rest back (Hu et al., ICLR 2025; one seed)",
+     "Relearning on half of the forget questions brings the other half back (Hu et al., ICLR 2025; `--grid robust`, "
+     "last epoch, one seed)"),
+    ("quant4", "4-bit quantization brings the forgotten answers back (Zhang et al., ICLR 2025; one seed)",
+     "Quantizing the unlearned model to 4 bits brings the forgotten answers back (Zhang et al., ICLR 2025; "
+     "`--grid robust`, last epoch, one seed)"),
 )
 
 
@@ -498,7 +509,9 @@ def claims_of(records, lrs) -> list[tuple[str, str, str, str, list, str]]:
     """(label, title, paper's cell, verdict, detail lines, key numbers) of every claim, in CLAIMS' order."""
     got = {"rkld": claim_rkld_vs_baselines(records, lrs), "fkl": claim_rkl_vs_fkl(records),
            "teacher": claim_teacher(records, lrs), "me_gd": claim_keeps_utility(records, lrs, "me_gd", "ga_gd"),
-           "idk_ap": claim_keeps_utility(records, lrs, "idk_ap", "idk_gd"), "continual": claim_continual(records)}
+           "idk_ap": claim_keeps_utility(records, lrs, "idk_ap", "idk_gd"), "continual": claim_continual(records),
+           "relearn": claim_attack(records, lrs, "relearn_attack/", "relearning"),
+           "quant4": claim_attack(records, lrs, "quantize_attack/4bit/", "4-bit quantization")}
     paper = paper_lines()
     out = []
     for key, label, title in CLAIMS:
@@ -567,6 +580,24 @@ def robust_verdicts(records, lrs) -> list[tuple[str, str, str, str]]:
         out.append((question, rule, verdict, f"{what} from {read(runs[lo]):+.3g} ({NAMES[lo]}) to {read(runs[hi]):+.3g} "
                     f"({NAMES[hi]})" if ran else "not run yet"))
     return out
+
+
+def claim_attack(records, lrs, prefix: str, what: str):
+    """An attack paper's claim (the knowledge comes back) on the robust grid, by ATTACK_TOL's per-method rule:
+    reproduced when more of the methods run do not keep their forgetting than keep it, not reproduced when more
+    keep it, inconclusive on a tie; "not run yet" with no run. Fixed before any robust run, like ATTACK_TOL."""
+    runs = {m: robust_run(records, m, lrs[m]) for m in METHODS if lrs[m]}
+    by = {m: keeps_forgetting(s, prefix) for m, s in runs.items()}
+    keep = [NAMES[m] for m in by if by[m] == "keeps"]
+    lose = [NAMES[m] for m in by if by[m] == "does not keep"]
+    n = len(keep) + len(lose)
+    v = ("reproduced" if len(lose) > len(keep) else "not reproduced" if len(keep) > len(lose) else "inconclusive") \
+        if n else "not run yet"
+    lines = [f"rule: a method keeps its forgetting under {what} when its attacked forget Prob is at most {ATTACK_TOL} "
+             f"above the retain model's under the same attack; the claim holds when most methods run do not",
+             f"keep: {', '.join(keep) or 'none'}; do not keep: {', '.join(lose) or 'none'}; "
+             f"{len(METHODS) - n} methods not run yet (`--grid robust`)"]
+    return v, lines, (f"{len(lose)} of {n} methods do not keep their forgetting" if n else "not run yet")
 
 
 def robust_section(records, lrs) -> list[str]:

@@ -924,6 +924,23 @@ def test_robust_verdicts_keep_near_the_retain_yardstick_and_flag_privleak_far_ab
     assert "| keeps its forgetting under relearning | attacked forget Prob ≤ retain's attacked + 0.1 |" in text
 
 
+def test_attack_claims_hold_when_most_methods_run_do_not_keep_their_forgetting():
+    """The top table's two attack claims (relearning, 4-bit) by ATTACK_TOL's per-method rule: reproduced when more
+    methods run lose their forgetting than keep it; a tie is inconclusive."""
+    lrs = {m: 1e-4 for m in grids.METHODS}
+    rs = [robust_rec("rkld", 1e-4, 5.0, (0.1, 0.34, 0.25), (0.21, 0.8, 0.2), (0.15, 0.9, 0.2)),  # keeps both
+          robust_rec("ga", 1e-4, -3.0, (0.05, 0.9, 0.25), (0.8, 0.8, 0.2), (0.37, 0.9, 0.26)),  # loses both
+          robust_rec("npo", 1e-4, 60.0, (0.01, 0.6, 0.25), (0.5, 0.5, 0.2), (0.1, 0.9, 0.2))]  # loses both
+    v, lines, nums = results_report.claim_attack(rs, lrs, "relearn_attack/", "relearning")
+    assert (v, nums) == ("reproduced", "2 of 3 methods do not keep their forgetting")
+    assert "keep: RKLD;" in lines[1]
+    v4, _, nums4 = results_report.claim_attack(rs, lrs, "quantize_attack/4bit/", "4-bit quantization")
+    assert (v4, nums4) == ("reproduced", "2 of 3 methods do not keep their forgetting")
+    assert results_report.claim_attack(rs[:1], lrs, "relearn_attack/", "relearning")[0] == "not reproduced"
+    assert results_report.claim_attack(rs[:2], lrs, "relearn_attack/", "relearning")[0] == "inconclusive"
+    assert results_report.claim_attack([], lrs, "relearn_attack/", "relearning")[::2] == ("not run yet", "not run yet")
+
+
 def test_robust_grid_tags_its_runs_and_counts_a_run_finished_only_with_its_attacks(tmp_path, monkeypatch):
     """Seed 42 at the chosen lr is also a sweep run's name: the robust runs are tagged, or --grid robust would take
     the sweep's records as done. A run stopped during its attacks (peak_epoch.json and eval/after written before
