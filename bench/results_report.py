@@ -627,7 +627,8 @@ def robust_section(records, lrs) -> list[str]:
         "of the forget questions.",
         "- quantization cells: the unlearned model quantized / the target quantized / the retain model quantized "
         "alike, on the whole forget split.",
-        "- privleak: 0 = like the retain model, far above 0 = over-unlearned; ExtStr = extraction strength.",
+        "- privleak: 0 = like the retain model, far below 0 = the forget set still looks remembered, far above 0 = "
+        "over-unlearned; ExtStr = extraction strength.",
         "",
         *lines,
         "",
