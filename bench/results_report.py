@@ -544,11 +544,18 @@ def robust_run(records, method, lr) -> dict | None:
 
 
 def keeps_forgetting(s: dict | None, prefix: str) -> str:
-    """ATTACK_TOL's rule on one run under one attack: 'keeps', 'does not keep', or 'not run yet'."""
+    """ATTACK_TOL's rule on one run under one attack: 'keeps', 'does not keep', 'had not forgotten', or 'not run
+    yet'. 'had not forgotten': the unlearned model, before the attack (relearning: on the same held-out half; the
+    quantizations: in full precision, the whole forget split), is already above the same bar, so the attack had
+    nothing to bring back (added after the first runs, when IDK+AP at its chosen lr kept forget Prob 0.88: it
+    splits what the rule called 'does not keep', and moves no method to or from 'keeps')."""
     a, r = metric(s, prefix + "attacked/forget_prob"), metric(s, prefix + "retain/forget_prob")
     if math.isnan(a) or math.isnan(r):
         return "not run yet"
-    return "keeps" if a <= r + ATTACK_TOL else "does not keep"
+    if a <= r + ATTACK_TOL:
+        return "keeps"
+    before = metric(s, prefix + "unlearned/forget_prob" if prefix.startswith("relearn") else "forget_prob")
+    return "had not forgotten" if before > r + ATTACK_TOL else "does not keep"
 
 
 def over_unlearns(s: dict | None) -> str:
@@ -563,7 +570,8 @@ def robust_verdicts(records, lrs) -> list[tuple[str, str, str, str]]:
     the range of what the rule reads (the table above has each method's)."""
     runs = {m: robust_run(records, m, lrs[m]) for m in METHODS if lrs[m]}
     qs = [(f"keeps its forgetting under {name}", f"attacked forget Prob ≤ retain's attacked + {ATTACK_TOL}",
-           lambda s, p=prefix: keeps_forgetting(s, p), ("keeps", "does not keep"), "attacked − retain's attacked forget Prob",
+           lambda s, p=prefix: keeps_forgetting(s, p), ("keeps", "does not keep", "had not forgotten"),
+           "attacked − retain's attacked forget Prob",
            lambda s, p=prefix: metric(s, p + "attacked/forget_prob") - metric(s, p + "retain/forget_prob"))
           for name, prefix, _ in ATTACKS]
     qs.append(("over-unlearns (privleak far above 0)", f"privleak > {PRIVLEAK_FAR:g}", over_unlearns,
@@ -584,19 +592,22 @@ def robust_verdicts(records, lrs) -> list[tuple[str, str, str, str]]:
 
 def claim_attack(records, lrs, prefix: str, what: str):
     """An attack paper's claim (the knowledge comes back) on the robust grid, by ATTACK_TOL's per-method rule:
-    reproduced when more of the methods run do not keep their forgetting than keep it, not reproduced when more
+    reproduced when more of the methods run do not keep their forgetting than keep it (a method that had not
+    forgotten before the attack is left out of the count), not reproduced when more
     keep it, inconclusive on a tie; "not run yet" with no run. Fixed before any robust run, like ATTACK_TOL."""
     runs = {m: robust_run(records, m, lrs[m]) for m in METHODS if lrs[m]}
     by = {m: keeps_forgetting(s, prefix) for m, s in runs.items()}
     keep = [NAMES[m] for m in by if by[m] == "keeps"]
     lose = [NAMES[m] for m in by if by[m] == "does not keep"]
+    never = [NAMES[m] for m in by if by[m] == "had not forgotten"]
     n = len(keep) + len(lose)
     v = ("reproduced" if len(lose) > len(keep) else "not reproduced" if len(keep) > len(lose) else "inconclusive") \
         if n else "not run yet"
     lines = [f"rule: a method keeps its forgetting under {what} when its attacked forget Prob is at most {ATTACK_TOL} "
              f"above the retain model's under the same attack; the claim holds when most methods run do not",
-             f"keep: {', '.join(keep) or 'none'}; do not keep: {', '.join(lose) or 'none'}; "
-             f"{len(METHODS) - n} methods not run yet (`--grid robust`)"]
+             f"keep: {', '.join(keep) or 'none'}; do not keep: {', '.join(lose) or 'none'}; left out, already above "
+             f"the bar before the attack (nothing to bring back): {', '.join(never) or 'none'}; "
+             f"{len(METHODS) - n - len(never)} methods not run yet (`--grid robust`)"]
     return v, lines, (f"{len(lose)} of {n} methods do not keep their forgetting" if n else "not run yet")
 
 
@@ -634,7 +645,9 @@ def robust_section(records, lrs) -> list[str]:
         "",
         f"Rules, fixed before any robust run: a method *keeps* its forgetting under an attack when its attacked forget "
         f"Prob is at most {ATTACK_TOL} above the retain model's under the same attack; it *over-unlearns* when privleak "
-        f"is above {PRIVLEAK_FAR:g}. One seed each: an observation per method, not a separated comparison.",
+        f"is above {PRIVLEAK_FAR:g}. Added after the first runs: a method that does not keep it *had not forgotten* when "
+        f"its unlearned model was already above that bar before the attack (nothing to bring back); the top table's "
+        f"attack claims leave such methods out. One seed each: an observation per method, not a separated comparison.",
         "",
         "| question | rule | our verdict | key numbers |",
         "|---|---|---|---|",

@@ -879,9 +879,10 @@ def test_no_import_circle_among_the_bench_scripts():
     assert not [m for m in graph if m in reach(m, set())]
 
 
-def robust_rec(method, lr, privleak, relearn, q4, q8, ext=0.1):
-    """A robust-grid record: each attack's (attacked, yardstick, retain) forget Prob, as eval/after/summary.json holds."""
-    s = {"forget_quality": 0.5, "model_utility": 0.4, "privleak": privleak, "extraction_strength": ext}
+def robust_rec(method, lr, privleak, relearn, q4, q8, ext=0.1, prob=0.05):
+    """A robust-grid record: each attack's (attacked, yardstick, retain) forget Prob, as eval/after/summary.json holds;
+    prob: the unlearned model's own forget Prob (full precision, before any attack)."""
+    s = {"forget_quality": 0.5, "model_utility": 0.4, "privleak": privleak, "extraction_strength": ext, "forget_prob": prob}
     for prefix, models, v in (("relearn_attack/", ("unlearned", "attacked", "retain"), relearn),
                               ("quantize_attack/4bit/", ("attacked", "target", "retain"), q4),
                               ("quantize_attack/8bit/", ("attacked", "target", "retain"), q8)):
@@ -902,9 +903,9 @@ def test_robust_verdicts_keep_near_the_retain_yardstick_and_flag_privleak_far_ab
           robust_rec("npo", 1e-4, 60.0, (0.01, 0.2, 0.25), (0.1, 0.8, 0.2), (0.1, 0.9, 0.2))]  # privleak far above 0
     got = {q: v for q, _, v, _ in results_report.robust_verdicts(rs, lrs)}
     n = len(grids.METHODS) - 3
-    assert got["keeps its forgetting under relearning"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
-    assert got["keeps its forgetting under 4-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
-    assert got["keeps its forgetting under 8-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA ({n} methods not run yet)"
+    assert got["keeps its forgetting under relearning"] == f"keeps: RKLD, NPO; does not keep: GA; had not forgotten: none ({n} methods not run yet)"
+    assert got["keeps its forgetting under 4-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA; had not forgotten: none ({n} methods not run yet)"
+    assert got["keeps its forgetting under 8-bit quantization"] == f"keeps: RKLD, NPO; does not keep: GA; had not forgotten: none ({n} methods not run yet)"
     assert got["over-unlearns (privleak far above 0)"] == f"over-unlearns: NPO; does not: RKLD, GA ({n} methods not run yet)"
     # no robust run yet: every verdict reads "not run yet"
     assert {v for _, _, v, _ in results_report.robust_verdicts([], lrs)} == {"not run yet"}
@@ -936,6 +937,12 @@ def test_attack_claims_hold_when_most_methods_run_do_not_keep_their_forgetting()
     assert "keep: RKLD;" in lines[1]
     v4, _, nums4 = results_report.claim_attack(rs, lrs, "quantize_attack/4bit/", "4-bit quantization")
     assert (v4, nums4) == ("reproduced", "2 of 3 methods do not keep their forgetting")
+    # a method already above the bar before the attack had nothing to bring back: left out of the count
+    never = robust_rec("idk", 1e-4, -99.0, (0.9, 0.92, 0.25), (0.9, 0.9, 0.2), (0.9, 0.9, 0.2), prob=0.88)
+    assert results_report.keeps_forgetting(never["last"], "relearn_attack/") == "had not forgotten"
+    assert results_report.keeps_forgetting(never["last"], "quantize_attack/4bit/") == "had not forgotten"
+    v, lines, nums = results_report.claim_attack(rs[:1] + [never], lrs, "quantize_attack/4bit/", "4-bit quantization")
+    assert (v, nums) == ("not reproduced", "0 of 1 methods do not keep their forgetting") and ": IDK;" in lines[1]
     assert results_report.claim_attack(rs[:1], lrs, "relearn_attack/", "relearning")[0] == "not reproduced"
     assert results_report.claim_attack(rs[:2], lrs, "relearn_attack/", "relearning")[0] == "inconclusive"
     assert results_report.claim_attack([], lrs, "relearn_attack/", "relearning")[::2] == ("not run yet", "not run yet")
