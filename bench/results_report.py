@@ -645,9 +645,11 @@ def robust_section(records, lrs) -> list[str]:
         "",
         f"Rules, fixed before any robust run: a method *keeps* its forgetting under an attack when its attacked forget "
         f"Prob is at most {ATTACK_TOL} above the retain model's under the same attack; it *over-unlearns* when privleak "
-        f"is above {PRIVLEAK_FAR:g}. Added after the first runs: a method that does not keep it *had not forgotten* when "
-        f"its unlearned model was already above that bar before the attack (nothing to bring back); the top table's "
-        f"attack claims leave such methods out. One seed each: an observation per method, not a separated comparison.",
+        f"is above {PRIVLEAK_FAR:g}. One seed each: an observation per method, not a separated comparison.",
+        "",
+        "Added after the first runs: a method that does not keep it *had not forgotten* when its unlearned model was "
+        "already above that bar before the attack (nothing to bring back); the top table's attack claims leave such "
+        "methods out.",
         "",
         "| question | rule | our verdict | key numbers |",
         "|---|---|---|---|",
