@@ -608,7 +608,13 @@ def claim_attack(records, lrs, prefix: str, what: str):
              f"keep: {', '.join(keep) or 'none'}; do not keep: {', '.join(lose) or 'none'}; left out, already above "
              f"the bar before the attack (nothing to bring back): {', '.join(never) or 'none'}; "
              f"{len(METHODS) - n - len(never)} methods not run yet (`--grid robust`)"]
-    return v, lines, (f"{len(lose)} of {n} methods do not keep their forgetting" if n else "not run yet")
+    # what the attack brought back, every method run: attacked − unlearned forget Prob (the same rows)
+    before = lambda x: metric(x, prefix + "unlearned/forget_prob" if prefix.startswith("relearn") else "forget_prob")
+    up = {m: metric(x, prefix + "attacked/forget_prob") - before(x) for m, x in runs.items() if x is not None}
+    up = {m: d for m, d in up.items() if not math.isnan(d)}
+    moved = (f"; attacked − unlearned forget Prob from {min(up.values()):+.3f} ({NAMES[min(up, key=up.get)]}) to "
+             f"{max(up.values()):+.3f} ({NAMES[max(up, key=up.get)]})") if up else ""
+    return v, lines, (f"{len(lose)} of {n} methods do not keep their forgetting{moved}" if n else "not run yet")
 
 
 def robust_section(records, lrs) -> list[str]:

@@ -933,16 +933,18 @@ def test_attack_claims_hold_when_most_methods_run_do_not_keep_their_forgetting()
           robust_rec("ga", 1e-4, -3.0, (0.05, 0.9, 0.25), (0.8, 0.8, 0.2), (0.37, 0.9, 0.26)),  # loses both
           robust_rec("npo", 1e-4, 60.0, (0.01, 0.6, 0.25), (0.5, 0.5, 0.2), (0.1, 0.9, 0.2))]  # loses both
     v, lines, nums = results_report.claim_attack(rs, lrs, "relearn_attack/", "relearning")
-    assert (v, nums) == ("reproduced", "2 of 3 methods do not keep their forgetting")
+    assert (v, nums) == ("reproduced", "2 of 3 methods do not keep their forgetting; attacked − unlearned forget Prob "
+                                       "from +0.240 (RKLD) to +0.850 (GA)")
     assert "keep: RKLD;" in lines[1]
     v4, _, nums4 = results_report.claim_attack(rs, lrs, "quantize_attack/4bit/", "4-bit quantization")
-    assert (v4, nums4) == ("reproduced", "2 of 3 methods do not keep their forgetting")
+    assert v4 == "reproduced" and nums4.startswith("2 of 3 methods do not keep their forgetting; attacked − unlearned "
+                                                   "forget Prob from +0.160 (RKLD) to +0.750 (GA)")
     # a method already above the bar before the attack had nothing to bring back: left out of the count
     never = robust_rec("idk", 1e-4, -99.0, (0.9, 0.92, 0.25), (0.9, 0.9, 0.2), (0.9, 0.9, 0.2), prob=0.88)
     assert results_report.keeps_forgetting(never["last"], "relearn_attack/") == "had not forgotten"
     assert results_report.keeps_forgetting(never["last"], "quantize_attack/4bit/") == "had not forgotten"
     v, lines, nums = results_report.claim_attack(rs[:1] + [never], lrs, "quantize_attack/4bit/", "4-bit quantization")
-    assert (v, nums) == ("not reproduced", "0 of 1 methods do not keep their forgetting") and ": IDK;" in lines[1]
+    assert (v, nums.split(";")[0]) == ("not reproduced", "0 of 1 methods do not keep their forgetting") and ": IDK;" in lines[1]
     assert results_report.claim_attack(rs[:1], lrs, "relearn_attack/", "relearning")[0] == "not reproduced"
     assert results_report.claim_attack(rs[:2], lrs, "relearn_attack/", "relearning")[0] == "inconclusive"
     assert results_report.claim_attack([], lrs, "relearn_attack/", "relearning")[::2] == ("not run yet", "not run yet")
