@@ -543,6 +543,12 @@ def robust_run(records, method, lr) -> dict | None:
                  and r.get("last")), None)
 
 
+def before_attack(s: dict | None, prefix: str) -> float:
+    """The unlearned model's forget Prob on the rows the attack is judged on: relearning, the held-out half; the
+    quantizations, the whole forget split in full precision."""
+    return metric(s, prefix + "unlearned/forget_prob" if prefix.startswith("relearn") else "forget_prob")
+
+
 def keeps_forgetting(s: dict | None, prefix: str) -> str:
     """ATTACK_TOL's rule on one run under one attack: 'keeps', 'does not keep', 'had not forgotten', or 'not run
     yet'. 'had not forgotten': the unlearned model, before the attack (relearning: on the same held-out half; the
@@ -554,8 +560,7 @@ def keeps_forgetting(s: dict | None, prefix: str) -> str:
         return "not run yet"
     if a <= r + ATTACK_TOL:
         return "keeps"
-    before = metric(s, prefix + "unlearned/forget_prob" if prefix.startswith("relearn") else "forget_prob")
-    return "had not forgotten" if before > r + ATTACK_TOL else "does not keep"
+    return "had not forgotten" if before_attack(s, prefix) > r + ATTACK_TOL else "does not keep"
 
 
 def over_unlearns(s: dict | None) -> str:
@@ -609,8 +614,7 @@ def claim_attack(records, lrs, prefix: str, what: str):
              f"the bar before the attack (nothing to bring back): {', '.join(never) or 'none'}; "
              f"{len(METHODS) - n - len(never)} methods not run yet (`--grid robust`)"]
     # what the attack brought back, every method run: attacked − unlearned forget Prob (the same rows)
-    before = lambda x: metric(x, prefix + "unlearned/forget_prob" if prefix.startswith("relearn") else "forget_prob")
-    up = {m: metric(x, prefix + "attacked/forget_prob") - before(x) for m, x in runs.items() if x is not None}
+    up = {m: metric(x, prefix + "attacked/forget_prob") - before_attack(x, prefix) for m, x in runs.items() if x is not None}
     up = {m: d for m, d in up.items() if not math.isnan(d)}
     moved = (f"; attacked − unlearned forget Prob from {min(up.values()):+.3f} ({NAMES[min(up, key=up.get)]}) to "
              f"{max(up.values()):+.3f} ({NAMES[max(up, key=up.get)]})") if up else ""
