@@ -708,6 +708,29 @@ def test_keeps_utility_claim_lists_both_methods_at_each_shared_lr():
     assert results_report.shared_lr_lines(rs[1:4], "me_gd", "ga_gd") == []
 
 
+def test_rkld_against_the_newer_baselines_is_table4s_test_worded_holds():
+    """Issue 33: RKLD Table 4's test (FQ separated higher over seeds at MU within MU_TOL, first-peak epoch) against
+    WGA+GD, SatImp+GD, CE-U, PDU and RMU. Not a paper's claim: holds / does not hold. A baseline whose sweep has no
+    chosen lr yet is named and keeps the verdict inconclusive; the paper's own claim is not changed by them."""
+    lr = 5e-5
+    lrs = {m: lr for m in grids.METHODS}
+    seeds = ((42, "sweep"), (1, "seeds"), (2, "seeds"))
+    rs = [rec("rkld", lr, fq, 0.40, s, g) for (s, g), fq in zip(seeds, (0.4, 0.5, 0.45))]
+    rs += [rec(m, lr, fq, 0.39, s, g) for m in grids.NEWER_BASELINES for (s, g), fq in zip(seeds, (0.01, 0.02, 0.015))]
+    v, lines, key = results_report.claim_rkld_vs_newer(rs, lrs)
+    assert v == "holds" and [x.split(":")[0] for x in lines] == ["RKLD", "WGA+GD", "SatImp+GD", "CE-U", "PDU", "RMU"]
+    assert key == "RKLD FQ 0.45 ± 0.05, MU 0.400 ± 0.000; the baselines FQ 0.015-0.015, MU 0.390-0.390"
+    assert results_report.claim_rkld_vs_baselines(rs, lrs)[0] == "inconclusive"  # the paper's baselines: no runs here
+    for r in rs:  # RMU forgets more, separated: the test fails
+        if r["method"] == "rmu":
+            r["peak"] = dict(r["peak"], forget_quality=r["peak"]["forget_quality"] * 100)
+    assert results_report.claim_rkld_vs_newer(rs, lrs)[0] == "does not hold"
+    # RMU's sweep has only its first rate: that run is not read as RMU's chosen one (it forgets more than RKLD)
+    first = [rec("rmu", grids.SWEEP_LRS[0], 0.9, 0.39)]
+    v, lines, _ = results_report.claim_rkld_vs_newer([r for r in rs if r["method"] != "rmu"] + first, lrs | {"rmu": None})
+    assert v == "inconclusive (sweep incomplete for RMU)" and lines[-1] == "RMU: sweep incomplete (no chosen lr yet)"
+
+
 def test_forget_quality_cells_keep_three_significant_figures():
     """0.405 (RKLD's first-peak FQ on the quick path) against 0.165 (FKL's) must not both print as 0.4 / 0.2."""
     assert results_report.cell([0.405] * 3, "g") == "0.405 ± 0"
