@@ -72,6 +72,19 @@ def target_mu(records: list[dict]) -> float | None:
     return next((r["before"]["model_utility"] for r in records if r.get("before") and r["grid"] in ("sweep", "seeds")), None)
 
 
+def unlearned_at(runs, records: list[dict]) -> list[dict]:
+    """The runs whose last-epoch forget quality rose above the target's (float noise aside); a run that left it
+    at the target's, or lowered it, unlearned nothing."""
+    fq0 = next(r["before"]["forget_quality"] for r in records if r.get("before") and r["grid"] in ("sweep", "seeds"))
+    return [r for r in runs if r["last"]["forget_quality"] > fq0 * (1 + 1e-9)]
+
+
+def unlearned_nothing(method: str, records: list[dict]) -> bool:
+    """True when the method's sweep is complete and no swept rate unlearned anything (LR_RULE's first clause)."""
+    runs = [r for r in records if r["grid"] == "sweep" and r["method"] == method]
+    return {r["lr"] for r in runs} == set(SWEEP_LRS) and not unlearned_at(runs, records)
+
+
 def chosen_lr(method: str, records: list[dict]) -> float | None:
     """LR_RULE over the method's seed-42 sweep; None until every swept rate is recorded."""
     if method == "rkld_fkl":  # the divergence ablation runs at RKLD's settings (RKLD Table 2)
@@ -79,9 +92,7 @@ def chosen_lr(method: str, records: list[dict]) -> float | None:
     runs = {r["lr"]: r for r in records if r["grid"] == "sweep" and r["method"] == method}
     if set(runs) != set(SWEEP_LRS) or target_mu(records) is None:
         return None
-    fq0 = next(r["before"]["forget_quality"] for r in records if r.get("before") and r["grid"] in ("sweep", "seeds"))
-    # a rate that left forget quality at the target's unlearned nothing (float noise aside): not a candidate
-    moved = [r for r in runs.values() if r["last"]["forget_quality"] > fq0 * (1 + 1e-9)] or list(runs.values())
+    moved = unlearned_at(runs.values(), records) or list(runs.values())
     kept = [r for r in moved if r["last"]["model_utility"] >= MU_KEPT * target_mu(records)]
     if kept:
         return max(kept, key=lambda r: (r["last"]["forget_quality"], r["last"]["model_utility"]))["lr"]

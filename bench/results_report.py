@@ -195,7 +195,9 @@ def claim_rkld_vs_baselines(records, lrs, baselines=("ga", "npo", "dpo", "kto", 
         res.append((fq, mu_gap))
         means.append((mean_sd(values(br, "forget_quality", "peak"))[0], mean_sd(values(br, "model_utility", "peak"))[0]))
         rows.append(f"{NAMES[b]}: FQ {cell(values(br, 'forget_quality', 'peak'), 'g')}, MU "
-                    f"{cell(values(br, 'model_utility', 'peak'))} (RKLD's FQ {fq}, MU gap {mu_gap:+.3f})")
+                    f"{cell(values(br, 'model_utility', 'peak'))} (RKLD's FQ {fq}, MU gap {mu_gap:+.3f})"
+                    + ("; it unlearned nothing at any swept lr (last-epoch FQ never above the target's), so the "
+                       "comparison says little" if grids.unlearned_nothing(b, records) else ""))
     v = verdict_pairs(res, lambda r: r[0] == "higher" and r[1] >= -MU_TOL, lambda r: r[0] == "lower")
     ours = f"FQ {cell(values(rk, 'forget_quality', 'peak'), 'g')}, MU {cell(values(rk, 'model_utility', 'peak'))}"
     key = f"RKLD {ours}" + (f"; the baselines FQ {min(f for f, _ in means):.3g}-{max(f for f, _ in means):.3g}, MU "

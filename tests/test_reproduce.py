@@ -731,6 +731,22 @@ def test_rkld_against_the_newer_baselines_is_table4s_test_worded_holds():
     assert v == "inconclusive (sweep incomplete for RMU)" and lines[-1] == "RMU: sweep incomplete (no chosen lr yet)"
 
 
+def test_a_baseline_that_unlearned_nothing_at_any_rate_is_named_in_the_claim():
+    """RMU at WMDP's values and SatImp+GD at its defaults leave the quick target's forget quality at or below the
+    target's (0.0143) at every swept lr: RKLD 'beats' them without either unlearning; the claim says so."""
+    lrs = {m: grids.SWEEP_LRS[-1] for m in grids.METHODS}
+    rs = [rec("rkld", grids.SWEEP_LRS[-1], 0.4, 0.40)]  # rec's target: forget quality 0.01 before
+    rs += [rec("rmu", lr, fq, 0.42) for lr, fq in zip(grids.SWEEP_LRS, (0.01, 0.005, 0.01))]
+    assert grids.unlearned_nothing("rmu", rs) and not grids.unlearned_nothing("rmu", rs[:3])  # sweep incomplete
+    assert grids.chosen_lr("rmu", rs) == grids.SWEEP_LRS[0]  # LR_RULE: none moved, the highest MU (first on a tie)
+    lines = results_report.claim_rkld_vs_newer(rs, lrs)[1]
+    assert lines[-1].endswith("; it unlearned nothing at any swept lr (last-epoch FQ never above the target's), so the "
+                              "comparison says little")
+    rs[2]["last"] = dict(rs[2]["last"], forget_quality=0.02)  # one rate moved it
+    assert not grids.unlearned_nothing("rmu", rs)
+    assert not results_report.claim_rkld_vs_newer(rs, lrs)[1][-1].endswith("says little")
+
+
 def test_forget_quality_cells_keep_three_significant_figures():
     """0.405 (RKLD's first-peak FQ on the quick path) against 0.165 (FKL's) must not both print as 0.4 / 0.2."""
     assert results_report.cell([0.405] * 3, "g") == "0.405 ± 0"
