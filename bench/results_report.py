@@ -212,6 +212,8 @@ def claim_rkld_vs_newer(records, lrs):
     v = {"reproduced": "holds", "not reproduced": "does not hold"}.get(v, v)
     if waiting := [NAMES[m] for m in NEWER_BASELINES if not lrs[m]]:
         v += f" (sweep incomplete for {', '.join(waiting)})"
+    if idle := [NAMES[m] for m in NEWER_BASELINES if grids.unlearned_nothing(m, records)]:
+        key += f"; {' and '.join(idle)} unlearned nothing at any swept lr"
     return v, lines, key
 
 

@@ -739,7 +739,8 @@ def test_a_baseline_that_unlearned_nothing_at_any_rate_is_named_in_the_claim():
     rs += [rec("rmu", lr, fq, 0.42) for lr, fq in zip(grids.SWEEP_LRS, (0.01, 0.005, 0.01))]
     assert grids.unlearned_nothing("rmu", rs) and not grids.unlearned_nothing("rmu", rs[:3])  # sweep incomplete
     assert grids.chosen_lr("rmu", rs) == grids.SWEEP_LRS[0]  # LR_RULE: none moved, the highest MU (first on a tie)
-    lines = results_report.claim_rkld_vs_newer(rs, lrs)[1]
+    _, lines, key = results_report.claim_rkld_vs_newer(rs, lrs)
+    assert key.endswith("; RMU unlearned nothing at any swept lr")
     assert lines[-1].endswith("; it unlearned nothing at any swept lr (last-epoch FQ never above the target's), so the "
                               "comparison says little")
     rs[2]["last"] = dict(rs[2]["last"], forget_quality=0.02)  # one rate moved it
